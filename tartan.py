@@ -1,0 +1,768 @@
+"""TARTAN: end-task aware training, in one readable module.
+
+Dery, Michel, Talwalkar, Neubig. "Should We Be Pre-training? An Argument for End-task Aware Training as an
+Alternative." ICLR 2022. https://arxiv.org/abs/2109.07437
+
+Instead of continued pre-training on auxiliary text (DAPT/TAPT, Eq. 1) followed by fine-tuning (Eq. 2), train the
+end-task T* together with the auxiliary objectives T_1..T_n:
+  MT-TARTAN   (Eq. 3)            static task weights w, early stopping on end-task dev;
+  META-TARTAN (Eq. 7, Alg. 1)    task weights meta-learned online from cos(g_meta, g_i), where g_meta is the
+                                 end-task validation gradient through a freshly fitted meta head phi* (Sec. 3.3).
+
+Contents, in the paper's order:
+  1. Data                        JSONL end-tasks, line-per-example corpora, tokenisation, dynamic padding
+  2. Body and heads (Sec. 2, 4)  any Hugging Face encoder or torch module; MLP classification head; MLM head
+  3. Masking                     BERT masking (15%; 80/10/10) with an explicit generator
+  4. Training loop               one loop for Eq. 1 (pre-training), Eq. 2 (fine-tuning), Eq. 3 and Alg. 1
+  5. MT-TARTAN step (Eq. 3)      one backward of the weighted sum of task losses
+  6. META-TARTAN step (Eq. 6-7, Sec. 3.3, Alg. 1)   per-task gradients, meta head, cosine weight update
+  7. Evaluation                  macro-F1 and micro-F1 (= accuracy for single-label classification)
+  8. Significance (A.2)          permutation test of per-seed scores
+
+Shapes: B batch, T tokens, H hidden size, C classes, V vocabulary, M masked positions, P body parameters,
+K = n + 1 tasks (end-task first).
+
+Where the paper and the authors' released code disagree, this file follows the paper and says so in a comment.
+Randomness: data order and masking come from a torch.Generator seeded by the config; parameter initialisation and
+dropout use torch's global generator, which the caller seeds (reproduce.py, the tests).
+"""
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 1. Data: the "Don't Stop Pretraining" JSONL format ({"text", "label", ...} per line) and plain line files.
+
+
+class DataError(ValueError):
+    """Bad input data. The message names the file and, where there is one, the line."""
+
+
+def read_jsonl(path: str) -> tuple[list[str], list[str], list[int]]:
+    """Texts, labels and line numbers of a JSONL split. Blank lines are skipped; anything else malformed is an error."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: no such file")
+    texts, labels, lines = [], [], []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}, line {lineno}: malformed JSON ({e.msg})") from None
+            if not isinstance(obj, dict):
+                raise DataError(f"{path}, line {lineno}: expected a JSON object with 'text' and 'label'")
+            for key in ("text", "label"):
+                if key not in obj:
+                    raise DataError(f"{path}, line {lineno}: missing field '{key}'")
+            if not isinstance(obj["text"], str):
+                raise DataError(f"{path}, line {lineno}: 'text' must be a string")
+            texts.append(obj["text"])
+            labels.append(str(obj["label"]))
+            lines.append(lineno)
+    if not texts:
+        raise DataError(f"{path}: empty file (no examples)")
+    return texts, labels, lines
+
+
+def read_lines(path: str) -> list[str]:
+    """One auxiliary MLM example per non-blank line (the TAPT/DAPT corpora)."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: no such file")
+    with open(path, encoding="utf-8") as f:
+        lines = [line.strip() for line in f if line.strip()]
+    if not lines:
+        raise DataError(f"{path}: empty file (no lines of text)")
+    return lines
+
+
+def read_end_task(folder: str) -> dict:
+    """{train,dev,test}.jsonl of one end-task -> texts, integer labels and the label vocabulary (from train)."""
+    splits = {s: read_jsonl(os.path.join(folder, f"{s}.jsonl")) for s in ("train", "dev", "test")}
+    vocab = sorted(set(splits["train"][1]))
+    index = {label: i for i, label in enumerate(vocab)}
+    out = {"labels": vocab}
+    for split, (texts, labels, lines) in splits.items():
+        for label, lineno in zip(labels, lines):
+            if label not in index:
+                raise DataError(f"{os.path.join(folder, split + '.jsonl')}, line {lineno}: label '{label}' "
+                                f"never appears in train.jsonl (train labels: {', '.join(vocab)})")
+        out[split] = (texts, [index[label] for label in labels])
+    return out
+
+
+def tokenize(tokenizer, texts: list[str], max_length: int, chunk: int = 2048) -> list[list[int]]:
+    """Token ids with special tokens, truncated to max_length (no padding: batches are padded dynamically)."""
+    ids = []
+    for i in range(0, len(texts), chunk):
+        ids += tokenizer(texts[i:i + chunk], truncation=True, max_length=max_length)["input_ids"]
+    return ids
+
+
+@dataclass
+class TextData:
+    """Tokenised examples of one split (labels None for an MLM corpus); batches are padded to their longest row."""
+    ids: list[list[int]]
+    labels: list[int] | None
+    pad_id: int
+
+    def __len__(self):
+        return len(self.ids)
+
+    def batch(self, idx) -> tuple[dict, torch.Tensor | None]:
+        rows = [self.ids[i] for i in idx]
+        input_ids = torch.full((len(rows), max(map(len, rows))), self.pad_id, dtype=torch.long)  # (B, T)
+        attention_mask = torch.zeros_like(input_ids)
+        for r, row in enumerate(rows):
+            input_ids[r, :len(row)] = torch.tensor(row)
+            attention_mask[r, :len(row)] = 1
+        labels = None if self.labels is None else torch.tensor([self.labels[i] for i in idx])
+        return {"input_ids": input_ids, "attention_mask": attention_mask}, labels
+
+
+@dataclass
+class TensorData:
+    """Examples already in a tensor (e.g. images) for a plain torch module body called as body(x=...)."""
+    x: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self):
+        return len(self.x)
+
+    def batch(self, idx) -> tuple[dict, torch.Tensor]:
+        idx = torch.as_tensor(idx)
+        return {"x": self.x[idx]}, self.labels[idx]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 2. Body and heads (Sec. 2: theta = [theta_body; phi^1..phi^n, phi']; Sec. 4 "Model details").
+
+
+class HFBody(nn.Module):
+    """The shared body theta_body: a Hugging Face encoder mapping a batch to last-layer features (B, T, H).
+    The attention mask is always passed, so padding never changes a prediction."""
+
+    def __init__(self, encoder: nn.Module):
+        super().__init__()
+        self.encoder = encoder
+        self.hidden_size = encoder.config.hidden_size
+
+    def forward(self, input_ids, attention_mask):
+        return self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
+
+
+class ClassificationHead(nn.Module):
+    """End-task head phi' (and the meta head phi*): an MLP on the first-token ([CLS]/<s>) feature, as in Devlin et
+    al. (2018) and the paper's Sec. 4: Dropout, Linear H->H, Tanh, Dropout, Linear H->C; mean cross-entropy.
+    Works on token features (B, T, H) and on pooled features (B, H) from a non-transformer body."""
+
+    def __init__(self, hidden_size: int, num_labels: int, dropout: float = 0.1):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Dropout(dropout), nn.Linear(hidden_size, hidden_size), nn.Tanh(),
+                                 nn.Dropout(dropout), nn.Linear(hidden_size, num_labels))
+
+    def forward(self, features, labels=None):
+        x = features[:, 0] if features.dim() == 3 else features  # (B, H)
+        logits = self.mlp(x)  # (B, C)
+        loss = None if labels is None else F.cross_entropy(logits.float(), labels)
+        return logits, loss
+
+
+class MLMHead(nn.Module):
+    """Auxiliary MLM head phi^i. Wraps the checkpoint's own LM head (transform + decoder, decoder usually tied to the
+    input embeddings) and computes vocabulary logits only at the masked positions (labels != -100)."""
+
+    def __init__(self, lm_head: nn.Module):
+        super().__init__()
+        self.lm_head = lm_head
+
+    def forward(self, features, labels):
+        masked = labels != -100  # (B, T)
+        logits = self.lm_head(features[masked])  # (M, V)
+        if logits.shape[0] == 0:  # no position masked in this batch: a zero loss that keeps the graph
+            return logits, features.sum() * 0.0
+        return logits, F.cross_entropy(logits.float(), labels[masked])
+
+
+def split_masked_lm(model: nn.Module) -> tuple[HFBody, MLMHead]:
+    """A transformers *ForMaskedLM model -> (body, MLM head). The head keeps the tied decoder weight, which is the
+    body's input embedding: that parameter is counted as body (see head_parameters)."""
+    heads = [m for _, m in model.named_children() if m is not model.base_model]
+    if len(heads) != 1:
+        raise ValueError(f"cannot find the LM head of {type(model).__name__}")
+    return HFBody(model.base_model), MLMHead(heads[0])
+
+
+def from_pretrained(name_or_path: str):
+    """(body, MLM head, tokenizer) from a hub id or a local directory. The MLM head is the checkpoint's pretrained
+    LM head when it has one; when it has none (e.g. a sentence-embedding checkpoint) transformers initialises it
+    newly, with the decoder tied to the input embeddings. Returns also the names of newly initialised weights."""
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+    local = os.path.isdir(name_or_path)
+    if not local and (name_or_path.startswith((".", "/", "~")) or os.sep + os.sep in name_or_path
+                      or name_or_path.count("/") > 1):
+        raise FileNotFoundError(f"model '{name_or_path}': no such local directory")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        model, info = AutoModelForMaskedLM.from_pretrained(name_or_path, output_loading_info=True)
+    except (OSError, ValueError) as e:
+        where = ("from its local directory" if local else
+                 "from the Hugging Face Hub (it is not a local directory; is the network reachable?)")
+        raise FileNotFoundError(f"model '{name_or_path}' could not be loaded {where}: {e}") from None
+    body, mlm_head = split_masked_lm(model)
+    return body, mlm_head, tokenizer, sorted(info["missing_keys"])
+
+
+def new_mlm_head(template: MLMHead, body: nn.Module) -> MLMHead:
+    """A separate MLM head phi^i per auxiliary task, copied from the checkpoint's head; weights shared with the body
+    (the tied decoder) stay shared rather than being copied."""
+    memo = {id(p): p for p in body.parameters()}
+    return copy.deepcopy(template, memo)
+
+
+def head_parameters(head: nn.Module, body: nn.Module) -> list[nn.Parameter]:
+    """Parameters of a head that are not body parameters (a tied decoder weight belongs to the body)."""
+    body_ids = {id(p) for p in body.parameters()}
+    return [p for p in head.parameters() if id(p) not in body_ids]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 3. Masking (Devlin et al. 2018): 15% of the non-special, non-pad tokens are chosen; of those 80% become the mask
+#    token, 10% a random token, 10% stay unchanged; labels are -100 everywhere else.
+
+
+@dataclass
+class Masking:
+    mask_id: int                   # the tokenizer's mask token
+    vocab_size: int                # random replacements are drawn from [0, vocab_size)
+    special_ids: tuple[int, ...]   # never masked (CLS/SEP/PAD/...)
+    prob: float = 0.15             # fraction of tokens chosen for prediction
+    mask_frac: float = 0.8         # of the chosen: replaced by mask_id
+    random_frac: float = 0.1       # of the chosen: replaced by a random token (the rest stay unchanged)
+
+    @classmethod
+    def for_tokenizer(cls, tokenizer) -> "Masking":
+        if tokenizer.mask_token_id is None:
+            raise ValueError(f"tokenizer {type(tokenizer).__name__} has no mask token: it cannot drive an MLM task")
+        return cls(tokenizer.mask_token_id, len(tokenizer), tuple(sorted(set(tokenizer.all_special_ids))))
+
+
+def mask_tokens(input_ids, attention_mask, masking: Masking, generator: torch.Generator):
+    """(B, T) ids -> (corrupted ids, labels). Driven only by `generator`, so reproducible."""
+    special = torch.isin(input_ids, torch.tensor(masking.special_ids)) | (attention_mask == 0)
+    u = torch.rand(input_ids.shape, generator=generator)
+    chosen = (u < masking.prob) & ~special
+    labels = torch.where(chosen, input_ids, torch.full_like(input_ids, -100))
+    v = torch.rand(input_ids.shape, generator=generator)  # splits the chosen tokens 80/10/10
+    to_mask = chosen & (v < masking.mask_frac)
+    to_random = chosen & (v >= masking.mask_frac) & (v < masking.mask_frac + masking.random_frac)
+    random_ids = torch.randint(masking.vocab_size, input_ids.shape, generator=generator)
+    corrupted = torch.where(to_mask, torch.full_like(input_ids, masking.mask_id), input_ids)
+    corrupted = torch.where(to_random, random_ids, corrupted)
+    return corrupted, labels
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Tasks: T = (loss, data) (Sec. 2). A task owns its head and its training data; the end-task also has dev/test.
+
+
+@dataclass
+class Task:
+    name: str
+    head: nn.Module                            # phi' for the end-task, phi^i for an auxiliary task
+    train: TextData | TensorData
+    masking: Masking | None = None             # set for MLM tasks: batches are corrupted by mask_tokens
+    dev: TextData | TensorData | None = None   # end-task only
+    test: TextData | TensorData | None = None  # end-task only; touched once, for the selected model
+    num_labels: int = 0                        # end-task only
+    metric: str = "macro_f1"                   # headline metric: "macro_f1" or "micro_f1" (Table 1)
+
+
+def batches(task: Task, batch_size: int, generator: torch.Generator):
+    """Endless shuffled epochs of (inputs, labels) from a task's training data; MLM tasks are masked here."""
+    while True:
+        order = torch.randperm(len(task.train), generator=generator).tolist()
+        for i in range(0, len(order), batch_size):
+            inputs, labels = task.train.batch(order[i:i + batch_size])
+            if task.masking is not None:
+                inputs["input_ids"], labels = mask_tokens(inputs["input_ids"], inputs["attention_mask"],
+                                                          task.masking, generator)
+            yield inputs, labels
+
+
+def end_task(name: str, folder: str, tokenizer, hidden_size: int, max_length: int = 512,
+             metric: str = "macro_f1", dropout: float = 0.1) -> Task:
+    """The end-task T* of a JSONL folder, with a new classification head phi'."""
+    if metric not in ("macro_f1", "micro_f1"):
+        raise ValueError(f"metric must be 'macro_f1' or 'micro_f1', not '{metric}'")
+    data = read_end_task(folder)
+    split = lambda s: TextData(tokenize(tokenizer, data[s][0], max_length), data[s][1], tokenizer.pad_token_id)  # noqa
+    return Task(name, ClassificationHead(hidden_size, len(data["labels"]), dropout), split("train"),
+                dev=split("dev"), test=split("test"), num_labels=len(data["labels"]), metric=metric)
+
+
+def mlm_task(name: str, texts_or_path, tokenizer, body: nn.Module, mlm_head: MLMHead, max_length: int = 512) -> Task:
+    """An auxiliary MLM task T_i on a corpus (a path to a line file, or a list of texts), with its own head phi^i."""
+    texts = read_lines(texts_or_path) if isinstance(texts_or_path, str) else list(texts_or_path)
+    if not texts:
+        raise DataError(f"auxiliary corpus '{name}' is empty")
+    return Task(name, new_mlm_head(mlm_head, body), TextData(tokenize(tokenizer, texts, max_length), None,
+                                                             tokenizer.pad_token_id),
+                masking=Masking.for_tokenizer(tokenizer))
+
+
+def _to(inputs: dict, labels, device):
+    return {k: v.to(device, non_blocking=True) for k, v in inputs.items()}, labels.to(device, non_blocking=True)
+
+
+def _n_tokens(inputs: dict) -> int:
+    return int(inputs["attention_mask"].sum()) if "attention_mask" in inputs else len(next(iter(inputs.values())))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 4. Training loop. Configs hold the paper's values (Sec. 4) and, where the paper is silent, those of the authors'
+#    launch scripts (ldery/TARTAN run_{mt,meta}_multiple.sh) or of Gururangan et al. (2020), App. B.
+
+
+@dataclass
+class TrainConfig:
+    """MT-TARTAN (Eq. 3). Also the base of the other configs."""
+    lr: float = 1e-4                  # beta_1, body learning rate (AdamW)
+    head_lr: float = 1e-3             # beta_2, head learning rate (Sec. 4 grid {1e-3, 1e-4, 1e-5})
+    weight_decay: float = 0.01        # body AdamW decay; none on biases and norm weights
+    head_weight_decay: float = 0.1    # heads
+    betas: tuple[float, float] = (0.9, 0.98)
+    adam_eps: float = 1e-6
+    warmup_frac: float = 0.06         # linear warm-up over 6% of the steps, then linear decay to 0
+    grad_clip: float = 1.0            # max global gradient norm (0 = off)
+    batch_size: int = 64              # |B*_tr|, end-task micro-batch
+    aux_batch_size: int = 64          # |B_i|, auxiliary micro-batch
+    grad_accum: int = 2               # micro-batches per optimizer step (64 x 2 = the paper's end-task batch 128)
+    epochs: float = 150               # budget in passes over the largest training set among the tasks
+    max_steps: int = 0                # optimizer steps; 0 = derived from epochs
+    eval_every: int = 30              # evaluate end-task dev every this many steps; 0 = once per epoch
+    patience: int = 20                # early stop when the last `patience` evaluations bring no new best
+    eval_batch_size: int = 64
+    weights: tuple[float, ...] | None = None  # w = (w*, w_1..w_n) of Eq. 3; None = uniform 1/(n+1) (Sec. 4)
+    seed: int = 0                     # data order and masking
+    bf16: bool = True                 # bf16 autocast, on CUDA only
+    progress: bool = False            # tqdm progress bar
+    final_finetune: "FinetuneConfig | None" = field(default_factory=lambda: tartan_finetune())
+    #                                   the optional Eq. 2 stage after Eq. 3 / Alg. 1; None = off
+
+
+@dataclass
+class FinetuneConfig(TrainConfig):
+    """Eq. 2 alone: the "RoBERTa" column and the stage after TAPT/DAPT (Gururangan et al. 2020, App. B)."""
+    lr: float = 2e-5
+    head_lr: float = 2e-5
+    weight_decay: float = 0.1
+    head_weight_decay: float = 0.1
+    batch_size: int = 16
+    grad_accum: int = 1
+    epochs: float = 10
+    eval_every: int = 0               # once per epoch
+    patience: int = 3
+    final_finetune: "FinetuneConfig | None" = None
+
+
+def tartan_finetune() -> FinetuneConfig:
+    """The optional end-task-only stage after MT/META-TARTAN (released scripts: lr 5e-6, batch 64, <=10 epochs,
+    patience 3); it is kept only if it improves end-task dev."""
+    return FinetuneConfig(lr=5e-6, head_lr=5e-6, batch_size=64)
+
+
+@dataclass
+class PretrainConfig(TrainConfig):
+    """Eq. 1: end-task agnostic MLM on the auxiliary corpora (TAPT: Gururangan et al. 2020, App. B)."""
+    lr: float = 1e-4
+    head_lr: float = 1e-4
+    aux_batch_size: int = 64
+    grad_accum: int = 4               # 64 x 4 = TAPT's batch 256
+    epochs: float = 100
+    eval_every: int = -1              # never: pre-training does not see the end-task
+    final_finetune: "FinetuneConfig | None" = None
+
+
+@dataclass
+class MetaConfig(TrainConfig):
+    """META-TARTAN (Eq. 7, Sec. 3.3, Algorithm 1)."""
+    meta_lr: float = 1e-2             # eta, task-weight step size (Sec. 4 grid {1e-1, 5e-2, 3e-2, 1e-2})
+    meta_head_steps: int = 10         # phi* is trained this many steps from a fresh init, every step (Sec. 4)
+    meta_head_lr: float = 1e-3        # phi* AdamW learning rate (Sec. 4)
+    meta_head_wd: float = 0.1         # phi* l2 weight decay (Sec. 4)
+    meta_batch_size: int = 32         # |B*_tr| rows used to fit phi*, and |B*_val| (Sec. 4: {16, 32})
+    same_head: bool = False           # True: meta gradient through phi' itself (Eq. 6), the ablation of Fig. 3
+    cos_eps: float = 1e-8             # epsilon in cos(a, b) = a.b / (|a||b| + eps)
+
+
+def _optimizer(params: list[nn.Parameter], lr: float, weight_decay: float, cfg: TrainConfig):
+    decay = [p for p in params if p.dim() >= 2]  # biases and LayerNorm/BatchNorm weights get no decay
+    no_decay = [p for p in params if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=cfg.betas, eps=cfg.adam_eps)
+
+
+def _budget(end: Task | None, tasks: list[Task], cfg: TrainConfig) -> tuple[int, int]:
+    """(total optimizer steps, steps per epoch); an epoch is a pass over the task with the most batches."""
+    sizes = [math.ceil(len(t.train) / (cfg.batch_size if t is end else cfg.aux_batch_size)) for t in tasks]
+    per_epoch = max(1, math.ceil(max(sizes) / cfg.grad_accum))
+    return (cfg.max_steps or max(1, math.ceil(cfg.epochs * per_epoch))), per_epoch
+
+
+def train(body: nn.Module, end: Task | None, aux: list[Task], cfg: TrainConfig, step_fn=None) -> dict:
+    """The loop shared by every mode: Eq. 1 (end=None), Eq. 2 (aux=[]), Eq. 3 (multitask_step) and Algorithm 1
+    (meta_step). Evaluates end-task dev every cfg.eval_every steps, keeps the best-dev body and head, stops early
+    after cfg.patience evaluations without a new best, restores the best, and returns the history.
+    The test split is not touched here (see run_end_task)."""
+    step_fn = step_fn or multitask_step
+    tasks = ([end] if end is not None else []) + list(aux)
+    device = next(body.parameters()).device
+    gen = torch.Generator().manual_seed(cfg.seed)
+    streams = [batches(t, cfg.batch_size if t is end else cfg.aux_batch_size, gen) for t in tasks]
+    total, per_epoch = _budget(end, tasks, cfg)
+    eval_every = per_epoch if cfg.eval_every == 0 else cfg.eval_every
+
+    body_params = list(body.parameters())
+    heads = [head_parameters(t.head, body) for t in tasks]
+    opt_body = _optimizer(body_params, cfg.lr, cfg.weight_decay, cfg)
+    opt_heads = _optimizer([p for h in heads for p in h], cfg.head_lr, cfg.head_weight_decay, cfg)
+    warmup = max(1, int(cfg.warmup_frac * total))
+    schedule = lambda s: min((s + 1) / warmup, max(0.0, (total - s) / max(1, total - warmup)))  # noqa: E731
+    scheds = [torch.optim.lr_scheduler.LambdaLR(o, schedule) for o in (opt_body, opt_heads)]
+
+    K = len(tasks)
+    state = {"w": torch.full((K,), 1.0 / K) if cfg.weights is None else torch.tensor(cfg.weights, dtype=torch.float)}
+    if len(state["w"]) != K:
+        raise ValueError(f"weights has {len(state['w'])} entries for {K} tasks ({[t.name for t in tasks]})")
+    names = [t.name for t in tasks]
+    history, tokens = [], dict.fromkeys(names, 0)
+    losses_since, cos_since = [], []
+    best, best_state, since_best = -math.inf, None, 0
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.bf16 and device.type == "cuda")
+    bar = _progress(total, cfg.progress, "train")
+    t0 = time.perf_counter()
+    body.train()
+    for t in tasks:
+        t.head.train()
+    step = 0
+    for step in range(1, total + 1):
+        info = step_fn(body, tasks, streams, state, cfg, autocast, tokens)
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(body_params + [p for h in heads for p in h], cfg.grad_clip)
+        for o in (opt_body, opt_heads):
+            o.step()
+            o.zero_grad(set_to_none=True)
+        for s in scheds:
+            s.step()
+        losses_since.append(info["losses"])
+        if "cosines" in info:
+            cos_since.append(info["cosines"])
+        if end is None or cfg.eval_every < 0 or (step % eval_every and step != total):
+            bar.update(1)
+            continue
+        dev = evaluate(body, end.head, end.dev, cfg.eval_batch_size)
+        alpha = info["alpha"]
+        history.append({"step": step, "weights": dict(zip(names, alpha)),
+                        "losses": dict(zip(names, np.mean(losses_since, axis=0).tolist())),
+                        "cosines": dict(zip(names, np.mean(cos_since, axis=0).tolist())) if cos_since else None,
+                        "dev": dev, "seconds": time.perf_counter() - t0})
+        losses_since, cos_since = [], []
+        score = dev[end.metric]
+        if score > best:
+            best, since_best = score, 0
+            best_state = _snapshot(body, end.head)
+        else:
+            since_best += 1
+        bar.set_postfix({f"dev_{end.metric}": f"{score:.4f}", "best": f"{best:.4f}"})
+        bar.update(1)
+        if since_best >= cfg.patience:
+            break
+    bar.close()
+    if best_state is not None:
+        _restore(best_state, body, end.head)
+    return {"history": history, "steps": step, "best_dev": best if best_state is not None else None,
+            "tokens": tokens, "seconds": time.perf_counter() - t0, "final_weights": dict(zip(names, info["alpha"]))}
+
+
+def _snapshot(body, head):
+    return [{k: v.detach().clone() for k, v in m.state_dict().items()} for m in (body, head)]
+
+
+def _restore(snapshot, body, head):
+    for m, sd in zip((body, head), snapshot):
+        m.load_state_dict(sd)
+
+
+def _progress(total, enabled, desc):
+    if enabled:
+        from tqdm.auto import tqdm
+        return tqdm(total=total, desc=desc, dynamic_ncols=True)
+
+    class _Silent:
+        update = set_postfix = close = lambda *a, **k: None
+    return _Silent()
+
+
+def _forward(body, task, stream, device, autocast, tokens):
+    """One micro-batch of a task: (loss, features). Features are (B, T, H) or (B, H)."""
+    inputs, labels = next(stream)
+    tokens[task.name] += _n_tokens(inputs)
+    inputs, labels = _to(inputs, labels, device)
+    with autocast:
+        features = body(**inputs)
+        _, loss = task.head(features, labels)
+    return loss, features, labels
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 5. MT-TARTAN (Eq. 3): theta <- theta - beta * grad( w* L_T* + sum_i w_i L_Ti ), static w, one backward per
+#    micro-batch of the weighted sum. With the end-task alone this is fine-tuning (Eq. 2); without it, Eq. 1.
+
+
+def multitask_step(body, tasks, streams, state, cfg, autocast, tokens) -> dict:
+    device = next(body.parameters()).device
+    w = state["w"].tolist()
+    losses = [0.0] * len(tasks)
+    for _ in range(cfg.grad_accum):
+        total = 0.0
+        for k, (task, stream) in enumerate(zip(tasks, streams)):
+            loss, _, _ = _forward(body, task, stream, device, autocast, tokens)
+            total = total + w[k] * loss
+            losses[k] += loss.item() / cfg.grad_accum
+        (total / cfg.grad_accum).backward()
+    return {"losses": losses, "alpha": w}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 6. META-TARTAN (Eq. 6-7, Sec. 3.3, Algorithm 1 of A.3). Per step:
+#      g_k        = grad_theta_body L_Tk             for the end-task (k = 0) and every auxiliary task
+#      phi*       = estimate_meta_head(features of B*_tr)   fresh head, fitted on cached features (Sec. 3.3, A.1)
+#      g_meta     = grad_theta_body L_T*(theta_body, phi*, B*_val)                                    (Eq. 7)
+#      w_k       += eta * cos(g_meta, g_k)
+#      alpha      = softmax(w);   theta_body -= beta_1 * sum_k alpha_k g_k;   phi_k -= beta_2 * grad phi_k L_Tk
+#    Unlike the released code: the weights used at step t include the cosines of step t (Alg. 1 order); the cosine is
+#    over the body parameters only, in numerator and norms alike, with an epsilon; phi* is fitted on end-task
+#    *training* features (Sec. 3.3 and A.1 say training data; the release used validation data) computed once,
+#    not by re-running the body 10 times.
+
+
+def estimate_meta_head(features: torch.Tensor, labels: torch.Tensor, num_labels: int, cfg: MetaConfig):
+    """phi*: a freshly initialised classification head trained cfg.meta_head_steps full-batch AdamW steps on fixed
+    body features of end-task training examples (the body is held fixed: the features carry no graph)."""
+    features = features.detach().float()
+    head = ClassificationHead(features.shape[-1], num_labels).to(features.device)
+    opt = torch.optim.AdamW(head.parameters(), lr=cfg.meta_head_lr, weight_decay=cfg.meta_head_wd)
+    for _ in range(cfg.meta_head_steps):
+        _, loss = head(features, labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return head
+
+
+def _take_body_grad(params, out: torch.Tensor):
+    """Flatten the body's accumulated .grad into `out` (P,) and clear it, so the next task starts from zero."""
+    torch.cat([torch.zeros(p.numel(), device=out.device) if p.grad is None else p.grad.reshape(-1)
+               for p in params], out=out)
+    for p in params:
+        p.grad = None
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """cos(a, b) of flat vectors; rows of a (K, P) against b (P,) give (K,)."""
+    return (a @ b) / (a.norm(dim=-1) * b.norm() + eps)
+
+
+def update_task_weights(w: torch.Tensor, task_grads: torch.Tensor, meta_grad: torch.Tensor, eta: float,
+                        eps: float = 1e-8):
+    """Algorithm 1: w_k <- w_k + eta * cos(g_meta, g_k) for every task, end-task included; alpha = softmax(w).
+    task_grads (K, P), meta_grad (P,). Returns (new w, alpha, cosines)."""
+    cos = cosine(task_grads, meta_grad, eps).float().cpu()
+    w = w + eta * cos
+    return w, torch.softmax(w, dim=0), cos
+
+
+def meta_step(body, tasks, streams, state, cfg: MetaConfig, autocast, tokens) -> dict:
+    device = next(body.parameters()).device
+    params = [p for p in body.parameters() if p.requires_grad]
+    K, P = len(tasks), sum(p.numel() for p in params)
+    if state.get("G") is None:  # per-task body gradients g_k, allocated once
+        state["G"] = torch.empty(K, P, device=device)
+        end_val = Task("val", tasks[0].head, train=tasks[0].dev)  # B*_val ~ D_val of the end-task
+        state["val"] = batches(end_val, cfg.meta_batch_size, torch.Generator().manual_seed(cfg.seed + 1))
+    G, losses = state["G"], [0.0] * K
+    # g_k for every task: each head accumulates its own gradient in .grad; the body's is moved into G[k]
+    for k, (task, stream) in enumerate(zip(tasks, streams)):
+        for micro in range(cfg.grad_accum):
+            loss, features, labels = _forward(body, task, stream, device, autocast, tokens)
+            (loss / cfg.grad_accum).backward()
+            losses[k] += loss.item() / cfg.grad_accum
+            if k == 0 and micro == 0:  # B*_tr features for phi*, computed once (no extra body pass)
+                feats = features[:, 0] if features.dim() == 3 else features  # (B, H)
+                meta_x, meta_y = feats[:cfg.meta_batch_size].detach(), labels[:cfg.meta_batch_size]
+        _take_body_grad(params, G[k])
+    # g_meta through phi* (Eq. 7) or, for the ablation, through the end-task head phi' (Eq. 6)
+    head_star = tasks[0].head if cfg.same_head else estimate_meta_head(meta_x, meta_y, tasks[0].num_labels, cfg)
+    val_inputs, val_labels = _to(*next(state["val"]), device)
+    with autocast:
+        _, val_loss = head_star(body(**val_inputs), val_labels)
+    grads = torch.autograd.grad(val_loss, params, allow_unused=True)
+    g_meta = torch.cat([torch.zeros(p.numel(), device=device) if g is None else g.reshape(-1)
+                        for p, g in zip(params, grads)])  # (P,)
+    state["w"], alpha, cos = update_task_weights(state["w"], G, g_meta, cfg.meta_lr, cfg.cos_eps)
+    # theta_body gradient = sum_k alpha_k g_k (views into one buffer); head gradients are already in place
+    combined = alpha.to(device) @ G  # (P,)
+    for p, g in zip(params, combined.split([p.numel() for p in params])):
+        p.grad = g.view_as(p)
+    return {"losses": losses, "alpha": alpha.tolist(), "cosines": cos.tolist(), "val_loss": val_loss.item()}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Public entry points: one per row of the paper's tables.
+
+
+def pretrain(body, aux: list[Task], cfg: PretrainConfig | None = None) -> dict:
+    """Eq. 1: theta_0 = argmin sum_i L_Ti, end-task agnostic (TAPT, DAPT; call twice, in order, for DAPT+TAPT)."""
+    cfg = cfg or PretrainConfig()
+    return train(body, None, aux, _replace(cfg, weights=cfg.weights or (1.0,) * len(aux)))
+
+
+def finetune(body, end: Task, cfg: FinetuneConfig | None = None) -> dict:
+    """Eq. 2: fine-tune body and end-task head on the end-task alone, early stopping on dev."""
+    return train(body, end, [], cfg or FinetuneConfig())
+
+
+def train_multitask(body, end: Task, aux: list[Task], cfg: TrainConfig | None = None) -> dict:
+    """MT-TARTAN (Eq. 3) with static weights (default uniform)."""
+    return train(body, end, aux, cfg or TrainConfig(), multitask_step)
+
+
+def train_meta(body, end: Task, aux: list[Task], cfg: MetaConfig | None = None) -> dict:
+    """META-TARTAN (Algorithm 1); cfg.same_head=True gives the Eq. 6 ablation."""
+    cfg = cfg or MetaConfig()
+    if cfg.weights is not None:
+        raise ValueError("META-TARTAN starts from equal weights (Algorithm 1); leave weights=None")
+    return train(body, end, aux, cfg, meta_step)
+
+
+def run_end_task(body, end: Task, aux: list[Task], mode: str, cfg: TrainConfig | None = None,
+                 pretrain_cfgs: list[PretrainConfig] | None = None) -> dict:
+    """One row of a table: mode in {finetune, pretrain, mt, meta}, then (for mt/meta) the optional Eq. 2 stage kept
+    only if dev improves, then the test set, once, on the selected model. `pretrain` runs Eq. 1 on each auxiliary
+    task in order (DAPT then TAPT for DAPT+TAPT) and then Eq. 2. Returns dev and test metrics and the history."""
+    out = {"mode": mode, "stages": []}
+    if mode == "pretrain":
+        for task, pcfg in zip(aux, pretrain_cfgs or [PretrainConfig()] * len(aux)):
+            out["stages"].append({"stage": f"pretrain:{task.name}", **pretrain(body, [task], pcfg)})
+        out["stages"].append({"stage": "finetune", **finetune(body, end, cfg)})
+    elif mode == "finetune":
+        out["stages"].append({"stage": "finetune", **finetune(body, end, cfg)})
+    elif mode in ("mt", "meta"):
+        main = train_meta(body, end, aux, cfg) if mode == "meta" else train_multitask(body, end, aux, cfg)
+        out["stages"].append({"stage": mode, **main})
+        if cfg is not None and cfg.final_finetune is not None:
+            before = _snapshot(body, end.head)
+            ft = finetune(body, end, cfg.final_finetune)
+            ft["kept"] = ft["best_dev"] is not None and ft["best_dev"] > main["best_dev"]
+            if not ft["kept"]:
+                _restore(before, body, end.head)
+            out["stages"].append({"stage": "final_finetune", **ft})
+    else:
+        raise ValueError(f"unknown mode '{mode}' (finetune, pretrain, mt, meta)")
+    out["dev"] = evaluate(body, end.head, end.dev)
+    out["test"] = evaluate(body, end.head, end.test)
+    out["metric"] = end.metric
+    out["history"] = next(s["history"] for s in reversed(out["stages"]) if s["stage"] in ("mt", "meta", "finetune"))
+    return out
+
+
+def _replace(cfg, **changes):
+    import dataclasses
+    return dataclasses.replace(cfg, **changes)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 7. Evaluation: macro-F1 and micro-F1 always both (micro-F1 = accuracy for single-label classification).
+
+
+def f1_scores(y_true, y_pred) -> dict:
+    """Macro-F1 over the classes present in gold or predictions (as scikit-learn), and micro-F1 (= accuracy)."""
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    f1s = []
+    for c in np.union1d(y_true, y_pred):
+        tp = np.sum((y_pred == c) & (y_true == c))
+        fp = np.sum((y_pred == c) & (y_true != c))
+        fn = np.sum((y_pred != c) & (y_true == c))
+        f1s.append(0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn))
+    return {"macro_f1": float(np.mean(f1s)), "micro_f1": float(np.mean(y_true == y_pred)), "n": int(len(y_true))}
+
+
+@torch.no_grad()
+def evaluate(body, head, data, batch_size: int = 64) -> dict:
+    """Metrics of body + head on a labelled split, in eval mode (no dropout); restores the previous mode."""
+    device = next(body.parameters()).device
+    modes = body.training, head.training
+    body.eval(), head.eval()
+    preds, total_loss = [], 0.0
+    for i in range(0, len(data), batch_size):
+        inputs, labels = _to(*data.batch(list(range(i, min(i + batch_size, len(data))))), device)
+        logits, loss = head(body(**inputs), labels)
+        preds.append(logits.argmax(-1).cpu())
+        total_loss += loss.item() * len(labels)
+    body.train(modes[0]), head.train(modes[1])
+    gold = data.labels if isinstance(data.labels, list) else data.labels.tolist()
+    return {**f1_scores(gold, torch.cat(preds).numpy()), "loss": total_loss / len(data)}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 8. Significance (A.2): unpaired two-sample permutation test of per-seed scores.
+
+
+def permutation_test(a, b, n_permutations: int = 10_000, seed: int = 0) -> dict:
+    """H0: the scores of a and b come from one distribution. Statistic: mean(a) - mean(b). Enumerates every split
+    of the pooled scores when there are at most n_permutations of them (exact), else draws n_permutations random
+    splits (numpy Generator seeded by `seed`). p-values: two-sided, 'greater' (H1: a > b) and 'less' (H1: a < b),
+    each counting the splits at least as extreme as the observed one (the observed split is among them)."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if len(a) < 1 or len(b) < 1:
+        raise ValueError("permutation_test needs at least one score on each side")
+    pooled, n = np.concatenate([a, b]), len(a)
+    observed = a.mean() - b.mean()
+    n_splits = math.comb(len(pooled), n)
+    exact = n_splits <= n_permutations
+    if exact:
+        picks = np.array(list(itertools.combinations(range(len(pooled)), n)))  # (S, n)
+        in_a = np.zeros((len(picks), len(pooled)), dtype=bool)
+        np.put_along_axis(in_a, picks, True, axis=1)
+    else:
+        rng = np.random.default_rng(seed)
+        in_a = np.zeros((n_permutations, len(pooled)), dtype=bool)
+        perms = rng.permuted(np.tile(np.arange(len(pooled)), (n_permutations, 1)), axis=1)[:, :n]
+        np.put_along_axis(in_a, perms, True, axis=1)
+    diffs = (in_a @ pooled) / n - (~in_a @ pooled) / (len(pooled) - n)
+    tol = 1e-12 * max(1.0, abs(observed))
+    p = lambda hits: float((hits.sum() + (0 if exact else 1)) / (len(diffs) + (0 if exact else 1)))  # noqa: E731
+    return {"diff": float(observed), "p_two_sided": p(np.abs(diffs) >= abs(observed) - tol),
+            "p_greater": p(diffs >= observed - tol), "p_less": p(diffs <= observed + tol),
+            "n_permutations": int(len(diffs)), "exact": exact,
+            "min_p_two_sided": (2 if n == len(b) else 1) / n_splits if exact else 1 / (n_permutations + 1)}
+
+
+def mean_std(x, ddof: int = 1) -> tuple[float, float]:
+    """Mean and standard deviation of per-seed scores (ddof=1: the sample standard deviation)."""
+    x = np.asarray(x, dtype=float)
+    return float(x.mean()), float(x.std(ddof=ddof)) if len(x) > ddof else 0.0
