@@ -445,7 +445,9 @@ def train(body: nn.Module, end: Task | None, aux: list[Task], cfg: TrainConfig, 
     scheds = [torch.optim.lr_scheduler.LambdaLR(o, schedule) for o in (opt_body, opt_heads)]
 
     K = len(tasks)
-    state = {"w": torch.full((K,), 1.0 / K) if cfg.weights is None else torch.tensor(cfg.weights, dtype=torch.float)}
+    w0 = torch.full((K,), 1.0 / K, dtype=torch.float64) if cfg.weights is None else torch.tensor(cfg.weights,
+                                                                                                   dtype=torch.float64)
+    state = {"w": w0}
     if len(state["w"]) != K:
         raise ValueError(f"weights has {len(state['w'])} entries for {K} tasks ({[t.name for t in tasks]})")
     names = [t.name for t in tasks]
@@ -591,7 +593,7 @@ def update_task_weights(w: torch.Tensor, task_grads: torch.Tensor, meta_grad: to
                         eps: float = 1e-8):
     """Algorithm 1: w_k <- w_k + eta * cos(g_meta, g_k) for every task, end-task included; alpha = softmax(w).
     task_grads (K, P), meta_grad (P,). Returns (new w, alpha, cosines)."""
-    cos = cosine(task_grads, meta_grad, eps).float().cpu()
+    cos = cosine(task_grads, meta_grad, eps).to("cpu", w.dtype)
     w = w + eta * cos
     return w, torch.softmax(w, dim=0), cos
 
@@ -625,7 +627,7 @@ def meta_step(body, tasks, streams, state, cfg: MetaConfig, autocast, tokens) ->
                         for p, g in zip(params, grads)])  # (P,)
     state["w"], alpha, cos = update_task_weights(state["w"], G, g_meta, cfg.meta_lr, cfg.cos_eps)
     # theta_body gradient = sum_k alpha_k g_k (views into one buffer); head gradients are already in place
-    combined = alpha.to(device) @ G  # (P,)
+    combined = alpha.to(device, G.dtype) @ G  # (P,)
     for p, g in zip(params, combined.split([p.numel() for p in params])):
         p.grad = g.view_as(p)
     return {"losses": losses, "alpha": alpha.tolist(), "cosines": cos.tolist(), "val_loss": val_loss.item()}

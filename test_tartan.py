@@ -1,0 +1,487 @@
+"""Tests for tartan.py (and reproduce.py): offline, CPU, tiny models built from configs, data made here."""
+import itertools
+import json
+import math
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+
+import tartan
+
+transformers = pytest.importorskip("transformers")
+transformers.logging.set_verbosity_error()
+
+WORDS = [f"w{i}" for i in range(30)]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# fixtures: a word-level tokenizer, a tiny BERT, a three-class task whose label is the word group of a sentence
+
+
+def make_tokenizer():
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS
+    return transformers.BertTokenizer(vocab={t: i for i, t in enumerate(vocab)})
+
+
+def make_model(tok, dropout=0.1, seed=0):
+    torch.manual_seed(seed)
+    cfg = transformers.BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                  intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=dropout,
+                                  attention_probs_dropout_prob=dropout)
+    return tartan.split_masked_lm(transformers.AutoModelForMaskedLM.from_config(cfg))
+
+
+def sentence(rng, label, n=8):
+    return " ".join(rng.choice(WORDS[label * 10:(label + 1) * 10]) for _ in range(rng.randint(3, n)))
+
+
+def write_task(folder, sizes=(48, 24, 24), seed=0):
+    rng = random.Random(seed)
+    os.makedirs(folder, exist_ok=True)
+    for split, n in zip(("train", "dev", "test"), sizes):
+        with open(os.path.join(folder, f"{split}.jsonl"), "w") as f:
+            for i in range(n):
+                y = i % 3
+                f.write(json.dumps({"text": sentence(rng, y), "label": f"c{y}", "metadata": {}}) + "\n")
+    with open(os.path.join(folder, "train.txt"), "w") as f:
+        f.write("\n".join(" ".join(rng.choice(WORDS) for _ in range(10)) for _ in range(48)) + "\n")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return make_tokenizer()
+
+
+@pytest.fixture()
+def task_dir(tmp_path):
+    return write_task(str(tmp_path / "task"))
+
+
+def build(tok, task_dir, n_aux=1, dropout=0.1, seed=0):
+    body, mlm = make_model(tok, dropout, seed)
+    end = tartan.end_task("toy", task_dir, tok, body.hidden_size, max_length=32, dropout=dropout)
+    aux = [tartan.mlm_task(f"aux{i}", os.path.join(task_dir, "train.txt"), tok, body, mlm, 32) for i in range(n_aux)]
+    return body, end, aux
+
+
+SMALL = dict(batch_size=8, aux_batch_size=8, grad_accum=1, max_steps=12, eval_every=4, lr=1e-3, head_lr=1e-3)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 1. data and bad input
+
+
+def test_read_end_task_label_vocabulary_from_train(task_dir):
+    data = tartan.read_end_task(task_dir)
+    assert data["labels"] == ["c0", "c1", "c2"]
+    assert len(data["train"][0]) == 48 and set(data["dev"][1]) == {0, 1, 2}
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"text": "a", "label": "x"}\n{"text": "b", "label": \n', "line 2: malformed JSON"),
+    ('{"text": "a", "label": "x"}\n\n{"label": "x"}\n', "line 3: missing field 'text'"),
+    ('{"text": "a"}\n', "line 1: missing field 'label'"),
+    ('["a", "x"]\n', "line 1: expected a JSON object"),
+    ("", "empty file"),
+    ("\n\n", "empty file"),
+])
+def test_bad_jsonl_names_file_and_line(tmp_path, content, message):
+    path = tmp_path / "train.jsonl"
+    path.write_text(content)
+    with pytest.raises(tartan.DataError) as e:
+        tartan.read_jsonl(str(path))
+    assert str(path) in str(e.value) and message in str(e.value)
+
+
+def test_unseen_dev_label_is_an_error(task_dir):
+    with open(os.path.join(task_dir, "dev.jsonl"), "a") as f:
+        f.write(json.dumps({"text": "w1 w2", "label": "never-in-train"}) + "\n")
+    with pytest.raises(tartan.DataError, match=r"dev\.jsonl, line 25: label 'never-in-train' never appears"):
+        tartan.read_end_task(task_dir)
+
+
+def test_missing_and_empty_files(tmp_path):
+    with pytest.raises(tartan.DataError, match="no such file"):
+        tartan.read_end_task(str(tmp_path))
+    (tmp_path / "aux.txt").write_text("\n  \n")
+    with pytest.raises(tartan.DataError, match="aux.txt: empty file"):
+        tartan.read_lines(str(tmp_path / "aux.txt"))
+
+
+def test_missing_model_path_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such local directory"):
+        tartan.from_pretrained(str(tmp_path / "not-there"))
+    with pytest.raises(FileNotFoundError, match="could not be loaded from its local directory"):
+        tartan.from_pretrained(str(tmp_path))  # exists but holds no model
+
+
+def test_from_pretrained_local_directory_ties_new_mlm_head(tmp_path, tok):
+    cfg = transformers.BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=64)
+    transformers.BertModel(cfg).save_pretrained(tmp_path)  # a checkpoint without MLM-head weights
+    tok.save_pretrained(tmp_path)
+    body, mlm, tok2, missing = tartan.from_pretrained(str(tmp_path))
+    assert any("predictions" in k for k in missing)  # the head was newly initialised ...
+    emb = body.encoder.get_input_embeddings().weight
+    assert mlm.lm_head.predictions.decoder.weight is emb  # ... with the decoder tied to the input embeddings
+    assert len(tok2) == len(tok)
+
+
+def test_padding_does_not_change_predictions(tok, task_dir):
+    body, end, _ = build(tok, task_dir)
+    body.eval(), end.head.eval()
+    short, long = end.dev.ids[0], max(end.dev.ids, key=len)
+    assert len(long) > len(short)
+    data = tartan.TextData([short, long], [0, 0], tok.pad_token_id)
+    with torch.no_grad():
+        alone = end.head(body(**data.batch([0])[0]))[0]
+        padded = end.head(body(**data.batch([0, 1])[0]))[0][:1]
+    torch.testing.assert_close(alone, padded, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 2. heads and parameters
+
+
+def test_mlm_logits_only_at_masked_positions_and_classifier_never_calls_decoder(tok, task_dir):
+    body, end, aux = build(tok, task_dir)
+    decoder = aux[0].head.lm_head.predictions.decoder
+    rows = []
+    decoder.register_forward_hook(lambda m, i, o: rows.append(o.shape[0]))
+    inputs, labels = next(tartan.batches(aux[0], 8, torch.Generator().manual_seed(0)))
+    logits, loss = aux[0].head(body(**inputs), labels)
+    assert logits.shape == ((labels != -100).sum().item(), len(tok)) and rows == [logits.shape[0]]
+    tartan.evaluate(body, end.head, end.dev)
+    assert rows == [logits.shape[0]]  # the classifier path computed no vocabulary logits
+    assert torch.isfinite(loss)
+
+
+def test_each_aux_task_has_its_own_head_but_the_tied_decoder_stays_the_body_embedding(tok, task_dir):
+    body, end, aux = build(tok, task_dir, n_aux=2)
+    emb = body.encoder.get_input_embeddings().weight
+    d0, d1 = (a.head.lm_head.predictions.decoder for a in aux)
+    assert d0.weight is emb and d1.weight is emb
+    assert aux[0].head.lm_head.predictions.transform.dense.weight is not aux[1].head.lm_head.predictions.transform.dense.weight
+    head_ids = {id(p) for p in tartan.head_parameters(aux[0].head, body)}
+    assert id(emb) not in head_ids and len(head_ids) > 0
+
+
+def test_classification_head_shapes():
+    head = tartan.ClassificationHead(16, 5)
+    logits, loss = head(torch.randn(4, 7, 16), torch.tensor([0, 1, 2, 3]))
+    assert logits.shape == (4, 5) and loss.dim() == 0
+    logits, loss = head(torch.randn(4, 16))  # pooled features of a non-transformer body
+    assert logits.shape == (4, 5) and loss is None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 3. masking
+
+
+def test_masking_rates_and_special_tokens():
+    masking = tartan.Masking(mask_id=4, vocab_size=1000, special_ids=(0, 1, 2, 3, 4))
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, 1000, (400, 128), generator=g)
+    ids[:, 0], ids[:, 60] = 2, 3  # CLS, SEP
+    attention = torch.ones_like(ids)
+    attention[:, 100:] = 0
+    ids[:, 100:] = 0  # padding
+    corrupted, labels = tartan.mask_tokens(ids, attention, masking, torch.Generator().manual_seed(1))
+    chosen = labels != -100
+    eligible = (attention == 1) & ~torch.isin(ids, torch.tensor([0, 1, 2, 3, 4]))
+    assert not chosen[~eligible].any()  # special and pad tokens never chosen
+    assert (corrupted[~chosen] == ids[~chosen]).all()  # nothing changes outside the chosen positions
+    assert (labels[chosen] == ids[chosen]).all()
+    n = chosen.sum().item()
+    assert abs(n / eligible.sum().item() - 0.15) < 0.005
+    masked = (corrupted[chosen] == 4).float().mean().item()
+    unchanged = (corrupted[chosen] == ids[chosen]).float().mean().item()
+    assert abs(masked - 0.8) < 0.01 and abs(unchanged - 0.1 - 0.001) < 0.01  # random may hit the same id (p=1e-3)
+    assert abs(1 - masked - unchanged - 0.1) < 0.01
+
+
+def test_masking_is_driven_by_the_generator():
+    masking = tartan.Masking(mask_id=4, vocab_size=50, special_ids=(0, 1, 2, 3, 4))
+    ids = torch.randint(5, 50, (8, 20))
+    att = torch.ones_like(ids)
+    a = tartan.mask_tokens(ids, att, masking, torch.Generator().manual_seed(3))
+    b = tartan.mask_tokens(ids, att, masking, torch.Generator().manual_seed(3))
+    c = tartan.mask_tokens(ids, att, masking, torch.Generator().manual_seed(4))
+    assert all(torch.equal(x, y) for x, y in zip(a, b)) and not torch.equal(a[1], c[1])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 5. MT-TARTAN: the combined backward is the weighted sum of per-task gradients (Eq. 3)
+
+
+def test_mt_combined_backward_equals_weighted_sum_of_task_gradients(tok, task_dir):
+    body, end, aux = build(tok, task_dir, n_aux=2, dropout=0.0)
+    end.head = tartan.ClassificationHead(body.hidden_size, 3, dropout=0.0)
+    tasks, w = [end] + aux, (0.5, 0.3, 0.2)
+    cfg = tartan.TrainConfig(batch_size=8, aux_batch_size=8, grad_accum=1, weights=w)
+    streams = lambda: [tartan.batches(t, 8, torch.Generator().manual_seed(k)) for k, t in enumerate(tasks)]  # noqa
+    tokens = dict.fromkeys([t.name for t in tasks], 0)
+    tartan.multitask_step(body, tasks, streams(), {"w": torch.tensor(w)}, cfg, torch.autocast("cpu", enabled=False),
+                          tokens)
+    params = list(body.parameters())
+    combined = [p.grad.clone() for p in params]
+    expected = [torch.zeros_like(p) for p in params]
+    for k, (t, s) in enumerate(zip(tasks, streams())):
+        inputs, labels = next(s)
+        _, loss = t.head(body(**inputs), labels)
+        for e, g in zip(expected, torch.autograd.grad(loss, params, allow_unused=True)):
+            if g is not None:
+                e += w[k] * g
+    for c, e in zip(combined, expected):
+        torch.testing.assert_close(c, e, atol=1e-6, rtol=1e-4)
+    assert all(v > 0 for v in tokens.values())
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 6. META-TARTAN
+
+
+def test_weight_update_against_hand_built_gradient_geometry():
+    g_meta = torch.tensor([1.0, 0.0, 0.0, 0.0])
+    G = torch.stack([torch.tensor([0.6, 0.8, 0.0, 0.0]),    # end-task: cos 0.6
+                     torch.tensor([2.0, 0.0, 0.0, 0.0]),    # aligned auxiliary: cos 1
+                     torch.tensor([-3.0, 0.0, 0.0, 0.0]),   # opposed auxiliary: cos -1
+                     torch.tensor([0.0, 0.0, 5.0, 0.0])])   # orthogonal: cos 0
+    w0 = torch.full((4,), 0.25)
+    w, alpha, cos = tartan.update_task_weights(w0, G, g_meta, eta=0.1)
+    torch.testing.assert_close(cos, torch.tensor([0.6, 1.0, -1.0, 0.0]))
+    torch.testing.assert_close(w - w0, 0.1 * torch.tensor([0.6, 1.0, -1.0, 0.0]))
+    torch.testing.assert_close(alpha, torch.softmax(w, 0))
+    assert alpha[1] > alpha[0] > alpha[3] > alpha[2]  # aligned gains, opposed loses, end-task follows its cosine
+    # the update uses cosines, not dot products: scaling a gradient changes nothing
+    w2, _, _ = tartan.update_task_weights(w0, G * torch.tensor([[10.0], [0.1], [7.0], [3.0]]), g_meta * 5, eta=0.1)
+    torch.testing.assert_close(w2, w)
+    # a zero gradient gives cosine 0 (the epsilon), not NaN
+    _, _, c0 = tartan.update_task_weights(w0, torch.zeros(1, 4), g_meta, eta=0.1)
+    assert c0.item() == 0.0
+
+
+@pytest.mark.parametrize("same_head", [True, False])
+def test_meta_step_matches_an_independent_computation(tok, task_dir, same_head):
+    """One META step against gradients computed separately: cosines with this step's gradients (Alg. 1 order), the
+    softmax of the updated weights, body gradient sum_k alpha_k g_k, head gradients unweighted."""
+    body, end, aux = build(tok, task_dir, n_aux=2, dropout=0.0)
+    end.head = tartan.ClassificationHead(body.hidden_size, 3, dropout=0.0)
+    tasks = [end] + aux
+    cfg = tartan.MetaConfig(batch_size=8, aux_batch_size=8, grad_accum=1, meta_batch_size=8, same_head=same_head,
+                            meta_lr=0.1)
+    streams = lambda: [tartan.batches(t, 8, torch.Generator().manual_seed(k)) for k, t in enumerate(tasks)]  # noqa
+    w0 = torch.tensor([0.2, -0.1, 0.3])
+    state = {"w": w0.clone()}
+    torch.manual_seed(5)  # phi* initialisation
+    info = tartan.meta_step(body, tasks, streams(), state, cfg, torch.autocast("cpu", enabled=False),
+                            dict.fromkeys([t.name for t in tasks], 0))
+    params = list(body.parameters())
+    got_body = torch.cat([p.grad.reshape(-1) for p in params])
+    got_heads = [[p.grad.clone() for p in tartan.head_parameters(t.head, body)] for t in tasks]
+
+    flat = lambda gs: torch.cat([torch.zeros(p.numel()) if g is None else g.reshape(-1) for p, g in zip(params, gs)])  # noqa
+    G, head_grads = [], []
+    for k, (t, s) in enumerate(zip(tasks, streams())):
+        inputs, labels = next(s)
+        features = body(**inputs)
+        _, loss = t.head(features, labels)
+        hp = tartan.head_parameters(t.head, body)
+        grads = torch.autograd.grad(loss, params + hp, allow_unused=True)
+        G.append(flat(grads[:len(params)]))
+        head_grads.append(grads[len(params):])
+        if k == 0:
+            meta_x, meta_y = features[:, 0].detach(), labels
+    torch.manual_seed(5)
+    head_star = end.head if same_head else tartan.estimate_meta_head(meta_x, meta_y, 3, cfg)
+    val_inputs, val_labels = next(tartan.batches(tartan.Task("v", end.head, end.dev), 8,
+                                                 torch.Generator().manual_seed(cfg.seed + 1)))
+    _, val_loss = head_star(body(**val_inputs), val_labels)
+    g_meta = flat(torch.autograd.grad(val_loss, params, allow_unused=True))
+    G = torch.stack(G)
+    cos = torch.stack([torch.dot(g, g_meta) / (g.norm() * g_meta.norm() + 1e-8) for g in G])
+    alpha = torch.softmax(w0 + 0.1 * cos, 0)
+    torch.testing.assert_close(torch.tensor(info["cosines"]), cos, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(torch.tensor(info["alpha"]), alpha, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(got_body, alpha @ G, atol=1e-6, rtol=1e-4)
+    for got, want in zip(got_heads, head_grads):
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+
+
+def _meta_run(tok, folder, same_head, seed, steps=30):
+    body, end, aux = build(tok, folder, n_aux=1, dropout=0.0, seed=seed)
+    cfg = tartan.MetaConfig(batch_size=32, aux_batch_size=32, meta_batch_size=32, grad_accum=1, lr=3e-4,
+                            max_steps=steps, eval_every=steps, patience=99, same_head=same_head, meta_lr=0.1,
+                            final_finetune=None)
+    torch.manual_seed(seed)
+    out = tartan.train_meta(body, end, aux, cfg)
+    return out["final_weights"]["toy"], out["history"][-1]["cosines"]  # cosines: mean over the steps
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_same_head_rails_the_end_task_weight_and_the_meta_head_does_not(tok, tmp_path, seed):
+    """Sec. 3.3 / Fig. 3: through phi' the training and validation gradients share a head, so the end-task cosine
+    is biased up and w* rails towards 1; through a separately fitted phi* it is not."""
+    folder = write_task(str(tmp_path / "task"), sizes=(192, 96, 24))
+    alpha_same, cos_same = _meta_run(tok, folder, True, seed)
+    alpha_sep, cos_sep = _meta_run(tok, folder, False, seed)
+    assert cos_same["toy"] > cos_same["aux0"] + 0.15 and cos_same["toy"] > cos_sep["toy"] + 0.15
+    assert alpha_same > 0.6  # from 0.5 in 30 steps
+    assert abs(alpha_sep - 0.5) < 0.05
+    assert alpha_same - 0.5 > 3 * abs(alpha_sep - 0.5)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# end to end: every mode returns metrics and history
+
+
+@pytest.mark.parametrize("mode, n_aux, extra", [
+    ("finetune", 0, {}), ("pretrain", 1, {}), ("pretrain", 2, {}),  # RoBERTa column, TAPT, DAPT+TAPT
+    ("mt", 2, {}), ("meta", 2, {}), ("meta", 2, {"same_head": True}),
+])
+def test_every_mode_end_to_end(tok, task_dir, mode, n_aux, extra):
+    body, end, aux = build(tok, task_dir, n_aux=n_aux)
+    ft = tartan.FinetuneConfig(batch_size=8, epochs=2, lr=1e-3, head_lr=1e-3)
+    if mode in ("finetune", "pretrain"):
+        cfg = ft
+    else:
+        cfg = (tartan.MetaConfig if mode == "meta" else tartan.TrainConfig)(**SMALL, final_finetune=ft, **extra)
+    torch.manual_seed(0)
+    pre = [tartan.PretrainConfig(max_steps=3, aux_batch_size=8, grad_accum=1)] * n_aux
+    out = tartan.run_end_task(body, end, aux, mode, cfg, pre)
+    for split in ("dev", "test"):
+        assert 0 <= out[split]["macro_f1"] <= 1 and 0 <= out[split]["micro_f1"] <= 1
+        assert out[split]["n"] == 24
+    assert out["metric"] == "macro_f1" and out["history"]
+    stages = [s["stage"] for s in out["stages"]]
+    if mode == "pretrain":
+        assert stages == [f"pretrain:aux{i}" for i in range(n_aux)] + ["finetune"]
+    elif mode in ("mt", "meta"):
+        assert stages == [mode, "final_finetune"]
+        h = out["history"][-1]
+        assert set(h["weights"]) == {"toy", "aux0", "aux1"} and abs(sum(h["weights"].values()) - 1) < 1e-6
+        assert (h["cosines"] is not None) == (mode == "meta")
+        # the selected model is the best-dev one: the reported dev score is the best seen (or the kept fine-tune)
+        best = max(x["dev"]["macro_f1"] for x in out["history"])
+        assert out["dev"]["macro_f1"] >= best - 1e-9
+    if mode == "mt":
+        assert out["history"][-1]["weights"] == {"toy": 1 / 3, "aux0": 1 / 3, "aux1": 1 / 3}
+
+
+def test_finetuning_learns_the_toy_task(tok, task_dir):
+    body, end, _ = build(tok, task_dir)
+    torch.manual_seed(0)
+    out = tartan.run_end_task(body, end, [], "finetune",
+                              tartan.FinetuneConfig(batch_size=8, epochs=15, lr=1e-3, head_lr=1e-3, patience=15))
+    assert out["test"]["micro_f1"] >= 0.9  # chance is 1/3
+
+
+def test_early_stopping_restores_the_best_dev_model(tok, task_dir):
+    body, end, aux = build(tok, task_dir)
+    cfg = tartan.TrainConfig(**{**SMALL, "max_steps": 400, "eval_every": 2, "patience": 3}, final_finetune=None)
+    torch.manual_seed(0)
+    out = tartan.train_multitask(body, end, aux, cfg)
+    scores = [h["dev"]["macro_f1"] for h in out["history"]]
+    assert out["steps"] < 400  # stopped early
+    assert scores.index(max(scores)) == len(scores) - 1 - 3  # the last 3 evaluations brought no new best
+    assert tartan.evaluate(body, end.head, end.dev)["macro_f1"] == pytest.approx(max(scores))
+
+
+def test_same_seed_gives_identical_runs(tok, task_dir):
+    def run():
+        body, end, aux = build(tok, task_dir, n_aux=1)
+        torch.manual_seed(0)
+        return tartan.run_end_task(body, end, aux, "meta", tartan.MetaConfig(**SMALL, final_finetune=None))
+    a, b = run(), run()
+    strip = lambda h: [{k: v for k, v in x.items() if k != "seconds"} for x in h]  # noqa: E731
+    assert a["dev"] == b["dev"] and a["test"] == b["test"] and strip(a["history"]) == strip(b["history"])
+
+
+def test_plain_torch_module_body():
+    """A non-transformer body (the paper's vision experiment uses a WideResNet) through the same loops."""
+    torch.manual_seed(0)
+    body = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 16), torch.nn.ReLU())
+
+    class XBody(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = body
+
+        def forward(self, x):
+            return self.net(x)
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(60, 3, 2, 2, generator=g), torch.randint(0, 2, (60,), generator=g)
+    x[y == 1] += 2.0
+    data = tartan.TensorData(x, y)
+    end = tartan.Task("img", tartan.ClassificationHead(16, 2), data, dev=data, test=data, num_labels=2,
+                      metric="micro_f1")
+    aux = [tartan.Task("aux", tartan.ClassificationHead(16, 3), tartan.TensorData(x, torch.randint(0, 3, (60,))))]
+    cfg = tartan.MetaConfig(**{**SMALL, "max_steps": 60, "eval_every": 10, "lr": 1e-2, "head_lr": 1e-2}, final_finetune=None)
+    out = tartan.run_end_task(XBody(), end, aux, "meta", cfg)
+    assert out["test"]["micro_f1"] > 0.8 and out["history"][-1]["cosines"] is not None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 7. evaluation and 8. significance
+
+
+def test_f1_scores_against_hand_computation():
+    y_true, y_pred = [0, 0, 1, 1, 2, 2], [0, 1, 1, 1, 2, 0]
+    # class 0: tp1 fp1 fn1 -> 0.5; class 1: tp2 fp1 fn0 -> 0.8; class 2: tp1 fp0 fn1 -> 2/3
+    s = tartan.f1_scores(y_true, y_pred)
+    assert s["macro_f1"] == pytest.approx((0.5 + 0.8 + 2 / 3) / 3) and s["micro_f1"] == pytest.approx(4 / 6)
+
+
+def _brute_force(a, b):
+    pooled, n = list(a) + list(b), len(a)
+    obs = np.mean(a) - np.mean(b)
+    diffs = []
+    for pick in itertools.combinations(range(len(pooled)), n):
+        xa = [pooled[i] for i in pick]
+        xb = [pooled[i] for i in range(len(pooled)) if i not in pick]
+        diffs.append(np.mean(xa) - np.mean(xb))
+    diffs = np.array(diffs)
+    return (np.mean(np.abs(diffs) >= abs(obs) - 1e-12), np.mean(diffs >= obs - 1e-12), np.mean(diffs <= obs + 1e-12))
+
+
+@pytest.mark.parametrize("a, b", [([70.1, 68.2, 72.5], [66.0, 67.3, 65.9]), ([1, 2, 3, 4], [2, 3, 4, 5, 6]),
+                                  ([5.0, 5.0, 6.0], [5.0, 6.0, 6.0, 7.0])])
+def test_permutation_test_equals_exact_enumeration(a, b):
+    r = tartan.permutation_test(a, b)
+    assert r["exact"] and r["n_permutations"] == math.comb(len(a) + len(b), len(a))
+    two, greater, less = _brute_force(a, b)
+    assert (r["p_two_sided"], r["p_greater"], r["p_less"]) == pytest.approx((two, greater, less))
+    # fewer permutations than splits: Monte Carlo, which approaches the exact value
+    mc = tartan.permutation_test(a, b, n_permutations=r["n_permutations"] - 1, seed=1)
+    assert not mc["exact"]
+    assert mc["n_permutations"] == r["n_permutations"] - 1
+
+
+def test_permutation_test_monte_carlo_and_known_difference():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(80, 1, 10), rng.normal(75, 1, 10)  # 184756 splits: Monte Carlo with 10,000
+    r = tartan.permutation_test(a, b, seed=0)
+    assert not r["exact"] and r["n_permutations"] == 10_000
+    assert r["p_two_sided"] < 1e-3 and r["p_greater"] < 1e-3 and r["p_less"] > 0.99
+    assert r == tartan.permutation_test(a, b, seed=0)  # seeded
+    same = tartan.permutation_test(rng.normal(0, 1, 10), rng.normal(0, 1, 10), seed=0)
+    assert same["p_two_sided"] > 0.05
+    # on a small problem (70 splits) Monte Carlo sampling of 5,000 splits approaches the exact p
+    x, y = [3.1, 2.5, 4.0, 3.3], [2.0, 2.2, 3.0, 2.6]
+    exact = tartan.permutation_test(x, y)
+    assert exact["exact"] and exact["n_permutations"] == 70
+    mc = tartan.permutation_test(x, y, n_permutations=69, seed=0)
+    assert not mc["exact"]
+    draws = np.mean([tartan.permutation_test(x, y, n_permutations=69, seed=s)["p_two_sided"] for s in range(60)])
+    assert abs(draws - exact["p_two_sided"]) < 0.02
+
+
+def test_mean_std_uses_sample_std():
+    assert tartan.mean_std([1.0, 2.0, 3.0]) == pytest.approx((2.0, 1.0))
+    assert tartan.mean_std([1.0, 2.0, 3.0], ddof=0)[1] == pytest.approx(math.sqrt(2 / 3))
