@@ -54,35 +54,46 @@ def read_jsonl(path: str) -> tuple[list[str], list[str], list[int]]:
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such file")
     texts, labels, lines = [], [], []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}, line {lineno}: malformed JSON ({e.msg})") from None
-            if not isinstance(obj, dict):
-                raise DataError(f"{path}, line {lineno}: expected a JSON object with 'text' and 'label'")
-            for key in ("text", "label"):
-                if key not in obj:
-                    raise DataError(f"{path}, line {lineno}: missing field '{key}'")
-            if not isinstance(obj["text"], str):
-                raise DataError(f"{path}, line {lineno}: 'text' must be a string")
-            texts.append(obj["text"])
-            labels.append(str(obj["label"]))
-            lines.append(lineno)
+    for lineno, line in _numbered_lines(path):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}, line {lineno}: malformed JSON ({e.msg})") from None
+        if not isinstance(obj, dict):
+            raise DataError(f"{path}, line {lineno}: expected a JSON object with 'text' and 'label'")
+        for key in ("text", "label"):
+            if key not in obj:
+                raise DataError(f"{path}, line {lineno}: missing field '{key}'")
+        if not isinstance(obj["text"], str):
+            raise DataError(f"{path}, line {lineno}: 'text' must be a string")
+        label = obj["label"]
+        if isinstance(label, bool) or not isinstance(label, (str, int)):
+            raise DataError(f"{path}, line {lineno}: 'label' must be a string or an integer, not {label!r}")
+        texts.append(obj["text"])
+        labels.append(str(label))
+        lines.append(lineno)
     if not texts:
         raise DataError(f"{path}: empty file (no examples)")
     return texts, labels, lines
+
+
+def _numbered_lines(path: str):
+    """(line number, line) of a UTF-8 text file; a byte that is not UTF-8 is an error naming the line."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                yield lineno, raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}, line {lineno}: not UTF-8 text ({e.reason})") from None
 
 
 def read_lines(path: str) -> list[str]:
     """One auxiliary MLM example per non-blank line (the TAPT/DAPT corpora)."""
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such file")
-    with open(path, encoding="utf-8") as f:
-        lines = [line.strip() for line in f if line.strip()]
+    lines = [line.strip() for _, line in _numbered_lines(path) if line.strip()]
     if not lines:
         raise DataError(f"{path}: empty file (no lines of text)")
     return lines
@@ -211,6 +222,7 @@ def from_pretrained(name_or_path: str):
     newly, with the decoder tied to the input embeddings. Returns also the names of newly initialised weights."""
     from transformers import AutoModelForMaskedLM, AutoTokenizer
 
+    name_or_path = os.path.expanduser(name_or_path)
     local = os.path.isdir(name_or_path)
     if not local and (name_or_path.startswith((".", "/", "~")) or os.sep + os.sep in name_or_path
                       or name_or_path.count("/") > 1):
@@ -261,7 +273,8 @@ class Masking:
 
 
 def mask_tokens(input_ids, attention_mask, masking: Masking, generator: torch.Generator):
-    """(B, T) ids -> (corrupted ids, labels). Driven only by `generator`, so reproducible."""
+    """(B, T) ids -> (corrupted ids, labels). Random replacements are any vocabulary id (as in BERT). Driven only by
+    `generator`, so reproducible."""
     special = torch.isin(input_ids, torch.tensor(masking.special_ids)) | (attention_mask == 0)
     u = torch.rand(input_ids.shape, generator=generator)
     chosen = (u < masking.prob) & ~special
@@ -292,10 +305,12 @@ class Task:
 
 
 def batches(task: Task, batch_size: int, generator: torch.Generator):
-    """Endless shuffled epochs of (inputs, labels) from a task's training data; MLM tasks are masked here."""
+    """Endless shuffled epochs of (inputs, labels) from a task's training data; MLM tasks are masked here. The last
+    partial batch of an epoch is dropped (unless the data is smaller than one batch), so every step sees full batches."""
     while True:
         order = torch.randperm(len(task.train), generator=generator).tolist()
-        for i in range(0, len(order), batch_size):
+        last = len(order) - batch_size + 1 if len(order) >= batch_size else 1
+        for i in range(0, last, batch_size):
             inputs, labels = task.train.batch(order[i:i + batch_size])
             if task.masking is not None:
                 inputs["input_ids"], labels = mask_tokens(inputs["input_ids"], inputs["attention_mask"],
@@ -351,10 +366,12 @@ class TrainConfig:
     batch_size: int = 64              # |B*_tr|, end-task micro-batch
     aux_batch_size: int = 64          # |B_i|, auxiliary micro-batch
     grad_accum: int = 2               # micro-batches per optimizer step (64 x 2 = the paper's end-task batch 128)
-    epochs: float = 150               # budget in passes over the largest training set among the tasks
+    epochs: float = 150               # budget in passes over the largest training set among the tasks (released
+    #                                   launch scripts: num_train_epochs 150; early stopping usually ends sooner)
     max_steps: int = 0                # optimizer steps; 0 = derived from epochs
     eval_every: int = 30              # evaluate end-task dev every this many steps; 0 = once per epoch
-    patience: int = 20                # early stop when the last `patience` evaluations bring no new best
+    patience: int = 20                # early stop when the last `patience` evaluations bring no strictly better
+    #                                   dev score (a tie is not an improvement)
     eval_batch_size: int = 64
     weights: tuple[float, ...] | None = None  # w = (w*, w_1..w_n) of Eq. 3; None = uniform 1/(n+1) (Sec. 4)
     seed: int = 0                     # data order and masking
@@ -427,12 +444,17 @@ def train(body: nn.Module, end: Task | None, aux: list[Task], cfg: TrainConfig, 
     """The loop shared by every mode: Eq. 1 (end=None), Eq. 2 (aux=[]), Eq. 3 (multitask_step) and Algorithm 1
     (meta_step). Evaluates end-task dev every cfg.eval_every steps, keeps the best-dev body and head, stops early
     after cfg.patience evaluations without a new best, restores the best, and returns the history.
+    Model selection and early stopping use the end-task dev metric (end.metric), as the released code does; the
+    paper's Sec. 3.1 speaks of monitoring the validation loss, which the history records too.
     The test split is not touched here (see run_end_task)."""
     step_fn = step_fn or multitask_step
     tasks = ([end] if end is not None else []) + list(aux)
     device = next(body.parameters()).device
-    gen = torch.Generator().manual_seed(cfg.seed)
-    streams = [batches(t, cfg.batch_size if t is end else cfg.aux_batch_size, gen) for t in tasks]
+    for t in tasks:
+        t.head.to(device)
+    # one generator per task (data order and masking), so the end-task's batches do not depend on the other tasks
+    streams = [batches(t, cfg.batch_size if t is end else cfg.aux_batch_size,
+                       torch.Generator().manual_seed(cfg.seed * 1009 + k)) for k, t in enumerate(tasks)]
     total, per_epoch = _budget(end, tasks, cfg)
     eval_every = per_epoch if cfg.eval_every == 0 else cfg.eval_every
 
@@ -441,6 +463,7 @@ def train(body: nn.Module, end: Task | None, aux: list[Task], cfg: TrainConfig, 
     opt_body = _optimizer(body_params, cfg.lr, cfg.weight_decay, cfg)
     opt_heads = _optimizer([p for h in heads for p in h], cfg.head_lr, cfg.head_weight_decay, cfg)
     warmup = max(1, int(cfg.warmup_frac * total))
+    # linear warm-up to the full rate at step `warmup`, then linear decay to 0 after the last step
     schedule = lambda s: min((s + 1) / warmup, max(0.0, (total - s) / max(1, total - warmup)))  # noqa: E731
     scheds = [torch.optim.lr_scheduler.LambdaLR(o, schedule) for o in (opt_body, opt_heads)]
 
@@ -452,8 +475,8 @@ def train(body: nn.Module, end: Task | None, aux: list[Task], cfg: TrainConfig, 
         raise ValueError(f"weights has {len(state['w'])} entries for {K} tasks ({[t.name for t in tasks]})")
     names = [t.name for t in tasks]
     history, tokens = [], dict.fromkeys(names, 0)
-    losses_since, cos_since = [], []
-    best, best_state, since_best = -math.inf, None, 0
+    losses_since, cos_since, val_since = [], [], []
+    best, best_state, best_weights, since_best = -math.inf, None, None, 0
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.bf16 and device.type == "cuda")
     bar = _progress(total, cfg.progress, "train")
     t0 = time.perf_counter()
@@ -473,6 +496,7 @@ def train(body: nn.Module, end: Task | None, aux: list[Task], cfg: TrainConfig, 
         losses_since.append(info["losses"])
         if "cosines" in info:
             cos_since.append(info["cosines"])
+            val_since.append(info["val_loss"])
         if end is None or cfg.eval_every < 0 or (step % eval_every and step != total):
             bar.update(1)
             continue
@@ -481,12 +505,13 @@ def train(body: nn.Module, end: Task | None, aux: list[Task], cfg: TrainConfig, 
         history.append({"step": step, "weights": dict(zip(names, alpha)),
                         "losses": dict(zip(names, np.mean(losses_since, axis=0).tolist())),
                         "cosines": dict(zip(names, np.mean(cos_since, axis=0).tolist())) if cos_since else None,
+                        "meta_val_loss": float(np.mean(val_since)) if val_since else None,
                         "dev": dev, "seconds": time.perf_counter() - t0})
-        losses_since, cos_since = [], []
+        losses_since, cos_since, val_since = [], [], []
         score = dev[end.metric]
         if score > best:
             best, since_best = score, 0
-            best_state = _snapshot(body, end.head)
+            best_state, best_weights = _snapshot(body, end.head), dict(zip(names, alpha))
         else:
             since_best += 1
         bar.set_postfix({f"dev_{end.metric}": f"{score:.4f}", "best": f"{best:.4f}"})
@@ -496,8 +521,10 @@ def train(body: nn.Module, end: Task | None, aux: list[Task], cfg: TrainConfig, 
     bar.close()
     if best_state is not None:
         _restore(best_state, body, end.head)
+    # final_weights: alpha at the last step; best_weights: alpha at the evaluation of the restored (best-dev) model
     return {"history": history, "steps": step, "best_dev": best if best_state is not None else None,
-            "tokens": tokens, "seconds": time.perf_counter() - t0, "final_weights": dict(zip(names, info["alpha"]))}
+            "tokens": tokens, "seconds": time.perf_counter() - t0, "final_weights": dict(zip(names, info["alpha"])),
+            "best_weights": best_weights}
 
 
 def _snapshot(body, head):
@@ -520,7 +547,7 @@ def _progress(total, enabled, desc):
 
 
 def _forward(body, task, stream, device, autocast, tokens):
-    """One micro-batch of a task: (loss, features). Features are (B, T, H) or (B, H)."""
+    """One micro-batch of a task: (loss, features, labels). Features are (B, T, H) or (B, H)."""
     inputs, labels = next(stream)
     tokens[task.name] += _n_tokens(inputs)
     inputs, labels = _to(inputs, labels, device)
@@ -536,6 +563,8 @@ def _forward(body, task, stream, device, autocast, tokens):
 
 
 def multitask_step(body, tasks, streams, state, cfg, autocast, tokens) -> dict:
+    # All K forward graphs are alive until the one backward: the same gradient as K backwards of w_k L_k, at K times
+    # one task's activation memory.
     device = next(body.parameters()).device
     w = state["w"].tolist()
     losses = [0.0] * len(tasks)
@@ -605,7 +634,9 @@ def meta_step(body, tasks, streams, state, cfg: MetaConfig, autocast, tokens) ->
     if state.get("G") is None:  # per-task body gradients g_k, allocated once
         state["G"] = torch.empty(K, P, device=device)
         end_val = Task("val", tasks[0].head, train=tasks[0].dev)  # B*_val ~ D_val of the end-task
-        state["val"] = batches(end_val, cfg.meta_batch_size, torch.Generator().manual_seed(cfg.seed + 1))
+        state["val"] = batches(end_val, cfg.meta_batch_size, torch.Generator().manual_seed(cfg.seed * 1009 + 1000))
+    # The tied MLM decoder weight is the body's input embedding: it is a body parameter, so its gradient through the
+    # decoder is part of each MLM task's g_k and of the cosine (on both sides, numerator and norms alike).
     G, losses = state["G"], [0.0] * K
     # g_k for every task: each head accumulates its own gradient in .grad; the body's is moved into G[k]
     for k, (task, stream) in enumerate(zip(tasks, streams)):
@@ -613,11 +644,12 @@ def meta_step(body, tasks, streams, state, cfg: MetaConfig, autocast, tokens) ->
             loss, features, labels = _forward(body, task, stream, device, autocast, tokens)
             (loss / cfg.grad_accum).backward()
             losses[k] += loss.item() / cfg.grad_accum
-            if k == 0 and micro == 0:  # B*_tr features for phi*, computed once (no extra body pass)
+            if k == 0 and micro == 0:  # B*_tr features for phi* (Alg. 1 uses the same B*_tr), no extra body pass
                 feats = features[:, 0] if features.dim() == 3 else features  # (B, H)
                 meta_x, meta_y = feats[:cfg.meta_batch_size].detach(), labels[:cfg.meta_batch_size]
         _take_body_grad(params, G[k])
-    # g_meta through phi* (Eq. 7) or, for the ablation, through the end-task head phi' (Eq. 6)
+    # g_meta through phi* (Eq. 7) or, for the ablation, through the end-task head phi' (Eq. 6). Like the task
+    # gradients, it is taken in train mode (dropout on); the paper does not say, and this keeps the two comparable.
     head_star = tasks[0].head if cfg.same_head else estimate_meta_head(meta_x, meta_y, tasks[0].num_labels, cfg)
     val_inputs, val_labels = _to(*next(state["val"]), device)
     with autocast:
@@ -656,6 +688,8 @@ def train_multitask(body, end: Task, aux: list[Task], cfg: TrainConfig | None = 
 def train_meta(body, end: Task, aux: list[Task], cfg: MetaConfig | None = None) -> dict:
     """META-TARTAN (Algorithm 1); cfg.same_head=True gives the Eq. 6 ablation."""
     cfg = cfg or MetaConfig()
+    if not isinstance(cfg, MetaConfig):
+        raise TypeError(f"train_meta needs a MetaConfig, not {type(cfg).__name__}")
     if cfg.weights is not None:
         raise ValueError("META-TARTAN starts from equal weights (Algorithm 1); leave weights=None")
     return train(body, end, aux, cfg, meta_step)
@@ -666,25 +700,32 @@ def run_end_task(body, end: Task, aux: list[Task], mode: str, cfg: TrainConfig |
     """One row of a table: mode in {finetune, pretrain, mt, meta}, then (for mt/meta) the optional Eq. 2 stage kept
     only if dev improves, then the test set, once, on the selected model. `pretrain` runs Eq. 1 on each auxiliary
     task in order (DAPT then TAPT for DAPT+TAPT) and then Eq. 2. Returns dev and test metrics and the history."""
+    if mode not in ("finetune", "pretrain", "mt", "meta"):
+        raise ValueError(f"unknown mode '{mode}' (finetune, pretrain, mt, meta)")
+    cfg = cfg or {"meta": MetaConfig, "mt": TrainConfig}.get(mode, FinetuneConfig)()
+    seeded = lambda c: _replace(c, seed=cfg.seed)  # sub-stages follow the run's seed  # noqa: E731
     out = {"mode": mode, "stages": []}
     if mode == "pretrain":
-        for task, pcfg in zip(aux, pretrain_cfgs or [PretrainConfig()] * len(aux)):
-            out["stages"].append({"stage": f"pretrain:{task.name}", **pretrain(body, [task], pcfg)})
+        pretrain_cfgs = pretrain_cfgs or [PretrainConfig()] * len(aux)
+        if len(pretrain_cfgs) != len(aux):
+            raise ValueError(f"{len(pretrain_cfgs)} pre-training configs for {len(aux)} auxiliary tasks")
+        for i, (task, pcfg) in enumerate(zip(aux, pretrain_cfgs)):
+            if i > 0 and isinstance(task.head, MLMHead) and isinstance(aux[i - 1].head, MLMHead):
+                task.head.load_state_dict(aux[i - 1].head.state_dict())  # DAPT+TAPT: TAPT continues DAPT's LM head
+            out["stages"].append({"stage": f"pretrain:{task.name}", **pretrain(body, [task], seeded(pcfg))})
         out["stages"].append({"stage": "finetune", **finetune(body, end, cfg)})
     elif mode == "finetune":
         out["stages"].append({"stage": "finetune", **finetune(body, end, cfg)})
     elif mode in ("mt", "meta"):
         main = train_meta(body, end, aux, cfg) if mode == "meta" else train_multitask(body, end, aux, cfg)
         out["stages"].append({"stage": mode, **main})
-        if cfg is not None and cfg.final_finetune is not None:
+        if cfg.final_finetune is not None:
             before = _snapshot(body, end.head)
-            ft = finetune(body, end, cfg.final_finetune)
-            ft["kept"] = ft["best_dev"] is not None and ft["best_dev"] > main["best_dev"]
+            ft = finetune(body, end, seeded(cfg.final_finetune))
+            ft["kept"] = ft["best_dev"] is not None and (main["best_dev"] is None or ft["best_dev"] > main["best_dev"])
             if not ft["kept"]:
                 _restore(before, body, end.head)
             out["stages"].append({"stage": "final_finetune", **ft})
-    else:
-        raise ValueError(f"unknown mode '{mode}' (finetune, pretrain, mt, meta)")
     out["dev"] = evaluate(body, end.head, end.dev)
     out["test"] = evaluate(body, end.head, end.test)
     out["metric"] = end.metric

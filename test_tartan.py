@@ -88,10 +88,12 @@ def test_read_end_task_label_vocabulary_from_train(task_dir):
     ('["a", "x"]\n', "line 1: expected a JSON object"),
     ("", "empty file"),
     ("\n\n", "empty file"),
+    ('{"text": "a", "label": null}\n', "line 1: 'label' must be a string or an integer"),
+    ('{"text": "a", "label": "x"}\n{"text": "\xff", "label": "x"}\n', "line 2: not UTF-8"),
 ])
 def test_bad_jsonl_names_file_and_line(tmp_path, content, message):
     path = tmp_path / "train.jsonl"
-    path.write_text(content)
+    path.write_bytes(content.encode("latin-1"))
     with pytest.raises(tartan.DataError) as e:
         tartan.read_jsonl(str(path))
     assert str(path) in str(e.value) and message in str(e.value)
@@ -299,7 +301,7 @@ def test_meta_step_matches_an_independent_computation(tok, task_dir, same_head):
     torch.manual_seed(5)
     head_star = end.head if same_head else tartan.estimate_meta_head(meta_x, meta_y, 3, cfg)
     val_inputs, val_labels = next(tartan.batches(tartan.Task("v", end.head, end.dev), 8,
-                                                 torch.Generator().manual_seed(cfg.seed + 1)))
+                                                 torch.Generator().manual_seed(1000)))
     _, val_loss = head_star(body(**val_inputs), val_labels)
     g_meta = flat(torch.autograd.grad(val_loss, params, allow_unused=True))
     G = torch.stack(G)
@@ -313,7 +315,7 @@ def test_meta_step_matches_an_independent_computation(tok, task_dir, same_head):
             torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
 
 
-def _meta_run(tok, folder, same_head, seed, steps=30):
+def _meta_run(tok, folder, same_head, seed, steps=60):
     body, end, aux = build(tok, folder, n_aux=1, dropout=0.0, seed=seed)
     cfg = tartan.MetaConfig(batch_size=32, aux_batch_size=32, meta_batch_size=32, grad_accum=1, lr=3e-4,
                             max_steps=steps, eval_every=steps, patience=99, same_head=same_head, meta_lr=0.1,
@@ -330,8 +332,8 @@ def test_same_head_rails_the_end_task_weight_and_the_meta_head_does_not(tok, tmp
     folder = write_task(str(tmp_path / "task"), sizes=(192, 96, 24))
     alpha_same, cos_same = _meta_run(tok, folder, True, seed)
     alpha_sep, cos_sep = _meta_run(tok, folder, False, seed)
-    assert cos_same["toy"] > cos_same["aux0"] + 0.15 and cos_same["toy"] > cos_sep["toy"] + 0.15
-    assert alpha_same > 0.6  # from 0.5 in 30 steps
+    assert cos_same["toy"] > cos_same["aux0"] + 0.08 and cos_same["toy"] > cos_sep["toy"] + 0.08
+    assert alpha_same > 0.62  # from 0.5 in 60 steps
     assert abs(alpha_sep - 0.5) < 0.05
     assert alpha_same - 0.5 > 3 * abs(alpha_sep - 0.5)
 
@@ -371,6 +373,37 @@ def test_every_mode_end_to_end(tok, task_dir, mode, n_aux, extra):
         assert out["dev"]["macro_f1"] >= best - 1e-9
     if mode == "mt":
         assert out["history"][-1]["weights"] == {"toy": 1 / 3, "aux0": 1 / 3, "aux1": 1 / 3}
+
+
+def test_run_end_task_defaults_and_stage_configs(tok, task_dir):
+    body, end, aux = build(tok, task_dir, n_aux=2)
+    with pytest.raises(ValueError, match="1 pre-training configs for 2 auxiliary tasks"):
+        tartan.run_end_task(body, end, aux, "pretrain", None, [tartan.PretrainConfig()])
+    with pytest.raises(TypeError, match="needs a MetaConfig"):
+        tartan.train_meta(body, end, aux, tartan.TrainConfig())
+    with pytest.raises(ValueError, match="unknown mode"):
+        tartan.run_end_task(body, end, aux, "tapt")
+    assert tartan.TrainConfig().final_finetune.lr == 5e-6 and tartan.FinetuneConfig().final_finetune is None
+
+
+def test_dapt_then_tapt_continues_the_lm_head(tok, task_dir):
+    body, end, aux = build(tok, task_dir, n_aux=2)
+    pre = [tartan.PretrainConfig(max_steps=2, aux_batch_size=8, grad_accum=1)] * 2
+    seen = []
+    orig = tartan.pretrain
+
+    def spy(b, tasks, cfg):
+        seen.append({k: v.clone() for k, v in tasks[0].head.state_dict().items()})
+        out = orig(b, tasks, cfg)
+        seen.append({k: v.clone() for k, v in tasks[0].head.state_dict().items()})
+        return out
+    tartan.pretrain = spy
+    try:
+        tartan.run_end_task(body, end, aux, "pretrain", tartan.FinetuneConfig(batch_size=8, epochs=1), pre)
+    finally:
+        tartan.pretrain = orig
+    after_dapt, before_tapt = seen[1], seen[2]
+    assert all(torch.equal(after_dapt[k], before_tapt[k]) for k in after_dapt)
 
 
 def test_finetuning_learns_the_toy_task(tok, task_dir):

@@ -1,0 +1,1168 @@
+"""Run every table and figure of the TARTAN paper with tartan.py: one command each.
+
+Dery, Michel, Talwalkar, Neubig. "Should We Be Pre-training? An Argument for End-task Aware Training as an
+Alternative." ICLR 2022. https://arxiv.org/abs/2109.07437
+
+    python reproduce.py --task aclarc --mode meta                 # META-TARTAN + TAPT on ACL-ARC, seeds 0-9
+    python reproduce.py --task aclarc --mode tapt mt --seeds 0-2  # several modes, three seeds
+    python reproduce.py --table 1                                 # Table 1 with the p-values of Table 6
+    python reproduce.py --figure 3                                # meta-learned task weights, phi* vs phi'
+
+Without overrides every run uses the paper's settings (Sec. 4; tartan's config dataclasses hold them) and the paper's
+number of seeds, so a command is the paper's experiment. The budget flags (--max-length, --steps, ...) cut it down;
+--quick is a tiny smoke budget. Every run writes one JSON file under --out (atomically); re-running skips runs whose
+file is complete, so a killed sweep resumes where it stopped.
+
+Contents:
+  1. The paper's tables and figures: which runs each needs, and the paper's numbers
+  2. Data: pinned download with SHA-256 checks; text end-tasks and MLM corpora; CIFAR-100 mammals (App. A.4)
+  3. The WideResNet-16-2 body of the vision experiment
+  4. Configs: the paper's values, --quick, and the budget flags
+  5. One run: build body, heads and tasks, train with tartan, write the result file (resume)
+  6. Tables (mean, std, permutation-test p-values) and figures (task weights, data efficiency)
+  7. Command line
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import gc
+import hashlib
+import json
+import os
+import pickle
+import platform
+import random
+import sys
+import tarfile
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import tartan
+
+
+class ReproduceError(RuntimeError):
+    """A problem the user can fix (missing file, bad download, mismatched results): printed as one message."""
+
+
+def warn(message: str):
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 1. The paper's tables and figures.
+
+TASKS = {  # name -> upstream folder, display name, domain, headline metric (Table 1 caption; App. A.4: accuracy)
+    "aclarc": dict(folder="citation_intent", title="ACL-ARC", domain="CS", metric="macro_f1"),
+    "scierc": dict(folder="sciie", title="SCIERC", domain="CS", metric="macro_f1"),
+    "chemprot": dict(folder="chemprot", title="CHEMPROT", domain="BIOMED", metric="micro_f1"),
+    "hyperpartisan": dict(folder="hyperpartisan", title="HYPERPARTISAN", domain="NEWS", metric="macro_f1"),
+    "mammals": dict(folder="cifar-100", title="Medium-Sized Mammals", domain="CIFAR-100", metric="accuracy"),
+}
+TEXT_MODES = ("finetune", "tapt", "dapt", "dapt+tapt", "mt", "meta", "meta-samehead")
+VISION_MODES = ("finetune", "pretrain", "mt", "meta", "meta-samehead")
+DAPT_FILES = {"1x": "domain.1xTAPT.txt", "10x": "domain.10xTAPT.txt", "full": "domain.full.txt"}
+
+
+@dataclass(frozen=True)
+class Column:
+    label: str                 # the paper's column name
+    mode: str                  # --mode
+    aux: str | None = None     # --aux for mt/meta
+
+
+@dataclass(frozen=True)
+class Table:
+    title: str
+    tasks: tuple[str, ...]
+    columns: tuple[Column, ...]
+    baseline: tuple[str, ...] = ()   # p-values against this column (or the better-mean one of several, Table 8)
+    baseline_name: str = ""          # how the p-value columns name the baseline
+    seeds: int = 10                  # the paper's number of seeds
+    dapt: str = "10x"                # DAPT corpus: n = 10 x |Train| (Table 2), or the full corpus (Table 3)
+    note: str = ""
+
+
+TAPT_COLS = (Column("TAPT", "tapt"), Column("MT-TARTAN", "mt", "tapt"), Column("META-TARTAN", "meta", "tapt"))
+TABLES = {
+    1: Table("Table 1 (p-values: Table 6). End-task aware training with TAPT as the auxiliary task",
+             ("aclarc", "scierc", "chemprot"), (Column("RoBERTa", "finetune"),) + TAPT_COLS, baseline=("TAPT",)),
+    7: Table("Table 7. HYPERPARTISAN", ("hyperpartisan",), (TAPT_COLS[0], TAPT_COLS[2]), baseline=("TAPT",)),
+    2: Table("Table 2 (p-values: Table 8). DAPT at n = 10 x |Train|; TARTAN uses DAPT and TAPT",
+             ("aclarc", "scierc", "chemprot"),
+             (Column("DAPT", "dapt"), Column("DAPT+TAPT", "dapt+tapt"), Column("MT-TARTAN", "mt", "dapt+tapt"),
+              Column("META-TARTAN", "meta", "dapt+tapt")), baseline=("DAPT", "DAPT+TAPT"),
+             baseline_name="max(DAPT, DAPT+TAPT)"),
+    3: Table("Table 3. DAPT and DAPT+TAPT on all domain data", ("aclarc", "scierc", "chemprot"),
+             (Column("DAPT_full", "dapt"), Column("+TAPT_full", "dapt+tapt")), dapt="full",
+             note="The paper's full DAPT corpora (S2ORC: 8.10B tokens CS, 7.55B BIOMED; Gururangan et al. 2020) are "
+                  "not public: this table is run on whatever domain text is given (domain.full.txt placed by hand in "
+                  "each task folder, or --dapt-corpus), and is not the paper's experiment unless that text is."),
+    4: Table("Table 4. Only DAPT (n = 10 x |Train|) as the auxiliary task", ("aclarc", "scierc", "chemprot"),
+             (Column("MT", "mt", "dapt"), Column("META", "meta", "dapt")), baseline=("MT",), seeds=3),
+    5: Table("Table 5 (App. A.4). CIFAR-100 medium-sized mammals, the other 95 classes as auxiliary task",
+             ("mammals",), (Column("Regular (Task-Agnostic) Pre-training", "pretrain"), Column("MT-TARTAN", "mt"),
+                            Column("META-TARTAN", "meta")), baseline=("Regular (Task-Agnostic) Pre-training",),
+             baseline_name="pre-training", seeds=3),
+}
+PAPER = {  # (table, task, column) -> (mean, std, p-value vs the baseline column or None); test set, x100
+    (1, "aclarc", "RoBERTa"): (66.03, 3.55, None), (1, "aclarc", "TAPT"): (67.74, 3.68, None),
+    (1, "aclarc", "MT-TARTAN"): (70.48, 4.42, 0.040), (1, "aclarc", "META-TARTAN"): (70.08, 4.70, 0.069),
+    (1, "scierc", "RoBERTa"): (77.96, 2.96, None), (1, "scierc", "TAPT"): (79.53, 1.93, None),
+    (1, "scierc", "MT-TARTAN"): (80.81, 0.74, 0.038), (1, "scierc", "META-TARTAN"): (81.48, 0.82, 0.005),
+    (1, "chemprot", "RoBERTa"): (82.10, 0.98, None), (1, "chemprot", "TAPT"): (82.17, 0.65, None),  # Table 6: 0.065
+    (1, "chemprot", "MT-TARTAN"): (84.29, 0.63, 0.000), (1, "chemprot", "META-TARTAN"): (84.49, 0.50, 0.000),
+    (7, "hyperpartisan", "TAPT"): (93.39, 2.26, None), (7, "hyperpartisan", "META-TARTAN"): (96.84, 1.72, 0.003),
+    (2, "aclarc", "DAPT"): (68.60, 2.62, None), (2, "aclarc", "DAPT+TAPT"): (69.12, 5.76, None),
+    (2, "aclarc", "MT-TARTAN"): (71.58, 1.65, 0.110), (2, "aclarc", "META-TARTAN"): (71.05, 2.37, 0.174),
+    (2, "scierc", "DAPT"): (76.44, 1.19, None), (2, "scierc", "DAPT+TAPT"): (77.62, 1.38, None),
+    (2, "scierc", "MT-TARTAN"): (81.02, 1.24, 0.000), (2, "scierc", "META-TARTAN"): (81.41, 1.70, 0.000),
+    (2, "chemprot", "DAPT"): (80.76, 0.54, None), (2, "chemprot", "DAPT+TAPT"): (78.22, 0.74, None),
+    (2, "chemprot", "MT-TARTAN"): (83.77, 0.60, 0.000), (2, "chemprot", "META-TARTAN"): (83.38, 0.89, 0.000),
+    (3, "aclarc", "DAPT_full"): (72.49, 3.28, None), (3, "aclarc", "+TAPT_full"): (73.79, 1.75, None),
+    (3, "scierc", "DAPT_full"): (79.97, 2.11, None), (3, "scierc", "+TAPT_full"): (80.00, 1.08, None),
+    (3, "chemprot", "DAPT_full"): (86.54, 1.05, None), (3, "chemprot", "+TAPT_full"): (87.24, 0.81, None),
+    (4, "aclarc", "MT"): (69.27, 0.96, None), (4, "aclarc", "META"): (71.19, 4.88, None),
+    (4, "scierc", "MT"): (81.53, 0.99, None), (4, "scierc", "META"): (82.08, 1.19, None),
+    (4, "chemprot", "MT"): (80.26, 3.79, None), (4, "chemprot", "META"): (82.31, 0.75, None),
+    (5, "mammals", "Regular (Task-Agnostic) Pre-training"): (46.7, 2.2, None),
+    (5, "mammals", "MT-TARTAN"): (51.3, 1.2, None), (5, "mammals", "META-TARTAN"): (52.3, 3.8, None),
+}
+FIGURES = {  # figure -> (title, tasks, seeds); the runs are listed in figure_runs()
+    2: ("Figure 2. Data efficiency: DAPT vs META-TARTAN (DAPT only) at n = 1x and 10x |Train|",
+        ("aclarc", "scierc"), 3),
+    3: ("Figure 3. Task weights of META-TARTAN on ACL-ARC with DAPT: separate meta head phi* vs the same head phi'",
+        ("aclarc",), 3),
+    4: ("Figure 4. Task weights of META-TARTAN with DAPT and TAPT across end-tasks",
+        ("aclarc", "scierc", "chemprot"), 3),
+}
+N_PERMUTATIONS = 10_000  # App. A.2
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 2. Data. The authors' copy of the end-task data, pinned to a commit, each file checked against its SHA-256.
+
+DATA_URL = "https://raw.githubusercontent.com/ldery/TARTAN/471b8f21c006c443fca5db5678d283326534465c/datasets"
+SHA256 = {  # ../shared/data/SHA256SUMS. No pinned hash is known for domain.10xTAPT.txt: it is not verified.
+    "chemprot/dev.jsonl": "bfe8f39e5146ad4bb16b23707dade850546a305047bc666f6f6824c6a7e3df2f",
+    "chemprot/domain.1xTAPT.txt": "7106a37fdaa02e62d060ae1d93dc7863349615d87a9115e4f65830f73e9d06ac",
+    "chemprot/test.jsonl": "372249c85ffea6d9a18dc5168cf45841b3d79b03412d6c620381cfc0dd3d6d49",
+    "chemprot/train.jsonl": "ab17b85c4fb869b2338d7c9617414e63f3c7225e5005920b18d9cd996f1049d8",
+    "chemprot/train.txt": "56737b9918b8f48544474effd6891ab6a054f506716f1f4fe60b4fdb46aed350",
+    "citation_intent/dev.jsonl": "bc456ac8caf40829dc2d3a44801a385ad8463c80682cbf002c19329b35812b5f",
+    "citation_intent/domain.1xTAPT.txt": "a2caa22a5bf7aa0a0cab9d1d2ea56090200948adb5adfc30eae1b46f325fc69f",
+    "citation_intent/test.jsonl": "749d083cc3141d54a2bf1475c02a5a1c020c664601d55fe2829bdf85f06db4bb",
+    "citation_intent/train.jsonl": "58eef60d2bbfdabefc3de25191714f769db03134523ef67e87d864112c67908c",
+    "citation_intent/train.txt": "7d98e80e195dd7618e851b55f5d2df6e283e0e19b825c5a5c554bc0d7257dda9",
+    "hyperpartisan/dev.jsonl": "46e57a9e9a457804cf14af48bdb82723cb6dde887e082c8937122ebfc0f2dc4e",
+    "hyperpartisan/dev.txt": "06344ed0d4430a0d40415cfe0cff51d737a9db129a998929d52d3ab1f6e3d96a",
+    "hyperpartisan/test.jsonl": "055a0adfe0b6556068a3feabef6ba7fd011a7da07f75c316141c7a485ca3b63c",
+    "hyperpartisan/test.txt": "8eededc90afd2ef9c50305b123f863f662bb14f87ece18bd84a8520c8784f0b5",
+    "hyperpartisan/train.jsonl": "180cc9b1dad0e05b8dbc3ce866e6b371d5da0fccf41d249552d59c30c233e8f2",
+    "hyperpartisan/train.txt": "d6948a06b9514160f257b5e8a931f9b29b50008bf5f273844e4b2c76a65a7736",
+    "sciie/dev.jsonl": "9500a8e561f1ce50d972b8473525fe24ebae732bde653c381a4c65945965567a",
+    "sciie/domain.1xTAPT.txt": "2114f88a2d3f6af976908da223215650fda7a9636f402291922af4e230a1aa77",
+    "sciie/test.jsonl": "be4c06d2b8903783818a5e4cba08c71b954a86f00021907706f66ac3e26c58bd",
+    "sciie/train.jsonl": "83d395d97de2c02dcb4898af3c6e34b5f5aa19771298fbc9f69ae435fa1258fb",
+    "sciie/train.txt": "a8f11091d7167a6842e6d4eaabce6911db5d1ed49775d7bbc1cb6394cbf8ad11",
+}
+CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
+CIFAR_MD5 = "eb9058c3a382ffc7106e4002c42a8d85"
+NOT_PUBLIC = {"domain.full.txt"}  # never downloaded: the paper's full DAPT corpora are not public
+
+
+def file_digest(path: str, algorithm: str = "sha256") -> str:
+    h = hashlib.new(algorithm)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def download(url: str, dest: str, sha256: str | None = None, md5: str | None = None, timeout: float = 60,
+             progress: bool = False) -> str:
+    """Fetch url to dest through a temporary file in the same folder, check its digest, then rename: an interrupted
+    or bad download leaves nothing at dest. Errors name the URL and say how to place the file by hand."""
+    folder = os.path.dirname(os.path.abspath(dest))
+    by_hand = (f"Download it by hand (e.g. `curl -L -o {dest} {url}`) or copy it there from elsewhere; files "
+               f"already in the data folder are used as they are.")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(dest)}.", suffix=".part")
+    except OSError as e:
+        raise ReproduceError(f"cannot write {dest} ({e.strerror}); choose a writable --data-dir. {by_hand}") from None
+    digests = {"sha256": hashlib.sha256(), "md5": hashlib.md5()}
+    try:
+        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=timeout) as response:
+            total = int(response.headers.get("Content-Length") or 0)
+            bar = _bar(total, progress and total > (1 << 22), f"download {os.path.basename(dest)}", unit="B")
+            for chunk in iter(lambda: response.read(1 << 20), b""):
+                f.write(chunk)
+                for h in digests.values():
+                    h.update(chunk)
+                bar.update(len(chunk))
+            bar.close()
+        for name, want in (("sha256", sha256), ("md5", md5)):
+            got = digests[name].hexdigest()
+            if want is not None and got != want:
+                raise ReproduceError(f"{url}: checksum mismatch ({name.upper()} {got}, expected {want}); the file was "
+                                     f"not kept. {by_hand}")
+        os.replace(tmp, dest)
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        reason = getattr(e, "reason", None) or e
+        raise ReproduceError(f"could not download {url}: {reason}. {by_hand}") from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return dest
+
+
+def ensure_file(data_dir: str, rel: str, base_url: str = DATA_URL, hashes: dict | None = None,
+                progress: bool = False) -> str:
+    """data_dir/rel, downloaded from base_url/rel on first use. A file already there is used as it is (a warning says
+    when it differs from the pinned SHA-256)."""
+    hashes = SHA256 if hashes is None else hashes
+    path = os.path.join(data_dir, *rel.split("/"))
+    want = hashes.get(rel)
+    if os.path.isfile(path):
+        if want is not None and file_digest(path) != want:
+            warn(f"{path} differs from the authors' copy (SHA-256 {want}); using it as it is")
+        return path
+    if os.path.basename(rel) in NOT_PUBLIC:
+        raise ReproduceError(f"{path} not found. The paper's full DAPT corpora are not public; place your own domain "
+                             f"text there (one example per line), or pass --dapt-corpus 1x, 10x or a file.")
+    download(f"{base_url}/{rel}", path, sha256=want, progress=progress)
+    if want is None:
+        warn(f"{rel}: no pinned SHA-256 is known for this file, so it was not verified (its SHA-256, "
+             f"{file_digest(path)}, is recorded in each result file)")
+    return path
+
+
+# Text end-tasks and auxiliary MLM corpora ------------------------------------------------------------------------------
+
+
+def corpus_file(task: str, label: str, extra: dict) -> str:
+    """Relative path (under the data folder) or absolute path of an auxiliary corpus: tapt = the end-task's own
+    training text (train.txt); dapt1x / dapt10x / daptfull = in-domain text of n = 1x / 10x |Train| / all."""
+    folder = TASKS[task]["folder"]
+    if label == "tapt":
+        return f"{folder}/train.txt"
+    if label.startswith("dapt") and label[4:] in DAPT_FILES:
+        if task == "hyperpartisan":
+            raise ReproduceError("hyperpartisan has no domain corpus in the authors' release: pass one with "
+                                 "--dapt-corpus FILE")
+        return f"{folder}/{DAPT_FILES[label[4:]]}"
+    if label in extra:
+        return os.path.abspath(extra[label])
+    raise ReproduceError(f"unknown auxiliary corpus '{label}'")
+
+
+def subset(n: int, limit: int | None) -> list[int]:
+    """A fixed (seed 0) random subset of at most `limit` of n examples, in their original order (smoke runs)."""
+    if not limit or n <= limit:
+        return list(range(n))
+    return sorted(np.random.default_rng(0).choice(n, limit, replace=False).tolist())
+
+
+def read_text_task(folder: str, tokenizer, max_length: int, limit: int | None) -> dict:
+    """{train,dev,test}.jsonl -> tokenised TextData per split and the label vocabulary (tartan.read_end_task)."""
+    data = tartan.read_end_task(folder)
+    out = {"labels": data["labels"]}
+    for split in ("train", "dev", "test"):
+        texts, labels = data[split]
+        keep = subset(len(texts), limit)
+        ids = tartan.tokenize(tokenizer, [texts[i] for i in keep], max_length)
+        out[split] = tartan.TextData(ids, [labels[i] for i in keep], tokenizer.pad_token_id)
+    return out
+
+
+def read_corpus(path: str, tokenizer, max_length: int, limit: int | None) -> tartan.TextData:
+    lines = tartan.read_lines(path)
+    lines = [lines[i] for i in subset(len(lines), limit)]
+    return tartan.TextData(tartan.tokenize(tokenizer, lines, max_length), None, tokenizer.pad_token_id)
+
+
+# CIFAR-100 medium-sized mammals (App. A.4), read from the python-format archive (no torchvision) -------------------
+
+MAMMALS = (34, 63, 64, 66, 75)  # fine labels of the "medium-sized mammals" superclass: fox porcupine possum raccoon skunk
+
+
+def read_cifar100(path: str) -> dict:
+    """CIFAR-100 python archive (.tar.gz) -> {"train"|"test": (uint8 images (N, 3, 32, 32), fine labels (N,))}."""
+    try:
+        with tarfile.open(path, "r:gz") as tar:
+            out = {}
+            for split in ("train", "test"):
+                member = tar.extractfile(f"cifar-100-python/{split}")
+                d = pickle.load(member, encoding="bytes")  # the official archive's format: pickled numpy arrays
+                x = np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+                y = np.asarray(d[b"fine_labels"], dtype=np.int64)
+                if len(x) != len(y) or y.min() < 0 or y.max() >= 100:
+                    raise ValueError("images and fine labels do not match")
+                out[split] = (x, y)
+    except (OSError, EOFError, KeyError, ValueError, tarfile.TarError, pickle.UnpicklingError) as e:
+        raise tartan.DataError(f"{path}: not a CIFAR-100 python archive "
+                               f"(cifar-100-python/{{train,test}} pickles): {e}") from None
+    return out
+
+
+def mammals_split(train_y, test_y, seed: int, n_train: int = 200, dev_frac: float = 0.2, dev_cap: int = 65,
+                  n_test: int = 200) -> dict:
+    """Indices of the end-task splits and the auxiliary task (notes on the authors' setup): at most n_train mammal
+    training images, of which ~20% (at most dev_cap) are held out as dev; up to n_test mammal test images; the
+    auxiliary task is every training image of the other 95 classes. Drawn from a generator seeded by `seed`."""
+    g = np.random.default_rng(seed)
+    is_mammal = np.isin(train_y, MAMMALS)
+    picked = g.permutation(np.flatnonzero(is_mammal))[:n_train]
+    n_dev = min(dev_cap, int(round(dev_frac * len(picked))))
+    test = g.permutation(np.flatnonzero(np.isin(test_y, MAMMALS)))[:n_test]
+    return {"train": np.sort(picked[n_dev:]), "dev": np.sort(picked[:n_dev]), "test": np.sort(test),
+            "aux": np.flatnonzero(~is_mammal)}
+
+
+def mammals_tasks(cifar: dict, seed: int, limit: int | None = None) -> tuple[tartan.Task, tartan.Task, dict]:
+    """End-task (5-way, labels 0-4 in MAMMALS order) and auxiliary task (95-way) on TensorData, heads on H=128."""
+    (x_tr, y_tr), (x_te, y_te) = cifar["train"], cifar["test"]
+    idx = mammals_split(y_tr, y_te, seed)
+    if limit:
+        idx = {k: v[:limit] for k, v in idx.items()}
+    to_end = {c: i for i, c in enumerate(MAMMALS)}
+    others = [c for c in range(100) if c not in to_end]
+    to_aux = {c: i for i, c in enumerate(others)}
+    data = lambda x, y, ids, m: tartan.TensorData(torch.from_numpy(x[ids]), torch.tensor([m[int(c)] for c in y[ids]]))  # noqa
+    if min(len(idx["train"]), len(idx["dev"]), len(idx["test"]), len(idx["aux"])) == 0:
+        raise tartan.DataError("CIFAR-100 archive holds no images of some split of the mammals task")
+    end = tartan.Task("mammals", tartan.ClassificationHead(WRN_WIDTH, len(MAMMALS)),
+                      data(x_tr, y_tr, idx["train"], to_end), dev=data(x_tr, y_tr, idx["dev"], to_end),
+                      test=data(x_te, y_te, idx["test"], to_end), num_labels=len(MAMMALS), metric="micro_f1")
+    aux = tartan.Task("cifar95", tartan.ClassificationHead(WRN_WIDTH, len(others)),
+                      data(x_tr, y_tr, idx["aux"], to_aux))
+    sizes = {k: int(len(v)) for k, v in idx.items()}
+    sizes["split_sha256"] = hashlib.sha256(b"".join(np.asarray(idx[k], np.int64).tobytes()
+                                                    for k in ("train", "dev", "test"))).hexdigest()
+    return end, aux, sizes
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 3. WideResNet-16-2 (Zagoruyko & Komodakis 2016), the body theta_body of the vision experiment (App. A.4).
+
+WRN_WIDTH = 128  # 64 * k with k = 2: the feature size H
+
+
+class WideBlock(nn.Module):
+    """Pre-activation basic block: BN-ReLU-conv3x3, BN-ReLU-dropout-conv3x3, plus a (1x1 conv) shortcut."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int, dropout: float):
+        super().__init__()
+        self.bn1, self.conv1 = nn.BatchNorm2d(c_in), nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn2, self.conv2 = nn.BatchNorm2d(c_out), nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.dropout = nn.Dropout(dropout)
+        self.shortcut = None if stride == 1 and c_in == c_out else nn.Conv2d(c_in, c_out, 1, stride, bias=False)
+
+    def forward(self, x):
+        a = F.relu(self.bn1(x))
+        y = self.conv2(self.dropout(F.relu(self.bn2(self.conv1(a)))))
+        return y + (x if self.shortcut is None else self.shortcut(a))
+
+
+class WideResNet(nn.Module):
+    """WRN-depth-k body: uint8 images (B, 3, 32, 32), normalised by the training-set channel mean and std, ->
+    pooled features (B, H), H = 64 k. Called as body(x=...) by tartan's loops (tartan.TensorData)."""
+
+    def __init__(self, depth: int = 16, widen: int = 2, dropout: float = 0.1, mean=(0.5, 0.5, 0.5),
+                 std=(0.25, 0.25, 0.25)):
+        super().__init__()
+        if (depth - 4) % 6:
+            raise ValueError("WideResNet depth must be 6n + 4")
+        n, widths = (depth - 4) // 6, (16, 16 * widen, 32 * widen, 64 * widen)
+        layers, c_in = [nn.Conv2d(3, widths[0], 3, 1, 1, bias=False)], widths[0]
+        for width, stride in zip(widths[1:], (1, 2, 2)):
+            for b in range(n):
+                layers.append(WideBlock(c_in, width, stride if b == 0 else 1, dropout))
+                c_in = width
+        layers += [nn.BatchNorm2d(c_in), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+        self.net = nn.Sequential(*layers)
+        self.hidden_size = c_in
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float).view(1, 3, 1, 1))
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x):
+        if x.dtype == torch.uint8:
+            x = (x.float() / 255.0 - self.mean) / self.std
+        return self.net(x)  # (B, H)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 4. Configs. tartan's dataclasses hold the paper's values; the vision budgets come from the authors' setup (notes).
+#    A flag overrides one field in the stages named in its help; --quick sets a tiny budget under the flags.
+
+VISION = dict(lr=3e-4, head_lr=3e-4, weight_decay=0.0, head_weight_decay=0.0, betas=(0.9, 0.999), adam_eps=1e-8,
+              batch_size=64, aux_batch_size=64, grad_accum=1, epochs=30, eval_every=0, patience=30)  # Adam, 30 epochs
+VISION_META = dict(meta_lr=5e-2, meta_head_lr=3e-2, meta_head_wd=0.1, meta_head_steps=10, meta_batch_size=16)
+QUICK = {"max_length": 64, "limit": 64,
+         "train": dict(max_steps=4, eval_every=2, patience=2, batch_size=8, aux_batch_size=8, grad_accum=1,
+                       meta_batch_size=8, eval_batch_size=32),
+         "pretrain": dict(max_steps=2, aux_batch_size=8, grad_accum=1),
+         "final": dict(max_steps=2, eval_every=1, patience=1, batch_size=8, grad_accum=1, eval_batch_size=32)}
+FLAGS = {  # flag -> (config field, stages it sets)
+    "batch_size": ("batch_size", ("train", "final")),
+    "aux_batch_size": ("aux_batch_size", ("train", "pretrain")),
+    "grad_accum": ("grad_accum", ("train", "pretrain", "final")),
+    "epochs": ("epochs", ("train",)), "steps": ("max_steps", ("train",)),
+    "lr": ("lr", ("train",)), "head_lr": ("head_lr", ("train",)),
+    "eval_every": ("eval_every", ("train",)), "patience": ("patience", ("train",)),
+    "meta_lr": ("meta_lr", ("train",)), "meta_batch_size": ("meta_batch_size", ("train",)),
+    "meta_head_steps": ("meta_head_steps", ("train",)), "meta_head_lr": ("meta_head_lr", ("train",)),
+    "pretrain_epochs": ("epochs", ("pretrain",)), "pretrain_steps": ("max_steps", ("pretrain",)),
+    "pretrain_lr": ("lr", ("pretrain",)), "pretrain_head_lr": ("head_lr", ("pretrain",)),
+    "final_epochs": ("epochs", ("final",)), "final_steps": ("max_steps", ("final",)),
+    "final_lr": ("lr", ("final",)), "final_head_lr": ("head_lr", ("final",)),
+}
+
+
+def _with(cfg, values: dict):
+    names = {f.name for f in dataclasses.fields(cfg)}
+    return dataclasses.replace(cfg, **{k: v for k, v in values.items() if k in names})
+
+
+def stage_values(args, stage: str) -> dict:
+    values = dict(QUICK[stage]) if args.quick else {}
+    for flag, (name, stages) in FLAGS.items():
+        if stage in stages and getattr(args, flag, None) is not None:
+            values[name] = getattr(args, flag)
+    return values
+
+
+def make_configs(args, task: str, mode: str, seed: int, n_pretrain: int):
+    """(config of the end-task stage, [config of each Eq. 1 stage]) for one run; seed drives data order and masking."""
+    vision = task == "mammals"
+    common = dict(seed=seed, progress=args.progress)
+    if mode in ("mt", "meta", "meta-samehead"):
+        cfg = tartan.MetaConfig(same_head=mode == "meta-samehead") if mode != "mt" else tartan.TrainConfig()
+        cfg = _with(cfg, {**(VISION if vision else {}), **(VISION_META if vision else {})})
+        final = None
+        if not vision and not args.no_final_finetune:  # the optional Eq. 2 stage (released scripts' settings)
+            final = _with(tartan.tartan_finetune(), {**stage_values(args, "final"), **common})
+        cfg = _with(cfg, {**stage_values(args, "train"), **common, "final_finetune": final})
+    else:
+        cfg = _with(tartan.FinetuneConfig(), {**(VISION if vision else {}), **stage_values(args, "train"), **common})
+    pre = _with(tartan.PretrainConfig(), {**(VISION if vision else {}), "eval_every": -1,
+                                           **stage_values(args, "pretrain"), **common})
+    return cfg, [pre] * n_pretrain
+
+
+def tartan_mode(mode: str) -> str:
+    return {"tapt": "pretrain", "dapt": "pretrain", "dapt+tapt": "pretrain", "meta-samehead": "meta"}.get(mode, mode)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 5. One run: (task, mode, auxiliary corpora, seed) -> one JSON result file.
+
+
+@dataclass(frozen=True)
+class Run:
+    task: str
+    mode: str
+    aux: tuple[str, ...]  # auxiliary corpora, in order (Eq. 1 stages, or the tasks T_1..T_n of MT/META)
+    seed: int
+
+    @property
+    def aux_label(self) -> str:
+        return "+".join(self.aux) or "none"
+
+    @property
+    def key(self) -> dict:
+        return {"task": self.task, "mode": self.mode, "aux": self.aux_label, "seed": self.seed}
+
+    def path(self, out: str) -> str:
+        return os.path.join(out, self.task, f"{self.mode}__{self.aux_label}__seed{self.seed}.json")
+
+    def __str__(self):
+        return f"{self.task} {self.mode}" + (f" aux={self.aux_label}" if self.aux else "") + f" seed {self.seed}"
+
+
+def make_run(task: str, mode: str, aux: str | None, seed: int, dapt: str, aux_files: tuple[str, ...] = ()) -> Run:
+    """The corpora of a run: the mode's own for tapt/dapt/dapt+tapt (DAPT before TAPT, as Gururangan et al. chain
+    them), --aux for MT/META (default TAPT, Table 1), then the --aux-file corpora."""
+    if task == "mammals":
+        return Run(task, mode, () if mode == "finetune" else ("cifar95",), seed)
+    spec = {"tapt": "tapt", "dapt": "dapt", "dapt+tapt": "dapt+tapt"}.get(mode)
+    if mode in ("mt", "meta", "meta-samehead"):
+        spec = aux or "tapt"
+    names = [] if spec in (None, "none") else [f"dapt{dapt}" if s == "dapt" else s for s in spec.split("+")]
+    if mode in ("tapt", "dapt", "dapt+tapt"):
+        names = list(aux_files) + names  # extra corpora are further Eq. 1 stages, before the mode's own
+    else:
+        names += list(aux_files)
+    return Run(task, mode, tuple(names), seed)
+
+
+def atomic_write_json(path: str, obj) -> None:
+    """Write to a temporary file in the same folder, then os.replace: a reader never sees a half-written file."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=1, default=lambda o: o.item() if hasattr(o, "item") else str(o))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_result(path: str, run: Run | None = None) -> dict | None:
+    """A complete result file (for `run`), or None when there is none or it is incomplete or unreadable."""
+    try:
+        with open(path) as f:
+            rec = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(rec, dict) or rec.get("complete") is not True or (run is not None and rec.get("key") != run.key):
+        return None
+    return rec
+
+
+def config_diff(a, b, prefix="") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for k in sorted(set(a) | set(b)) for d in config_diff(a.get(k), b.get(k), f"{prefix}{k}.")]
+    return [] if a == b else [f"{prefix[:-1]}: {a!r} here, {b!r} in the file"]
+
+
+def set_seed(seed: int) -> None:
+    """The global generators (parameter initialisation, dropout); tartan's loops seed their own data generators."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ReproduceError("--device cuda, but torch sees no CUDA device (torch.cuda.is_available() is False)")
+    return torch.device(name)
+
+
+def describe_device(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda: {torch.cuda.get_device_name(device)}"
+    return f"cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+
+
+def versions() -> dict:
+    import transformers
+    here = os.path.dirname(os.path.abspath(tartan.__file__))
+    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "numpy": np.__version__, "platform": platform.platform(),
+            "tartan.py_sha256": file_digest(os.path.join(here, "tartan.py"))}
+
+
+class Workspace:
+    """What every run of one invocation shares: the loaded checkpoint (a deep copy per run), tokenised data, files."""
+
+    def __init__(self, args, device: torch.device):
+        self.args, self.device = args, device
+        self.max_length = args.max_length or (QUICK["max_length"] if args.quick else 512)
+        self.limit = args.limit if args.limit is not None else (QUICK["limit"] if args.quick else None)
+        self.extra = dict(args.extra_corpora)
+        self._model, self._text, self._corpora, self._cifar, self.files = None, {}, {}, None, {}
+
+    def file(self, rel: str) -> str:
+        """A data file, fetched on first use; its SHA-256 is recorded in the result files."""
+        if rel not in self.files:
+            if os.path.isabs(rel):
+                if not os.path.isfile(rel):
+                    raise ReproduceError(f"{rel}: no such file")
+                path = rel
+            else:
+                path = ensure_file(self.args.data_dir, rel, self.args.data_url, progress=self.args.progress)
+            self.files[rel] = (path, file_digest(path))
+        return self.files[rel][0]
+
+    def model(self):
+        if self._model is None:
+            set_seed(0)  # newly initialised checkpoint weights (e.g. a missing MLM head) are the same for every run
+            body, mlm, tokenizer, missing = tartan.from_pretrained(self.args.model)
+            if missing:
+                print(f"note: {self.args.model} has no weights for {len(missing)} tensors (e.g. {missing[0]}); they "
+                      f"are newly initialised, the same for every seed")
+            self._model = (body, mlm, tokenizer, missing)
+        return self._model
+
+    def prepare(self, run: Run):
+        """Load and check everything a run needs, before any training (so bad input fails early)."""
+        if run.task == "mammals":
+            return self.cifar()
+        tokenizer = self.model()[2]
+        folder = TASKS[run.task]["folder"]
+        if run.task not in self._text:
+            for split in ("train", "dev", "test"):
+                self.file(f"{folder}/{split}.jsonl")
+            self._text[run.task] = read_text_task(os.path.join(self.args.data_dir, folder), tokenizer,
+                                                  self.max_length, self.limit)
+        for name in run.aux:
+            if (run.task, name) not in self._corpora:
+                path = self.file(corpus_file(run.task, name, self.extra))
+                self._corpora[run.task, name] = read_corpus(path, tokenizer, self.max_length, self.limit)
+
+    def cifar(self) -> dict:
+        if self._cifar is None:
+            path = os.path.join(self.args.data_dir, "cifar-100", "cifar-100-python.tar.gz")
+            if not os.path.isfile(path):
+                download(CIFAR_URL, path, md5=CIFAR_MD5, timeout=120, progress=self.args.progress)
+            elif file_digest(path, "md5") != CIFAR_MD5:
+                warn(f"{path} differs from the official archive (MD5 {CIFAR_MD5}); using it as it is")
+            self.files["cifar-100/cifar-100-python.tar.gz"] = (path, file_digest(path))
+            self._cifar = read_cifar100(path)
+            x = self._cifar["train"][0]  # channel mean and std of the training images, in [0, 1]
+            self._cifar["stats"] = tuple(zip(*[(float(c.mean()), float(c.std()))
+                                               for c in (x[:, i].astype(np.float32) / 255.0 for i in range(3))]))
+        return self._cifar
+
+    def build(self, run: Run):
+        """(body, end-task, auxiliary tasks, data sizes) for one run, on the device, after seeding the run."""
+        set_seed(run.seed)
+        if run.task == "mammals":
+            cifar = self.cifar()
+            mean, std = cifar["stats"]
+            body = WideResNet(16, 2, dropout=0.1, mean=mean, std=std)
+            end, aux, sizes = mammals_tasks(cifar, run.seed, self.limit)
+            aux = [aux] if run.aux else []
+        else:
+            body0, mlm0, tokenizer, _ = self.model()
+            body, mlm = copy.deepcopy((body0, mlm0))  # one deepcopy keeps the tied decoder weight shared
+            data = self._text[run.task]
+            end = tartan.Task(run.task, tartan.ClassificationHead(body.hidden_size, len(data["labels"])),
+                              data["train"], dev=data["dev"], test=data["test"], num_labels=len(data["labels"]),
+                              metric="micro_f1" if TASKS[run.task]["metric"] == "micro_f1" else "macro_f1")
+            masking = tartan.Masking.for_tokenizer(tokenizer)
+            chained = tartan_mode(run.mode) == "pretrain"  # DAPT+TAPT continues one model, LM head included
+            aux = [tartan.Task(name, mlm if chained else tartan.new_mlm_head(mlm, body),
+                               self._corpora[run.task, name], masking=masking) for name in run.aux]
+            sizes = {"train": len(data["train"]), "dev": len(data["dev"]), "test": len(data["test"]),
+                     **{f"aux:{name}": len(self._corpora[run.task, name]) for name in run.aux}}
+        body.to(self.device)
+        for t in [end] + aux:
+            t.head.to(self.device)
+        return body, end, aux, sizes
+
+    def run_files(self, run: Run) -> list[str]:
+        if run.task == "mammals":
+            return ["cifar-100/cifar-100-python.tar.gz"]
+        folder = TASKS[run.task]["folder"]
+        return [f"{folder}/{s}.jsonl" for s in ("train", "dev", "test")] + [corpus_file(run.task, n, self.extra)
+                                                                            for n in run.aux]
+
+    def config(self, run: Run) -> dict:
+        """Everything that determines a run's result (compared on resume); JSON-normalised."""
+        cfg, pre = make_configs(self.args, run.task, run.mode, run.seed, len(run.aux))
+        strip = lambda c: {k: v for k, v in dataclasses.asdict(c).items() if k != "progress"} if c else None  # noqa
+        out = {**run.key, "aux": list(run.aux), "tartan_mode": tartan_mode(run.mode), "limit": self.limit,
+               "train": strip(cfg), "pretrain": [strip(p) for p in pre] if tartan_mode(run.mode) == "pretrain" else []}
+        if out["train"] and out["train"].get("final_finetune"):
+            out["train"]["final_finetune"].pop("progress", None)
+        if run.task == "mammals":
+            out.update(body="WideResNet-16-2 (dropout 0.1)", split=dict(n_train=200, dev_frac=0.2, dev_cap=65,
+                                                                         n_test=200, classes=MAMMALS))
+        else:
+            out.update(model=self.args.model, max_length=self.max_length,
+                       metric=TASKS[run.task]["metric"], corpora={n: corpus_file(run.task, n, self.extra)
+                                                                  for n in run.aux})
+        return json.loads(json.dumps(out))
+
+    def execute(self, run: Run) -> dict:
+        """Train and evaluate one run and write its result file; nothing is written unless it completes."""
+        t0 = time.perf_counter()
+        cfg, pre = make_configs(self.args, run.task, run.mode, run.seed, len(run.aux))
+        self.prepare(run)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        body, end, aux, sizes = self.build(run)
+        out = tartan.run_end_task(body, end, aux, tartan_mode(run.mode), cfg, pre)
+        metric = TASKS[run.task]["metric"]
+        field = "micro_f1" if metric == "accuracy" else metric
+        tokens = {}
+        for stage in out["stages"]:
+            for name, n in stage.get("tokens", {}).items():
+                tokens[name] = tokens.get(name, 0) + n
+        record = {
+            "complete": True, "key": run.key, "config": self.config(run),
+            "dev": out["dev"], "test": out["test"],
+            "headline": {"metric": metric, "dev": out["dev"][field], "test": out["test"][field]},
+            "history": out["history"], "stages": out["stages"],
+            "steps": sum(s["steps"] for s in out["stages"]), "wall_seconds": time.perf_counter() - t0,
+            "peak_memory_mb": (torch.cuda.max_memory_allocated(self.device) / 2**20 if self.device.type == "cuda"
+                               else None),
+            "peak_rss_mb_process": _peak_rss_mb(), "tokens": tokens, "data_sizes": sizes,
+            "data_files": {rel: {"path": p, "sha256": h} for rel, (p, h) in self.files.items()
+                           if rel in self.run_files(run)},
+            "device": describe_device(self.device), "versions": versions(), "command": sys.argv,
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        atomic_write_json(run.path(self.args.out), record)
+        del body, end, aux
+        gc.collect()
+        return record
+
+
+def _peak_rss_mb() -> float | None:
+    try:
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux: the process's high-water mark
+    except (ImportError, OSError):
+        return None
+
+
+def execute_all(ws: Workspace, runs: list[Run]) -> dict[Run, dict]:
+    """Run what is missing (resume), check that existing results were made with the same config, return all."""
+    results, todo = {}, []
+    for run in runs:
+        rec = load_result(run.path(ws.args.out), run)
+        if rec is not None and not ws.args.rerun:
+            diff = config_diff(ws.config(run), rec["config"])
+            if diff:
+                raise ReproduceError(f"{run.path(ws.args.out)} was made with a different config ("
+                                     + "; ".join(diff[:4]) + ("; ..." if len(diff) > 4 else "")
+                                     + "). Use another --out, the same flags, or --rerun to replace it.")
+            results[run] = rec
+        else:
+            todo.append(run)
+    if ws.args.report_only:
+        return results
+    for run in todo:  # fail early on bad input: every model, data file and corpus is loaded before training
+        ws.prepare(run)
+    done = len(results)
+    if done:
+        print(f"{done} of {len(runs)} runs already complete in {ws.args.out}: skipped")
+    bar = _bar(len(todo), ws.args.progress and len(todo) > 1, "runs")
+    for i, run in enumerate(todo, 1):
+        bar.set_description(str(run))
+        rec = ws.execute(run)
+        results[run] = rec
+        h = rec["headline"]
+        print(f"[{i}/{len(todo)}] {run}: dev {h['metric']} {h['dev']:.4f}, test {h['metric']} {h['test']:.4f}, "
+              f"{rec['steps']} steps, {rec['wall_seconds']:.1f} s -> {run.path(ws.args.out)}", flush=True)
+        bar.update(1)
+    bar.close()
+    return results
+
+
+def _bar(total, enabled, desc, unit="it"):
+    if enabled:
+        from tqdm.auto import tqdm
+        return tqdm(total=total, desc=desc, unit=unit, unit_scale=unit == "B", dynamic_ncols=True)
+
+    class _Silent:
+        update = set_description = close = lambda *a, **k: None
+    return _Silent()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 6. Tables: mean and sample std (ddof=1) over seeds of the test headline metric x100, the paper's number beside it,
+#    and the unpaired two-sided permutation test (App. A.2, tartan.permutation_test) against the baseline column.
+
+
+def cell_scores(results: dict, run_list: list[Run]) -> list[float]:
+    return [100 * results[r]["headline"]["test"] for r in run_list if r in results]
+
+
+def fmt(mean_std) -> str:
+    return f"{mean_std[0]:.2f} ± {mean_std[1]:.2f}"
+
+
+def table_runs(number: int, tasks, modes, seeds, dapt) -> dict:
+    table = TABLES[number]
+    cols = [c for c in table.columns if not modes or c.mode in modes]
+    return {(task, c.label): [make_run(task, c.mode, c.aux, s, dapt) for s in seeds]
+            for task in table.tasks if not tasks or task in tasks for c in cols}
+
+
+def render_table(number: int, cells: dict, results: dict, seeds, ws_args, dapt: str) -> str:
+    """The paper's layout, as Markdown: one row per task, ours and [the paper's] per column, p-value columns."""
+    table = TABLES[number]
+    tasks = list(dict.fromkeys(t for t, _ in cells))
+    cols = [c for c in table.columns if any((t, c.label) in cells for t in tasks)]
+    last_base = max([i for i, c in enumerate(table.columns) if c.label in table.baseline], default=len(table.columns))
+    tested = {c.label for c in table.columns[last_base + 1:]}  # p-values for the columns right of the baseline
+    header = ["Domain", "Task"]
+    for c in cols:
+        header.append(c.label)
+        if c.label in tested:
+            header.append(f"p vs {table.baseline_name or table.baseline[0]}")
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    notes, min_ps = [], set()
+    for task in tasks:
+        scores = {c.label: cell_scores(results, cells.get((task, c.label), [])) for c in cols}
+        base = [b for b in table.baseline if len(scores.get(b, [])) >= 1]
+        if len(base) > 1:  # Table 8: the p-values are against max(DAPT, DAPT+TAPT)
+            best = max(base, key=lambda b: np.mean(scores[b]))
+            notes.append(f"{TASKS[task]['title']}: baseline = {best} (the higher mean of {' and '.join(base)})")
+            base = [best]
+        row = [TASKS[task]["domain"], TASKS[task]["title"]]
+        for c in cols:
+            paper = PAPER.get((number, task, c.label))
+            x = scores[c.label]
+            ours = "not run" if not x else fmt(tartan.mean_std(x)) + (f" (n={len(x)})" if len(x) != len(seeds) else "")
+            row.append(ours + (f" [{fmt(paper)}]" if paper else ""))
+            if c.label in tested:
+                pp = "" if not paper or paper[2] is None else f" [{paper[2]:.3f}]"
+                if x and base:
+                    test = tartan.permutation_test(x, scores[base[0]], N_PERMUTATIONS, seed=0)
+                    min_ps.add((len(x), len(scores[base[0]]), test["min_p_two_sided"], test["exact"]))
+                    row.append(f"{test['p_two_sided']:.3f}{pp}")
+                else:
+                    row.append("—" + pp)
+        lines.append("| " + " | ".join(row) + " |")
+    metric = "; ".join(sorted({f"{TASKS[t]['title']}: {TASKS[t]['metric']}" for t in tasks}))
+    text = [f"### {table.title}", "",
+            f"Test-set headline metric x100 ({metric}): mean ± standard deviation over seeds (sample std, ddof=1), "
+            f"seeds {seeds_str(seeds)}; the paper's number in [brackets] (the paper used {table.seeds} seeds).", ""]
+    text += lines + [""]
+    if table.baseline:
+        text.append(f"p: unpaired two-sided permutation test of the per-seed scores against the baseline column "
+                    f"(App. A.2), exact over all splits when there are at most {N_PERMUTATIONS} of them, else "
+                    f"{N_PERMUTATIONS} random permutations; the paper's p-value in [brackets].")
+        for n_a, n_b, min_p, exact in sorted(min_ps):
+            if min_p >= 0.05:
+                text.append(f"**Warning:** with {n_a} and {n_b} seeds the smallest two-sided p-value this test can "
+                            f"give is {min_p:.3f}: no difference can reach p < 0.05 (the paper used {table.seeds} "
+                            f"seeds).")
+    text += [f"- {n}" for n in notes]
+    if table.note or (dapt != table.dapt and any(c.mode.startswith("dapt") or (c.aux or "").startswith("dapt")
+                                                  for c in cols)):
+        text.append(f"- DAPT corpus: {dapt}. {table.note}".rstrip())
+    text.append(f"- Model: {ws_args.model if number != 5 else 'WideResNet-16-2'}; budget: {budget_str(ws_args)}.")
+    return "\n".join(text) + "\n"
+
+
+def seeds_str(seeds) -> str:
+    s = list(seeds)
+    return f"{s[0]}-{s[-1]}" if s == list(range(s[0], s[-1] + 1)) and len(s) > 1 else ",".join(map(str, s))
+
+
+def budget_str(args) -> str:
+    given = [f"--{k.replace('_', '-')} {getattr(args, k)}" for k in list(FLAGS) + ["max_length", "limit"]
+             if getattr(args, k, None) is not None]
+    if args.no_final_finetune:
+        given.append("--no-final-finetune")
+    if args.quick:
+        given.insert(0, "--quick")
+    return "the paper's settings" if not given else "the paper's settings except " + " ".join(given)
+
+
+def run_table(number: int, ws: Workspace, args) -> str:
+    table = TABLES[number]
+    seeds = args.seeds or list(range(table.seeds))
+    dapt = args.dapt_corpus or table.dapt
+    if args.aux_file:
+        raise ReproduceError("--aux-file applies to single runs (--task/--mode), not to the paper's tables")
+    if table.note:
+        print(f"note: {table.note}")
+    cells = table_runs(number, args.task, args.mode, seeds, dapt)
+    if not cells:
+        raise ReproduceError(f"Table {number} has no cell for --task {args.task} --mode {args.mode}")
+    results = execute_all(ws, [r for runs in cells.values() for r in runs])
+    text = render_table(number, cells, results, seeds, args, dapt)
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, f"table{number}.md")
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+    print("\n" + text + f"\n(written to {path})")
+    return text
+
+
+# Figures, drawn from the stored histories ------------------------------------------------------------------------------
+
+
+def figure_runs(number: int, tasks, seeds) -> dict:
+    chosen = [t for t in FIGURES[number][1] if not tasks or t in tasks]
+    if number == 2:
+        return {(t, label, n): [make_run(t, mode, aux, s, n) for s in seeds] for t in chosen for n in ("1x", "10x")
+                for label, mode, aux in (("DAPT", "dapt", None), ("META-TARTAN", "meta", "dapt"))}
+    if number == 3:
+        return {(t, label): [make_run(t, mode, "dapt", s, "10x") for s in seeds] for t in chosen
+                for label, mode in (("separate head phi*", "meta"), ("same head phi'", "meta-samehead"))}
+    return {(t, "META-TARTAN"): [make_run(t, "meta", "dapt+tapt", s, "10x") for s in seeds] for t in chosen}
+
+
+def weight_curves(histories: list[list[dict]]) -> tuple[list[int], dict, dict]:
+    """Task weights alpha per evaluation: (steps every seed reached, mean over seeds per task, per-seed (steps, values))."""
+    n = min(len(h) for h in histories)
+    steps = [e["step"] for e in histories[0][:n]]
+    names = list(histories[0][0]["weights"])
+    per_seed = {k: [([e["step"] for e in h], [e["weights"][k] for e in h]) for h in histories] for k in names}
+    mean = {k: np.mean([v[:n] for _, v in per_seed[k]], axis=0).tolist() for k in names}
+    return steps, mean, per_seed
+
+
+def run_figure(number: int, ws: Workspace, args) -> str:
+    title, _, n_seeds = FIGURES[number]
+    seeds = args.seeds or list(range(n_seeds))
+    cells = figure_runs(number, args.task, seeds)
+    results = execute_all(ws, [r for runs in cells.values() for r in runs])
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ReproduceError("figures need matplotlib: pip install matplotlib") from None
+    tasks = list(dict.fromkeys(k[0] for k in cells))
+    panels = list(dict.fromkeys(k[:2] for k in cells)) if number == 3 else [(t,) for t in tasks]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.6), squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        if number == 2:
+            for label in ("DAPT", "META-TARTAN"):
+                pts = [(n, cell_scores(results, cells[(panel[0], label, n)])) for n in ("1x", "10x")]
+                pts = [(float(n[:-1]), tartan.mean_std(x)) for n, x in pts if x]
+                if pts:
+                    ax.errorbar([p[0] for p in pts], [p[1][0] for p in pts], yerr=[p[1][1] for p in pts],
+                                marker="o", capsize=3, label=label)
+            ax.set_xscale("log")
+            ax.set_xlabel("auxiliary data n (x |Train|)")
+            ax.set_ylabel(f"test {TASKS[panel[0]]['metric']} x100")
+        else:
+            histories = [results[r]["history"] for r in cells[panel if number == 3 else (panel[0], "META-TARTAN")]
+                         if r in results and results[r]["history"]]
+            if histories:
+                steps, mean, per_seed = weight_curves(histories)
+                for k, color in zip(mean, plt.rcParams["axes.prop_cycle"].by_key()["color"]):
+                    for x, y in per_seed[k]:
+                        ax.plot(x, y, color=color, alpha=0.25, lw=0.8)
+                    ax.plot(steps, mean[k], color=color, lw=2, label=k)
+            ax.set_xlabel("optimizer step")
+            ax.set_ylabel("task weight alpha")
+        ax.set_title(" / ".join([TASKS[panel[0]]["title"]] + list(panel[1:])))
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, f"figure{number}.png")
+    fig.savefig(path + ".tmp.png", dpi=120)
+    os.replace(path + ".tmp.png", path)
+    plt.close(fig)
+    print(f"{title}: seeds {seeds_str(seeds)}, from {len(results)} result files -> {path}")
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 7. Command line. Hooks for the offline demo (issue 4) and the speed benchmark (issue 5).
+
+
+def run_demo(args):
+    raise NotImplementedError("filled in by issue 4")
+
+
+def run_bench(args):
+    raise NotImplementedError("filled in by issue 5")
+
+
+def run_family(ws: Workspace, args) -> dict:
+    """--task ... --mode ...: every (task, mode, seed) combination."""
+    seeds = args.seeds or list(range(10))
+    runs = []
+    for task in args.task:
+        valid = VISION_MODES if task == "mammals" else TEXT_MODES
+        for mode in args.mode:
+            if mode not in valid:
+                raise ReproduceError(f"--mode {mode} does not apply to {task} (choose from {', '.join(valid)})")
+            if args.aux and mode not in ("mt", "meta", "meta-samehead"):
+                raise ReproduceError(f"--aux picks the auxiliary tasks of mt/meta; --mode {mode} names its own")
+            if task == "mammals" and (args.aux or args.aux_file):
+                raise ReproduceError("mammals has one auxiliary task (the other 95 CIFAR-100 classes): no --aux")
+            if args.aux_file and mode == "finetune":
+                raise ReproduceError("--mode finetune uses no auxiliary data: --aux-file does not apply")
+            if args.aux == "none" and not args.aux_file:
+                raise ReproduceError("--aux none needs at least one --aux-file")
+            runs += [make_run(task, mode, args.aux, s, args.dapt_corpus or "10x", tuple(args.extra_corpora))
+                     for s in seeds]
+    results = execute_all(ws, runs)
+    for task in args.task:
+        for mode in args.mode:
+            x = [r for r in runs if r.task == task and r.mode == mode and r in results]
+            if x:
+                scores = [100 * results[r]["headline"]["test"] for r in x]
+                print(f"{task} {mode} ({x[0].aux_label}): test {TASKS[task]['metric']} x100 = "
+                      f"{fmt(tartan.mean_std(scores))} over {len(x)} seed(s) (ddof=1)")
+    return results
+
+
+def parse_seeds(text: str) -> list[int]:
+    seeds = []
+    try:
+        for part in text.split(","):
+            a, _, b = part.partition("-")
+            seeds += list(range(int(a), int(b) + 1)) if b else [int(a)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a seed list such as 0-9, 3 or 0,2,5") from None
+    if not seeds or min(seeds) < 0:
+        raise argparse.ArgumentTypeError(f"'{text}' gives no non-negative seeds")
+    return list(dict.fromkeys(seeds))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="reproduce.py", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Run the experiments of 'Should We Be Pre-training?' (TARTAN, ICLR 2022) with tartan.py. "
+                    "Defaults are the paper's settings; the budget flags cut them down.",
+        epilog="tables: 1 (with the p-values of Table 6), 2 (with Table 8), 3 (needs full DAPT corpora, not public), "
+               "4, 5 (CIFAR-100), 7.  figures: 2 (data efficiency), 3 (phi* vs phi'), 4 (weights across tasks).\n"
+               "Each run writes OUT/<task>/<mode>__<aux>__seed<k>.json; re-running skips complete runs.")
+    what = p.add_argument_group("what to run")
+    what.add_argument("--task", nargs="+", choices=list(TASKS) + ["demo"],
+                      help="end-task(s) T*: aclarc (ACL-ARC), scierc (SCIERC), chemprot (CHEMPROT), hyperpartisan, "
+                           "mammals (CIFAR-100, App. A.4); demo = the offline synthetic demo. With --table/--figure: "
+                           "only these rows")
+    what.add_argument("--mode", nargs="+", choices=sorted(set(TEXT_MODES + VISION_MODES)),
+                      help="finetune = Eq. 2 alone (the 'RoBERTa' column); tapt, dapt, dapt+tapt = Eq. 1 on the "
+                           "task's / domain text, then Eq. 2; mt = MT-TARTAN (Eq. 3); meta = META-TARTAN (Alg. 1, "
+                           "meta head phi*); meta-samehead = META with the end-task head phi' (Eq. 6, Fig. 3); "
+                           "pretrain = mammals only, Eq. 1 on the 95-way task. With --table: only these columns")
+    what.add_argument("--aux", choices=("tapt", "dapt", "dapt+tapt", "none"),
+                      help="auxiliary MLM tasks T_aux of mt/meta (default tapt, as Table 1); none = only --aux-file")
+    what.add_argument("--aux-file", action="append", default=[], metavar="PATH",
+                      help="one more MLM auxiliary task on this text file (one example per line), named after the "
+                           "file; repeatable. For tapt/dapt modes: one more Eq. 1 stage, run first")
+    what.add_argument("--dapt-corpus", metavar="1x|10x|full|PATH",
+                      help="DAPT text: n = 1x or 10x |Train| of in-domain text (domain.{1x,10x}TAPT.txt; default "
+                           "10x, as Tables 2 and 4), 'full' (domain.full.txt, placed by hand: Table 3), or a file")
+    what.add_argument("--seeds", type=parse_seeds, metavar="0-9",
+                      help="seeds, e.g. 0-9 or 0,3 (default: the paper's number, 10; 3 for Tables 4, 5, figures)")
+    what.add_argument("--table", type=int, choices=sorted(TABLES), help="run a whole table of the paper and print it")
+    what.add_argument("--figure", type=int, choices=sorted(FIGURES), help="run a figure's runs and draw it to PNG")
+    what.add_argument("--bench", action="store_true", help="speed benchmark of the training steps")
+    where = p.add_argument_group("model, data, results")
+    where.add_argument("--model", default="roberta-base",
+                       help="body theta_body: Hugging Face hub id or local directory of a masked-LM checkpoint "
+                            "(default roberta-base, Sec. 4)")
+    where.add_argument("--data-dir", default=os.path.join(os.path.expanduser("~"), ".cache", "tartan", "data"),
+                       help="data folder (default ~/.cache/tartan/data); files already there are used as they are, "
+                            "missing ones are downloaded from the authors' pinned copy and checked (SHA-256)")
+    where.add_argument("--data-url", default=DATA_URL, help=argparse.SUPPRESS)  # tests and mirrors
+    where.add_argument("--out", default="results", help="results folder: one JSON per run, tables, figures")
+    where.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    where.add_argument("--rerun", action="store_true", help="re-run and replace runs whose result file exists")
+    where.add_argument("--report-only", action="store_true",
+                       help="print tables / draw figures from the result files already in --out; train nothing")
+    where.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    budget = p.add_argument_group(
+        "budget (default: the paper's value for the mode; 'end-task stage' = Eq. 2 for finetune/tapt/dapt, Eq. 3 or "
+        "Alg. 1 for mt/meta; 'Eq. 1' = the TAPT/DAPT pre-training; 'final' = the optional Eq. 2 after MT/META)")
+    budget.add_argument("--quick", action="store_true",
+                        help="tiny smoke budget: max length 64, 64 examples per split and corpus, 4 steps (2 for "
+                             "Eq. 1 and final), batches of 8; not the paper's experiment")
+    budget.add_argument("--max-length", type=int, metavar="T", help="tokens per example, all data (paper 512)")
+    budget.add_argument("--limit", type=int, metavar="N",
+                        help="use a fixed random N examples of each split and N lines of each corpus (smoke runs)")
+    budget.add_argument("--batch-size", type=int, help="|B*_tr|, end-task micro-batch of the end-task and final "
+                                                       "stages (paper: 64 x 2 accumulation for MT/META, 16 for Eq. 2)")
+    budget.add_argument("--aux-batch-size", type=int, help="|B_i|, auxiliary micro-batch, Eq. 1 and MT/META (64)")
+    budget.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step, every stage (MT/META 2, "
+                                                       "Eq. 1 4, Eq. 2 1)")
+    budget.add_argument("--epochs", type=float, help="end-task stage: passes over the largest training set "
+                                                     "(MT/META 150 with early stopping, Eq. 2 10)")
+    budget.add_argument("--steps", type=int, help="end-task stage: optimizer steps (overrides --epochs)")
+    budget.add_argument("--lr", type=float, help="beta_1, body learning rate of the end-task stage (MT/META 1e-4, "
+                                                 "Eq. 2 2e-5)")
+    budget.add_argument("--head-lr", type=float, help="beta_2, head learning rate of the end-task stage "
+                                                      "(MT/META 1e-3, Eq. 2 2e-5)")
+    budget.add_argument("--eval-every", type=int, help="end-task stage: evaluate dev every this many steps "
+                                                       "(MT/META 30; 0 = once per epoch, Eq. 2)")
+    budget.add_argument("--patience", type=int, help="end-task stage: stop after this many evaluations without a "
+                                                     "new best dev score (MT/META 20, Eq. 2 3)")
+    budget.add_argument("--meta-lr", type=float, help="eta, task-weight step size of META (1e-2; vision 5e-2)")
+    budget.add_argument("--meta-batch-size", type=int, help="|B*_tr| = |B*_val| for the meta head phi* (32)")
+    budget.add_argument("--meta-head-steps", type=int, help="steps to fit phi* from a fresh init (10)")
+    budget.add_argument("--meta-head-lr", type=float, help="phi* learning rate (1e-3; vision 3e-2)")
+    budget.add_argument("--pretrain-epochs", type=float, help="Eq. 1: passes over the corpus (100, TAPT's; used "
+                                                               "for DAPT too)")
+    budget.add_argument("--pretrain-steps", type=int, help="Eq. 1: optimizer steps (overrides --pretrain-epochs)")
+    budget.add_argument("--pretrain-lr", type=float, help="Eq. 1: body learning rate (1e-4)")
+    budget.add_argument("--pretrain-head-lr", type=float, help="Eq. 1: MLM head learning rate (1e-4)")
+    budget.add_argument("--final-epochs", type=float, help="final Eq. 2 after MT/META: epochs (10)")
+    budget.add_argument("--final-steps", type=int, help="final Eq. 2 after MT/META: steps (overrides epochs)")
+    budget.add_argument("--final-lr", type=float, help="final Eq. 2 after MT/META: body learning rate (5e-6)")
+    budget.add_argument("--final-head-lr", type=float, help="final Eq. 2 after MT/META: head learning rate (5e-6)")
+    budget.add_argument("--no-final-finetune", action="store_true",
+                        help="skip the optional Eq. 2 stage after MT/META (it is kept only if dev improves)")
+    return p
+
+
+USAGE = """usage: python reproduce.py --task {aclarc,scierc,chemprot,hyperpartisan,mammals} --mode MODE [--seeds 0-9]
+       python reproduce.py --table {1,2,3,4,5,7} | --figure {2,3,4}
+  e.g. python reproduce.py --task aclarc --mode meta          (META-TARTAN with TAPT on ACL-ARC, 10 seeds)
+       python reproduce.py --table 1 --quick                   (a smoke run of Table 1)
+  python reproduce.py --help lists every option."""
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv:
+        print(USAGE)
+        return 0
+    args = parser.parse_args(argv)
+    if args.bench:
+        return run_bench(args) or 0
+    if args.task and "demo" in args.task:
+        if len(args.task) > 1:
+            parser.error("--task demo runs alone")
+        return run_demo(args) or 0
+    if args.table and args.figure:
+        parser.error("choose one of --table and --figure")
+    if not (args.table or args.figure) and not (args.task and args.mode):
+        parser.error("give --task and --mode, or --table, or --figure")
+    for flag in ("max_length", "limit", "batch_size", "aux_batch_size", "grad_accum", "steps", "meta_batch_size",
+                 "meta_head_steps", "pretrain_steps", "final_steps"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be at least 1")
+    args.extra_corpora = {}
+    for path in args.aux_file:
+        name = "file-" + os.path.splitext(os.path.basename(path))[0]
+        if name in args.extra_corpora:
+            parser.error(f"two --aux-file corpora are both named '{name}'")
+        if not os.path.isfile(path):
+            parser.error(f"--aux-file {path}: no such file")
+        args.extra_corpora[name] = path
+    if args.dapt_corpus and args.dapt_corpus not in DAPT_FILES:
+        if not os.path.isfile(args.dapt_corpus):
+            parser.error(f"--dapt-corpus {args.dapt_corpus}: neither 1x, 10x, full nor an existing file")
+        name = "dapt-" + os.path.splitext(os.path.basename(args.dapt_corpus))[0]
+        args.extra_corpora[name], args.dapt_corpus = args.dapt_corpus, name[4:]
+    try:
+        import transformers
+        transformers.logging.set_verbosity_error()
+        if not args.progress:
+            transformers.logging.disable_progress_bar()
+        ws = Workspace(args, resolve_device(args.device))
+        if args.table:
+            run_table(args.table, ws, args)
+        elif args.figure:
+            run_figure(args.figure, ws, args)
+        else:
+            run_family(ws, args)
+    except (ReproduceError, tartan.DataError, FileNotFoundError, ValueError) as e:  # bad input: one message
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\ninterrupted: finished runs are kept; the same command resumes from there", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
