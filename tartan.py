@@ -219,7 +219,8 @@ def split_masked_lm(model: nn.Module) -> tuple[HFBody, MLMHead]:
 def from_pretrained(name_or_path: str):
     """(body, MLM head, tokenizer) from a hub id or a local directory. The MLM head is the checkpoint's pretrained
     LM head when it has one; when it has none (e.g. a sentence-embedding checkpoint) transformers initialises it
-    newly, with the decoder tied to the input embeddings. Returns also the names of newly initialised weights."""
+    newly, with the decoder tied to the input embeddings, from torch's global generator: seed it first so that the
+    new head is the same in every run. Returns also the names of newly initialised weights."""
     from transformers import AutoModelForMaskedLM, AutoTokenizer
 
     name_or_path = os.path.expanduser(name_or_path)
@@ -539,7 +540,7 @@ def _restore(snapshot, body, head):
 def _progress(total, enabled, desc):
     if enabled:
         from tqdm.auto import tqdm
-        return tqdm(total=total, desc=desc, dynamic_ncols=True)
+        return tqdm(total=total, desc=desc, dynamic_ncols=True, leave=False)
 
     class _Silent:
         update = set_postfix = close = lambda *a, **k: None
@@ -652,9 +653,13 @@ def meta_step(body, tasks, streams, state, cfg: MetaConfig, autocast, tokens) ->
     # gradients, it is taken in train mode (dropout on); the paper does not say, and this keeps the two comparable.
     head_star = tasks[0].head if cfg.same_head else estimate_meta_head(meta_x, meta_y, tasks[0].num_labels, cfg)
     val_inputs, val_labels = _to(*next(state["val"]), device)
+    buffers = [(b, b.clone()) for b in body.buffers()]  # e.g. BatchNorm statistics: dev batches must not move them
     with autocast:
         _, val_loss = head_star(body(**val_inputs), val_labels)
     grads = torch.autograd.grad(val_loss, params, allow_unused=True)
+    with torch.no_grad():
+        for b, saved in buffers:
+            b.copy_(saved)
     g_meta = torch.cat([torch.zeros(p.numel(), device=device) if g is None else g.reshape(-1)
                         for p, g in zip(params, grads)])  # (P,)
     state["w"], alpha, cos = update_task_weights(state["w"], G, g_meta, cfg.meta_lr, cfg.cos_eps)

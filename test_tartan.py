@@ -435,6 +435,34 @@ def test_same_seed_gives_identical_runs(tok, task_dir):
     assert a["dev"] == b["dev"] and a["test"] == b["test"] and strip(a["history"]) == strip(b["history"])
 
 
+def test_meta_validation_pass_leaves_batchnorm_statistics_alone():
+    """The validation forward of g_meta runs in train mode; dev batches must not leak into BatchNorm statistics."""
+    torch.manual_seed(0)
+
+    class BNBody(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.bn = torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8)
+
+        def forward(self, x):
+            return torch.relu(self.bn(self.lin(x)))
+
+    g = torch.Generator().manual_seed(0)
+    train = tartan.TensorData(torch.randn(16, 4, generator=g), torch.randint(0, 2, (16,), generator=g))
+    dev = tartan.TensorData(torch.randn(16, 4, generator=g) + 5.0, torch.randint(0, 2, (16,), generator=g))
+    body = BNBody()
+    end = tartan.Task("e", tartan.ClassificationHead(8, 2), train, dev=dev, num_labels=2)
+    cfg = tartan.MetaConfig(batch_size=16, meta_batch_size=16, grad_accum=1)
+    stream = [tartan.batches(end, 16, torch.Generator().manual_seed(0))]
+    tartan.meta_step(body, [end], stream, {"w": torch.ones(1)}, cfg, torch.autocast("cpu", enabled=False), {"e": 0})
+    expected = BNBody()
+    expected.load_state_dict({k: v for k, v in body.state_dict().items() if "running" not in k and "num_b" not in k},
+                             strict=False)
+    expected(next(tartan.batches(end, 16, torch.Generator().manual_seed(0)))[0]["x"])  # the training forward only
+    torch.testing.assert_close(body.bn.running_mean, expected.bn.running_mean)
+    assert body.bn.num_batches_tracked.item() == 1
+
+
 def test_plain_torch_module_body():
     """A non-transformer body (the paper's vision experiment uses a WideResNet) through the same loops."""
     torch.manual_seed(0)
