@@ -652,7 +652,10 @@ def meta_step(body, tasks, streams, state, cfg: MetaConfig, autocast, tokens) ->
     # g_meta through phi* (Eq. 7) or, for the ablation, through the end-task head phi' (Eq. 6). Like the task
     # gradients, it is taken in train mode (dropout on); the paper does not say, and this keeps the two comparable.
     head_star = tasks[0].head if cfg.same_head else estimate_meta_head(meta_x, meta_y, tasks[0].num_labels, cfg)
-    val_inputs, val_labels = _to(*next(state["val"]), device)
+    val_inputs, val_labels = next(state["val"])
+    key = tasks[0].name + ":val"  # the extra pass META pays for, counted apart from the training tokens
+    tokens[key] = tokens.get(key, 0) + _n_tokens(val_inputs)
+    val_inputs, val_labels = _to(val_inputs, val_labels, device)
     buffers = [(b, b.clone()) for b in body.buffers()]  # e.g. BatchNorm statistics: dev batches must not move them
     with autocast:
         _, val_loss = head_star(body(**val_inputs), val_labels)
