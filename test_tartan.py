@@ -546,3 +546,447 @@ def test_permutation_test_monte_carlo_and_known_difference():
 def test_mean_std_uses_sample_std():
     assert tartan.mean_std([1.0, 2.0, 3.0]) == pytest.approx((2.0, 1.0))
     assert tartan.mean_std([1.0, 2.0, 3.0], ddof=0)[1] == pytest.approx(math.sqrt(2 / 3))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# reproduce.py (issue 3)
+
+import functools  # noqa: E402
+import hashlib  # noqa: E402
+import http.server  # noqa: E402
+import io  # noqa: E402
+import pickle  # noqa: E402
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tarfile  # noqa: E402
+import threading  # noqa: E402
+
+import reproduce  # noqa: E402
+
+SCRIPT = os.path.join(os.path.dirname(os.path.abspath(reproduce.__file__)), "reproduce.py")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# fixtures: a tiny BERT masked-LM saved as a local checkpoint, and a tiny ACL-ARC-shaped data folder
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    d = str(tmp_path_factory.mktemp("model"))
+    tok = transformers.BertTokenizer(vocab={t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+                                                                        + WORDS)})
+    cfg = transformers.BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                  intermediate_size=64, max_position_embeddings=64)
+    torch.manual_seed(0)
+    transformers.BertForMaskedLM(cfg).save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+def write_text_task(data_dir, folder="citation_intent", sizes=(48, 24, 24), seed=0):
+    """Three classes; the label is the word group a sentence draws from. Also train.txt (TAPT) and a DAPT file."""
+    rng = random.Random(seed)
+    sentence = lambda y: " ".join(rng.choice(WORDS[y * 10:(y + 1) * 10]) for _ in range(rng.randint(3, 8)))  # noqa
+    path = os.path.join(data_dir, folder)
+    os.makedirs(path, exist_ok=True)
+    for split, n in zip(("train", "dev", "test"), sizes):
+        with open(os.path.join(path, f"{split}.jsonl"), "w") as f:
+            for i in range(n):
+                f.write(json.dumps({"text": sentence(i % 3), "label": f"c{i % 3}", "metadata": {}}) + "\n")
+    for name in ("train.txt", "domain.10xTAPT.txt"):
+        with open(os.path.join(path, name), "w") as f:
+            f.write("\n".join(sentence(i % 3) for i in range(48)) + "\n")
+    return data_dir
+
+
+@pytest.fixture()
+def data_dir(tmp_path):
+    return write_text_task(str(tmp_path / "data"))
+
+
+def common(model_dir, data_dir, out, *extra):
+    return ["--model", model_dir, "--data-dir", data_dir, "--out", out, "--device", "cpu", "--quick",
+            "--no-progress", *extra]
+
+
+def results_in(out):
+    return sorted(os.path.relpath(os.path.join(r, f), out) for r, _, fs in os.walk(out) for f in fs
+                  if f.endswith(".json"))
+
+
+def leftovers(folder):
+    return [os.path.join(r, f) for r, _, fs in os.walk(folder) for f in fs if f.endswith((".tmp", ".part"))]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# smoke runs in a subprocess: one mode, then one table (which reuses the mode's runs)
+
+
+def test_smoke_one_mode_then_table_subprocess(model_dir, data_dir, tmp_path):
+    out = str(tmp_path / "out")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = lambda *a: subprocess.run([sys.executable, SCRIPT, *a], capture_output=True, text=True, env=env,  # noqa
+                                    timeout=300)
+    p = run("--task", "aclarc", "--mode", "meta", "--seeds", "0-1", *common(model_dir, data_dir, out))
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert results_in(out) == ["aclarc/meta__tapt__seed0.json", "aclarc/meta__tapt__seed1.json"]
+    for seed in (0, 1):
+        rec = json.load(open(os.path.join(out, "aclarc", f"meta__tapt__seed{seed}.json")))
+        assert rec["complete"] and rec["key"] == {"task": "aclarc", "mode": "meta", "aux": "tapt", "seed": seed}
+        assert rec["config"]["train"]["max_steps"] == 4 and rec["config"]["train"]["seed"] == seed  # --quick budget
+        assert rec["config"]["model"] == model_dir and rec["config"]["max_length"] == 64
+        for split in ("dev", "test"):
+            assert 0 <= rec[split]["macro_f1"] <= 1 and 0 <= rec[split]["micro_f1"] <= 1 and rec[split]["n"] == 24
+        assert rec["headline"] == {"metric": "macro_f1", "dev": rec["dev"]["macro_f1"],
+                                   "test": rec["test"]["macro_f1"]}
+        h = rec["history"][-1]
+        assert set(h["weights"]) == {"aclarc", "tapt"} and abs(sum(h["weights"].values()) - 1) < 1e-6
+        assert h["cosines"] is not None and rec["steps"] >= 4 and rec["wall_seconds"] > 0
+        assert rec["tokens"]["aclarc"] > 0 and rec["tokens"]["tapt"] > 0
+        assert rec["device"].startswith("cpu") and rec["versions"]["torch"] == torch.__version__
+        assert set(rec["data_files"]) == {f"citation_intent/{f}" for f in
+                                          ("train.jsonl", "dev.jsonl", "test.jsonl", "train.txt")}
+    assert "aclarc meta (tapt): test macro_f1 x100" in p.stdout
+
+    p = run("--table", "1", "--task", "aclarc", "--seeds", "0-1", *common(model_dir, data_dir, out))
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "2 of 8 runs already complete" in p.stdout  # the meta runs above are reused, not re-run
+    assert len(results_in(out)) == 8 and not leftovers(out)
+    table = open(os.path.join(out, "table1.md")).read()
+    assert table in p.stdout
+    assert "| Domain | Task | RoBERTa | TAPT | MT-TARTAN | p vs TAPT | META-TARTAN | p vs TAPT |" in table
+    assert "[70.48 ± 4.42]" in table and "[0.040]" in table  # the paper's MT-TARTAN cell and its p-value
+    # every cell is the mean and sample std of its per-seed test scores, and the p-value is the permutation test's
+    score = lambda mode, aux: [100 * json.load(open(os.path.join(out, "aclarc", f"{mode}__{aux}__seed{s}.json")))  # noqa
+                               ["headline"]["test"] for s in (0, 1)]
+    meta, tapt = score("meta", "tapt"), score("tapt", "tapt")
+    assert reproduce.fmt(tartan.mean_std(meta)) + " [70.08" in table
+    p_meta = tartan.permutation_test(meta, tapt, 10_000, seed=0)["p_two_sided"]
+    assert f"[70.08 ± 4.70] | {p_meta:.3f} [0.069] |" in table
+    assert "Warning:** with 2 and 2 seeds the smallest two-sided p-value this test can give is 0.333" in table
+    assert "unpaired two-sided permutation test" in table
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# download: a local HTTP server on 127.0.0.1 serving files made here
+
+
+@pytest.fixture()
+def server(tmp_path):
+    root = tmp_path / "served"
+    (root / "citation_intent").mkdir(parents=True)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    handler.log_message = lambda *a: None
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield root, f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def closed_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_download_checks_sha256_and_leaves_nothing_behind_on_failure(server, tmp_path):
+    root, url = server
+    payload = b'{"text": "w1 w2", "label": "c0"}\n' * 1000
+    (root / "citation_intent" / "train.jsonl").write_bytes(payload)
+    good = hashlib.sha256(payload).hexdigest()
+    dest_dir = tmp_path / "data"
+
+    # good file: downloaded, checked, renamed into place
+    path = reproduce.ensure_file(str(dest_dir), "citation_intent/train.jsonl", url, {"citation_intent/train.jsonl": good})
+    assert open(path, "rb").read() == payload and not leftovers(str(dest_dir))
+    # a file already there is used as it is (the server copy is not fetched again)
+    (root / "citation_intent" / "train.jsonl").write_bytes(b"changed")
+    assert open(reproduce.ensure_file(str(dest_dir), "citation_intent/train.jsonl", url,
+                                      {"citation_intent/train.jsonl": good}), "rb").read() == payload
+
+    # wrong checksum: a clear error naming the URL and how to place the file by hand; nothing left
+    dest = str(tmp_path / "bad" / "train.jsonl")
+    with pytest.raises(reproduce.ReproduceError) as e:
+        reproduce.download(f"{url}/citation_intent/train.jsonl", dest, sha256="0" * 64)
+    msg = str(e.value)
+    assert f"{url}/citation_intent/train.jsonl" in msg and "checksum mismatch" in msg and "by hand" in msg
+    assert os.listdir(tmp_path / "bad") == []
+
+    # unreachable URL and a missing file (404): the same, nothing left
+    for bad_url in (f"http://127.0.0.1:{closed_port()}/x/train.jsonl", f"{url}/citation_intent/nope.jsonl"):
+        with pytest.raises(reproduce.ReproduceError, match="could not download " + bad_url.replace(".", r"\.")):
+            reproduce.download(bad_url, dest, sha256=good, timeout=5)
+        assert os.listdir(tmp_path / "bad") == []
+
+
+def test_cli_download_with_wrong_checksum_exits_cleanly(server, model_dir, tmp_path, capsys):
+    """The pinned SHA-256 of the authors' files cannot match test-made files: the run must stop before training."""
+    root, url = server
+    write_text_task(str(root))
+    data, out = str(tmp_path / "data"), str(tmp_path / "out")
+    code = reproduce.main(["--task", "aclarc", "--mode", "finetune", "--seeds", "0", "--data-url", url,
+                           *common(model_dir, data, out)])
+    err = capsys.readouterr().err
+    assert code == 1 and "error: " in err and "checksum mismatch" in err and f"{url}/citation_intent/" in err
+    assert not os.path.exists(out) and not leftovers(data)
+    assert not any(f.endswith(".jsonl") for _, _, fs in os.walk(data) for f in fs)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# resume, config mismatch, bad input
+
+
+def test_resume_reruns_only_the_missing_seeds(model_dir, data_dir, tmp_path, monkeypatch, capsys):
+    out = str(tmp_path / "out")
+    argv = ["--task", "aclarc", "--mode", "mt", "--seeds", "0-2", *common(model_dir, data_dir, out)]
+    real, ran = reproduce.Workspace.execute, []
+
+    def interrupted(self, run):  # the sweep is killed while seed 1 trains
+        if run.seed == 1:
+            raise KeyboardInterrupt
+        return real(self, run)
+    monkeypatch.setattr(reproduce.Workspace, "execute", interrupted)
+    assert reproduce.main(argv) == 130
+    assert results_in(out) == ["aclarc/mt__tapt__seed0.json"] and not leftovers(out)
+    first = open(os.path.join(out, "aclarc", "mt__tapt__seed0.json"), "rb").read()
+
+    def recording(self, run):
+        ran.append(run.seed)
+        return real(self, run)
+    monkeypatch.setattr(reproduce.Workspace, "execute", recording)
+    assert reproduce.main(argv) == 0
+    assert ran == [1, 2]
+    assert len(results_in(out)) == 3
+    assert open(os.path.join(out, "aclarc", "mt__tapt__seed0.json"), "rb").read() == first  # untouched
+    ran.clear()
+    assert reproduce.main(argv) == 0 and ran == []  # all complete: nothing runs
+    capsys.readouterr()
+
+    # a result made with another budget is never mixed in silently
+    assert reproduce.main(argv + ["--steps", "3"]) == 1
+    assert "was made with a different config (train.max_steps: 3 here, 4 in the file)" in capsys.readouterr().err
+    assert reproduce.main(argv + ["--steps", "3", "--rerun"]) == 0 and ran == [0, 1, 2]
+
+
+def test_bad_input_gives_one_clear_message_and_no_result(model_dir, data_dir, tmp_path, capsys):
+    out = str(tmp_path / "out")
+    assert reproduce.main(["--task", "aclarc", "--mode", "mt", "--seeds", "0",
+                           *common(str(tmp_path / "no-model"), data_dir, out)]) == 1
+    assert "no such local directory" in capsys.readouterr().err
+
+    with open(os.path.join(data_dir, "citation_intent", "dev.jsonl"), "a") as f:
+        f.write('{"text": "w1", "label": \n')
+    assert reproduce.main(["--task", "aclarc", "--mode", "mt", "--seeds", "0", *common(model_dir, data_dir, out)]) == 1
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1].startswith("error: ") and "Traceback" not in err
+    assert "citation_intent/dev.jsonl, line 25: malformed JSON" in err
+    assert not os.path.exists(out)
+
+    with pytest.raises(SystemExit) as e:
+        reproduce.main(["--task", "imagenet", "--mode", "mt"])
+    assert e.value.code == 2 and "invalid choice: 'imagenet'" in capsys.readouterr().err
+    assert reproduce.main(["--task", "aclarc", "--mode", "pretrain", *common(model_dir, data_dir, out)]) == 1
+    assert "--mode pretrain does not apply to aclarc" in capsys.readouterr().err
+    assert reproduce.main([]) == 0 and "usage: python reproduce.py" in capsys.readouterr().out
+
+
+def test_no_arguments_prints_usage_pointing_to_the_demo(capsys):
+    assert reproduce.main([]) == 0
+    out = capsys.readouterr().out
+    assert "python reproduce.py --task demo" in out.splitlines()[1]  # the demo first
+
+
+def test_aux_file_adds_one_named_mlm_task(model_dir, data_dir, tmp_path):
+    extra = tmp_path / "my_corpus.txt"
+    extra.write_text("\n".join(" ".join(WORDS[i:i + 5]) for i in range(20)) + "\n")
+    out = str(tmp_path / "out")
+    argv = ["--task", "aclarc", "--mode", "mt", "--seeds", "0", "--aux-file", str(extra)]
+    assert reproduce.main(argv + common(model_dir, data_dir, out)) == 0
+    rec = json.load(open(os.path.join(out, "aclarc", "mt__tapt+file-my_corpus__seed0.json")))
+    assert rec["history"][-1]["weights"] == {"aclarc": 1 / 3, "tapt": 1 / 3, "file-my_corpus": 1 / 3}  # 1/(1+n)
+    assert rec["data_sizes"]["aux:file-my_corpus"] == 20 and rec["tokens"]["file-my_corpus"] > 0
+
+
+def test_make_run_corpora_and_configs():
+    r = reproduce.make_run("scierc", "dapt+tapt", None, 3, "10x")
+    assert r.aux == ("dapt10x", "tapt") and r.path("o") == os.path.join("o", "scierc", "dapt+tapt__dapt10x+tapt__seed3.json")
+    assert reproduce.make_run("aclarc", "meta", "dapt", 0, "1x").aux == ("dapt1x",)
+    assert reproduce.make_run("aclarc", "mt", None, 0, "10x").aux == ("tapt",)  # Table 1's default
+    assert reproduce.corpus_file("aclarc", "dapt10x", {}) == "citation_intent/domain.10xTAPT.txt"
+    args = reproduce.build_parser().parse_args(["--task", "aclarc", "--mode", "meta", "--meta-lr", "0.1"])
+    args.quick = False
+    cfg, pre = reproduce.make_configs(args, "aclarc", "meta-samehead", 5, 0)
+    assert isinstance(cfg, tartan.MetaConfig) and cfg.same_head and cfg.meta_lr == 0.1 and cfg.seed == 5
+    assert cfg.lr == 1e-4 and cfg.batch_size == 64 and cfg.grad_accum == 2  # the paper's settings otherwise
+    assert cfg.final_finetune.lr == 5e-6 and cfg.final_finetune.seed == 5
+    ft, pre = reproduce.make_configs(args, "aclarc", "tapt", 0, 1)
+    assert type(ft) is tartan.FinetuneConfig and ft.lr == 2e-5 and pre[0].epochs == 100 and pre[0].grad_accum == 4
+    vis, _ = reproduce.make_configs(args, "mammals", "meta", 0, 1)
+    assert (vis.lr, vis.batch_size, vis.epochs, vis.meta_head_lr, vis.meta_batch_size) == (3e-4, 64, 30, 3e-2, 16)
+    assert vis.meta_lr == 0.1 and vis.final_finetune is None  # the flag still wins
+    assert reproduce.parse_seeds("0-2,7") == [0, 1, 2, 7]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# tables: means, the baseline of Table 8, and the seed-count warning, on hand-made results
+
+
+def fake_results(table, scores):
+    """{(task, column): per-seed scores} -> (cells, results) as run_table builds them."""
+    cells, results = {}, {}
+    for (task, label), xs in scores.items():
+        col = next(c for c in reproduce.TABLES[table].columns if c.label == label)
+        runs = [reproduce.make_run(task, col.mode, col.aux, s, "10x") for s in range(len(xs))]
+        cells[(task, label)] = runs
+        results.update({r: {"headline": {"test": x / 100}} for r, x in zip(runs, xs)})
+    return cells, results
+
+
+def test_table_cells_p_values_and_warnings():
+    args = reproduce.build_parser().parse_args(["--table", "2"])
+    rng = np.random.default_rng(0)
+    scores = {("scierc", "DAPT"): rng.normal(76, 1, 10), ("scierc", "DAPT+TAPT"): rng.normal(78, 1, 10),
+              ("scierc", "MT-TARTAN"): rng.normal(81, 1, 10), ("scierc", "META-TARTAN"): rng.normal(81.5, 1, 10)}
+    cells, results = fake_results(2, scores)
+    text = reproduce.render_table(2, cells, results, list(range(10)), args, "10x")
+    mean, std = np.mean(scores["scierc", "MT-TARTAN"]), np.std(scores["scierc", "MT-TARTAN"], ddof=1)
+    p = tartan.permutation_test(scores["scierc", "MT-TARTAN"], scores["scierc", "DAPT+TAPT"], 10_000, 0)["p_two_sided"]
+    assert f"| {mean:.2f} ± {std:.2f} [81.02 ± 1.24] | {p:.3f} [0.000] |" in text
+    assert "baseline = DAPT+TAPT (the higher mean of DAPT and DAPT+TAPT)" in text  # Table 8
+    assert "Warning" not in text  # 10 vs 10 seeds can reach p < 0.05
+
+    cells, results = fake_results(4, {("aclarc", "MT"): [69.0, 70.0, 71.0], ("aclarc", "META"): [72.0, 73.0, 74.0]})
+    text = reproduce.render_table(4, cells, results, [0, 1, 2], args, "10x")
+    assert "| CS | ACL-ARC | 70.00 ± 1.00 [69.27 ± 0.96] | 73.00 ± 1.00 [71.19 ± 4.88] | 0.100 |" in text
+    assert "with 3 and 3 seeds the smallest two-sided p-value this test can give is 0.100" in text
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the vision path (Table 5): CIFAR-100 archive, mammals split, WideResNet-16-2 through the same loops
+
+
+def fake_cifar(path, per_class_train, per_class_test, seed=0):
+    rng = np.random.default_rng(seed)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with tarfile.open(path, "w:gz") as tar:
+        for split, n in (("train", per_class_train), ("test", per_class_test)):
+            y = np.repeat(np.arange(100), n)
+            blob = pickle.dumps({b"data": rng.integers(0, 256, (len(y), 3072), dtype=np.uint8),
+                                 b"fine_labels": y.tolist()})
+            info = tarfile.TarInfo(f"cifar-100-python/{split}")
+            info.size = len(blob)
+            tar.addfile(info, io.BytesIO(blob))
+
+
+def test_mammals_split_sizes_and_seeding():
+    train_y, test_y = np.repeat(np.arange(100), 60), np.repeat(np.arange(100), 50)
+    s = reproduce.mammals_split(train_y, test_y, seed=0)
+    assert (len(s["train"]), len(s["dev"]), len(s["test"])) == (160, 40, 200)  # 200 images, 20% dev, 200 test
+    assert set(train_y[s["train"]]) <= set(reproduce.MAMMALS) and set(test_y[s["test"]]) <= set(reproduce.MAMMALS)
+    assert not set(s["train"]) & set(s["dev"]) and len(set(train_y[s["aux"]])) == 95 and len(s["aux"]) == 95 * 60
+    again, other = reproduce.mammals_split(train_y, test_y, 0), reproduce.mammals_split(train_y, test_y, 1)
+    assert all((again[k] == s[k]).all() for k in s) and not (other["train"] == s["train"]).all()
+    big = reproduce.mammals_split(np.repeat(np.arange(100), 500), test_y, 0, n_train=400)
+    assert len(big["dev"]) == 65  # ~20%, capped at 65
+
+
+def test_wideresnet_16_2_shapes():
+    torch.manual_seed(0)
+    body = reproduce.WideResNet(16, 2, dropout=0.1)
+    assert body.hidden_size == 128 and 0.6e6 < sum(p.numel() for p in body.parameters()) < 0.8e6  # WRN-16-2: 0.7M
+    x = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    assert body(x=x).shape == (4, 128)
+
+
+def test_vision_path_through_the_same_loops(tmp_path):
+    data, out = str(tmp_path / "data"), str(tmp_path / "out")
+    fake_cifar(os.path.join(data, "cifar-100", "cifar-100-python.tar.gz"), 6, 3)
+    cifar = reproduce.read_cifar100(os.path.join(data, "cifar-100", "cifar-100-python.tar.gz"))
+    assert cifar["train"][0].shape == (600, 3, 32, 32) and cifar["train"][0].dtype == np.uint8
+    code = reproduce.main(["--task", "mammals", "--mode", "meta", "--seeds", "0", "--data-dir", data, "--out", out,
+                           "--device", "cpu", "--quick", "--no-progress"])
+    assert code == 0
+    rec = json.load(open(os.path.join(out, "mammals", "meta__cifar95__seed0.json")))
+    assert rec["headline"]["metric"] == "accuracy" and rec["headline"]["test"] == rec["test"]["micro_f1"]
+    assert rec["data_sizes"]["train"] == 24 and rec["data_sizes"]["dev"] == 6 and rec["data_sizes"]["test"] == 15
+    assert set(rec["history"][-1]["weights"]) == {"mammals", "cifar95"} and rec["history"][-1]["cosines"]
+    assert rec["config"]["train"]["meta_head_lr"] == 3e-2 and rec["config"]["body"].startswith("WideResNet-16-2")
+
+    (tmp_path / "broken.tar.gz").write_bytes(b"not a tar")
+    with pytest.raises(tartan.DataError, match="not a CIFAR-100 python archive"):
+        reproduce.read_cifar100(str(tmp_path / "broken.tar.gz"))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# figures from stored histories
+
+
+def test_figure_3_is_drawn_from_stored_histories(tmp_path):
+    pytest.importorskip("matplotlib")
+    out = str(tmp_path / "out")
+    args = reproduce.build_parser().parse_args(["--figure", "3", "--out", out, "--report-only"])
+    args.extra_corpora = {}
+    ws = reproduce.Workspace(args, torch.device("cpu"))
+    for (task, label), runs in reproduce.figure_runs(3, None, [0, 1]).items():
+        for r in runs:
+            w = [0.5 + 0.01 * i * (1 if r.mode == "meta" else -1) for i in range(5)]
+            hist = [{"step": 10 * (i + 1), "weights": {"aclarc": w[i], "dapt10x": 1 - w[i]}} for i in range(5)]
+            reproduce.atomic_write_json(r.path(out), {"complete": True, "key": r.key, "config": ws.config(r),
+                                                      "headline": {"test": 0.5}, "history": hist})
+    assert reproduce.main(["--figure", "3", "--out", out, "--report-only", "--seeds", "0-1"]) == 0
+    png = os.path.join(out, "figure3.png")
+    assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n" and os.path.getsize(png) > 10_000
+    steps, mean, per_seed = reproduce.weight_curves([[{"step": 1, "weights": {"a": 0.2}}, {"step": 2, "weights":
+                                                     {"a": 0.4}}], [{"step": 1, "weights": {"a": 0.4}}]])
+    assert steps == [1] and mean["a"] == pytest.approx([0.3]) and per_seed["a"][0] == ([1, 2], [0.2, 0.4])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# reproduce.py --bench (issue 5): runs with --quick and writes its ratios; no timing is asserted
+
+
+def test_quick_bench_prints_and_writes_its_ratios(tmp_path, capsys):
+    assert reproduce.main(["--bench", "--quick", "--device", "cpu", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    with open(tmp_path / "bench_quick.json") as f:
+        saved = json.load(f)
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".bench-")]  # the temporary file was renamed
+    for key in ("mt_over_floor", "meta_over_mt_plus_val", "meta_over_mt"):
+        assert key in out and math.isfinite(saved[key]) and saved[key] > 0, key
+    for name in ("floor_end", "floor_aux", "floor_val", "finetune", "pretrain", "mt", "meta", "meta_same_head"):
+        assert saved["items"][name]["seconds"] > 0 and saved["items"][name]["tokens_per_s"] > 0, name
+    assert saved["config"]["grad_accum"] == 1
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# reproduce.py --task demo (issue 4)
+
+
+def test_demo_data_makes_both_claims_testable():
+    s = reproduce.quick_settings()
+    data = reproduce.demo_data(s)
+    words = data["words"]["concept"]
+    train_words = {w for text in data["train"][0] for w in text.split()}
+    unseen = {w for k in range(s.n_concepts) for w in words[k][s.n_seen:]}
+    assert not (train_words & unseen)  # the labels never show the unseen synonyms ...
+    helpful_words = {w for text in data["helpful"] for w in text.split()}
+    assert unseen <= helpful_words  # ... the helpful corpus does
+    # the harmful corpus puts an unseen synonym of concept k next to the cues of another concept
+    k, w = 0, words[0][s.n_seen]
+    cues = {c for text in data["harmful"] if w in text.split() for c in text.split() if c.startswith("k")}
+    assert cues and not any(c.startswith(f"k{k}q") for c in cues)
+
+
+def test_reduced_demo_meta_downweights_the_harmful_corpus(tmp_path):
+    s = reproduce.quick_settings()
+    prepared = reproduce.prepare_demo(s)
+    for seed in (0, 1):
+        record = reproduce.run_one("meta", seed, s, prepared)
+        w = record["final_weights"]
+        assert w["harmful"] < w["helpful"], (seed, w)
+    records = [record, {**record, "method": "finetune"}, {**record, "method": "pretrain"}, {**record, "method": "mt"}]
+    summary = reproduce.report_demo(records, 1.0, [1], str(tmp_path), s, log=lambda *a: None)
+    assert summary["claims"]["meta_downweights_harmful"] is True
+    assert os.path.exists(tmp_path / "demo_summary.json")
