@@ -3,11 +3,13 @@ import itertools
 import json
 import math
 import os
+import platform
 import random
 
 import numpy as np
 import pytest
 import torch
+import torch.nn as nn
 
 import tartan
 
@@ -220,11 +222,12 @@ def test_masking_is_driven_by_the_generator():
 # 5. MT-TARTAN: the combined backward is the weighted sum of per-task gradients (Eq. 3)
 
 
-def test_mt_combined_backward_equals_weighted_sum_of_task_gradients(tok, task_dir):
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_mt_step_gradient_equals_weighted_sum_of_task_gradients(tok, task_dir, grad_accum):
     body, end, aux = build(tok, task_dir, n_aux=2, dropout=0.0)
     end.head = tartan.ClassificationHead(body.hidden_size, 3, dropout=0.0)
     tasks, w = [end] + aux, (0.5, 0.3, 0.2)
-    cfg = tartan.TrainConfig(batch_size=8, aux_batch_size=8, grad_accum=1, weights=w)
+    cfg = tartan.TrainConfig(batch_size=8, aux_batch_size=8, grad_accum=grad_accum, weights=w)
     streams = lambda: [tartan.batches(t, 8, torch.Generator().manual_seed(k)) for k, t in enumerate(tasks)]  # noqa
     tokens = dict.fromkeys([t.name for t in tasks], 0)
     tartan.multitask_step(body, tasks, streams(), {"w": torch.tensor(w)}, cfg, torch.autocast("cpu", enabled=False),
@@ -233,14 +236,35 @@ def test_mt_combined_backward_equals_weighted_sum_of_task_gradients(tok, task_di
     combined = [p.grad.clone() for p in params]
     expected = [torch.zeros_like(p) for p in params]
     for k, (t, s) in enumerate(zip(tasks, streams())):
-        inputs, labels = next(s)
-        _, loss = t.head(body(**inputs), labels)
-        for e, g in zip(expected, torch.autograd.grad(loss, params, allow_unused=True)):
-            if g is not None:
-                e += w[k] * g
+        for _ in range(grad_accum):  # each task's micro-batches come from its own stream, in order: their mean
+            inputs, labels = next(s)
+            _, loss = t.head(body(**inputs), labels)
+            for e, g in zip(expected, torch.autograd.grad(loss, params, allow_unused=True)):
+                if g is not None:
+                    e += w[k] / grad_accum * g
     for c, e in zip(combined, expected):
         torch.testing.assert_close(c, e, atol=1e-6, rtol=1e-4)
     assert all(v > 0 for v in tokens.values())
+
+
+@pytest.mark.parametrize("scale", [0.01, 100.0])
+def test_clip_grad_norm_matches_torch_and_leaves_small_gradients_untouched(scale):
+    gen = torch.Generator().manual_seed(0)
+    ours = [nn.Parameter(torch.zeros(n)) for n in (5, 7, 3)] + [nn.Parameter(torch.zeros(2))]  # last: no grad
+    ref = [nn.Parameter(torch.zeros_like(p)) for p in ours]
+    for a, b in zip(ours[:3], ref[:3]):
+        a.grad = torch.randn(a.shape, generator=gen) * scale
+        b.grad = a.grad.clone()
+    before = [p.grad for p in ours[:3]]
+    norm = tartan.clip_grad_norm(ours, 1.0)
+    torch.testing.assert_close(norm, torch.nn.utils.clip_grad_norm_(ref, 1.0))
+    for a, b in zip(ours[:3], ref[:3]):
+        torch.testing.assert_close(a.grad, b.grad)
+    assert ours[3].grad is None
+    if scale < 1:  # under the threshold: the very same tensors, not rescaled copies
+        assert all(torch.equal(a.grad, g) for a, g in zip(ours[:3], before)) and float(norm) < 1
+    else:
+        assert math.isclose(float(torch.cat([p.grad for p in ours[:3]]).norm()), 1.0, rel_tol=1e-4)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -959,6 +983,23 @@ def test_quick_bench_prints_and_writes_its_ratios(tmp_path, capsys):
     for name in ("floor_end", "floor_aux", "floor_val", "finetune", "pretrain", "mt", "meta", "meta_same_head"):
         assert saved["items"][name]["seconds"] > 0 and saved["items"][name]["tokens_per_s"] > 0, name
     assert saved["config"]["grad_accum"] == 1
+    assert isinstance(saved["machine"]["malloc"], str)  # what tune_malloc did is on record
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+def test_tune_malloc_keeps_freed_memory_in_its_own_process():
+    # process-wide, so in a child process: freeing a 64 MB tensor must not hand its pages back to the OS
+    code = ("import torch, reproduce, resource\n"
+            "print(reproduce.tune_malloc(False))\n"
+            "print(reproduce.tune_malloc())\n"
+            "torch.ones(2**24).sum()\n"
+            "before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+            "torch.ones(2**24).sum()\n"
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=os.path.dirname(os.path.abspath(__file__))).stdout.split("\n")
+    assert out[0] == "glibc default" and out[1].startswith("kept for reuse")
+    assert int(out[2]) < 2**26 // 4096 // 4  # far fewer page faults than the 16384 pages of a fresh 64 MB tensor
 
 
 # ---------------------------------------------------------------------------------------------------------------------
