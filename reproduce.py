@@ -1030,7 +1030,10 @@ def _sync(device):
 
 class _PeakMemory:
     """Peak memory over a region: CUDA max_memory_allocated; on Linux CPU the process's peak RSS (VmHWM) after
-    resetting it through /proc/self/clear_refs (the whole process, model and optimizer state included); else None."""
+    resetting it through /proc/self/clear_refs (the whole process, model and optimizer state included); else None.
+    On CPU the reset first hands freed heap memory back to the OS (malloc_trim), so that the peak is the region's own
+    even when tune_malloc has told glibc to keep freed memory (the region's first steps then page-fault it back in:
+    resets happen before untimed warm-up steps)."""
 
     def __init__(self, device):
         self.device = device
@@ -1039,6 +1042,11 @@ class _PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
             return
+        try:
+            import ctypes
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
         try:
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")
@@ -1070,23 +1078,24 @@ def _peak_tflops(device, bf16, override):
 
 def bench(model=None, device=None, batch_size=None, aux_batch_size=None, meta_batch_size=None, max_length=None,
               n_aux=1, steps=None, warmup=None, rounds=None, out_dir="results", quick=False, bf16=True,
-              peak_tflops=None, threads=None, num_labels=6, seed=0, log=print) -> dict:
+              peak_tflops=None, threads=None, num_labels=6, seed=0, malloc=None, log=print) -> dict:
     """Times the floors and the training steps (see the comment above) and writes bench[_quick].json to out_dir.
     model: "small" | "roberta-base" (default: roberta-base on CUDA, small on CPU; --quick: a tiny model).
-    threads: torch CPU threads for the run (default: torch's; --quick: 1, as a tiny model gains nothing from more)."""
+    threads: torch CPU threads for the run (default: torch's; --quick: 1, as a tiny model gains nothing from more).
+    malloc: what tune_malloc did to this process, recorded in the report (None: not known)."""
     threads = threads or (1 if quick else None)
     saved_threads = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
     try:
         return _run_bench(model, device, batch_size, aux_batch_size, meta_batch_size, max_length, n_aux, steps,
-                          warmup, rounds, out_dir, quick, bf16, peak_tflops, num_labels, seed, log)
+                          warmup, rounds, out_dir, quick, bf16, peak_tflops, num_labels, seed, malloc, log)
     finally:
         torch.set_num_threads(saved_threads)
 
 
 def _run_bench(model, device, batch_size, aux_batch_size, meta_batch_size, max_length, n_aux, steps, warmup, rounds,
-               out_dir, quick, bf16, peak_tflops, num_labels, seed, log):
+               out_dir, quick, bf16, peak_tflops, num_labels, seed, malloc, log):
     from transformers import AutoModelForMaskedLM, RobertaConfig
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if device in (None, "auto") else \
@@ -1152,7 +1161,7 @@ def _run_bench(model, device, batch_size, aux_batch_size, meta_batch_size, max_l
                 p.grad = torch.zeros_like(p)
             _sync(device)
             t0 = time.perf_counter()
-            torch.nn.utils.clip_grad_norm_(params + head_params, cfg_train.grad_clip)
+            tartan.clip_grad_norm(params + head_params, cfg_train.grad_clip)
             for o in opts:
                 o.step()
                 o.zero_grad(set_to_none=True)
@@ -1165,10 +1174,10 @@ def _run_bench(model, device, batch_size, aux_batch_size, meta_batch_size, max_l
         starts = []
 
         def timed(*args):
+            if not starts:  # before the warm-up steps (see _PeakMemory)
+                peak.reset()
             _sync(device)
             starts.append(time.perf_counter())
-            if len(starts) == warmup + 1:
-                peak.reset()
             return step_fn(*args)
         tartan.train(body, end_task, aux_tasks, cfg, timed)
         return np.diff(starts)[warmup:].tolist()
@@ -1188,7 +1197,8 @@ def _run_bench(model, device, batch_size, aux_batch_size, meta_batch_size, max_l
                            (B + n_aux * A + M) * T),
     }
     log(f"bench: {model} on {device} ({_device_name(device)}), batches end {B} / aux {n_aux} x {A} / meta {M}, "
-        f"length {T}, bf16 {bf16}, grad_accum 1; {rounds} rounds x {steps} steps after {warmup} warm-up")
+        f"length {T}, bf16 {bf16}, grad_accum 1; {rounds} rounds x {steps} steps after {warmup} warm-up; "
+        f"malloc: {malloc or 'not set here'}")
     samples = {name: [] for name in items}
     peaks = {name: [] for name in items}
     t_start = time.perf_counter()
@@ -1239,7 +1249,7 @@ def _run_bench(model, device, batch_size, aux_batch_size, meta_batch_size, max_l
                    "body_parameters": sum(p.numel() for p in body.parameters()), "body_parameters_no_emb": n_flop},
         "machine": {"device": str(device), "device_name": _device_name(device), "torch": torch.__version__,
                     "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "platform": platform.platform(),
-                    "peak_tflops": peak_tf},
+                    "peak_tflops": peak_tf, "malloc": malloc},
         "notes": {"grad_accum": "1 in every configuration: a step holds one micro-batch per task, as the floors",
                   "seconds": "median over rounds x steps; a step = one iteration of tartan.train's loop",
                   "tokens_per_s": "training tokens (end-task + auxiliary batches) per second; META's validation "
@@ -1286,6 +1296,29 @@ def _print_bench(report, log):
     log(f"MFU: {FLOPS_FORMULA}; device peak {report['machine']['peak_tflops'] or 'unknown'} TFLOP/s")
 
 
+def tune_malloc(enabled: bool = True) -> str:
+    """Makes glibc's free() keep memory for reuse instead of handing it back to the OS; returns what was done.
+
+    PyTorch on CPU takes its large tensors (activations, gradients, the MLM logits) straight from malloc. glibc serves
+    allocations above its mmap threshold (adaptive, at most 32 MB) with fresh pages and unmaps them on free, so every
+    training step page-faults hundreds of MB back in, and a step that holds more at once (MT, META) pays more of it
+    than the single passes it is compared with. Measured with `--bench` on the 2-core VM of the README: see there.
+    Same as running under MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647; the cost is that the process keeps its
+    peak memory until it exits. Linux/glibc only; elsewhere, or with enabled=False, nothing changes. Process-wide,
+    so it lives here in the command-line runner and never in tartan.py."""
+    if not enabled:
+        return "glibc default"
+    try:
+        import ctypes
+        libc = ctypes.CDLL("libc.so.6")
+        M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # <malloc.h>
+        if libc.mallopt(M_MMAP_MAX, 0) != 1 or libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1) != 1:
+            return "glibc default (mallopt refused)"
+    except (OSError, AttributeError):
+        return "system default (not glibc)"
+    return "kept for reuse (mallopt M_MMAP_MAX=0, M_TRIM_THRESHOLD=2^31-1)"
+
+
 def _add_option(parser, *flags, **kwargs):
     """Adds a flag unless the caller's parser already has it (--quick, --out, --device are shared with reproduce.py)."""
     try:
@@ -1314,6 +1347,8 @@ def add_bench_args(parser: argparse.ArgumentParser):
     g.add_argument("--bench-threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     g.add_argument("--bench-peak-tflops", type=float, default=None, help="device peak for MFU (default: by name)")
     _add_option(parser, "--no-bf16", dest="bf16", action="store_false", help="no bf16 autocast on CUDA")
+    _add_option(parser, "--default-malloc", action="store_true",
+                help="leave glibc's malloc as it is (default: freed memory is kept for reuse, see tune_malloc)")
 
 
 def run_bench(args) -> int:
@@ -1322,7 +1357,7 @@ def run_bench(args) -> int:
               aux_batch_size=args.aux_batch_size, meta_batch_size=args.meta_batch_size, max_length=args.max_length,
               n_aux=args.bench_n_aux, steps=args.bench_steps, warmup=args.bench_warmup, rounds=args.bench_rounds,
               out_dir=args.out, quick=args.quick, bf16=getattr(args, "bf16", True),
-              peak_tflops=args.bench_peak_tflops, threads=args.bench_threads)
+              peak_tflops=args.bench_peak_tflops, threads=args.bench_threads, malloc=getattr(args, "malloc", None))
     return 0
 
 
@@ -2003,6 +2038,7 @@ def main(argv=None) -> int:
         print(USAGE)
         return 0
     args = parser.parse_args(argv)
+    args.malloc = tune_malloc(not args.default_malloc)
     if args.bench:
         return run_bench(args) or 0
     if args.task and "demo" in args.task:
