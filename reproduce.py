@@ -200,7 +200,7 @@ def download(url: str, dest: str, sha256: str | None = None, md5: str | None = N
                f"already in the data folder are used as they are.")
     try:
         os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(dest)}.", suffix=".part")
+        fd, tmp = _temp_file(folder, f".{os.path.basename(dest)}.", ".part")
     except OSError as e:
         raise ReproduceError(f"cannot write {dest} ({e.strerror}); choose a writable --data-dir. {by_hand}") from None
     digests = {"sha256": hashlib.sha256(), "md5": hashlib.md5()}
@@ -512,10 +512,22 @@ def make_run(task: str, mode: str, aux: str | None, seed: int, dapt: str, aux_fi
     return Run(task, mode, tuple(names), seed)
 
 
+def _temp_file(folder: str, prefix: str, suffix: str) -> tuple[int, str]:
+    """mkstemp in `folder`, with the permissions a plain open() would give (mkstemp makes files private, and a result
+    or data file renamed from it would stay unreadable to the rest of a group)."""
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=prefix, suffix=suffix)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    return fd, tmp
+
+
 def atomic_write_json(path: str, obj) -> None:
-    """Write to a temporary file in the same folder, then os.replace: a reader never sees a half-written file."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".", suffix=".tmp")
+    """Write to a temporary file in the same folder, then os.replace: a reader never sees a half-written file, and a
+    failure while writing leaves the previous file (if any) and no temporary file behind."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = _temp_file(folder, ".", ".tmp")
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(obj, f, indent=1, default=lambda o: o.item() if hasattr(o, "item") else str(o))
@@ -1261,12 +1273,8 @@ def _run_bench(model, device, batch_size, aux_batch_size, meta_batch_size, max_l
         "seconds_total": time.perf_counter() - t_start,
     }
     _print_bench(report, log)
-    os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, "bench_quick.json" if quick else "bench.json")
-    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".bench-", suffix=".json")
-    with os.fdopen(fd, "w") as f:
-        json.dump(report, f, indent=1)
-    os.replace(tmp, path)
+    atomic_write_json(path, report)
     report["path"] = path
     log(f"wrote {path}")
     return report
@@ -1803,25 +1811,6 @@ def demo_plot_weights(records: list[dict], path: str) -> str | None:
     return path
 
 
-def demo_write_json(path: str, obj) -> None:
-    """Write to a temporary file in the same folder, then os.replace: a reader never sees a half-written file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".demo-", suffix=".tmp")
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; give it the usual permissions
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Entry point.
 
@@ -1874,7 +1863,7 @@ def demo(seeds, out_dir: str, quick: bool = False, progress: bool = True,
               "figure": figure, "seconds": seconds, "threads": s.threads,
               "versions": {"torch": torch.__version__, "transformers": transformers.__version__}}
     path = os.path.join(out_dir, "demo_summary.json")
-    demo_write_json(path, result)
+    atomic_write_json(path, result)
     print(f"Summary: {path}" + (f"; figure: {figure}" if figure else ""))
     return result
 

@@ -1006,7 +1006,7 @@ def test_tune_malloc_keeps_freed_memory_in_its_own_process():
 # reproduce.py --task demo (issue 4)
 
 from reproduce import (DemoSettings, build_demo, demo_claims, demo_harmful_tie, demo_helpful_tie,  # noqa: E402
-                       demo_meta_weights, demo_min_seeds, demo_prepare, demo_summarize, demo_write_json,
+                       demo_meta_weights, demo_min_seeds, demo_prepare, demo_summarize,
                        quick_settings)
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -1196,13 +1196,21 @@ def test_min_seeds_matches_permutation_test():
     assert tartan.permutation_test(range(n - 1), range(n - 1, 2 * n - 2))["min_p_two_sided"] >= 0.05
 
 
-def test_write_json_is_atomic(tmp_path):
+def test_write_json_is_atomic_and_readable_by_others(tmp_path):
     path = tmp_path / "s.json"
-    demo_write_json(str(path), {"a": 1})
-    with pytest.raises(TypeError):
-        demo_write_json(str(path), {"a": object()})  # fails half-way through writing
+    reproduce.atomic_write_json(str(path), {"a": 1})
+    circular = {"a": 2}
+    circular["self"] = circular
+    with pytest.raises(ValueError):
+        reproduce.atomic_write_json(str(path), circular)  # fails half-way through writing
     assert json.loads(path.read_text()) == {"a": 1}
     assert os.listdir(tmp_path) == ["s.json"]
+    umask = os.umask(0o022)
+    try:
+        reproduce.atomic_write_json(str(path), {"a": 3})
+    finally:
+        os.umask(umask)
+    assert os.stat(path).st_mode & 0o777 == 0o644  # not mkstemp's private 0o600
 
 
 def test_no_matplotlib_no_figure(tmp_path, monkeypatch, capsys):
