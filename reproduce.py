@@ -41,6 +41,7 @@ import sys
 import tarfile
 import tempfile
 import time
+import traceback
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -1118,7 +1119,8 @@ def _run_bench(model, device, batch_size, aux_batch_size, meta_batch_size, max_l
     steps, warmup, rounds = steps or (2 if quick else 5), warmup or (1 if quick else 2), rounds or (1 if quick else 3)
     bf16 = bf16 and device.type == "cuda"
     if M > B:
-        raise ValueError(f"meta batch {M} exceeds the end-task batch {B} (phi* is fitted on end-task batch rows)")
+        raise ReproduceError(f"--meta-batch-size {M} exceeds the end-task batch {B} (phi* is fitted on end-task "
+                             f"batch rows)")
 
     torch.manual_seed(seed)
     shape = BENCH_SHAPES[model]
@@ -2020,28 +2022,12 @@ usage: python reproduce.py --task {aclarc,scierc,chemprot,hyperpartisan,mammals}
   python reproduce.py --help lists every option."""
 
 
-def main(argv=None) -> int:
-    parser = build_parser()
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if not argv:
-        print(USAGE)
-        return 0
-    args = parser.parse_args(argv)
-    args.malloc = tune_malloc(not args.default_malloc)
-    if args.bench:
-        return run_bench(args) or 0
-    if args.task and "demo" in args.task:
-        if len(args.task) > 1:
-            parser.error("--task demo runs alone")
-        return run_demo(args) or 0
+def _check_run_args(parser, args):
+    """The checks of a training command (not --bench, not the demo); also collects args.extra_corpora."""
     if args.table and args.figure:
         parser.error("choose one of --table and --figure")
     if not (args.table or args.figure) and not (args.task and args.mode):
         parser.error("give --task and --mode, or --table, or --figure")
-    for flag in ("max_length", "limit", "batch_size", "aux_batch_size", "grad_accum", "steps", "meta_batch_size",
-                 "meta_head_steps", "pretrain_steps", "final_steps"):
-        if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            parser.error(f"--{flag.replace('_', '-')} must be at least 1")
     args.extra_corpora = {}
     for path in args.aux_file:
         name = "file-" + os.path.splitext(os.path.basename(path))[0]
@@ -2055,7 +2041,30 @@ def main(argv=None) -> int:
             parser.error(f"--dapt-corpus {args.dapt_corpus}: neither 1x, 10x, full nor an existing file")
         name = "dapt-" + os.path.splitext(os.path.basename(args.dapt_corpus))[0]
         args.extra_corpora[name], args.dapt_corpus = args.dapt_corpus, name[4:]
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv:
+        print(USAGE)
+        return 0
+    args = parser.parse_args(argv)
+    args.malloc = tune_malloc(not args.default_malloc)
+    for flag in ("max_length", "limit", "batch_size", "aux_batch_size", "grad_accum", "steps", "meta_batch_size",
+                 "meta_head_steps", "pretrain_steps", "final_steps"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be at least 1")
+    demo = bool(args.task and "demo" in args.task)
+    if demo and len(args.task) > 1:
+        parser.error("--task demo runs alone")
+    if not (args.bench or demo):
+        _check_run_args(parser, args)
     try:
+        if args.bench:
+            return run_bench(args) or 0
+        if demo:
+            return run_demo(args) or 0
         import transformers
         transformers.logging.set_verbosity_error()
         if not args.progress:
@@ -2068,7 +2077,11 @@ def main(argv=None) -> int:
         else:
             run_family(ws, args)
     except (ReproduceError, tartan.DataError, FileNotFoundError, ValueError) as e:  # bad input: one message
-        print(f"error: {e}", file=sys.stderr)
+        where = ""
+        if isinstance(e, ValueError) and not isinstance(e, tartan.DataError):  # may be a bug, not bad input: where
+            frame = traceback.extract_tb(e.__traceback__)[-1]
+            where = f" (raised at {os.path.basename(frame.filename)}:{frame.lineno} in {frame.name})"
+        print(f"error: {e}{where}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("\ninterrupted: finished runs are kept; the same command resumes from there", file=sys.stderr)

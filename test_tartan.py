@@ -986,6 +986,13 @@ def test_quick_bench_prints_and_writes_its_ratios(tmp_path, capsys):
     assert isinstance(saved["machine"]["malloc"], str)  # what tune_malloc did is on record
 
 
+def test_bench_bad_sizes_give_one_message_and_no_file(tmp_path, capsys):
+    assert reproduce.main(["--bench", "--quick", "--meta-batch-size", "99", "--out", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: --meta-batch-size 99 exceeds the end-task batch") and "Traceback" not in err
+    assert not (tmp_path / "bench_quick.json").exists()
+
+
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
 def test_tune_malloc_keeps_freed_memory_in_its_own_process():
     # process-wide, so in a child process: freeing a 64 MB tensor must not hand its pages back to the OS
