@@ -515,7 +515,7 @@ def train(body: nn.Module, end: Task | None, aux: list[Task], cfg: TrainConfig, 
         if end is None or cfg.eval_every < 0 or (step % eval_every and step != total):
             bar.update(1)
             continue
-        dev = evaluate(body, end.head, end.dev, cfg.eval_batch_size)
+        dev = evaluate(body, end.head, end.dev, cfg.eval_batch_size, cfg.bf16)
         alpha = info["alpha"]
         history.append({"step": step, "weights": dict(zip(names, alpha)),
                         "losses": dict(zip(names, np.mean(losses_since, axis=0).tolist())),
@@ -747,8 +747,8 @@ def run_end_task(body, end: Task, aux: list[Task], mode: str, cfg: TrainConfig |
             if not ft["kept"]:
                 _restore(before, body, end.head)
             out["stages"].append({"stage": "final_finetune", **ft})
-    out["dev"] = evaluate(body, end.head, end.dev)
-    out["test"] = evaluate(body, end.head, end.test)
+    out["dev"] = evaluate(body, end.head, end.dev, cfg.eval_batch_size, cfg.bf16)
+    out["test"] = evaluate(body, end.head, end.test, cfg.eval_batch_size, cfg.bf16)
     out["metric"] = end.metric
     out["history"] = next(s["history"] for s in reversed(out["stages"]) if s["stage"] in ("mt", "meta", "finetune"))
     return out
@@ -776,17 +776,20 @@ def f1_scores(y_true, y_pred) -> dict:
 
 
 @torch.no_grad()
-def evaluate(body, head, data, batch_size: int = 64) -> dict:
-    """Metrics of body + head on a labelled split, in eval mode (no dropout); restores the previous mode."""
+@torch.no_grad()
+def evaluate(body, head, data, batch_size: int = 64, bf16: bool = False) -> dict:
+    """Metrics of body + head on a labelled split, in eval mode (no dropout), without autograd; bf16 autocast on CUDA
+    when asked (train passes its cfg.bf16). Restores the previous train/eval mode."""
     device = next(body.parameters()).device
     modes = body.training, head.training
     body.eval(), head.eval()
     preds, total_loss = [], 0.0
     for i in range(0, len(data), batch_size):
         inputs, labels = _to(*data.batch(list(range(i, min(i + batch_size, len(data))))), device)
-        logits, loss = head(body(**inputs), labels)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16 and device.type == "cuda"):
+            logits, loss = head(body(**inputs), labels)
         preds.append(logits.argmax(-1).cpu())
-        total_loss += loss.item() * len(labels)
+        total_loss += loss.float().item() * len(labels)
     body.train(modes[0]), head.train(modes[1])
     gold = data.labels if isinstance(data.labels, list) else data.labels.tolist()
     return {**f1_scores(gold, torch.cat(preds).numpy()), "loss": total_loss / len(data)}

@@ -147,6 +147,17 @@ def test_padding_does_not_change_predictions(tok, task_dir):
     torch.testing.assert_close(alone, padded, atol=1e-5, rtol=1e-5)
 
 
+def test_evaluate_builds_no_graph_and_restores_train_mode(tok, task_dir):
+    body, end, _ = build(tok, task_dir)
+    body.train(), end.head.train()
+    seen = []
+    body.register_forward_hook(lambda m, i, out: seen.append((out.requires_grad, m.training)))
+    metrics = tartan.evaluate(body, end.head, end.dev, batch_size=4)
+    assert seen and all(s == (False, False) for s in seen)  # no autograd graph, dropout off
+    assert body.training and end.head.training
+    assert set(metrics) >= {"macro_f1", "micro_f1", "loss"} and 0 <= metrics["macro_f1"] <= 1
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # 2. heads and parameters
 
