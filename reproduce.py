@@ -2084,7 +2084,8 @@ def main(argv=None) -> int:
         print(f"error: {e}{where}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("\ninterrupted: finished runs are kept; the same command resumes from there", file=sys.stderr)
+        print("\ninterrupted" + ("" if args.bench or demo else
+                                 ": finished runs are kept; the same command resumes from there"), file=sys.stderr)
         return 130
     return 0
 
