@@ -997,6 +997,8 @@ def run_figure(number: int, ws: Workspace, args) -> str:
 # are not in any figure. Medians over rounds x steps; the rounds interleave all items so that load drifting on a
 # shared machine hits each item alike, and the per-round spread of the ratios is reported.
 # Targets: mt <= 1.05 x (floor_end + n_aux x floor_aux); meta <= 1.10 x (mt + floor_val).
+# On CPU the command line first makes glibc keep freed memory for reuse (tune_malloc; --default-malloc: not), which
+# removes the page faults that otherwise dominate the step overheads; the report records which allocator setting ran.
 
 
 BENCH_SHAPES = {  # RoBERTa-style encoders built from a config, random weights
