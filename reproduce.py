@@ -996,6 +996,7 @@ def run_figure(number: int, ws: Workspace, args) -> str:
 # with like against the floors. Batches are prebuilt (the MLM batch masked once): tokenisation, collation and masking
 # are not in any figure. Medians over rounds x steps; the rounds interleave all items so that load drifting on a
 # shared machine hits each item alike, and the per-round spread of the ratios is reported.
+# Peak memory is measured after the timing rounds, in one short pass per item from a reset (see _PeakMemory).
 # Targets: mt <= 1.05 x (floor_end + n_aux x floor_aux); meta <= 1.10 x (mt + floor_val).
 # On CPU the command line first makes glibc keep freed memory for reuse (tune_malloc; --default-malloc: not), which
 # removes the page faults that otherwise dominate the step overheads; the report records which allocator setting ran.
@@ -1047,8 +1048,8 @@ class _PeakMemory:
     """Peak memory over a region: CUDA max_memory_allocated; on Linux CPU the process's peak RSS (VmHWM) after
     resetting it through /proc/self/clear_refs (the whole process, model and optimizer state included); else None.
     On CPU the reset first hands freed heap memory back to the OS (malloc_trim), so that the peak is the region's own
-    even when tune_malloc has told glibc to keep freed memory (the region's first steps then page-fault it back in:
-    resets happen before untimed warm-up steps)."""
+    even when tune_malloc has told glibc to keep freed memory; the refill page-faults, so the bench measures memory in
+    a pass of its own after the timing rounds."""
 
     def __init__(self, device):
         self.device = device
@@ -1146,13 +1147,13 @@ def _run_bench(model, device, batch_size, aux_batch_size, meta_batch_size, max_l
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16)  # as tartan.train builds it
     peak = _PeakMemory(device)
     common = dict(batch_size=B, aux_batch_size=A, grad_accum=1, eval_every=-1, bf16=bf16, seed=seed,
-                  final_finetune=None, max_steps=warmup + steps + 1)
+                  final_finetune=None)
     cfg_train, cfg_meta = tartan.TrainConfig(**common), tartan.MetaConfig(meta_batch_size=M, **common)
 
-    def floor(head, data):
+    def floor(head, data, n_warm, n_time):
         """One forward+backward of body + head on one batch, the way tartan._forward runs it; returns seconds."""
         times = []
-        for i in range(warmup + steps):
+        for i in range(n_warm + n_time):
             _sync(device)
             t0 = time.perf_counter()
             inputs, labels = tartan._to(*data.batch(None), device)
@@ -1163,16 +1164,16 @@ def _run_bench(model, device, batch_size, aux_batch_size, meta_batch_size, max_l
             times.append(time.perf_counter() - t0)
             for m in (body, head):
                 m.zero_grad(set_to_none=True)
-        return times[warmup:]
+        return times[n_warm:]
 
-    def optimizer_step():
+    def optimizer_step(n_warm, n_time):
         """Gradient clipping and the two AdamW steps of tartan.train for body + all heads, with every gradient set."""
         params = list(body.parameters())
         head_params = [p for h in heads for p in tartan.head_parameters(h, body)]
         opts = [tartan._optimizer(params, cfg_train.lr, cfg_train.weight_decay, cfg_train),
                 tartan._optimizer(head_params, cfg_train.head_lr, cfg_train.head_weight_decay, cfg_train)]
         times = []
-        for i in range(warmup + steps):
+        for i in range(n_warm + n_time):
             for p in params + head_params:
                 p.grad = torch.zeros_like(p)
             _sync(device)
@@ -1183,48 +1184,51 @@ def _run_bench(model, device, batch_size, aux_batch_size, meta_batch_size, max_l
                 o.zero_grad(set_to_none=True)
             _sync(device)
             times.append(time.perf_counter() - t0)
-        return times[warmup:]
+        return times[n_warm:]
 
-    def step(end_task, aux_tasks, cfg, step_fn):
-        """Runs tartan.train for warmup + steps + 1 steps; returns the durations of steps warmup+1..warmup+steps."""
+    def step(end_task, aux_tasks, cfg, step_fn, n_warm, n_time):
+        """Runs tartan.train for n_warm + n_time + 1 steps; returns the durations of the n_time after the warm-up."""
         starts = []
 
         def timed(*args):
-            if not starts:  # before the warm-up steps (see _PeakMemory)
-                peak.reset()
             _sync(device)
             starts.append(time.perf_counter())
             return step_fn(*args)
-        tartan.train(body, end_task, aux_tasks, cfg, timed)
-        return np.diff(starts)[warmup:].tolist()
+        tartan.train(body, end_task, aux_tasks, dataclasses.replace(cfg, max_steps=n_warm + n_time + 1), timed)
+        return np.diff(starts)[n_warm:].tolist()
 
     meta_same = dataclasses.replace(cfg_meta, same_head=True)
     items = {  # name: (run, training tokens per step, body tokens per step)
-        "floor_end": (lambda: floor(end.head, end.train), B * T, B * T),
-        "floor_aux": (lambda: floor(aux[0].head, aux[0].train), A * T, A * T),
-        "floor_val": (lambda: floor(end.head, end.dev), M * T, M * T),
+        "floor_end": (lambda *n: floor(end.head, end.train, *n), B * T, B * T),
+        "floor_aux": (lambda *n: floor(aux[0].head, aux[0].train, *n), A * T, A * T),
+        "floor_val": (lambda *n: floor(end.head, end.dev, *n), M * T, M * T),
         "optimizer": (optimizer_step, 0, 0),
-        "finetune": (lambda: step(end, [], cfg_train, tartan.multitask_step), B * T, B * T),
-        "pretrain": (lambda: step(None, aux, dataclasses.replace(cfg_train, weights=(1.0,) * n_aux),
-                                  tartan.multitask_step), n_aux * A * T, n_aux * A * T),
-        "mt": (lambda: step(end, aux, cfg_train, tartan.multitask_step), (B + n_aux * A) * T, (B + n_aux * A) * T),
-        "meta": (lambda: step(end, aux, cfg_meta, tartan.meta_step), (B + n_aux * A) * T, (B + n_aux * A + M) * T),
-        "meta_same_head": (lambda: step(end, aux, meta_same, tartan.meta_step), (B + n_aux * A) * T,
+        "finetune": (lambda *n: step(end, [], cfg_train, tartan.multitask_step, *n), B * T, B * T),
+        "pretrain": (lambda *n: step(None, aux, dataclasses.replace(cfg_train, weights=(1.0,) * n_aux),
+                                     tartan.multitask_step, *n), n_aux * A * T, n_aux * A * T),
+        "mt": (lambda *n: step(end, aux, cfg_train, tartan.multitask_step, *n), (B + n_aux * A) * T,
+               (B + n_aux * A) * T),
+        "meta": (lambda *n: step(end, aux, cfg_meta, tartan.meta_step, *n), (B + n_aux * A) * T,
+                 (B + n_aux * A + M) * T),
+        "meta_same_head": (lambda *n: step(end, aux, meta_same, tartan.meta_step, *n), (B + n_aux * A) * T,
                            (B + n_aux * A + M) * T),
     }
     log(f"bench: {model} on {device} ({_device_name(device)}), batches end {B} / aux {n_aux} x {A} / meta {M}, "
         f"length {T}, bf16 {bf16}, grad_accum 1; {rounds} rounds x {steps} steps after {warmup} warm-up; "
         f"malloc: {malloc or 'not set here'}")
     samples = {name: [] for name in items}
-    peaks = {name: [] for name in items}
     t_start = time.perf_counter()
-    for r in range(rounds):
-        for name, (run, _, _) in items.items():
-            if name.startswith("floor") or name == "optimizer":
-                peak.reset()
-            samples[name].append(run())
-            peaks[name].append(peak.read_mb())
+    for run, _, _ in items.values():  # untimed: caches, lazy init and the heap reach their working state
+        run(1, 1)
+    for r in range(rounds):  # timing: nothing resets memory in between (on CPU a reset hands the heap back to the
+        for name, (run, _, _) in items.items():  # OS, and the page faults of its refill would be timed)
+            samples[name].append(run(warmup, steps))
         log(f"  round {r + 1}/{rounds} done ({time.perf_counter() - t_start:.0f} s)")
+    peaks = {}
+    for name, (run, _, _) in items.items():  # peak memory: one short untimed pass per item, each from a reset
+        peak.reset()
+        run(1, 1)
+        peaks[name] = peak.read_mb()
 
     n_flop = sum(p.numel() for n, p in body.named_parameters() if "embeddings" not in n)
     peak_tf = _peak_tflops(device, bf16, peak_tflops)
@@ -1234,7 +1238,7 @@ def _run_bench(model, device, batch_size, aux_batch_size, meta_batch_size, max_l
         flops = body_tokens * (6 * n_flop + 12 * L * H * T)
         res[name] = {"seconds": sec, "round_medians": [float(np.median(s)) for s in samples[name]],
                      "tokens_per_step": train_tokens, "tokens_per_s": train_tokens / sec if train_tokens else None,
-                     "peak_memory_mb": None if peaks[name][-1] is None else max(peaks[name]),
+                     "peak_memory_mb": peaks[name],
                      "tflops": flops / sec / 1e12, "mfu": flops / sec / 1e12 / peak_tf if peak_tf and flops else None}
 
     def ratios(s):  # s: item name -> seconds
