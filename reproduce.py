@@ -990,13 +990,18 @@ def run_figure(number: int, ws: Workspace, args) -> str:
 #               and, apart, `optimizer`: gradient clipping + the two AdamW steps of tartan.train for body and all heads
 #   steps       one full optimizer step of tartan.train itself (its step function, gradient clipping, both AdamW
 #               steps, zero_grad, the schedulers): finetune (Eq. 2), pretrain (Eq. 1, MLM only), mt (Eq. 3),
-#               meta (Alg. 1) and meta_same_head (Eq. 6). A step is the time between the starts of two consecutive
-#               calls of the step function inside tartan.train, so the real loop is what is measured.
+#               meta (Alg. 1) and meta_same_head (Eq. 6), timed from one call of the step function inside
+#               tartan.train to the next, so the real loop is what is measured.
+# Ratios are paired: just before each step, inside the same loop, the floors that step is compared with run once each
+# (timed apart, and taken out of the step's time), so every step has its own floors from a second earlier; a ratio
+# is the median over steps of step / (its floors). For META: meta / (mt_over_floor x (its end + aux floors) + its val
+# floor). Measured on a 2-core VM, timing the items one after the other instead gave mt_over_floor from 1.01 to 1.08
+# across six processes (load and memory state drift between items); paired, 1.035-1.050 across four.
 # Every configuration uses grad_accum = 1, so that a step holds exactly one micro-batch per task and compares like
 # with like against the floors. Batches are prebuilt (the MLM batch masked once): tokenisation, collation and masking
-# are not in any figure. Medians over rounds x steps; the rounds interleave all items so that load drifting on a
-# shared machine hits each item alike, and the per-round spread of the ratios is reported.
-# Peak memory is measured after the timing rounds, in one short pass per item from a reset (see _PeakMemory).
+# are not in any figure. An untimed pass of every item comes first; then rounds x steps, every item in each round;
+# the per-round spread of the ratios is reported. Peak memory is measured after the timing, in one short pass per item
+# from a reset (see _PeakMemory).
 # Targets: mt <= 1.05 x (floor_end + n_aux x floor_aux); meta <= 1.10 x (mt + floor_val).
 # On CPU the command line first makes glibc keep freed memory for reuse (tune_malloc; --default-malloc: not), which
 # removes the page faults that otherwise dominate the step overheads; the report records which allocator setting ran.
@@ -1094,7 +1099,7 @@ def _peak_tflops(device, bf16, override):
 
 def bench(model=None, device=None, batch_size=None, aux_batch_size=None, meta_batch_size=None, max_length=None,
               n_aux=1, steps=None, warmup=None, rounds=None, out_dir="results", quick=False, bf16=True,
-              peak_tflops=None, threads=None, num_labels=6, seed=0, malloc=None, log=print) -> dict:
+              peak_tflops=None, threads=None, num_labels=6, seed=0, malloc=None, progress=False, log=print) -> dict:
     """Times the floors and the training steps (see the comment above) and writes bench[_quick].json to out_dir.
     model: "small" | "roberta-base" (default: roberta-base on CUDA, small on CPU; --quick: a tiny model).
     threads: torch CPU threads for the run (default: torch's; --quick: 1, as a tiny model gains nothing from more).
@@ -1105,13 +1110,13 @@ def bench(model=None, device=None, batch_size=None, aux_batch_size=None, meta_ba
         torch.set_num_threads(threads)
     try:
         return _run_bench(model, device, batch_size, aux_batch_size, meta_batch_size, max_length, n_aux, steps,
-                          warmup, rounds, out_dir, quick, bf16, peak_tflops, num_labels, seed, malloc, log)
+                          warmup, rounds, out_dir, quick, bf16, peak_tflops, num_labels, seed, malloc, progress, log)
     finally:
         torch.set_num_threads(saved_threads)
 
 
 def _run_bench(model, device, batch_size, aux_batch_size, meta_batch_size, max_length, n_aux, steps, warmup, rounds,
-               out_dir, quick, bf16, peak_tflops, num_labels, seed, malloc, log):
+               out_dir, quick, bf16, peak_tflops, num_labels, seed, malloc, progress, log):
     from transformers import AutoModelForMaskedLM, RobertaConfig
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if device in (None, "auto") else \
@@ -1150,21 +1155,22 @@ def _run_bench(model, device, batch_size, aux_batch_size, meta_batch_size, max_l
                   final_finetune=None)
     cfg_train, cfg_meta = tartan.TrainConfig(**common), tartan.MetaConfig(meta_batch_size=M, **common)
 
-    def floor(head, data, n_warm, n_time):
+    def one_pass(head, data):
         """One forward+backward of body + head on one batch, the way tartan._forward runs it; returns seconds."""
-        times = []
-        for i in range(n_warm + n_time):
-            _sync(device)
-            t0 = time.perf_counter()
-            inputs, labels = tartan._to(*data.batch(None), device)
-            with autocast:
-                _, loss = head(body(**inputs), labels)
-            loss.backward()
-            _sync(device)
-            times.append(time.perf_counter() - t0)
-            for m in (body, head):
-                m.zero_grad(set_to_none=True)
-        return times[n_warm:]
+        _sync(device)
+        t0 = time.perf_counter()
+        inputs, labels = tartan._to(*data.batch(None), device)
+        with autocast:
+            _, loss = head(body(**inputs), labels)
+        loss.backward()
+        _sync(device)
+        seconds = time.perf_counter() - t0
+        for m in (body, head):
+            m.zero_grad(set_to_none=True)
+        return seconds
+
+    floors = {"floor_end": (end.head, end.train), "floor_aux": (aux[0].head, aux[0].train),
+              "floor_val": (end.head, end.dev)}
 
     def optimizer_step(n_warm, n_time):
         """Gradient clipping and the two AdamW steps of tartan.train for body + all heads, with every gradient set."""
@@ -1184,74 +1190,107 @@ def _run_bench(model, device, batch_size, aux_batch_size, meta_batch_size, max_l
                 o.zero_grad(set_to_none=True)
             _sync(device)
             times.append(time.perf_counter() - t0)
-        return times[n_warm:]
+        return {"step": times[n_warm:]}
 
-    def step(end_task, aux_tasks, cfg, step_fn, n_warm, n_time):
-        """Runs tartan.train for n_warm + n_time + 1 steps; returns the durations of the n_time after the warm-up."""
-        starts = []
+    def step(end_task, aux_tasks, cfg, step_fn, paired, n_warm, n_time):
+        """Runs tartan.train for n_warm + n_time + 1 steps. A step is the time between the starts of two consecutive
+        calls of its step function, less the floors run there: before each step, each floor in `paired` runs (count
+        times, timed apart), so that every step has its own floors from a second earlier. Returns {"step": durations,
+        floor name: summed durations} over the timed steps."""
+        marks, inline = [], {name: [] for name in paired}
 
         def timed(*args):
+            for name, count in paired.items():  # count: passes per step (n_aux for the auxiliary floor)
+                inline[name].append(sum(one_pass(*floors[name]) for _ in range(count)))
             _sync(device)
-            starts.append(time.perf_counter())
+            marks.append(time.perf_counter())
             return step_fn(*args)
         tartan.train(body, end_task, aux_tasks, dataclasses.replace(cfg, max_steps=n_warm + n_time + 1), timed)
-        return np.diff(starts)[n_warm:].tolist()
+        after = [sum(inline[name][i] for name in paired) for i in range(len(marks))]  # floors before step i's mark
+        steps_ = [marks[i + 1] - marks[i] - after[i + 1] for i in range(len(marks) - 1)]
+        return {"step": steps_[n_warm:], **{name: inline[name][n_warm:n_warm + n_time] for name in paired}}
 
     meta_same = dataclasses.replace(cfg_meta, same_head=True)
+    both = {"floor_end": 1, "floor_aux": n_aux}
     items = {  # name: (run, training tokens per step, body tokens per step)
-        "floor_end": (lambda *n: floor(end.head, end.train, *n), B * T, B * T),
-        "floor_aux": (lambda *n: floor(aux[0].head, aux[0].train, *n), A * T, A * T),
-        "floor_val": (lambda *n: floor(end.head, end.dev, *n), M * T, M * T),
         "optimizer": (optimizer_step, 0, 0),
-        "finetune": (lambda *n: step(end, [], cfg_train, tartan.multitask_step, *n), B * T, B * T),
+        "finetune": (lambda *n: step(end, [], cfg_train, tartan.multitask_step, {"floor_end": 1}, *n), B * T, B * T),
         "pretrain": (lambda *n: step(None, aux, dataclasses.replace(cfg_train, weights=(1.0,) * n_aux),
-                                     tartan.multitask_step, *n), n_aux * A * T, n_aux * A * T),
-        "mt": (lambda *n: step(end, aux, cfg_train, tartan.multitask_step, *n), (B + n_aux * A) * T,
+                                     tartan.multitask_step, {"floor_aux": n_aux}, *n), n_aux * A * T, n_aux * A * T),
+        "mt": (lambda *n: step(end, aux, cfg_train, tartan.multitask_step, both, *n), (B + n_aux * A) * T,
                (B + n_aux * A) * T),
-        "meta": (lambda *n: step(end, aux, cfg_meta, tartan.meta_step, *n), (B + n_aux * A) * T,
-                 (B + n_aux * A + M) * T),
-        "meta_same_head": (lambda *n: step(end, aux, meta_same, tartan.meta_step, *n), (B + n_aux * A) * T,
-                           (B + n_aux * A + M) * T),
+        "meta": (lambda *n: step(end, aux, cfg_meta, tartan.meta_step, {**both, "floor_val": 1}, *n),
+                 (B + n_aux * A) * T, (B + n_aux * A + M) * T),
+        "meta_same_head": (lambda *n: step(end, aux, meta_same, tartan.meta_step, {**both, "floor_val": 1}, *n),
+                           (B + n_aux * A) * T, (B + n_aux * A + M) * T),
     }
     log(f"bench: {model} on {device} ({_device_name(device)}), batches end {B} / aux {n_aux} x {A} / meta {M}, "
         f"length {T}, bf16 {bf16}, grad_accum 1; {rounds} rounds x {steps} steps after {warmup} warm-up; "
         f"malloc: {malloc or 'not set here'}")
-    samples = {name: [] for name in items}
+    samples = {name: [] for name in items}  # per item: one dict per round {"step": [...], floor: [...]}
     t_start = time.perf_counter()
     for run, _, _ in items.values():  # untimed: caches, lazy init and the heap reach their working state
         run(1, 1)
+    bar = _bar(rounds * len(items), progress, "bench")
     for r in range(rounds):  # timing: nothing resets memory in between (on CPU a reset hands the heap back to the
         for name, (run, _, _) in items.items():  # OS, and the page faults of its refill would be timed)
             samples[name].append(run(warmup, steps))
+            bar.update(1)
         log(f"  round {r + 1}/{rounds} done ({time.perf_counter() - t_start:.0f} s)")
+    bar.close()
     peaks = {}
     for name, (run, _, _) in items.items():  # peak memory: one short untimed pass per item, each from a reset
         peak.reset()
         run(1, 1)
         peaks[name] = peak.read_mb()
+    for name, (head_, data_) in floors.items():
+        peak.reset()
+        one_pass(head_, data_)
+        peaks[name] = peak.read_mb()
 
     n_flop = sum(p.numel() for n, p in body.named_parameters() if "embeddings" not in n)
     peak_tf = _peak_tflops(device, bf16, peak_tflops)
+    flat = {name: sum((s["step"] for s in samples[name]), []) for name in items}
+    for f in floors:  # every inline sample of a floor (per pass), from whichever loop ran it
+        flat[f] = [x / (n_aux if f == "floor_aux" else 1) for name in items for s in samples[name] if f in s
+                   for x in s[f]]
+    tokens = {"floor_end": (B * T, B * T), "floor_aux": (A * T, A * T), "floor_val": (M * T, M * T),
+              **{name: (tt, bt) for name, (_, tt, bt) in items.items()}}
     res = {}
-    for name, (_, train_tokens, body_tokens) in items.items():
-        sec = float(np.median(sum(samples[name], [])))
+    for name in list(floors) + list(items):
+        train_tokens, body_tokens = tokens[name]
+        sec = float(np.median(flat[name]))
         flops = body_tokens * (6 * n_flop + 12 * L * H * T)
-        res[name] = {"seconds": sec, "round_medians": [float(np.median(s)) for s in samples[name]],
+        res[name] = {"seconds": sec, "samples": len(flat[name]),
                      "tokens_per_step": train_tokens, "tokens_per_s": train_tokens / sec if train_tokens else None,
                      "peak_memory_mb": peaks[name],
                      "tflops": flops / sec / 1e12, "mfu": flops / sec / 1e12 / peak_tf if peak_tf and flops else None}
 
-    def ratios(s):  # s: item name -> seconds
-        floor_sum = s["floor_end"] + n_aux * s["floor_aux"]
-        return {"mt_over_floor": s["mt"] / floor_sum,
-                "meta_over_mt_plus_val": s["meta"] / (s["mt"] + s["floor_val"]),
-                "meta_over_mt": s["meta"] / s["mt"],
-                "meta_same_head_over_mt_plus_val": s["meta_same_head"] / (s["mt"] + s["floor_val"]),
-                "mt_over_floor_plus_optimizer": s["mt"] / (floor_sum + s["optimizer"]),
-                "finetune_over_floor": s["finetune"] / s["floor_end"],
-                "pretrain_over_floor": s["pretrain"] / (n_aux * s["floor_aux"])}
-    main = ratios({k: v["seconds"] for k, v in res.items()})
-    per_round = [ratios({k: v["round_medians"][r] for k, v in res.items()}) for r in range(rounds)]
+    def paired(name, round_=None):
+        """Per-step ratios of item `name` to the sum of the floors run just before each of its steps."""
+        out = []
+        for s in (samples[name] if round_ is None else [samples[name][round_]]):
+            fl = [sum(v) for v in zip(*[s[f] for f in s if f != "step"])]
+            out += [a / b for a, b in zip(s["step"], fl)]
+        return out
+
+    def ratios(round_=None):
+        med = lambda name: float(np.median(paired(name, round_)))  # noqa: E731
+        mt = med("mt")  # MT step / (end floor + aux floor)
+        out = {"mt_over_floor": mt, "finetune_over_floor": med("finetune"), "pretrain_over_floor": med("pretrain")}
+        for name, key in (("meta", "meta_over_mt_plus_val"), ("meta_same_head", "meta_same_head_over_mt_plus_val")):
+            # a META step against an MT step estimated from its own floors: mt x (end + aux floors) + val floor
+            rs = samples[name] if round_ is None else [samples[name][round_]]
+            vs = [st / (mt * (fe + fa) + fv) for s in rs
+                  for st, fe, fa, fv in zip(s["step"], s["floor_end"], s["floor_aux"], s["floor_val"])]
+            out[key] = float(np.median(vs))
+        out["meta_over_mt"] = res["meta"]["seconds"] / res["mt"]["seconds"] if round_ is None else \
+            float(np.median(samples["meta"][round_]["step"]) / np.median(samples["mt"][round_]["step"]))
+        out["mt_over_floor_plus_optimizer"] = res["mt"]["seconds"] / (
+            res["floor_end"]["seconds"] + n_aux * res["floor_aux"]["seconds"] + res["optimizer"]["seconds"])
+        return out
+    main = ratios()
+    per_round = [ratios(r) for r in range(rounds)]
     mem_meta_over_mt = (res["meta"]["peak_memory_mb"] / res["mt"]["peak_memory_mb"]
                         if res["mt"]["peak_memory_mb"] else None)
     report = {
@@ -1271,7 +1310,10 @@ def _run_bench(model, device, batch_size, aux_batch_size, meta_batch_size, max_l
                     "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "platform": platform.platform(),
                     "peak_tflops": peak_tf, "malloc": malloc},
         "notes": {"grad_accum": "1 in every configuration: a step holds one micro-batch per task, as the floors",
-                  "seconds": "median over rounds x steps; a step = one iteration of tartan.train's loop",
+                  "seconds": "median over rounds x steps; a step = one iteration of tartan.train's loop; floors: "
+                             "every pass run beside the steps",
+                  "ratios": "paired: per step, step / (the floors run just before it in the same loop); median over "
+                            "steps. META: meta / (mt_over_floor x (end + aux floors) + val floor)",
                   "tokens_per_s": "training tokens (end-task + auxiliary batches) per second; META's validation "
                                   "tokens are counted in its FLOPs, not in its tokens",
                   "peak_memory_mb": ("torch.cuda.max_memory_allocated" if device.type == "cuda" else
@@ -1373,7 +1415,8 @@ def run_bench(args) -> int:
               aux_batch_size=args.aux_batch_size, meta_batch_size=args.meta_batch_size, max_length=args.max_length,
               n_aux=args.bench_n_aux, steps=args.bench_steps, warmup=args.bench_warmup, rounds=args.bench_rounds,
               out_dir=args.out, quick=args.quick, bf16=getattr(args, "bf16", True),
-              peak_tflops=args.bench_peak_tflops, threads=args.bench_threads, malloc=getattr(args, "malloc", None))
+              peak_tflops=args.bench_peak_tflops, threads=args.bench_threads, malloc=getattr(args, "malloc", None),
+              progress=getattr(args, "progress", False))
     return 0
 
 

@@ -995,6 +995,9 @@ def test_quick_bench_prints_and_writes_its_ratios(tmp_path, capsys):
         assert saved["items"][name]["seconds"] > 0 and saved["items"][name]["tokens_per_s"] > 0, name
     assert saved["config"]["grad_accum"] == 1
     assert isinstance(saved["machine"]["malloc"], str)  # what tune_malloc did is on record
+    # the floors are measured beside the steps they pair with: every step of mt brought one end and one aux pass
+    assert saved["items"]["floor_aux"]["samples"] >= saved["items"]["mt"]["samples"] > 0
+    assert saved["notes"]["ratios"].startswith("paired")
 
 
 def test_bench_bad_sizes_give_one_message_and_no_file(tmp_path, capsys):
