@@ -1149,7 +1149,7 @@ def _run_bench(model, device, batch_size, aux_batch_size, meta_batch_size, max_l
            for i in range(n_aux)]
     heads = [end.head] + [t.head for t in aux]
 
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16)  # as tartan.train builds it
+    autocast = tartan._autocast(device, bf16)  # as tartan.train builds it
     peak = _PeakMemory(device)
     common = dict(batch_size=B, aux_batch_size=A, grad_accum=1, eval_every=-1, bf16=bf16, seed=seed,
                   final_finetune=None)

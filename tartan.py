@@ -344,6 +344,11 @@ def _to(inputs: dict, labels, device):
     return {k: v.to(device, non_blocking=True) for k, v in inputs.items()}, labels.to(device, non_blocking=True)
 
 
+def _autocast(device: torch.device, bf16: bool):
+    """bf16 autocast on CUDA when asked, for training and evaluation alike; a disabled context elsewhere (fp32)."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16 and device.type == "cuda")
+
+
 def _n_tokens(inputs: dict) -> int:
     return int(inputs["attention_mask"].sum()) if "attention_mask" in inputs else len(next(iter(inputs.values())))
 
@@ -492,7 +497,7 @@ def train(body: nn.Module, end: Task | None, aux: list[Task], cfg: TrainConfig, 
     history, tokens = [], dict.fromkeys(names, 0)
     losses_since, cos_since, val_since = [], [], []
     best, best_state, best_weights, since_best = -math.inf, None, None, 0
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.bf16 and device.type == "cuda")
+    autocast = _autocast(device, cfg.bf16)
     bar = _progress(total, cfg.progress, "train")
     t0 = time.perf_counter()
     body.train()
@@ -776,7 +781,6 @@ def f1_scores(y_true, y_pred) -> dict:
 
 
 @torch.no_grad()
-@torch.no_grad()
 def evaluate(body, head, data, batch_size: int = 64, bf16: bool = False) -> dict:
     """Metrics of body + head on a labelled split, in eval mode (no dropout), without autograd; bf16 autocast on CUDA
     when asked (train passes its cfg.bf16). Restores the previous train/eval mode."""
@@ -786,7 +790,7 @@ def evaluate(body, head, data, batch_size: int = 64, bf16: bool = False) -> dict
     preds, total_loss = [], 0.0
     for i in range(0, len(data), batch_size):
         inputs, labels = _to(*data.batch(list(range(i, min(i + batch_size, len(data))))), device)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16 and device.type == "cuda"):
+        with _autocast(device, bf16):
             logits, loss = head(body(**inputs), labels)
         preds.append(logits.argmax(-1).cpu())
         total_loss += loss.float().item() * len(labels)
