@@ -1266,29 +1266,26 @@ def _run_bench(model, device, batch_size, aux_batch_size, meta_batch_size, max_l
                      "peak_memory_mb": peaks[name],
                      "tflops": flops / sec / 1e12, "mfu": flops / sec / 1e12 / peak_tf if peak_tf and flops else None}
 
-    def paired(name, round_=None):
-        """Per-step ratios of item `name` to the sum of the floors run just before each of its steps."""
-        out = []
-        for s in (samples[name] if round_ is None else [samples[name][round_]]):
-            fl = [sum(v) for v in zip(*[s[f] for f in s if f != "step"])]
-            out += [a / b for a, b in zip(s["step"], fl)]
-        return out
-
     def ratios(round_=None):
-        med = lambda name: float(np.median(paired(name, round_)))  # noqa: E731
-        mt = med("mt")  # MT step / (end floor + aux floor)
-        out = {"mt_over_floor": mt, "finetune_over_floor": med("finetune"), "pretrain_over_floor": med("pretrain")}
-        for name, key in (("meta", "meta_over_mt_plus_val"), ("meta_same_head", "meta_same_head_over_mt_plus_val")):
-            # a META step against an MT step estimated from its own floors: mt x (end + aux floors) + val floor
-            rs = samples[name] if round_ is None else [samples[name][round_]]
-            vs = [st / (mt * (fe + fa) + fv) for s in rs
-                  for st, fe, fa, fv in zip(s["step"], s["floor_end"], s["floor_aux"], s["floor_val"])]
-            out[key] = float(np.median(vs))
-        out["meta_over_mt"] = res["meta"]["seconds"] / res["mt"]["seconds"] if round_ is None else \
-            float(np.median(samples["meta"][round_]["step"]) / np.median(samples["mt"][round_]["step"]))
-        out["mt_over_floor_plus_optimizer"] = res["mt"]["seconds"] / (
-            res["floor_end"]["seconds"] + n_aux * res["floor_aux"]["seconds"] + res["optimizer"]["seconds"])
-        return out
+        """Medians of per-step ratios over all rounds (or one): each step against the floors run just before it."""
+        rounds_of = lambda name: samples[name] if round_ is None else [samples[name][round_]]  # noqa: E731
+
+        def per_step(name, denominator):  # denominator: {floor name: seconds before this step} -> seconds
+            return float(np.median([s["step"][i] / denominator({f: v[i] for f, v in s.items() if f != "step"})
+                                    for s in rounds_of(name) for i in range(len(s["step"]))]))
+        total = lambda floors_: sum(floors_.values())  # noqa: E731
+        mt = per_step("mt", total)
+        # a META step against an MT step estimated from its own floors: mt x (end + aux floors) + val floor
+        mt_plus_val = lambda fl: mt * (fl["floor_end"] + fl["floor_aux"]) + fl["floor_val"]  # noqa: E731
+        step_median = lambda name: float(np.median(sum((s["step"] for s in rounds_of(name)), [])))  # noqa: E731
+        return {"mt_over_floor": mt,
+                "meta_over_mt_plus_val": per_step("meta", mt_plus_val),
+                "meta_over_mt": step_median("meta") / step_median("mt"),
+                "meta_same_head_over_mt_plus_val": per_step("meta_same_head", mt_plus_val),
+                "mt_over_floor_plus_optimizer": res["mt"]["seconds"] / (
+                    res["floor_end"]["seconds"] + n_aux * res["floor_aux"]["seconds"] + res["optimizer"]["seconds"]),
+                "finetune_over_floor": per_step("finetune", total),
+                "pretrain_over_floor": per_step("pretrain", total)}
     main = ratios()
     per_round = [ratios(r) for r in range(rounds)]
     mem_meta_over_mt = (res["meta"]["peak_memory_mb"] / res["mt"]["peak_memory_mb"]
