@@ -578,8 +578,9 @@ def _forward(body, task, stream, device, autocast, tokens):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# 5. MT-TARTAN (Eq. 3): theta <- theta - beta * grad( w* L_T* + sum_i w_i L_Ti ), static w, one backward per
-#    micro-batch of the weighted sum. With the end-task alone this is fine-tuning (Eq. 2); without it, Eq. 1.
+# 5. MT-TARTAN (Eq. 3): theta <- theta - beta * grad( w* L_T* + sum_i w_i L_Ti ), static w; the gradient of the
+#    weighted sum is accumulated one task micro-batch at a time. With the end-task alone this is fine-tuning (Eq. 2);
+#    without it, Eq. 1.
 
 
 def multitask_step(body, tasks, streams, state, cfg, autocast, tokens) -> dict:
