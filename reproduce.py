@@ -270,20 +270,13 @@ def corpus_file(task: str, label: str, extra: dict) -> str:
     raise ReproduceError(f"unknown auxiliary corpus '{label}'")
 
 
-def subset(n: int, limit: int | None) -> list[int]:
-    """A fixed (seed 0) random subset of at most `limit` of n examples, in their original order (smoke runs)."""
-    if not limit or n <= limit:
-        return list(range(n))
-    return sorted(np.random.default_rng(0).choice(n, limit, replace=False).tolist())
-
-
 def read_text_task(folder: str, tokenizer, max_length: int, limit: int | None) -> dict:
     """{train,dev,test}.jsonl -> tokenised TextData per split and the label vocabulary (tartan.read_end_task)."""
     data = tartan.read_end_task(folder)
     out = {"labels": data["labels"]}
     for split in ("train", "dev", "test"):
         texts, labels = data[split]
-        keep = subset(len(texts), limit)
+        keep = tartan.subset(len(texts), limit)
         ids = tartan.tokenize(tokenizer, [texts[i] for i in keep], max_length)
         out[split] = tartan.TextData(ids, [labels[i] for i in keep], tokenizer.pad_token_id)
     return out
@@ -291,7 +284,7 @@ def read_text_task(folder: str, tokenizer, max_length: int, limit: int | None) -
 
 def read_corpus(path: str, tokenizer, max_length: int, limit: int | None) -> tartan.TextData:
     lines = tartan.read_lines(path)
-    lines = [lines[i] for i in subset(len(lines), limit)]
+    lines = [lines[i] for i in tartan.subset(len(lines), limit)]
     return tartan.TextData(tartan.tokenize(tokenizer, lines, max_length), None, tokenizer.pad_token_id)
 
 
@@ -420,6 +413,16 @@ QUICK = {"max_length": 64, "limit": 64,
                        meta_batch_size=8, eval_batch_size=32),
          "pretrain": dict(max_steps=2, aux_batch_size=8, grad_accum=1),
          "final": dict(max_steps=2, eval_every=1, patience=1, batch_size=8, grad_accum=1, eval_batch_size=32)}
+# --budget cpu: a small pretrained body (all-MiniLM-L6-v2 size) on a 2-core CPU, under which fine-tuning alone learns
+# ACL-ARC. Every end-task stage stops early on dev (evaluated every 50 steps, patience 4) within its step cap; the
+# Eq. 2 stages (finetune, and the fine-tuning after TAPT/DAPT) take the body learning rate chosen on dev from the grid
+# in the README; no final fine-tuning after MT/META. Flags given beside --budget override single values.
+BUDGETS = {"cpu": {"max_length": 64,
+                   "train": dict(batch_size=16, aux_batch_size=16, grad_accum=1, max_steps=600, eval_every=50,
+                                 patience=4, meta_batch_size=16, eval_batch_size=64),
+                   "eq2": dict(lr=1e-4, head_lr=1e-3),
+                   "pretrain": dict(max_steps=400, aux_batch_size=16, grad_accum=1),
+                   "final": None}}
 FLAGS = {  # flag -> (config field, stages it sets)
     "batch_size": ("batch_size", ("train", "final")),
     "aux_batch_size": ("aux_batch_size", ("train", "pretrain")),
@@ -441,8 +444,13 @@ def _with(cfg, values: dict):
     return dataclasses.replace(cfg, **{k: v for k, v in values.items() if k in names})
 
 
-def stage_values(args, stage: str) -> dict:
+def stage_values(args, stage: str, eq2: bool = False) -> dict:
+    """Config values of one stage: --quick or --budget first, then the flags given."""
     values = dict(QUICK[stage]) if args.quick else {}
+    if args.budget:
+        values.update(BUDGETS[args.budget][stage] or {})
+        if eq2:
+            values.update(BUDGETS[args.budget]["eq2"])
     for flag, (name, stages) in FLAGS.items():
         if stage in stages and getattr(args, flag, None) is not None:
             values[name] = getattr(args, flag)
@@ -457,11 +465,13 @@ def make_configs(args, task: str, mode: str, seed: int, n_pretrain: int):
         cfg = tartan.MetaConfig(same_head=mode == "meta-samehead") if mode != "mt" else tartan.TrainConfig()
         cfg = _with(cfg, {**(VISION if vision else {}), **(VISION_META if vision else {})})
         final = None
-        if not vision and not args.no_final_finetune:  # the optional Eq. 2 stage (released scripts' settings)
+        no_final = args.no_final_finetune or (args.budget and BUDGETS[args.budget]["final"] is None)
+        if not vision and not no_final:  # the optional Eq. 2 stage (released scripts' settings)
             final = _with(tartan.tartan_finetune(), {**stage_values(args, "final"), **common})
         cfg = _with(cfg, {**stage_values(args, "train"), **common, "final_finetune": final})
     else:
-        cfg = _with(tartan.FinetuneConfig(), {**(VISION if vision else {}), **stage_values(args, "train"), **common})
+        cfg = _with(tartan.FinetuneConfig(), {**(VISION if vision else {}), **stage_values(args, "train", eq2=True),
+                                              **common})
     pre = _with(tartan.PretrainConfig(), {**(VISION if vision else {}), "eval_every": -1,
                                            **stage_values(args, "pretrain"), **common})
     return cfg, [pre] * n_pretrain
@@ -592,7 +602,8 @@ class Workspace:
 
     def __init__(self, args, device: torch.device):
         self.args, self.device = args, device
-        self.max_length = args.max_length or (QUICK["max_length"] if args.quick else 512)
+        self.max_length = args.max_length or (QUICK["max_length"] if args.quick else
+                                              BUDGETS[args.budget]["max_length"] if args.budget else 512)
         self.limit = args.limit if args.limit is not None else (QUICK["limit"] if args.quick else None)
         self.extra = dict(args.extra_corpora)
         self._model, self._text, self._corpora, self._cifar, self.files = None, {}, {}, None, {}
@@ -702,7 +713,7 @@ class Workspace:
 
     def execute(self, run: Run) -> dict:
         """Train and evaluate one run and write its result file; nothing is written unless it completes."""
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         cfg, pre = make_configs(self.args, run.task, run.mode, run.seed, len(run.aux))
         self.prepare(run)
         if self.device.type == "cuda":
@@ -721,6 +732,7 @@ class Workspace:
             "headline": {"metric": metric, "dev": out["dev"][field], "test": out["test"][field]},
             "history": out["history"], "stages": out["stages"],
             "steps": sum(s["steps"] for s in out["stages"]), "wall_seconds": time.perf_counter() - t0,
+            "cpu_seconds": time.process_time() - cpu0, "threads": torch.get_num_threads(),
             "peak_memory_mb": (torch.cuda.max_memory_allocated(self.device) / 2**20 if self.device.type == "cuda"
                                else None),
             "peak_rss_mb_process": _peak_rss_mb(), "tokens": tokens, "data_sizes": sizes,
@@ -877,6 +889,13 @@ def budget_str(args) -> str:
         given.append("--no-final-finetune")
     if args.quick:
         given.insert(0, "--quick")
+    if args.budget:
+        b = BUDGETS[args.budget]
+        given.insert(0, f"--budget {args.budget} (max length {b['max_length']}; end-task stages "
+                        + ", ".join(f"{k} {v}" for k, v in b["train"].items()) + "; Eq. 2 stages "
+                        + ", ".join(f"{k} {v}" for k, v in b["eq2"].items()) + "; Eq. 1 "
+                        + ", ".join(f"{k} {v}" for k, v in b["pretrain"].items())
+                        + ("; no final fine-tuning" if b["final"] is None else "") + ")")
     return "the paper's settings" if not given else "the paper's settings except " + " ".join(given)
 
 
@@ -1149,7 +1168,7 @@ def _run_bench(model, device, batch_size, aux_batch_size, meta_batch_size, max_l
            for i in range(n_aux)]
     heads = [end.head] + [t.head for t in aux]
 
-    autocast = tartan._autocast(device, bf16)  # as tartan.train builds it
+    autocast = tartan.autocast(device, bf16)  # as tartan.train builds it
     peak = _PeakMemory(device)
     common = dict(batch_size=B, aux_batch_size=A, grad_accum=1, eval_every=-1, bf16=bf16, seed=seed,
                   final_finetune=None)
@@ -1159,7 +1178,7 @@ def _run_bench(model, device, batch_size, aux_batch_size, meta_batch_size, max_l
         """One forward+backward of body + head on one batch, the way tartan._forward runs it; returns seconds."""
         _sync(device)
         t0 = time.perf_counter()
-        inputs, labels = tartan._to(*data.batch(None), device)
+        inputs, labels = tartan.to_device(*data.batch(None), device)
         with autocast:
             _, loss = head(body(**inputs), labels)
         loss.backward()
@@ -1176,8 +1195,8 @@ def _run_bench(model, device, batch_size, aux_batch_size, meta_batch_size, max_l
         """Gradient clipping and the two AdamW steps of tartan.train for body + all heads, with every gradient set."""
         params = list(body.parameters())
         head_params = [p for h in heads for p in tartan.head_parameters(h, body)]
-        opts = [tartan._optimizer(params, cfg_train.lr, cfg_train.weight_decay, cfg_train),
-                tartan._optimizer(head_params, cfg_train.head_lr, cfg_train.head_weight_decay, cfg_train)]
+        opts = [tartan.make_optimizer(params, cfg_train.lr, cfg_train.weight_decay, cfg_train),
+                tartan.make_optimizer(head_params, cfg_train.head_lr, cfg_train.head_weight_decay, cfg_train)]
         times = []
         for i in range(n_warm + n_time):
             for p in params + head_params:
@@ -2020,6 +2039,10 @@ def build_parser() -> argparse.ArgumentParser:
     budget.add_argument("--quick", action="store_true",
                         help="tiny smoke budget: max length 64, 64 examples per split and corpus, 4 steps (2 for "
                              "Eq. 1 and final), batches of 8; not the paper's experiment")
+    budget.add_argument("--budget", choices=sorted(BUDGETS),
+                        help="a named reduced budget: cpu = a small pretrained body on a CPU (max length 64, batches "
+                             "16, early stopping on dev for every end-task stage, Eq. 2 lr from a dev grid; the "
+                             "values are printed under the table and stored in each result file)")
     budget.add_argument("--max-length", type=int, metavar="T", help="tokens per example, all data (paper 512)")
     budget.add_argument("--limit", type=int, metavar="N",
                         help="use a fixed random N examples of each split and N lines of each corpus (smoke runs)")

@@ -49,6 +49,10 @@ class DataError(ValueError):
     """Bad input data. The message names the file and, where there is one, the line."""
 
 
+class DivergedError(RuntimeError):
+    """A training loss turned NaN or infinite: the run stops, and no result of it should be reported."""
+
+
 def read_jsonl(path: str) -> tuple[list[str], list[str], list[int]]:
     """Texts, labels and line numbers of a JSONL split. Blank lines are skipped; anything else malformed is an error."""
     if not os.path.isfile(path):
@@ -319,20 +323,35 @@ def batches(task: Task, batch_size: int, generator: torch.Generator):
             yield inputs, labels
 
 
+def subset(n: int, limit: int | None) -> list[int]:
+    """A fixed (seed 0) random subset of at most `limit` of n example indices, in their original order (smoke runs)."""
+    if not limit or n <= limit:
+        return list(range(n))
+    return sorted(np.random.default_rng(0).choice(n, limit, replace=False).tolist())
+
+
 def end_task(name: str, folder: str, tokenizer, hidden_size: int, max_length: int = 512,
-             metric: str = "macro_f1", dropout: float = 0.1) -> Task:
-    """The end-task T* of a JSONL folder, with a new classification head phi'."""
+             metric: str = "macro_f1", dropout: float = 0.1, limit: int | None = None) -> Task:
+    """The end-task T* of a JSONL folder, with a new classification head phi'. `limit` keeps a fixed random subset
+    of at most that many examples per split."""
     if metric not in ("macro_f1", "micro_f1"):
         raise ValueError(f"metric must be 'macro_f1' or 'micro_f1', not '{metric}'")
     data = read_end_task(folder)
-    split = lambda s: TextData(tokenize(tokenizer, data[s][0], max_length), data[s][1], tokenizer.pad_token_id)  # noqa
+
+    def split(s):
+        keep = subset(len(data[s][0]), limit)
+        return TextData(tokenize(tokenizer, [data[s][0][i] for i in keep], max_length), [data[s][1][i] for i in keep],
+                        tokenizer.pad_token_id)
     return Task(name, ClassificationHead(hidden_size, len(data["labels"]), dropout), split("train"),
                 dev=split("dev"), test=split("test"), num_labels=len(data["labels"]), metric=metric)
 
 
-def mlm_task(name: str, texts_or_path, tokenizer, body: nn.Module, mlm_head: MLMHead, max_length: int = 512) -> Task:
-    """An auxiliary MLM task T_i on a corpus (a path to a line file, or a list of texts), with its own head phi^i."""
+def mlm_task(name: str, texts_or_path, tokenizer, body: nn.Module, mlm_head: MLMHead, max_length: int = 512,
+             limit: int | None = None) -> Task:
+    """An auxiliary MLM task T_i on a corpus (a path to a line file, or a list of texts), with its own head phi^i.
+    `limit` keeps a fixed random subset of at most that many lines."""
     texts = read_lines(texts_or_path) if isinstance(texts_or_path, str) else list(texts_or_path)
+    texts = [texts[i] for i in subset(len(texts), limit)]
     if not texts:
         raise DataError(f"auxiliary corpus '{name}' is empty")
     return Task(name, new_mlm_head(mlm_head, body), TextData(tokenize(tokenizer, texts, max_length), None,
@@ -340,11 +359,11 @@ def mlm_task(name: str, texts_or_path, tokenizer, body: nn.Module, mlm_head: MLM
                 masking=Masking.for_tokenizer(tokenizer))
 
 
-def _to(inputs: dict, labels, device):
+def to_device(inputs: dict, labels, device):
     return {k: v.to(device, non_blocking=True) for k, v in inputs.items()}, labels.to(device, non_blocking=True)
 
 
-def _autocast(device: torch.device, bf16: bool):
+def autocast(device: torch.device, bf16: bool):
     """bf16 autocast on CUDA when asked, for training and evaluation alike; a disabled context elsewhere (fp32)."""
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16 and device.type == "cuda")
 
@@ -413,6 +432,8 @@ class PretrainConfig(TrainConfig):
     """Eq. 1: end-task agnostic MLM on the auxiliary corpora (TAPT: Gururangan et al. 2020, App. B)."""
     lr: float = 1e-4
     head_lr: float = 1e-4
+    weight_decay: float = 0.01
+    head_weight_decay: float = 0.01   # Gururangan et al. (2020), App. B: 0.01 for the whole model, LM head included
     aux_batch_size: int = 64
     grad_accum: int = 4               # 64 x 4 = TAPT's batch 256
     epochs: float = 100
@@ -432,7 +453,7 @@ class MetaConfig(TrainConfig):
     cos_eps: float = 1e-8             # epsilon in cos(a, b) = a.b / (|a||b| + eps)
 
 
-def _optimizer(params: list[nn.Parameter], lr: float, weight_decay: float, cfg: TrainConfig):
+def make_optimizer(params: list[nn.Parameter], lr: float, weight_decay: float, cfg: TrainConfig):
     decay = [p for p in params if p.dim() >= 2]  # biases and LayerNorm/BatchNorm weights get no decay
     no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
@@ -480,8 +501,8 @@ def train(body: nn.Module, end: Task | None, aux: list[Task], cfg: TrainConfig, 
 
     body_params = list(body.parameters())
     heads = [head_parameters(t.head, body) for t in tasks]
-    opt_body = _optimizer(body_params, cfg.lr, cfg.weight_decay, cfg)
-    opt_heads = _optimizer([p for h in heads for p in h], cfg.head_lr, cfg.head_weight_decay, cfg)
+    opt_body = make_optimizer(body_params, cfg.lr, cfg.weight_decay, cfg)
+    opt_heads = make_optimizer([p for h in heads for p in h], cfg.head_lr, cfg.head_weight_decay, cfg)
     warmup = max(1, int(cfg.warmup_frac * total))
     # linear warm-up to the full rate at step `warmup`, then linear decay to 0 after the last step
     schedule = lambda s: min((s + 1) / warmup, max(0.0, (total - s) / max(1, total - warmup)))  # noqa: E731
@@ -497,7 +518,7 @@ def train(body: nn.Module, end: Task | None, aux: list[Task], cfg: TrainConfig, 
     history, tokens = [], dict.fromkeys(names, 0)
     losses_since, cos_since, val_since = [], [], []
     best, best_state, best_weights, since_best = -math.inf, None, None, 0
-    autocast = _autocast(device, cfg.bf16)
+    amp = autocast(device, cfg.bf16)
     bar = _progress(total, cfg.progress, "train")
     t0 = time.perf_counter()
     body.train()
@@ -505,7 +526,11 @@ def train(body: nn.Module, end: Task | None, aux: list[Task], cfg: TrainConfig, 
         t.head.train()
     step = 0
     for step in range(1, total + 1):
-        info = step_fn(body, tasks, streams, state, cfg, autocast, tokens)
+        info = step_fn(body, tasks, streams, state, cfg, amp, tokens)
+        bad = [name for name, loss in zip(names, info["losses"]) if not math.isfinite(loss)]
+        if bad:  # a diverged run must never become a result: stop before the optimizer applies the step
+            raise DivergedError(f"the loss of task '{bad[0]}' is {info['losses'][names.index(bad[0])]} at optimizer "
+                                f"step {step} of {total} (learning rate too high?); the run is stopped")
         if cfg.grad_clip > 0:
             clip_grad_norm(body_params + [p for h in heads for p in h], cfg.grad_clip)
         for o in (opt_body, opt_heads):
@@ -566,12 +591,12 @@ def _progress(total, enabled, desc):
     return _Silent()
 
 
-def _forward(body, task, stream, device, autocast, tokens):
+def _forward(body, task, stream, device, amp, tokens):
     """One micro-batch of a task: (loss, features, labels). Features are (B, T, H) or (B, H)."""
     inputs, labels = next(stream)
     tokens[task.name] += _n_tokens(inputs)
-    inputs, labels = _to(inputs, labels, device)
-    with autocast:
+    inputs, labels = to_device(inputs, labels, device)
+    with amp:
         features = body(**inputs)
         _, loss = task.head(features, labels)
     return loss, features, labels
@@ -583,7 +608,7 @@ def _forward(body, task, stream, device, autocast, tokens):
 #    without it, Eq. 1.
 
 
-def multitask_step(body, tasks, streams, state, cfg, autocast, tokens) -> dict:
+def multitask_step(body, tasks, streams, state, cfg, amp, tokens) -> dict:
     # grad(sum_k w_k L_k) = sum_k grad(w_k L_k): one backward per task micro-batch, right after its forward, so that
     # only one task's activations are alive at a time (a single backward of the weighted sum holds all K graphs: the
     # same gradient and the same FLOPs, at K times the activation memory, which on CPU also costs page faults).
@@ -592,7 +617,7 @@ def multitask_step(body, tasks, streams, state, cfg, autocast, tokens) -> dict:
     losses = [0.0] * len(tasks)
     for _ in range(cfg.grad_accum):
         for k, (task, stream) in enumerate(zip(tasks, streams)):
-            loss, _, _ = _forward(body, task, stream, device, autocast, tokens)
+            loss, _, _ = _forward(body, task, stream, device, amp, tokens)
             (w[k] / cfg.grad_accum * loss).backward()
             losses[k] += loss.item() / cfg.grad_accum
     return {"losses": losses, "alpha": w}
@@ -647,7 +672,7 @@ def update_task_weights(w: torch.Tensor, task_grads: torch.Tensor, meta_grad: to
     return w, torch.softmax(w, dim=0), cos
 
 
-def meta_step(body, tasks, streams, state, cfg: MetaConfig, autocast, tokens) -> dict:
+def meta_step(body, tasks, streams, state, cfg: MetaConfig, amp, tokens) -> dict:
     device = next(body.parameters()).device
     params = [p for p in body.parameters() if p.requires_grad]
     K, P = len(tasks), sum(p.numel() for p in params)
@@ -661,7 +686,7 @@ def meta_step(body, tasks, streams, state, cfg: MetaConfig, autocast, tokens) ->
     # g_k for every task: each head accumulates its own gradient in .grad; the body's is moved into G[k]
     for k, (task, stream) in enumerate(zip(tasks, streams)):
         for micro in range(cfg.grad_accum):
-            loss, features, labels = _forward(body, task, stream, device, autocast, tokens)
+            loss, features, labels = _forward(body, task, stream, device, amp, tokens)
             (loss / cfg.grad_accum).backward()
             losses[k] += loss.item() / cfg.grad_accum
             if k == 0 and micro == 0:  # B*_tr features for phi* (Alg. 1 uses the same B*_tr), no extra body pass
@@ -674,9 +699,9 @@ def meta_step(body, tasks, streams, state, cfg: MetaConfig, autocast, tokens) ->
     val_inputs, val_labels = next(state["val"])
     key = tasks[0].name + ":val"  # the extra pass META pays for, counted apart from the training tokens
     tokens[key] = tokens.get(key, 0) + _n_tokens(val_inputs)
-    val_inputs, val_labels = _to(val_inputs, val_labels, device)
+    val_inputs, val_labels = to_device(val_inputs, val_labels, device)
     buffers = [(b, b.clone()) for b in body.buffers()]  # e.g. BatchNorm statistics: dev batches must not move them
-    with autocast:
+    with amp:
         _, val_loss = head_star(body(**val_inputs), val_labels)
     grads = torch.autograd.grad(val_loss, params, allow_unused=True)
     with torch.no_grad():
@@ -790,8 +815,8 @@ def evaluate(body, head, data, batch_size: int = 64, bf16: bool = False) -> dict
     body.eval(), head.eval()
     preds, total_loss = [], 0.0
     for i in range(0, len(data), batch_size):
-        inputs, labels = _to(*data.batch(list(range(i, min(i + batch_size, len(data))))), device)
-        with _autocast(device, bf16):
+        inputs, labels = to_device(*data.batch(list(range(i, min(i + batch_size, len(data))))), device)
+        with autocast(device, bf16):
             logits, loss = head(body(**inputs), labels)
         preds.append(logits.argmax(-1).cpu())
         total_loss += loss.float().item() * len(labels)
