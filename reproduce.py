@@ -418,7 +418,7 @@ QUICK = {"max_length": 64, "limit": 64,
 # Eq. 2 stages (finetune, and the fine-tuning after TAPT/DAPT) take the body learning rate chosen on dev from the grid
 # in the README; no final fine-tuning after MT/META. Flags given beside --budget override single values.
 BUDGETS = {"cpu": {"max_length": 64,
-                   "train": dict(batch_size=16, aux_batch_size=16, grad_accum=1, max_steps=600, eval_every=50,
+                   "train": dict(batch_size=16, aux_batch_size=16, grad_accum=1, max_steps=400, eval_every=50,
                                  patience=4, meta_batch_size=16, eval_batch_size=64),
                    "eq2": dict(lr=1e-4, head_lr=1e-3),
                    "pretrain": dict(max_steps=400, aux_batch_size=16, grad_accum=1),
