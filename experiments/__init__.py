@@ -1,0 +1,1 @@
+"""The programs of reproduce.py, one module each; they import tartan.py, never the other way."""

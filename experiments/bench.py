@@ -1,0 +1,452 @@
+"""Speed benchmark (--bench): training steps against their floors, in one process."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import platform
+import time
+
+import numpy as np
+import torch
+
+import tartan
+
+from .common import ReproduceError, _bar, atomic_write_json
+
+
+
+#
+# What is timed, on identical synthetic batches (random token ids, no padding) and a config-built model with random
+# weights (speed needs no pretrained weights):
+#   floors      one forward+backward of body + head on one batch, nothing else:
+#                 floor_end  end-task head on an end-task batch        floor_aux  MLM head on an auxiliary batch
+#                 floor_val  end-task head on a validation batch of the meta batch size
+#               and, apart, `optimizer`: gradient clipping + the two AdamW steps of tartan.train for body and all heads
+#   steps       one full optimizer step of tartan.train itself (its step function, gradient clipping, both AdamW
+#               steps, zero_grad, the schedulers): finetune (Eq. 2), pretrain (Eq. 1, MLM only), mt (Eq. 3),
+#               meta (Alg. 1) and meta_same_head (Eq. 6), timed from one call of the step function inside
+#               tartan.train to the next, so the real loop is what is measured.
+# Ratios are paired: just before each step, inside the same loop, the floors that step is compared with run once each
+# (timed apart, and taken out of the step's time), so every step has its own floors from a second earlier; a ratio
+# is the median over steps of step / (its floors). For META: meta / (mt_over_floor x (its end + aux floors) + its val
+# floor). Measured on a 2-core VM, timing the items one after the other instead gave mt_over_floor from 1.01 to 1.08
+# across six processes (load and memory state drift between items); paired, 1.035-1.050 across four.
+# Every configuration uses grad_accum = 1, so that a step holds exactly one micro-batch per task and compares like
+# with like against the floors. Batches are prebuilt (the MLM batch masked once): tokenisation, collation and masking
+# are not in any figure. An untimed pass of every item comes first; then rounds x steps, every item in each round;
+# the per-round spread of the ratios is reported. Peak memory is measured after the timing, in one short pass per item
+# from a reset (see _PeakMemory).
+# Targets: mt <= 1.05 x (floor_end + n_aux x floor_aux); meta <= 1.10 x (mt + floor_val).
+# On CPU the command line first makes glibc keep freed memory for reuse (tune_malloc; --default-malloc: not), which
+# removes the page faults that otherwise dominate the step overheads; the report records which allocator setting ran.
+
+
+BENCH_SHAPES = {  # RoBERTa-style encoders built from a config, random weights
+    "tiny": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=512),
+    "small": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024,
+                  vocab_size=50265),
+    "roberta-base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+                         vocab_size=50265),
+}
+# defaults per model: (end-task batch, auxiliary batch, meta batch, sequence length); roberta-base = the paper's values
+BENCH_SIZES = {"tiny": (4, 4, 2, 16), "small": (16, 16, 8, 128), "roberta-base": (64, 64, 32, 512)}
+# dense peak TFLOP/s (bf16 tensor core, fp32 without TF32) by device-name substring, first match wins
+PEAK_TFLOPS = [("H100 PCIe", 756, 51), ("H100 NVL", 835, 60), ("H100", 989, 67), ("H200", 989, 67),
+               ("A100", 312, 19.5), ("L40S", 362, 91.6), ("A10G", 70, 31.2), ("L4", 121, 30.3)]
+FLOPS_FORMULA = ("model FLOPs per step = sum over the body passes of tokens x (6 x N + 12 x L x H x T); "
+                 "N = body parameters without the embeddings, L layers, H hidden size, T sequence length "
+                 "(6N: forward+backward matmuls; 12LHT: attention scores and values); heads are not counted")
+
+
+class _FixedData:
+    """Stands in for TextData: every batch drawn from it is the same prebuilt batch (one batch per epoch)."""
+
+    def __init__(self, inputs: dict, labels: torch.Tensor):
+        self.inputs, self.labels = inputs, labels
+
+    def __len__(self):
+        return len(self.labels)
+
+    def batch(self, idx):
+        return dict(self.inputs), self.labels
+
+
+def _synthetic_batch(batch_size, length, vocab_size, gen):
+    """Random ids between <s> (0) and </s> (2), no padding; ids 0-3 are the special tokens, vocab_size-1 the mask."""
+    ids = torch.randint(4, vocab_size - 1, (batch_size, length), generator=gen)
+    ids[:, 0], ids[:, -1] = 0, 2
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class _PeakMemory:
+    """Peak memory over a region: CUDA max_memory_allocated; on Linux CPU the process's peak RSS (VmHWM) after
+    resetting it through /proc/self/clear_refs (the whole process, model and optimizer state included); else None.
+    On CPU the reset first hands freed heap memory back to the OS (malloc_trim), so that the peak is the region's own
+    even when tune_malloc has told glibc to keep freed memory; the refill page-faults, so the bench measures memory in
+    a pass of its own after the timing rounds."""
+
+    def __init__(self, device):
+        self.device = device
+
+    def reset(self):
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return
+        try:
+            import ctypes
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:
+            pass
+
+    def read_mb(self):
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 2**20
+        try:
+            with open("/proc/self/status") as f:
+                hwm = next(line for line in f if line.startswith("VmHWM:"))
+            return int(hwm.split()[1]) / 1024
+        except (OSError, StopIteration):
+            return None
+
+
+def _peak_tflops(device, bf16, override):
+    if override:
+        return override
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, peak_bf16, peak_fp32 in PEAK_TFLOPS:
+        if key in name:
+            return peak_bf16 if bf16 else peak_fp32
+    return None
+
+
+def bench(model=None, device=None, batch_size=None, aux_batch_size=None, meta_batch_size=None, max_length=None,
+              n_aux=1, steps=None, warmup=None, rounds=None, out_dir="results", quick=False, bf16=True,
+              peak_tflops=None, threads=None, num_labels=6, seed=0, malloc=None, progress=False, log=print) -> dict:
+    """Times the floors and the training steps (see the comment above) and writes bench[_quick].json to out_dir.
+    model: "small" | "roberta-base" (default: roberta-base on CUDA, small on CPU; --quick: a tiny model).
+    threads: torch CPU threads for the run (default: torch's; --quick: 1, as a tiny model gains nothing from more).
+    malloc: what tune_malloc did to this process, recorded in the report (None: not known)."""
+    threads = threads or (1 if quick else None)
+    saved_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        return _run_bench(model, device, batch_size, aux_batch_size, meta_batch_size, max_length, n_aux, steps,
+                          warmup, rounds, out_dir, quick, bf16, peak_tflops, num_labels, seed, malloc, progress, log)
+    finally:
+        torch.set_num_threads(saved_threads)
+
+
+def _run_bench(model, device, batch_size, aux_batch_size, meta_batch_size, max_length, n_aux, steps, warmup, rounds,
+               out_dir, quick, bf16, peak_tflops, num_labels, seed, malloc, progress, log):
+    from transformers import AutoModelForMaskedLM, RobertaConfig
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if device in (None, "auto") else \
+        torch.device(device)
+    model = "tiny" if quick else (model or ("roberta-base" if device.type == "cuda" else "small"))
+    B, A, M, T = [given or default for given, default in
+                  zip((batch_size, aux_batch_size, meta_batch_size, max_length), BENCH_SIZES[model])]
+    steps, warmup, rounds = steps or (2 if quick else 5), warmup or (1 if quick else 2), rounds or (1 if quick else 3)
+    bf16 = bf16 and device.type == "cuda"
+    if M > B:
+        raise ReproduceError(f"--meta-batch-size {M} exceeds the end-task batch {B} (phi* is fitted on end-task "
+                             f"batch rows)")
+
+    torch.manual_seed(seed)
+    shape = BENCH_SHAPES[model]
+    config = RobertaConfig(max_position_embeddings=T + 2, type_vocab_size=1, **shape)  # RoBERTa positions start at 2
+    body, mlm_head = tartan.split_masked_lm(AutoModelForMaskedLM.from_config(config).to(device))
+    V, H, L = shape["vocab_size"], shape["hidden_size"], shape["num_hidden_layers"]
+
+    gen = torch.Generator().manual_seed(seed)
+    masking = tartan.Masking(mask_id=V - 1, vocab_size=V, special_ids=(0, 1, 2, 3))
+    aux_inputs = _synthetic_batch(A, T, V, gen)
+    aux_inputs["input_ids"], aux_labels = tartan.mask_tokens(aux_inputs["input_ids"], aux_inputs["attention_mask"],
+                                                             masking, gen)
+    end = tartan.Task("end", tartan.ClassificationHead(H, num_labels).to(device),
+                      train=_FixedData(_synthetic_batch(B, T, V, gen), torch.randint(num_labels, (B,), generator=gen)),
+                      dev=_FixedData(_synthetic_batch(M, T, V, gen), torch.randint(num_labels, (M,), generator=gen)),
+                      num_labels=num_labels)
+    aux = [tartan.Task(f"aux{i}", tartan.new_mlm_head(mlm_head, body), train=_FixedData(aux_inputs, aux_labels))
+           for i in range(n_aux)]
+    heads = [end.head] + [t.head for t in aux]
+
+    autocast = tartan.autocast(device, bf16)  # as tartan.train builds it
+    peak = _PeakMemory(device)
+    common = dict(batch_size=B, aux_batch_size=A, grad_accum=1, eval_every=-1, bf16=bf16, seed=seed,
+                  final_finetune=None)
+    cfg_train, cfg_meta = tartan.TrainConfig(**common), tartan.MetaConfig(meta_batch_size=M, **common)
+
+    def one_pass(head, data):
+        """One forward+backward of body + head on one batch, the way tartan._forward runs it; returns seconds."""
+        _sync(device)
+        t0 = time.perf_counter()
+        inputs, labels = tartan.to_device(*data.batch(None), device)
+        with autocast:
+            _, loss = head(body(**inputs), labels)
+        loss.backward()
+        _sync(device)
+        seconds = time.perf_counter() - t0
+        for m in (body, head):
+            m.zero_grad(set_to_none=True)
+        return seconds
+
+    floors = {"floor_end": (end.head, end.train), "floor_aux": (aux[0].head, aux[0].train),
+              "floor_val": (end.head, end.dev)}
+
+    def optimizer_step(n_warm, n_time):
+        """Gradient clipping and the two AdamW steps of tartan.train for body + all heads, with every gradient set."""
+        params = list(body.parameters())
+        head_params = [p for h in heads for p in tartan.head_parameters(h, body)]
+        opts = [tartan.make_optimizer(params, cfg_train.lr, cfg_train.weight_decay, cfg_train),
+                tartan.make_optimizer(head_params, cfg_train.head_lr, cfg_train.head_weight_decay, cfg_train)]
+        times = []
+        for i in range(n_warm + n_time):
+            for p in params + head_params:
+                p.grad = torch.zeros_like(p)
+            _sync(device)
+            t0 = time.perf_counter()
+            tartan.clip_grad_norm(params + head_params, cfg_train.grad_clip)
+            for o in opts:
+                o.step()
+                o.zero_grad(set_to_none=True)
+            _sync(device)
+            times.append(time.perf_counter() - t0)
+        return {"step": times[n_warm:]}
+
+    def step(end_task, aux_tasks, cfg, step_fn, paired, n_warm, n_time):
+        """Runs tartan.train for n_warm + n_time + 1 steps. A step is the time between the starts of two consecutive
+        calls of its step function, less the floors run there: before each step, each floor in `paired` runs (count
+        times, timed apart), so that every step has its own floors from a second earlier. Returns {"step": durations,
+        floor name: summed durations} over the timed steps."""
+        marks, inline = [], {name: [] for name in paired}
+
+        def timed(*args):
+            for name, count in paired.items():  # count: passes per step (n_aux for the auxiliary floor)
+                inline[name].append(sum(one_pass(*floors[name]) for _ in range(count)))
+            _sync(device)
+            marks.append(time.perf_counter())
+            return step_fn(*args)
+        tartan.train(body, end_task, aux_tasks, dataclasses.replace(cfg, max_steps=n_warm + n_time + 1), timed)
+        after = [sum(inline[name][i] for name in paired) for i in range(len(marks))]  # floors before step i's mark
+        steps_ = [marks[i + 1] - marks[i] - after[i + 1] for i in range(len(marks) - 1)]
+        return {"step": steps_[n_warm:], **{name: inline[name][n_warm:n_warm + n_time] for name in paired}}
+
+    meta_same = dataclasses.replace(cfg_meta, same_head=True)
+    both = {"floor_end": 1, "floor_aux": n_aux}
+    items = {  # name: (run, training tokens per step, body tokens per step)
+        "optimizer": (optimizer_step, 0, 0),
+        "finetune": (lambda *n: step(end, [], cfg_train, tartan.multitask_step, {"floor_end": 1}, *n), B * T, B * T),
+        "pretrain": (lambda *n: step(None, aux, dataclasses.replace(cfg_train, weights=(1.0,) * n_aux),
+                                     tartan.multitask_step, {"floor_aux": n_aux}, *n), n_aux * A * T, n_aux * A * T),
+        "mt": (lambda *n: step(end, aux, cfg_train, tartan.multitask_step, both, *n), (B + n_aux * A) * T,
+               (B + n_aux * A) * T),
+        "meta": (lambda *n: step(end, aux, cfg_meta, tartan.meta_step, {**both, "floor_val": 1}, *n),
+                 (B + n_aux * A) * T, (B + n_aux * A + M) * T),
+        "meta_same_head": (lambda *n: step(end, aux, meta_same, tartan.meta_step, {**both, "floor_val": 1}, *n),
+                           (B + n_aux * A) * T, (B + n_aux * A + M) * T),
+    }
+    log(f"bench: {model} on {device} ({_device_name(device)}), batches end {B} / aux {n_aux} x {A} / meta {M}, "
+        f"length {T}, bf16 {bf16}, grad_accum 1; {rounds} rounds x {steps} steps after {warmup} warm-up; "
+        f"malloc: {malloc or 'not set here'}")
+    samples = {name: [] for name in items}  # per item: one dict per round {"step": [...], floor: [...]}
+    t_start = time.perf_counter()
+    for run, _, _ in items.values():  # untimed: caches, lazy init and the heap reach their working state
+        run(1, 1)
+    bar = _bar(rounds * len(items), progress, "bench")
+    for r in range(rounds):  # timing: nothing resets memory in between (on CPU a reset hands the heap back to the
+        for name, (run, _, _) in items.items():  # OS, and the page faults of its refill would be timed)
+            samples[name].append(run(warmup, steps))
+            bar.update(1)
+        log(f"  round {r + 1}/{rounds} done ({time.perf_counter() - t_start:.0f} s)")
+    bar.close()
+    peaks = {}
+    for name, (run, _, _) in items.items():  # peak memory: one short untimed pass per item, each from a reset
+        peak.reset()
+        run(1, 1)
+        peaks[name] = peak.read_mb()
+    for name, (head_, data_) in floors.items():
+        peak.reset()
+        one_pass(head_, data_)
+        peaks[name] = peak.read_mb()
+
+    n_flop = sum(p.numel() for n, p in body.named_parameters() if "embeddings" not in n)
+    peak_tf = _peak_tflops(device, bf16, peak_tflops)
+    flat = {name: sum((s["step"] for s in samples[name]), []) for name in items}
+    for f in floors:  # every inline sample of a floor (per pass), from whichever loop ran it
+        flat[f] = [x / (n_aux if f == "floor_aux" else 1) for name in items for s in samples[name] if f in s
+                   for x in s[f]]
+    tokens = {"floor_end": (B * T, B * T), "floor_aux": (A * T, A * T), "floor_val": (M * T, M * T),
+              **{name: (tt, bt) for name, (_, tt, bt) in items.items()}}
+    res = {}
+    for name in list(floors) + list(items):
+        train_tokens, body_tokens = tokens[name]
+        sec = float(np.median(flat[name]))
+        flops = body_tokens * (6 * n_flop + 12 * L * H * T)
+        res[name] = {"seconds": sec, "samples": len(flat[name]),
+                     "tokens_per_step": train_tokens, "tokens_per_s": train_tokens / sec if train_tokens else None,
+                     "peak_memory_mb": peaks[name],
+                     "tflops": flops / sec / 1e12, "mfu": flops / sec / 1e12 / peak_tf if peak_tf and flops else None}
+
+    def ratios(round_=None):
+        """Medians of per-step ratios over all rounds (or one): each step against the floors run just before it."""
+        rounds_of = lambda name: samples[name] if round_ is None else [samples[name][round_]]  # noqa: E731
+
+        def per_step(name, denominator):  # denominator: {floor name: seconds before this step} -> seconds
+            return float(np.median([s["step"][i] / denominator({f: v[i] for f, v in s.items() if f != "step"})
+                                    for s in rounds_of(name) for i in range(len(s["step"]))]))
+        total = lambda floors_: sum(floors_.values())  # noqa: E731
+        mt = per_step("mt", total)
+        # a META step against an MT step estimated from its own floors: mt x (end + aux floors) + val floor
+        mt_plus_val = lambda fl: mt * (fl["floor_end"] + fl["floor_aux"]) + fl["floor_val"]  # noqa: E731
+        step_median = lambda name: float(np.median(sum((s["step"] for s in rounds_of(name)), [])))  # noqa: E731
+        return {"mt_over_floor": mt,
+                "meta_over_mt_plus_val": per_step("meta", mt_plus_val),
+                "meta_over_mt": step_median("meta") / step_median("mt"),
+                "meta_same_head_over_mt_plus_val": per_step("meta_same_head", mt_plus_val),
+                "mt_over_floor_plus_optimizer": res["mt"]["seconds"] / (
+                    res["floor_end"]["seconds"] + n_aux * res["floor_aux"]["seconds"] + res["optimizer"]["seconds"]),
+                "finetune_over_floor": per_step("finetune", total),
+                "pretrain_over_floor": per_step("pretrain", total)}
+    main = ratios()
+    per_round = [ratios(r) for r in range(rounds)]
+    mem_meta_over_mt = (res["meta"]["peak_memory_mb"] / res["mt"]["peak_memory_mb"]
+                        if res["mt"]["peak_memory_mb"] else None)
+    report = {
+        **main,
+        "targets": {"mt_over_floor": 1.05, "meta_over_mt_plus_val": 1.10},
+        "targets_hold": {"mt_over_floor": main["mt_over_floor"] <= 1.05,
+                         "meta_over_mt_plus_val": main["meta_over_mt_plus_val"] <= 1.10},
+        "ratios_per_round": per_round,
+        "ratio_spread": {k: [min(r[k] for r in per_round), max(r[k] for r in per_round)] for k in main},
+        "peak_memory_meta_over_mt": mem_meta_over_mt,
+        "items": res,
+        "config": {"model": model, **shape, "max_length": T, "batch_size": B, "aux_batch_size": A,
+                   "meta_batch_size": M, "n_aux": n_aux, "grad_accum": 1, "meta_head_steps": cfg_meta.meta_head_steps,
+                   "steps": steps, "warmup": warmup, "rounds": rounds, "bf16": bf16, "seed": seed,
+                   "body_parameters": sum(p.numel() for p in body.parameters()), "body_parameters_no_emb": n_flop},
+        "machine": {"device": str(device), "device_name": _device_name(device), "torch": torch.__version__,
+                    "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "platform": platform.platform(),
+                    "peak_tflops": peak_tf, "malloc": malloc},
+        "notes": {"grad_accum": "1 in every configuration: a step holds one micro-batch per task, as the floors",
+                  "seconds": "median over rounds x steps; a step = one iteration of tartan.train's loop; floors: "
+                             "every pass run beside the steps",
+                  "ratios": "paired: per step, step / (the floors run just before it in the same loop); median over "
+                            "steps. META: meta / (mt_over_floor x (end + aux floors) + val floor)",
+                  "tokens_per_s": "training tokens (end-task + auxiliary batches) per second; META's validation "
+                                  "tokens are counted in its FLOPs, not in its tokens",
+                  "peak_memory_mb": ("torch.cuda.max_memory_allocated" if device.type == "cuda" else
+                                     "peak RSS of the whole process (VmHWM reset via /proc/self/clear_refs)"),
+                  "flops": FLOPS_FORMULA,
+                  "excluded": "tokenisation, collation, masking and evaluation (batches are prebuilt)"},
+        "seconds_total": time.perf_counter() - t_start,
+    }
+    _print_bench(report, log)
+    path = os.path.join(out_dir, "bench_quick.json" if quick else "bench.json")
+    atomic_write_json(path, report)
+    report["path"] = path
+    log(f"wrote {path}")
+    return report
+
+
+def _device_name(device):
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
+
+
+def _print_bench(report, log):
+    mem_name = "peak MB" if report["machine"]["device"].startswith("cuda") else "peak RSS MB"
+    log(f"{'':16s} {'s/step':>9s} {'tokens/s':>10s} {mem_name:>12s} {'TFLOP/s':>8s} {'MFU':>6s}")
+    for name, r in report["items"].items():
+        mem = "n/a" if r["peak_memory_mb"] is None else f"{r['peak_memory_mb']:.0f}"
+        mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
+        tps = "" if r["tokens_per_s"] is None else f"{r['tokens_per_s']:.0f}"
+        log(f"{name:16s} {r['seconds']:9.4f} {tps:>10s} {mem:>12s} {r['tflops']:8.3f} {mfu:>6s}")
+    for key, target in [("mt_over_floor", 1.05), ("meta_over_mt_plus_val", 1.10), ("meta_over_mt", None),
+                        ("meta_same_head_over_mt_plus_val", None), ("mt_over_floor_plus_optimizer", None),
+                        ("finetune_over_floor", None),
+                        ("pretrain_over_floor", None)]:
+        lo, hi = report["ratio_spread"][key]
+        verdict = "" if target is None else f"  target <= {target:.2f}: {'holds' if report[key] <= target else 'MISSED'}"
+        log(f"{key:32s} {report[key]:.3f}  (rounds {lo:.3f}-{hi:.3f}){verdict}")
+    if report["peak_memory_meta_over_mt"] is not None:
+        log(f"{'peak_memory_meta_over_mt':32s} {report['peak_memory_meta_over_mt']:.3f}")
+    log(f"MFU: {FLOPS_FORMULA}; device peak {report['machine']['peak_tflops'] or 'unknown'} TFLOP/s")
+
+
+def tune_malloc(enabled: bool = True) -> str:
+    """Makes glibc's free() keep memory for reuse instead of handing it back to the OS; returns what was done.
+
+    PyTorch on CPU takes its large tensors (activations, gradients, the MLM logits) straight from malloc. glibc serves
+    allocations above its mmap threshold (adaptive, at most 32 MB) with fresh pages and unmaps them on free, so every
+    training step page-faults hundreds of MB back in, and a step that holds more at once (MT, META) pays more of it
+    than the single passes it is compared with. Measured with `--bench` on the 2-core VM of the README: see there.
+    Same as running under MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647; the cost is that the process keeps its
+    peak memory until it exits. Linux/glibc only; elsewhere, or with enabled=False, nothing changes. Process-wide,
+    so it lives here in the command-line runner and never in tartan.py."""
+    if not enabled:
+        return "glibc default"
+    try:
+        import ctypes
+        libc = ctypes.CDLL("libc.so.6")
+        M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # <malloc.h>
+        if libc.mallopt(M_MMAP_MAX, 0) != 1 or libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1) != 1:
+            return "glibc default (mallopt refused)"
+    except (OSError, AttributeError):
+        return "system default (not glibc)"
+    return "kept for reuse (mallopt M_MMAP_MAX=0, M_TRIM_THRESHOLD=2^31-1)"
+
+
+def _add_option(parser, *flags, **kwargs):
+    """Adds a flag unless the caller's parser already has it (--quick, --out, --device are shared with reproduce.py)."""
+    try:
+        parser.add_argument(*flags, **kwargs)
+    except argparse.ArgumentError:
+        pass
+
+
+def add_bench_args(parser: argparse.ArgumentParser):
+    _add_option(parser, "--bench", action="store_true", help="time training steps against their floors (issue 5)")
+    _add_option(parser, "--quick", action="store_true", help="a tiny, fast run")
+    _add_option(parser, "--out", default="results", help="results folder")
+    _add_option(parser, "--device", default="auto", choices=("auto", "cpu", "cuda"))
+    # batch sizes and length: reproduce.py's own flags where it has them (default None = the bench's defaults)
+    _add_option(parser, "--batch-size", type=int, help="end-task micro-batch (bench: GPU 64, CPU 16)")
+    _add_option(parser, "--aux-batch-size", type=int, help="auxiliary MLM micro-batch (bench: GPU 64, CPU 16)")
+    _add_option(parser, "--meta-batch-size", type=int, help="meta / validation batch (bench: GPU 32, CPU 8)")
+    _add_option(parser, "--max-length", type=int, help="sequence length (bench: GPU 512, CPU 128)")
+    g = parser.add_argument_group("benchmark (--bench)")
+    g.add_argument("--bench-model", choices=["small", "roberta-base"], default=None,
+                   help="default: roberta-base on CUDA, small on CPU")
+    g.add_argument("--bench-n-aux", type=int, default=1, help="number of auxiliary MLM tasks")
+    g.add_argument("--bench-steps", type=int, default=None, help="timed steps per item and round")
+    g.add_argument("--bench-warmup", type=int, default=None, help="untimed steps per item and round")
+    g.add_argument("--bench-rounds", type=int, default=None, help="rounds, each timing every item")
+    g.add_argument("--bench-threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    g.add_argument("--bench-peak-tflops", type=float, default=None, help="device peak for MFU (default: by name)")
+    _add_option(parser, "--no-bf16", dest="bf16", action="store_false", help="no bf16 autocast on CUDA")
+    _add_option(parser, "--default-malloc", action="store_true",
+                help="leave glibc's malloc as it is (default: freed memory is kept for reuse, see tune_malloc)")
+
+
+def run_bench(args) -> int:
+    """`--bench`: runs the benchmark from parsed flags (add_bench_args); returns the exit status 0."""
+    bench(model=args.bench_model, device=args.device, batch_size=args.batch_size,
+              aux_batch_size=args.aux_batch_size, meta_batch_size=args.meta_batch_size, max_length=args.max_length,
+              n_aux=args.bench_n_aux, steps=args.bench_steps, warmup=args.bench_warmup, rounds=args.bench_rounds,
+              out_dir=args.out, quick=args.quick, bf16=getattr(args, "bf16", True),
+              peak_tflops=args.bench_peak_tflops, threads=args.bench_threads, malloc=getattr(args, "malloc", None),
+              progress=getattr(args, "progress", False))
+    return 0

@@ -1,0 +1,69 @@
+"""Tables and figures, from hand-made results."""
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import reproduce
+import tartan
+from experiments import common, paper, report, runs
+
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# tables: means, the baseline of Table 8, and the seed-count warning, on hand-made results
+
+
+def fake_results(table, scores):
+    """{(task, column): per-seed scores} -> (cells, results) as run_table builds them."""
+    cells, results = {}, {}
+    for (task, label), xs in scores.items():
+        col = next(c for c in paper.TABLES[table].columns if c.label == label)
+        cell = [runs.make_run(task, col.mode, col.aux, s, "10x") for s in range(len(xs))]
+        cells[(task, label)] = cell
+        results.update({r: {"headline": {"test": x / 100}} for r, x in zip(cell, xs)})
+    return cells, results
+
+
+def test_table_cells_p_values_and_warnings():
+    args = reproduce.build_parser().parse_args(["--table", "2"])
+    rng = np.random.default_rng(0)
+    scores = {("scierc", "DAPT"): rng.normal(76, 1, 10), ("scierc", "DAPT+TAPT"): rng.normal(78, 1, 10),
+              ("scierc", "MT-TARTAN"): rng.normal(81, 1, 10), ("scierc", "META-TARTAN"): rng.normal(81.5, 1, 10)}
+    cells, results = fake_results(2, scores)
+    text = report.render_table(2, cells, results, list(range(10)), args, "10x")
+    mean, std = np.mean(scores["scierc", "MT-TARTAN"]), np.std(scores["scierc", "MT-TARTAN"], ddof=1)
+    p = tartan.permutation_test(scores["scierc", "MT-TARTAN"], scores["scierc", "DAPT+TAPT"], 10_000, 0)["p_two_sided"]
+    assert f"| {mean:.2f} ± {std:.2f} [81.02 ± 1.24] | {p:.3f} [0.000] |" in text
+    assert "baseline = DAPT+TAPT (the higher mean of DAPT and DAPT+TAPT)" in text  # Table 8
+    assert "Warning" not in text  # 10 vs 10 seeds can reach p < 0.05
+
+    cells, results = fake_results(4, {("aclarc", "MT"): [69.0, 70.0, 71.0], ("aclarc", "META"): [72.0, 73.0, 74.0]})
+    text = report.render_table(4, cells, results, [0, 1, 2], args, "10x")
+    assert "| CS | ACL-ARC | 70.00 ± 1.00 [69.27 ± 0.96] | 73.00 ± 1.00 [71.19 ± 4.88] | 0.100 |" in text
+    assert "with 3 and 3 seeds the smallest two-sided p-value this test can give is 0.100" in text
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# figures from stored histories
+
+
+def test_figure_3_is_drawn_from_stored_histories(tmp_path):
+    pytest.importorskip("matplotlib")
+    out = str(tmp_path / "out")
+    args = reproduce.build_parser().parse_args(["--figure", "3", "--out", out, "--report-only"])
+    args.extra_corpora = {}
+    ws = runs.Workspace(args, torch.device("cpu"))
+    for (task, label), cell in report.figure_runs(3, None, [0, 1]).items():
+        for r in cell:
+            w = [0.5 + 0.01 * i * (1 if r.mode == "meta" else -1) for i in range(5)]
+            hist = [{"step": 10 * (i + 1), "weights": {"aclarc": w[i], "dapt10x": 1 - w[i]}} for i in range(5)]
+            common.atomic_write_json(r.path(out), {"complete": True, "key": r.key, "config": ws.config(r),
+                                                      "headline": {"test": 0.5}, "history": hist})
+    assert reproduce.main(["--figure", "3", "--out", out, "--report-only", "--seeds", "0-1"]) == 0
+    png = os.path.join(out, "figure3.png")
+    assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n" and os.path.getsize(png) > 10_000
+    steps, mean, per_seed = report.weight_curves([[{"step": 1, "weights": {"a": 0.2}}, {"step": 2, "weights":
+                                                     {"a": 0.4}}], [{"step": 1, "weights": {"a": 0.4}}]])
+    assert steps == [1] and mean["a"] == pytest.approx([0.3]) and per_seed["a"][0] == ([1, 2], [0.2, 0.4])

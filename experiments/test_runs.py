@@ -1,0 +1,175 @@
+"""reproduce.py's runs: smoke runs, resume, bad input, corpora and configs."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import reproduce
+import tartan
+from experiments import common, data, report, runs
+from experiments.conftest import SCRIPT, WORDS, cli_flags, leftovers, results_in
+
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# smoke runs in a subprocess: one mode, then one table (which reuses the mode's runs)
+
+
+def test_smoke_one_mode_then_table_subprocess(model_dir, data_dir, tmp_path):
+    out = str(tmp_path / "out")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = lambda *a: subprocess.run([sys.executable, SCRIPT, *a], capture_output=True, text=True, env=env,  # noqa
+                                    timeout=300)
+    p = run("--task", "aclarc", "--mode", "meta", "--seeds", "0-1", *cli_flags(model_dir, data_dir, out))
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert results_in(out) == ["aclarc/meta__tapt__seed0.json", "aclarc/meta__tapt__seed1.json"]
+    for seed in (0, 1):
+        rec = json.load(open(os.path.join(out, "aclarc", f"meta__tapt__seed{seed}.json")))
+        assert rec["complete"] and rec["key"] == {"task": "aclarc", "mode": "meta", "aux": "tapt", "seed": seed}
+        assert rec["config"]["train"]["max_steps"] == 4 and rec["config"]["train"]["seed"] == seed  # --quick budget
+        assert rec["config"]["model"] == model_dir and rec["config"]["max_length"] == 64
+        for split in ("dev", "test"):
+            assert 0 <= rec[split]["macro_f1"] <= 1 and 0 <= rec[split]["micro_f1"] <= 1 and rec[split]["n"] == 24
+        assert rec["headline"] == {"metric": "macro_f1", "dev": rec["dev"]["macro_f1"],
+                                   "test": rec["test"]["macro_f1"]}
+        h = rec["history"][-1]
+        assert set(h["weights"]) == {"aclarc", "tapt"} and abs(sum(h["weights"].values()) - 1) < 1e-6
+        assert h["cosines"] is not None and rec["steps"] >= 4 and rec["wall_seconds"] > 0
+        assert rec["tokens"]["aclarc"] > 0 and rec["tokens"]["tapt"] > 0
+        assert rec["device"].startswith("cpu") and rec["versions"]["torch"] == torch.__version__
+        assert set(rec["data_files"]) == {f"citation_intent/{f}" for f in
+                                          ("train.jsonl", "dev.jsonl", "test.jsonl", "train.txt")}
+    assert "aclarc meta (tapt): test macro_f1 x100" in p.stdout
+
+    p = run("--table", "1", "--task", "aclarc", "--seeds", "0-1", *cli_flags(model_dir, data_dir, out))
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "2 of 8 runs already complete" in p.stdout  # the meta runs above are reused, not re-run
+    assert len(results_in(out)) == 8 and not leftovers(out)
+    table = open(os.path.join(out, "table1.md")).read()
+    assert table in p.stdout
+    assert "| Domain | Task | RoBERTa | TAPT | MT-TARTAN | p vs TAPT | META-TARTAN | p vs TAPT |" in table
+    assert "[70.48 ± 4.42]" in table and "[0.040]" in table  # the paper's MT-TARTAN cell and its p-value
+    # every cell is the mean and sample std of its per-seed test scores, and the p-value is the permutation test's
+    score = lambda mode, aux: [100 * json.load(open(os.path.join(out, "aclarc", f"{mode}__{aux}__seed{s}.json")))  # noqa
+                               ["headline"]["test"] for s in (0, 1)]
+    meta, tapt = score("meta", "tapt"), score("tapt", "tapt")
+    assert report.fmt(tartan.mean_std(meta)) + " [70.08" in table
+    p_meta = tartan.permutation_test(meta, tapt, 10_000, seed=0)["p_two_sided"]
+    assert f"[70.08 ± 4.70] | {p_meta:.3f} [0.069] |" in table
+    assert "Warning:** with 2 and 2 seeds the smallest two-sided p-value this test can give is 0.333" in table
+    assert "unpaired two-sided permutation test" in table
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# resume, config mismatch, bad input
+
+
+def test_resume_reruns_only_the_missing_seeds(model_dir, data_dir, tmp_path, monkeypatch, capsys):
+    out = str(tmp_path / "out")
+    argv = ["--task", "aclarc", "--mode", "mt", "--seeds", "0-2", *cli_flags(model_dir, data_dir, out)]
+    real, ran = runs.Workspace.execute, []
+
+    def interrupted(self, run):  # the sweep is killed while seed 1 trains
+        if run.seed == 1:
+            raise KeyboardInterrupt
+        return real(self, run)
+    monkeypatch.setattr(runs.Workspace, "execute", interrupted)
+    assert reproduce.main(argv) == 130
+    assert results_in(out) == ["aclarc/mt__tapt__seed0.json"] and not leftovers(out)
+    first = open(os.path.join(out, "aclarc", "mt__tapt__seed0.json"), "rb").read()
+
+    def recording(self, run):
+        ran.append(run.seed)
+        return real(self, run)
+    monkeypatch.setattr(runs.Workspace, "execute", recording)
+    assert reproduce.main(argv) == 0
+    assert ran == [1, 2]
+    assert len(results_in(out)) == 3
+    assert open(os.path.join(out, "aclarc", "mt__tapt__seed0.json"), "rb").read() == first  # untouched
+    ran.clear()
+    assert reproduce.main(argv) == 0 and ran == []  # all complete: nothing runs
+    capsys.readouterr()
+
+    # a result made with another budget is never mixed in silently
+    assert reproduce.main(argv + ["--steps", "3"]) == 1
+    assert "was made with a different config (train.max_steps: 3 here, 4 in the file)" in capsys.readouterr().err
+    assert reproduce.main(argv + ["--steps", "3", "--rerun"]) == 0 and ran == [0, 1, 2]
+
+
+def test_bad_input_gives_one_clear_message_and_no_result(model_dir, data_dir, tmp_path, capsys):
+    out = str(tmp_path / "out")
+    assert reproduce.main(["--task", "aclarc", "--mode", "mt", "--seeds", "0",
+                           *cli_flags(str(tmp_path / "no-model"), data_dir, out)]) == 1
+    assert "no such local directory" in capsys.readouterr().err
+
+    with open(os.path.join(data_dir, "citation_intent", "dev.jsonl"), "a") as f:
+        f.write('{"text": "w1", "label": \n')
+    assert reproduce.main(["--task", "aclarc", "--mode", "mt", "--seeds", "0", *cli_flags(model_dir, data_dir, out)]) == 1
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1].startswith("error: ") and "Traceback" not in err
+    assert "citation_intent/dev.jsonl, line 25: malformed JSON" in err
+    assert not os.path.exists(out)
+
+    with pytest.raises(SystemExit) as e:
+        reproduce.main(["--task", "imagenet", "--mode", "mt"])
+    assert e.value.code == 2 and "invalid choice: 'imagenet'" in capsys.readouterr().err
+    assert reproduce.main(["--task", "aclarc", "--mode", "pretrain", *cli_flags(model_dir, data_dir, out)]) == 1
+    assert "--mode pretrain does not apply to aclarc" in capsys.readouterr().err
+    assert reproduce.main([]) == 0 and "usage: python reproduce.py" in capsys.readouterr().out
+
+
+def test_no_arguments_prints_usage_pointing_to_the_demo(capsys):
+    assert reproduce.main([]) == 0
+    out = capsys.readouterr().out
+    assert "python reproduce.py --task demo" in out.splitlines()[1]  # the demo first
+
+
+def test_aux_file_adds_one_named_mlm_task(model_dir, data_dir, tmp_path):
+    extra = tmp_path / "my_corpus.txt"
+    extra.write_text("\n".join(" ".join(WORDS[i:i + 5]) for i in range(20)) + "\n")
+    out = str(tmp_path / "out")
+    argv = ["--task", "aclarc", "--mode", "mt", "--seeds", "0", "--aux-file", str(extra)]
+    assert reproduce.main(argv + cli_flags(model_dir, data_dir, out)) == 0
+    rec = json.load(open(os.path.join(out, "aclarc", "mt__tapt+file-my_corpus__seed0.json")))
+    assert rec["history"][-1]["weights"] == {"aclarc": 1 / 3, "tapt": 1 / 3, "file-my_corpus": 1 / 3}  # 1/(1+n)
+    assert rec["data_sizes"]["aux:file-my_corpus"] == 20 and rec["tokens"]["file-my_corpus"] > 0
+
+
+def test_make_run_corpora_and_configs():
+    r = runs.make_run("scierc", "dapt+tapt", None, 3, "10x")
+    assert r.aux == ("dapt10x", "tapt") and r.path("o") == os.path.join("o", "scierc", "dapt+tapt__dapt10x+tapt__seed3.json")
+    assert runs.make_run("aclarc", "meta", "dapt", 0, "1x").aux == ("dapt1x",)
+    assert runs.make_run("aclarc", "mt", None, 0, "10x").aux == ("tapt",)  # Table 1's default
+    assert data.corpus_file("aclarc", "dapt10x", {}) == "citation_intent/domain.10xTAPT.txt"
+    args = reproduce.build_parser().parse_args(["--task", "aclarc", "--mode", "meta", "--meta-lr", "0.1"])
+    args.quick = False
+    cfg, pre = runs.make_configs(args, "aclarc", "meta-samehead", 5, 0)
+    assert isinstance(cfg, tartan.MetaConfig) and cfg.same_head and cfg.meta_lr == 0.1 and cfg.seed == 5
+    assert cfg.lr == 1e-4 and cfg.batch_size == 64 and cfg.grad_accum == 2  # the paper's settings otherwise
+    assert cfg.final_finetune.lr == 5e-6 and cfg.final_finetune.seed == 5
+    ft, pre = runs.make_configs(args, "aclarc", "tapt", 0, 1)
+    assert type(ft) is tartan.FinetuneConfig and ft.lr == 2e-5 and pre[0].epochs == 100 and pre[0].grad_accum == 4
+    vis, _ = runs.make_configs(args, "mammals", "meta", 0, 1)
+    assert (vis.lr, vis.batch_size, vis.epochs, vis.meta_head_lr, vis.meta_batch_size) == (3e-4, 64, 30, 3e-2, 16)
+    assert vis.meta_lr == 0.1 and vis.final_finetune is None  # the flag still wins
+    assert reproduce.parse_seeds("0-2,7") == [0, 1, 2, 7]
+
+
+def test_write_json_is_atomic_and_readable_by_others(tmp_path):
+    path = tmp_path / "s.json"
+    common.atomic_write_json(str(path), {"a": 1})
+    circular = {"a": 2}
+    circular["self"] = circular
+    with pytest.raises(ValueError):
+        common.atomic_write_json(str(path), circular)  # fails half-way through writing
+    assert json.loads(path.read_text()) == {"a": 1}
+    assert os.listdir(tmp_path) == ["s.json"]
+    umask = os.umask(0o022)
+    try:
+        common.atomic_write_json(str(path), {"a": 3})
+    finally:
+        os.umask(umask)
+    assert os.stat(path).st_mode & 0o777 == 0o644  # not mkstemp's private 0o600
