@@ -3,26 +3,21 @@
 Dery, Michel, Talwalkar, Neubig. "Should We Be Pre-training? An Argument for End-task Aware Training as an
 Alternative." ICLR 2022. https://arxiv.org/abs/2109.07437
 
+    python reproduce.py --task demo                               # the offline demo: start here
     python reproduce.py --task aclarc --mode meta                 # META-TARTAN + TAPT on ACL-ARC, seeds 0-9
     python reproduce.py --task aclarc --mode tapt mt --seeds 0-2  # several modes, three seeds
     python reproduce.py --table 1                                 # Table 1 with the p-values of Table 6
     python reproduce.py --figure 3                                # meta-learned task weights, phi* vs phi'
+    python reproduce.py --bench                                   # speed of the training steps
 
 Without overrides every run uses the paper's settings (Sec. 4; tartan's config dataclasses hold them) and the paper's
 number of seeds, so a command is the paper's experiment. The budget flags (--max-length, --steps, ...) cut it down;
 --quick is a tiny smoke budget. Every run writes one JSON file under --out (atomically); re-running skips runs whose
-file is complete, so a killed sweep resumes where it stopped.
+file is complete, so a killed sweep resumes where it stopped. A flag that does not apply to what is run is an error.
 
-Contents:
-  1. The paper's tables and figures: which runs each needs, and the paper's numbers
-  2. Data: pinned download with SHA-256 checks; text end-tasks and MLM corpora; CIFAR-100 mammals (App. A.4)
-  3. The WideResNet-16-2 body of the vision experiment
-  4. Configs: the paper's values, --quick, and the budget flags
-  5. One run: build body, heads and tasks, train with tartan, write the result file (resume)
-  6. Tables (mean, std, permutation-test p-values) and figures (task weights, data efficiency)
-  7. Speed benchmark (--bench)
-  8. Offline demo (--task demo)
-  9. Command line
+This file is the command line only: it turns the flags into settings once and hands values to the programs of the
+experiments/ package (paper: the experiments as data; data: downloads; vision: App. A.4; runs: configs, result
+files, resume; report: tables and figures; demo; bench).
 """
 from __future__ import annotations
 
@@ -32,13 +27,25 @@ import sys
 import traceback
 
 import tartan
-from experiments.bench import add_bench_args, run_bench, tune_malloc
+from experiments.bench import BENCH_COUNTS, BENCH_SHAPES, BENCH_SIZES, run_bench, tune_malloc
 from experiments.common import ReproduceError, resolve_device
 from experiments.data import DATA_URL
 from experiments.demo import run_demo
-from experiments.paper import BUDGETS, DAPT_FILES, FIGURES, TABLES, TASKS, TEXT_MODES, VISION_MODES
+from experiments.paper import (BUDGETS, DAPT_FILES, FIGURES, PAPER_MAX_LENGTH, QUICK, TABLES, TASKS, TEXT_MODES,
+                               VISION_META, VISION_MODES)
 from experiments.report import run_family, run_figure, run_table
-from experiments.runs import Workspace
+from experiments.runs import FLAGS, META_MODES, TARTAN_MODES, Budget, Settings, Workspace, describe_budget
+
+# What a flag applies to: commands (runs = --task/--mode, table, figure, demo, bench) and, for the training commands,
+# the modes it changes something in (None: every mode).
+RUNS, TABLE, FIGURE, DEMO, BENCH = "runs", "table", "figure", "demo", "bench"
+TRAINING = (RUNS, TABLE, FIGURE)
+WITH_AUX = ("tapt", "dapt", "dapt+tapt", "pretrain") + TARTAN_MODES
+PRETRAIN_MODES = ("tapt", "dapt", "dapt+tapt", "pretrain")
+FINAL_FLAGS = ("final_epochs", "final_steps", "final_lr", "final_head_lr", "no_final_finetune")
+AT_LEAST_ONE = ("max_length", "limit", "batch_size", "aux_batch_size", "grad_accum", "steps", "meta_batch_size",
+                "meta_head_steps", "pretrain_steps", "final_steps", "bench_n_aux", "bench_steps", "bench_warmup",
+                "bench_rounds", "bench_threads")
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -54,97 +61,161 @@ def parse_seeds(text: str) -> list[int]:
     return list(dict.fromkeys(seeds))
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _paper(field: str, **configs) -> str:
+    """The paper's value of a config field in each named config, e.g. 'MT/META 0.0001, Eq. 2 2e-05'."""
+    labels = {"mt": "MT/META", "eq2": "Eq. 2", "eq1": "Eq. 1", "final": "final", "meta": "paper"}
+    return ", ".join(f"{labels[k]} {getattr(cfg, field):g}" if isinstance(getattr(cfg, field), float) else
+                     f"{labels[k]} {getattr(cfg, field)}" for k, cfg in configs.items())
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict]:
+    """The parser, and for each flag (dest) its option string and what it applies to: (commands, modes or None)."""
+    mt, eq2, eq1, meta, final = (tartan.TrainConfig(), tartan.FinetuneConfig(), tartan.PretrainConfig(),
+                                 tartan.MetaConfig(), tartan.tartan_finetune())
+    scope = {}
     p = argparse.ArgumentParser(
         prog="reproduce.py", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Run the experiments of 'Should We Be Pre-training?' (TARTAN, ICLR 2022) with tartan.py. "
-                    "Defaults are the paper's settings; the budget flags cut them down.",
+                    "Defaults are the paper's settings; the budget flags cut them down. A flag that does not apply "
+                    "to what is run is an error.",
         epilog="tables: 1 (with the p-values of Table 6), 2 (with Table 8), 3 (needs full DAPT corpora, not public), "
                "4, 5 (CIFAR-100), 7.  figures: 2 (data efficiency), 3 (phi* vs phi'), 4 (weights across tasks).\n"
                "Each run writes OUT/<task>/<mode>__<aux>__seed<k>.json; re-running skips complete runs.")
+
+    def add(group, *flags, commands, modes=None, **kwargs):
+        action = group.add_argument(*flags, **kwargs)
+        scope[action.dest] = (action.option_strings[0], action.default, commands, modes)
+
     what = p.add_argument_group("what to run")
-    what.add_argument("--task", nargs="+", choices=list(TASKS) + ["demo"],
-                      help="end-task(s) T*: aclarc (ACL-ARC), scierc (SCIERC), chemprot (CHEMPROT), hyperpartisan, "
-                           "mammals (CIFAR-100, App. A.4); demo = the offline synthetic demo. With --table/--figure: "
-                           "only these rows")
-    what.add_argument("--mode", nargs="+", choices=sorted(set(TEXT_MODES + VISION_MODES)),
-                      help="finetune = Eq. 2 alone (the 'RoBERTa' column); tapt, dapt, dapt+tapt = Eq. 1 on the "
-                           "task's / domain text, then Eq. 2; mt = MT-TARTAN (Eq. 3); meta = META-TARTAN (Alg. 1, "
-                           "meta head phi*); meta-samehead = META with the end-task head phi' (Eq. 6, Fig. 3); "
-                           "pretrain = mammals only, Eq. 1 on the 95-way task. With --table: only these columns")
-    what.add_argument("--aux", choices=("tapt", "dapt", "dapt+tapt", "none"),
-                      help="auxiliary MLM tasks T_aux of mt/meta (default tapt, as Table 1); none = only --aux-file")
-    what.add_argument("--aux-file", action="append", default=[], metavar="PATH",
-                      help="one more MLM auxiliary task on this text file (one example per line), named after the "
-                           "file; repeatable. For tapt/dapt modes: one more Eq. 1 stage, run first")
-    what.add_argument("--dapt-corpus", metavar="1x|10x|full|PATH",
-                      help="DAPT text: n = 1x or 10x |Train| of in-domain text (domain.{1x,10x}TAPT.txt; default "
-                           "10x, as Tables 2 and 4), 'full' (domain.full.txt, placed by hand: Table 3), or a file")
-    what.add_argument("--seeds", type=parse_seeds, metavar="0-9",
-                      help="seeds, e.g. 0-9 or 0,3 (default: the paper's number, 10; 3 for Tables 4, 5, figures)")
-    what.add_argument("--table", type=int, choices=sorted(TABLES), help="run a whole table of the paper and print it")
-    what.add_argument("--figure", type=int, choices=sorted(FIGURES), help="run a figure's runs and draw it to PNG")
-    what.add_argument("--bench", action="store_true", help="speed benchmark of the training steps")
+    add(what, "--task", nargs="+", choices=list(TASKS) + ["demo"], commands=TRAINING + (DEMO,),
+        help="end-task(s) T*: aclarc (ACL-ARC), scierc (SCIERC), chemprot (CHEMPROT), hyperpartisan, mammals "
+             "(CIFAR-100, App. A.4); demo = the offline synthetic demo. With --table/--figure: only these rows")
+    add(what, "--mode", nargs="+", choices=sorted(set(TEXT_MODES + VISION_MODES)), commands=(RUNS, TABLE),
+        help="finetune = Eq. 2 alone (the 'RoBERTa' column); tapt, dapt, dapt+tapt = Eq. 1 on the task's / domain "
+             "text, then Eq. 2; mt = MT-TARTAN (Eq. 3); meta = META-TARTAN (Alg. 1, meta head phi*); meta-samehead = "
+             "META with the end-task head phi' (Eq. 6, Fig. 3); pretrain = mammals only, Eq. 1 on the 95-way task. "
+             "With --table: only these columns")
+    add(what, "--aux", choices=("tapt", "dapt", "dapt+tapt", "none"), commands=(RUNS,), modes=TARTAN_MODES,
+        help="auxiliary MLM tasks T_aux of mt/meta (default tapt, as Table 1); none = only --aux-file")
+    add(what, "--aux-file", action="append", default=[], metavar="PATH", commands=(RUNS,), modes=WITH_AUX,
+        help="one more MLM auxiliary task on this text file (one example per line), named after the file; "
+             "repeatable. For tapt/dapt modes: one more Eq. 1 stage, run first")
+    add(what, "--dapt-corpus", metavar="1x|10x|full|PATH", commands=(RUNS, TABLE),
+        help="DAPT text: n = 1x or 10x |Train| of in-domain text (domain.{1x,10x}TAPT.txt; default 10x, as Tables 2 "
+             "and 4), 'full' (domain.full.txt, placed by hand: Table 3), or a file")
+    add(what, "--seeds", type=parse_seeds, metavar="0-9", commands=TRAINING + (DEMO,),
+        help="seeds, e.g. 0-9 or 0,3 (default: the paper's number for the table or figure, 10 for --task/--mode; "
+             "0-2 for the demo)")
+    add(what, "--table", type=int, choices=sorted(TABLES), commands=(TABLE,),
+        help="run a whole table of the paper and print it")
+    add(what, "--figure", type=int, choices=sorted(FIGURES), commands=(FIGURE,),
+        help="run a figure's runs and draw it to PNG")
+    add(what, "--bench", action="store_true", commands=(BENCH,),
+        help="speed benchmark of the training steps (its flags: the benchmark group below)")
+
     where = p.add_argument_group("model, data, results")
-    where.add_argument("--model", default="roberta-base",
-                       help="body theta_body: Hugging Face hub id or local directory of a masked-LM checkpoint "
-                            "(default roberta-base, Sec. 4)")
-    where.add_argument("--data-dir", default=os.path.join(os.path.expanduser("~"), ".cache", "tartan", "data"),
-                       help="data folder (default ~/.cache/tartan/data); files already there are used as they are, "
-                            "missing ones are downloaded from the authors' pinned copy and checked (SHA-256)")
-    where.add_argument("--data-url", default=DATA_URL, help=argparse.SUPPRESS)  # tests and mirrors
-    where.add_argument("--out", default="results", help="results folder: one JSON per run, tables, figures")
-    where.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    where.add_argument("--rerun", action="store_true", help="re-run and replace runs whose result file exists")
-    where.add_argument("--report-only", action="store_true",
-                       help="print tables / draw figures from the result files already in --out; train nothing")
-    where.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    add(where, "--model", default="roberta-base", commands=TRAINING,
+        help="body theta_body: Hugging Face hub id or local directory of a masked-LM checkpoint (default "
+             "%(default)s, Sec. 4)")
+    add(where, "--data-dir", default=os.path.join(os.path.expanduser("~"), ".cache", "tartan", "data"),
+        commands=TRAINING, help="data folder (default %(default)s); files already there are used as they are, "
+                                "missing ones are downloaded from the authors' pinned copy and checked (SHA-256)")
+    add(where, "--data-url", default=DATA_URL, help=argparse.SUPPRESS, commands=TRAINING)  # tests and mirrors
+    add(where, "--out", default="results", commands=TRAINING + (DEMO, BENCH),
+        help="results folder: one JSON per run, tables, figures (default %(default)s)")
+    add(where, "--device", default="auto", choices=("auto", "cpu", "cuda"), commands=TRAINING + (BENCH,),
+        help="default %(default)s: CUDA when torch sees it, else the CPU")
+    add(where, "--rerun", action="store_true", commands=TRAINING,
+        help="re-run and replace runs whose result file exists")
+    add(where, "--report-only", action="store_true", commands=TRAINING,
+        help="print tables / draw figures from the result files already in --out; train nothing")
+    add(where, "--no-progress", dest="progress", action="store_false", commands=TRAINING + (DEMO, BENCH),
+        help="no progress bars")
+
     budget = p.add_argument_group(
         "budget (default: the paper's value for the mode; 'end-task stage' = Eq. 2 for finetune/tapt/dapt, Eq. 3 or "
         "Alg. 1 for mt/meta; 'Eq. 1' = the TAPT/DAPT pre-training; 'final' = the optional Eq. 2 after MT/META)")
-    budget.add_argument("--quick", action="store_true",
-                        help="tiny smoke budget: max length 64, 64 examples per split and corpus, 4 steps (2 for "
-                             "Eq. 1 and final), batches of 8; not the paper's experiment")
-    budget.add_argument("--budget", choices=sorted(BUDGETS),
-                        help="a named reduced budget: cpu = a small pretrained body on a CPU (max length 64, batches "
-                             "16, early stopping on dev for every end-task stage, Eq. 2 lr from a dev grid; the "
-                             "values are printed under the table and stored in each result file)")
-    budget.add_argument("--max-length", type=int, metavar="T", help="tokens per example, all data (paper 512)")
-    budget.add_argument("--limit", type=int, metavar="N",
-                        help="use a fixed random N examples of each split and N lines of each corpus (smoke runs)")
-    budget.add_argument("--batch-size", type=int, help="|B*_tr|, end-task micro-batch of the end-task and final "
-                                                       "stages (paper: 64 x 2 accumulation for MT/META, 16 for Eq. 2)")
-    budget.add_argument("--aux-batch-size", type=int, help="|B_i|, auxiliary micro-batch, Eq. 1 and MT/META (64)")
-    budget.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step, every stage (MT/META 2, "
-                                                       "Eq. 1 4, Eq. 2 1)")
-    budget.add_argument("--epochs", type=float, help="end-task stage: passes over the largest training set "
-                                                     "(MT/META 150 with early stopping, Eq. 2 10)")
-    budget.add_argument("--steps", type=int, help="end-task stage: optimizer steps (overrides --epochs)")
-    budget.add_argument("--lr", type=float, help="beta_1, body learning rate of the end-task stage (MT/META 1e-4, "
-                                                 "Eq. 2 2e-5)")
-    budget.add_argument("--head-lr", type=float, help="beta_2, head learning rate of the end-task stage "
-                                                      "(MT/META 1e-3, Eq. 2 2e-5)")
-    budget.add_argument("--eval-every", type=int, help="end-task stage: evaluate dev every this many steps "
-                                                       "(MT/META 30; 0 = once per epoch, Eq. 2)")
-    budget.add_argument("--patience", type=int, help="end-task stage: stop after this many evaluations without a "
-                                                     "new best dev score (MT/META 20, Eq. 2 3)")
-    budget.add_argument("--meta-lr", type=float, help="eta, task-weight step size of META (1e-2; vision 5e-2)")
-    budget.add_argument("--meta-batch-size", type=int, help="|B*_tr| = |B*_val| for the meta head phi* (32)")
-    budget.add_argument("--meta-head-steps", type=int, help="steps to fit phi* from a fresh init (10)")
-    budget.add_argument("--meta-head-lr", type=float, help="phi* learning rate (1e-3; vision 3e-2)")
-    budget.add_argument("--pretrain-epochs", type=float, help="Eq. 1: passes over the corpus (100, TAPT's; used "
-                                                               "for DAPT too)")
-    budget.add_argument("--pretrain-steps", type=int, help="Eq. 1: optimizer steps (overrides --pretrain-epochs)")
-    budget.add_argument("--pretrain-lr", type=float, help="Eq. 1: body learning rate (1e-4)")
-    budget.add_argument("--pretrain-head-lr", type=float, help="Eq. 1: MLM head learning rate (1e-4)")
-    budget.add_argument("--final-epochs", type=float, help="final Eq. 2 after MT/META: epochs (10)")
-    budget.add_argument("--final-steps", type=int, help="final Eq. 2 after MT/META: steps (overrides epochs)")
-    budget.add_argument("--final-lr", type=float, help="final Eq. 2 after MT/META: body learning rate (5e-6)")
-    budget.add_argument("--final-head-lr", type=float, help="final Eq. 2 after MT/META: head learning rate (5e-6)")
-    budget.add_argument("--no-final-finetune", action="store_true",
-                        help="skip the optional Eq. 2 stage after MT/META (it is kept only if dev improves)")
-    add_bench_args(p)  # its flags that reproduce.py already has (--quick, --out, ...) are shared
-    return p
+    q = QUICK
+    add(budget, "--quick", action="store_true", commands=TRAINING + (DEMO, BENCH),
+        help=f"tiny smoke budget: max length {q['max_length']}, {q['limit']} examples per split and corpus, "
+             f"{q['train']['max_steps']} steps ({q['pretrain']['max_steps']} for Eq. 1 and final), batches of "
+             f"{q['train']['batch_size']}; not the paper's experiment. Demo: the reduced demo; bench: a tiny model")
+    add(budget, "--budget", choices=sorted(BUDGETS), commands=TRAINING,
+        help="a named reduced budget (printed under the table and stored in each result file): "
+             + "; ".join(f"{name} = {describe_budget(name)}" for name in sorted(BUDGETS)))
+    add(budget, "--max-length", type=int, metavar="T", commands=TRAINING + (BENCH,),
+        help=f"tokens per example, all data (paper {PAPER_MAX_LENGTH}; bench: see below)")
+    add(budget, "--limit", type=int, metavar="N", commands=TRAINING,
+        help="use a fixed random N examples of each split and N lines of each corpus (smoke runs)")
+    add(budget, "--batch-size", type=int, commands=TRAINING + (BENCH,),
+        help=f"|B*_tr|, end-task micro-batch of the end-task and final stages ({_paper('batch_size', mt=mt, eq2=eq2)})")
+    add(budget, "--aux-batch-size", type=int, commands=TRAINING + (BENCH,), modes=WITH_AUX,
+        help=f"|B_i|, auxiliary micro-batch, Eq. 1 and MT/META ({_paper('aux_batch_size', mt=mt, eq1=eq1)})")
+    add(budget, "--grad-accum", type=int, commands=TRAINING,
+        help=f"micro-batches per optimizer step, every stage ({_paper('grad_accum', mt=mt, eq1=eq1, eq2=eq2)})")
+    add(budget, "--epochs", type=float, commands=TRAINING,
+        help=f"end-task stage: passes over the largest training set ({_paper('epochs', mt=mt, eq2=eq2)}; with "
+             f"early stopping)")
+    add(budget, "--steps", type=int, commands=TRAINING, help="end-task stage: optimizer steps (overrides --epochs)")
+    add(budget, "--lr", type=float, commands=TRAINING,
+        help=f"beta_1, body learning rate of the end-task stage ({_paper('lr', mt=mt, eq2=eq2)})")
+    add(budget, "--head-lr", type=float, commands=TRAINING,
+        help=f"beta_2, head learning rate of the end-task stage ({_paper('head_lr', mt=mt, eq2=eq2)})")
+    add(budget, "--eval-every", type=int, commands=TRAINING,
+        help=f"end-task stage: evaluate dev every this many steps, 0 = once per epoch "
+             f"({_paper('eval_every', mt=mt, eq2=eq2)})")
+    add(budget, "--patience", type=int, commands=TRAINING,
+        help=f"end-task stage: stop after this many evaluations without a new best dev score "
+             f"({_paper('patience', mt=mt, eq2=eq2)})")
+    add(budget, "--meta-lr", type=float, commands=TRAINING, modes=META_MODES,
+        help=f"eta, task-weight step size of META ({_paper('meta_lr', meta=meta)}; vision {VISION_META['meta_lr']:g})")
+    add(budget, "--meta-batch-size", type=int, commands=TRAINING + (BENCH,), modes=META_MODES,
+        help=f"|B*_tr| = |B*_val| for the meta head phi* ({_paper('meta_batch_size', meta=meta)}; vision "
+             f"{VISION_META['meta_batch_size']})")
+    add(budget, "--meta-head-steps", type=int, commands=TRAINING, modes=META_MODES,
+        help=f"steps to fit phi* from a fresh init ({_paper('meta_head_steps', meta=meta)})")
+    add(budget, "--meta-head-lr", type=float, commands=TRAINING, modes=META_MODES,
+        help=f"phi* learning rate ({_paper('meta_head_lr', meta=meta)}; vision {VISION_META['meta_head_lr']:g})")
+    add(budget, "--pretrain-epochs", type=float, commands=TRAINING, modes=PRETRAIN_MODES,
+        help=f"Eq. 1: passes over the corpus ({_paper('epochs', eq1=eq1)}, TAPT's; used for DAPT too)")
+    add(budget, "--pretrain-steps", type=int, commands=TRAINING, modes=PRETRAIN_MODES,
+        help="Eq. 1: optimizer steps (overrides --pretrain-epochs)")
+    add(budget, "--pretrain-lr", type=float, commands=TRAINING, modes=PRETRAIN_MODES,
+        help=f"Eq. 1: body learning rate ({_paper('lr', eq1=eq1)})")
+    add(budget, "--pretrain-head-lr", type=float, commands=TRAINING, modes=PRETRAIN_MODES,
+        help=f"Eq. 1: MLM head learning rate ({_paper('head_lr', eq1=eq1)})")
+    add(budget, "--final-epochs", type=float, commands=TRAINING, modes=TARTAN_MODES,
+        help=f"final Eq. 2 after MT/META: epochs ({_paper('epochs', final=final)})")
+    add(budget, "--final-steps", type=int, commands=TRAINING, modes=TARTAN_MODES,
+        help="final Eq. 2 after MT/META: steps (overrides --final-epochs)")
+    add(budget, "--final-lr", type=float, commands=TRAINING, modes=TARTAN_MODES,
+        help=f"final Eq. 2 after MT/META: body learning rate ({_paper('lr', final=final)})")
+    add(budget, "--final-head-lr", type=float, commands=TRAINING, modes=TARTAN_MODES,
+        help=f"final Eq. 2 after MT/META: head learning rate ({_paper('head_lr', final=final)})")
+    add(budget, "--no-final-finetune", action="store_true", commands=TRAINING, modes=TARTAN_MODES,
+        help="skip the optional Eq. 2 stage after MT/META (it is kept only if dev improves)")
+
+    sizes = ", ".join(f"{m} {'/'.join(map(str, s))}" for m, s in BENCH_SIZES.items())
+    counts = ", ".join(f"{k} {c['rounds']} x {c['steps']} after {c['warmup']}" for k, c in BENCH_COUNTS.items())
+    bench = p.add_argument_group(
+        "benchmark (--bench; also --quick, --out, --device, --no-progress, and --batch-size, --aux-batch-size, "
+        f"--meta-batch-size, --max-length, whose defaults per model, as end/aux/meta/length, are: {sizes})")
+    add(bench, "--bench-model", choices=[m for m in BENCH_SHAPES if m != "tiny"], commands=(BENCH,),
+        help="default: roberta-base on CUDA, small on CPU (--quick: tiny)")
+    add(bench, "--bench-n-aux", type=int, default=1, commands=(BENCH,),
+        help="number of auxiliary MLM tasks (default %(default)s)")
+    add(bench, "--bench-steps", type=int, commands=(BENCH,), help=f"timed steps per item and round ({counts})")
+    add(bench, "--bench-warmup", type=int, commands=(BENCH,), help="untimed steps per item and round")
+    add(bench, "--bench-rounds", type=int, commands=(BENCH,), help="rounds, each timing every item")
+    add(bench, "--bench-threads", type=int, commands=(BENCH,),
+        help="torch CPU threads (default: torch's; --quick: 1)")
+    add(bench, "--bench-peak-tflops", type=float, commands=(BENCH,), help="device peak for MFU (default: by name)")
+    add(bench, "--no-bf16", dest="bf16", action="store_false", commands=(BENCH,), help="no bf16 autocast on CUDA")
+    add(bench, "--default-malloc", action="store_true", commands=(BENCH,),
+        help="on CPU the bench first makes glibc keep freed memory for reuse (experiments.bench.tune_malloc: a "
+             "process-wide mallopt, which removes the page faults that otherwise dominate the step overheads); "
+             "this flag leaves glibc's malloc as it is. No other command changes the allocator")
+    return p, scope
 
 
 USAGE = """TARTAN (end-task aware training). Start here, offline, a few minutes on a laptop CPU:
@@ -157,60 +228,113 @@ usage: python reproduce.py --task {aclarc,scierc,chemprot,hyperpartisan,mammals}
   python reproduce.py --help lists every option."""
 
 
-def _check_run_args(parser, args):
-    """The checks of a training command (not --bench, not the demo); also collects args.extra_corpora."""
-    if args.table and args.figure:
-        parser.error("choose one of --table and --figure")
-    if not (args.table or args.figure) and not (args.task and args.mode):
-        parser.error("give --task and --mode, or --table, or --figure")
-    args.extra_corpora = {}
-    for path in args.aux_file:
+def _command(parser, args) -> tuple[str, str, tuple[str, ...]]:
+    """(command, how the command line named it, the modes it trains)."""
+    chosen = [c for c, on in ((BENCH, args.bench), (TABLE, args.table), (FIGURE, args.figure)) if on]
+    if args.task and "demo" in args.task:
+        if len(args.task) > 1:
+            parser.error("--task demo runs alone")
+        chosen.append(DEMO)
+    if len(chosen) > 1:
+        parser.error("choose one of --task demo, --table, --figure and --bench")
+    if chosen == [BENCH]:
+        return BENCH, "--bench", ()
+    if chosen == [DEMO]:
+        return DEMO, "--task demo", ()
+    if chosen == [TABLE]:
+        modes = tuple(c.mode for c in TABLES[args.table].columns if not args.mode or c.mode in args.mode)
+        return TABLE, f"--table {args.table}", modes
+    if chosen == [FIGURE]:
+        return FIGURE, f"--figure {args.figure}", ({2: ("dapt", "meta"), 3: META_MODES}.get(args.figure, ("meta",)))
+    if not (args.task and args.mode):
+        parser.error("give --task and --mode, or --table, or --figure, or --task demo, or --bench")
+    return RUNS, f"--mode {' '.join(args.mode)}", tuple(args.mode)
+
+
+def _check_flags(parser, args, scope: dict, command: str, named: str, modes: tuple[str, ...]) -> None:
+    """A flag given that does not apply to the command, or to none of the modes it trains, is an error."""
+    for dest, (flag, default, commands, only) in scope.items():
+        value = getattr(args, dest)
+        if value == default or value is None:
+            continue
+        if command not in commands:
+            parser.error(f"{flag} does not apply to {named}")
+        if command in TRAINING and only is not None and not set(modes) & set(only):
+            parser.error(f"{flag} does not apply to {named} (it applies to --mode {', '.join(only)})")
+        if dest in FINAL_FLAGS and command in TRAINING:
+            if args.budget and BUDGETS[args.budget]["final"] is None:
+                parser.error(f"{flag} does not apply to --budget {args.budget} (it has no final fine-tuning)")
+            if args.task and set(args.task) == {"mammals"}:
+                parser.error(f"{flag} does not apply to --task mammals (no final fine-tuning stage)")
+        if dest in AT_LEAST_ONE and value < 1:
+            parser.error(f"{flag} must be at least 1")
+
+
+def _corpora(parser, aux_files: list[str], dapt_corpus: str | None) -> tuple[dict, tuple[str, ...], str | None]:
+    """(corpus name -> path of the --aux-file and --dapt-corpus files, the --aux-file names, the DAPT corpus label)."""
+    extra = {}
+    for path in aux_files:
         name = "file-" + os.path.splitext(os.path.basename(path))[0]
-        if name in args.extra_corpora:
+        if name in extra:
             parser.error(f"two --aux-file corpora are both named '{name}'")
         if not os.path.isfile(path):
             parser.error(f"--aux-file {path}: no such file")
-        args.extra_corpora[name] = path
-    if args.dapt_corpus and args.dapt_corpus not in DAPT_FILES:
-        if not os.path.isfile(args.dapt_corpus):
-            parser.error(f"--dapt-corpus {args.dapt_corpus}: neither 1x, 10x, full nor an existing file")
-        name = "dapt-" + os.path.splitext(os.path.basename(args.dapt_corpus))[0]
-        args.extra_corpora[name], args.dapt_corpus = args.dapt_corpus, name[4:]
+        extra[name] = path
+    names = tuple(extra)
+    if dapt_corpus and dapt_corpus not in DAPT_FILES:
+        if not os.path.isfile(dapt_corpus):
+            parser.error(f"--dapt-corpus {dapt_corpus}: neither 1x, 10x, full nor an existing file")
+        name = "dapt-" + os.path.splitext(os.path.basename(dapt_corpus))[0]
+        extra[name], dapt_corpus = dapt_corpus, name[4:]
+    return extra, names, dapt_corpus
+
+
+def make_settings(args, extra_corpora: dict) -> Settings:
+    """The settings of the training commands, from the parsed flags: the only place that reads them."""
+    budget = Budget(quick=args.quick, name=args.budget, no_final_finetune=args.no_final_finetune,
+                    overrides={flag: getattr(args, flag) for flag in FLAGS if getattr(args, flag) is not None},
+                    max_length=args.max_length, limit=args.limit)
+    return Settings(model=args.model, data_dir=args.data_dir, out=args.out, budget=budget, data_url=args.data_url,
+                    extra_corpora=extra_corpora, progress=args.progress, rerun=args.rerun,
+                    report_only=args.report_only)
 
 
 def main(argv=None) -> int:
-    parser = build_parser()
+    parser, scope = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv:
         print(USAGE)
         return 0
     args = parser.parse_args(argv)
-    args.malloc = tune_malloc(not args.default_malloc)
-    for flag in ("max_length", "limit", "batch_size", "aux_batch_size", "grad_accum", "steps", "meta_batch_size",
-                 "meta_head_steps", "pretrain_steps", "final_steps"):
-        if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            parser.error(f"--{flag.replace('_', '-')} must be at least 1")
-    demo = bool(args.task and "demo" in args.task)
-    if demo and len(args.task) > 1:
-        parser.error("--task demo runs alone")
-    if not (args.bench or demo):
-        _check_run_args(parser, args)
+    command, named, modes = _command(parser, args)
+    _check_flags(parser, args, scope, command, named, modes)
     try:
-        if args.bench:
-            return run_bench(args) or 0
-        if demo:
-            return run_demo(args) or 0
+        if command == BENCH:
+            device = resolve_device(args.device)
+            malloc = tune_malloc(not args.default_malloc) if device.type == "cpu" else "not changed (CUDA device)"
+            run_bench(model=args.bench_model, device=device.type, batch_size=args.batch_size,
+                      aux_batch_size=args.aux_batch_size, meta_batch_size=args.meta_batch_size,
+                      max_length=args.max_length, n_aux=args.bench_n_aux, steps=args.bench_steps,
+                      warmup=args.bench_warmup, rounds=args.bench_rounds, out_dir=args.out, quick=args.quick,
+                      bf16=args.bf16, peak_tflops=args.bench_peak_tflops, threads=args.bench_threads, malloc=malloc,
+                      progress=args.progress)
+            return 0
+        if command == DEMO:
+            run_demo(args.seeds or [0, 1, 2], args.out, quick=args.quick, progress=args.progress)
+            return 0
+        extra, aux_files, dapt = _corpora(parser, args.aux_file, args.dapt_corpus)
+        settings = make_settings(args, extra)
         import transformers
         transformers.logging.set_verbosity_error()
         if not args.progress:
             transformers.logging.disable_progress_bar()
-        ws = Workspace(args, resolve_device(args.device))
-        if args.table:
-            run_table(args.table, ws, args)
-        elif args.figure:
-            run_figure(args.figure, ws, args)
+        ws = Workspace(settings, resolve_device(args.device))
+        if command == TABLE:
+            run_table(args.table, ws, args.seeds, args.task, args.mode, dapt)
+        elif command == FIGURE:
+            run_figure(args.figure, ws, args.seeds, args.task)
         else:
-            run_family(ws, args)
+            run_family(ws, args.task, args.mode, args.seeds, args.aux, dapt, aux_files)
     except (ReproduceError, tartan.DataError, FileNotFoundError, ValueError) as e:  # bad input: one message
         where = ""
         if isinstance(e, ValueError) and not isinstance(e, tartan.DataError):  # may be a bug, not bad input: where
@@ -219,8 +343,8 @@ def main(argv=None) -> int:
         print(f"error: {e}{where}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("\ninterrupted" + ("" if args.bench or demo else
-                                 ": finished runs are kept; the same command resumes from there"), file=sys.stderr)
+        print("\ninterrupted" + (": finished runs are kept; the same command resumes from there"
+                                 if command in TRAINING else ""), file=sys.stderr)
         return 130
     return 0
 

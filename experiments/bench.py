@@ -1,7 +1,26 @@
-"""Speed benchmark (--bench): training steps against their floors, in one process."""
+"""Speed benchmark (--bench): tartan.train's steps against their floors, in one process, through tartan's public API.
+
+What is timed, on identical synthetic batches (random token ids, no padding) and a config-built model with random
+weights (speed needs no pretrained weights):
+  floors      one forward+backward of body + head on one batch, nothing else:
+                floor_end  end-task head on an end-task batch        floor_aux  MLM head on an auxiliary batch
+                floor_val  end-task head on a validation batch of the meta batch size
+              and, apart, `optimizer`: gradient clipping + the two AdamW steps of tartan.train for body and all heads
+  steps       one full optimizer step of tartan.train itself (its step function, gradient clipping, both AdamW
+              steps, zero_grad, the schedulers): finetune (Eq. 2), pretrain (Eq. 1, MLM only), mt (Eq. 3),
+              meta (Alg. 1) and meta_same_head (Eq. 6), timed from one call of the step function inside
+              tartan.train to the next, so the real loop is what is measured.
+Ratios are paired: just before each step, inside the same loop, the floors that step is compared with run once each
+(timed apart, and taken out of the step's time), so every step has its own floors from a second earlier; a ratio is
+the median over steps of step / (its floors). For META: meta / (mt_over_floor x (its end + aux floors) + its val
+floor). Every configuration uses grad_accum = 1, so that a step holds exactly one micro-batch per task, like the
+floors. Batches are prebuilt (the MLM batch masked once): tokenisation, collation and masking are not in any figure.
+An untimed pass of every item comes first; then rounds x steps, every item in each round; the per-round spread of the
+ratios is reported. Peak memory is measured after the timing, in one short pass per item from a reset (PeakMemory).
+Targets: mt <= 1.05 x (floor_end + n_aux x floor_aux); meta <= 1.10 x (mt + floor_val).
+"""
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import platform
@@ -12,34 +31,7 @@ import torch
 
 import tartan
 
-from .common import ReproduceError, _bar, atomic_write_json
-
-
-
-#
-# What is timed, on identical synthetic batches (random token ids, no padding) and a config-built model with random
-# weights (speed needs no pretrained weights):
-#   floors      one forward+backward of body + head on one batch, nothing else:
-#                 floor_end  end-task head on an end-task batch        floor_aux  MLM head on an auxiliary batch
-#                 floor_val  end-task head on a validation batch of the meta batch size
-#               and, apart, `optimizer`: gradient clipping + the two AdamW steps of tartan.train for body and all heads
-#   steps       one full optimizer step of tartan.train itself (its step function, gradient clipping, both AdamW
-#               steps, zero_grad, the schedulers): finetune (Eq. 2), pretrain (Eq. 1, MLM only), mt (Eq. 3),
-#               meta (Alg. 1) and meta_same_head (Eq. 6), timed from one call of the step function inside
-#               tartan.train to the next, so the real loop is what is measured.
-# Ratios are paired: just before each step, inside the same loop, the floors that step is compared with run once each
-# (timed apart, and taken out of the step's time), so every step has its own floors from a second earlier; a ratio
-# is the median over steps of step / (its floors). For META: meta / (mt_over_floor x (its end + aux floors) + its val
-# floor). Measured on a 2-core VM, timing the items one after the other instead gave mt_over_floor from 1.01 to 1.08
-# across six processes (load and memory state drift between items); paired, 1.035-1.050 across four.
-# Every configuration uses grad_accum = 1, so that a step holds exactly one micro-batch per task and compares like
-# with like against the floors. Batches are prebuilt (the MLM batch masked once): tokenisation, collation and masking
-# are not in any figure. An untimed pass of every item comes first; then rounds x steps, every item in each round;
-# the per-round spread of the ratios is reported. Peak memory is measured after the timing, in one short pass per item
-# from a reset (see _PeakMemory).
-# Targets: mt <= 1.05 x (floor_end + n_aux x floor_aux); meta <= 1.10 x (mt + floor_val).
-# On CPU the command line first makes glibc keep freed memory for reuse (tune_malloc; --default-malloc: not), which
-# removes the page faults that otherwise dominate the step overheads; the report records which allocator setting ran.
+from .common import PeakMemory, ReproduceError, atomic_write_json, device_name, progress_bar, resolve_device, set_seed
 
 
 BENCH_SHAPES = {  # RoBERTa-style encoders built from a config, random weights
@@ -51,6 +43,7 @@ BENCH_SHAPES = {  # RoBERTa-style encoders built from a config, random weights
 }
 # defaults per model: (end-task batch, auxiliary batch, meta batch, sequence length); roberta-base = the paper's values
 BENCH_SIZES = {"tiny": (4, 4, 2, 16), "small": (16, 16, 8, 128), "roberta-base": (64, 64, 32, 512)}
+BENCH_COUNTS = {"full": dict(steps=5, warmup=2, rounds=3), "quick": dict(steps=2, warmup=1, rounds=1)}  # per item
 # dense peak TFLOP/s (bf16 tensor core, fp32 without TF32) by device-name substring, first match wins
 PEAK_TFLOPS = [("H100 PCIe", 756, 51), ("H100 NVL", 835, 60), ("H100", 989, 67), ("H200", 989, 67),
                ("A100", 312, 19.5), ("L40S", 362, 91.6), ("A10G", 70, 31.2), ("L4", 121, 30.3)]
@@ -84,58 +77,23 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-class _PeakMemory:
-    """Peak memory over a region: CUDA max_memory_allocated; on Linux CPU the process's peak RSS (VmHWM) after
-    resetting it through /proc/self/clear_refs (the whole process, model and optimizer state included); else None.
-    On CPU the reset first hands freed heap memory back to the OS (malloc_trim), so that the peak is the region's own
-    even when tune_malloc has told glibc to keep freed memory; the refill page-faults, so the bench measures memory in
-    a pass of its own after the timing rounds."""
-
-    def __init__(self, device):
-        self.device = device
-
-    def reset(self):
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-            return
-        try:
-            import ctypes
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):
-            pass
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-        except OSError:
-            pass
-
-    def read_mb(self):
-        if self.device.type == "cuda":
-            return torch.cuda.max_memory_allocated(self.device) / 2**20
-        try:
-            with open("/proc/self/status") as f:
-                hwm = next(line for line in f if line.startswith("VmHWM:"))
-            return int(hwm.split()[1]) / 1024
-        except (OSError, StopIteration):
-            return None
-
-
 def _peak_tflops(device, bf16, override):
     if override:
         return override
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
+    name = torch.cuda.getdevice_name(device)
     for key, peak_bf16, peak_fp32 in PEAK_TFLOPS:
         if key in name:
             return peak_bf16 if bf16 else peak_fp32
     return None
 
 
-def bench(model=None, device=None, batch_size=None, aux_batch_size=None, meta_batch_size=None, max_length=None,
+def run_bench(model=None, device=None, batch_size=None, aux_batch_size=None, meta_batch_size=None, max_length=None,
               n_aux=1, steps=None, warmup=None, rounds=None, out_dir="results", quick=False, bf16=True,
               peak_tflops=None, threads=None, num_labels=6, seed=0, malloc=None, progress=False, log=print) -> dict:
-    """Times the floors and the training steps (see the comment above) and writes bench[_quick].json to out_dir.
+    """Times the floors and the training steps (module docstring) and writes bench[_quick].json to out_dir.
+    Unset sizes and counts take the defaults of BENCH_SIZES and BENCH_COUNTS for the model.
     model: "small" | "roberta-base" (default: roberta-base on CUDA, small on CPU; --quick: a tiny model).
     threads: torch CPU threads for the run (default: torch's; --quick: 1, as a tiny model gains nothing from more).
     malloc: what tune_malloc did to this process, recorded in the report (None: not known)."""
@@ -154,18 +112,18 @@ def _run_bench(model, device, batch_size, aux_batch_size, meta_batch_size, max_l
                out_dir, quick, bf16, peak_tflops, num_labels, seed, malloc, progress, log):
     from transformers import AutoModelForMaskedLM, RobertaConfig
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if device in (None, "auto") else \
-        torch.device(device)
+    device = resolve_device(device)
     model = "tiny" if quick else (model or ("roberta-base" if device.type == "cuda" else "small"))
     B, A, M, T = [given or default for given, default in
                   zip((batch_size, aux_batch_size, meta_batch_size, max_length), BENCH_SIZES[model])]
-    steps, warmup, rounds = steps or (2 if quick else 5), warmup or (1 if quick else 2), rounds or (1 if quick else 3)
+    counts = BENCH_COUNTS["quick" if quick else "full"]
+    steps, warmup, rounds = steps or counts["steps"], warmup or counts["warmup"], rounds or counts["rounds"]
     bf16 = bf16 and device.type == "cuda"
     if M > B:
         raise ReproduceError(f"--meta-batch-size {M} exceeds the end-task batch {B} (phi* is fitted on end-task "
                              f"batch rows)")
 
-    torch.manual_seed(seed)
+    set_seed(seed)
     shape = BENCH_SHAPES[model]
     config = RobertaConfig(max_position_embeddings=T + 2, type_vocab_size=1, **shape)  # RoBERTa positions start at 2
     body, mlm_head = tartan.split_masked_lm(AutoModelForMaskedLM.from_config(config).to(device))
@@ -185,7 +143,7 @@ def _run_bench(model, device, batch_size, aux_batch_size, meta_batch_size, max_l
     heads = [end.head] + [t.head for t in aux]
 
     autocast = tartan.autocast(device, bf16)  # as tartan.train builds it
-    peak = _PeakMemory(device)
+    peak = PeakMemory(device)
     common = dict(batch_size=B, aux_batch_size=A, grad_accum=1, eval_every=-1, bf16=bf16, seed=seed,
                   final_finetune=None)
     cfg_train, cfg_meta = tartan.TrainConfig(**common), tartan.MetaConfig(meta_batch_size=M, **common)
@@ -259,14 +217,14 @@ def _run_bench(model, device, batch_size, aux_batch_size, meta_batch_size, max_l
         "meta_same_head": (lambda *n: step(end, aux, meta_same, tartan.meta_step, {**both, "floor_val": 1}, *n),
                            (B + n_aux * A) * T, (B + n_aux * A + M) * T),
     }
-    log(f"bench: {model} on {device} ({_device_name(device)}), batches end {B} / aux {n_aux} x {A} / meta {M}, "
+    log(f"bench: {model} on {device} ({device_name(device)}), batches end {B} / aux {n_aux} x {A} / meta {M}, "
         f"length {T}, bf16 {bf16}, grad_accum 1; {rounds} rounds x {steps} steps after {warmup} warm-up; "
         f"malloc: {malloc or 'not set here'}")
     samples = {name: [] for name in items}  # per item: one dict per round {"step": [...], floor: [...]}
     t_start = time.perf_counter()
     for run, _, _ in items.values():  # untimed: caches, lazy init and the heap reach their working state
         run(1, 1)
-    bar = _bar(rounds * len(items), progress, "bench")
+    bar = progress_bar(rounds * len(items), progress, "bench")
     for r in range(rounds):  # timing: nothing resets memory in between (on CPU a reset hands the heap back to the
         for name, (run, _, _) in items.items():  # OS, and the page faults of its refill would be timed)
             samples[name].append(run(warmup, steps))
@@ -321,24 +279,24 @@ def _run_bench(model, device, batch_size, aux_batch_size, meta_batch_size, max_l
                     res["floor_end"]["seconds"] + n_aux * res["floor_aux"]["seconds"] + res["optimizer"]["seconds"]),
                 "finetune_over_floor": per_step("finetune", total),
                 "pretrain_over_floor": per_step("pretrain", total)}
-    main = ratios()
+    overall = ratios()
     per_round = [ratios(r) for r in range(rounds)]
     mem_meta_over_mt = (res["meta"]["peak_memory_mb"] / res["mt"]["peak_memory_mb"]
                         if res["mt"]["peak_memory_mb"] else None)
     report = {
-        **main,
+        **overall,
         "targets": {"mt_over_floor": 1.05, "meta_over_mt_plus_val": 1.10},
-        "targets_hold": {"mt_over_floor": main["mt_over_floor"] <= 1.05,
-                         "meta_over_mt_plus_val": main["meta_over_mt_plus_val"] <= 1.10},
+        "targets_hold": {"mt_over_floor": overall["mt_over_floor"] <= 1.05,
+                         "meta_over_mt_plus_val": overall["meta_over_mt_plus_val"] <= 1.10},
         "ratios_per_round": per_round,
-        "ratio_spread": {k: [min(r[k] for r in per_round), max(r[k] for r in per_round)] for k in main},
+        "ratio_spread": {k: [min(r[k] for r in per_round), max(r[k] for r in per_round)] for k in overall},
         "peak_memory_meta_over_mt": mem_meta_over_mt,
         "items": res,
         "config": {"model": model, **shape, "max_length": T, "batch_size": B, "aux_batch_size": A,
                    "meta_batch_size": M, "n_aux": n_aux, "grad_accum": 1, "meta_head_steps": cfg_meta.meta_head_steps,
                    "steps": steps, "warmup": warmup, "rounds": rounds, "bf16": bf16, "seed": seed,
                    "body_parameters": sum(p.numel() for p in body.parameters()), "body_parameters_no_emb": n_flop},
-        "machine": {"device": str(device), "device_name": _device_name(device), "torch": torch.__version__,
+        "machine": {"device": str(device), "device_name": device_name(device), "torch": torch.__version__,
                     "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "platform": platform.platform(),
                     "peak_tflops": peak_tf, "malloc": malloc},
         "notes": {"grad_accum": "1 in every configuration: a step holds one micro-batch per task, as the floors",
@@ -360,10 +318,6 @@ def _run_bench(model, device, batch_size, aux_batch_size, meta_batch_size, max_l
     report["path"] = path
     log(f"wrote {path}")
     return report
-
-
-def _device_name(device):
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
 
 
 def _print_bench(report, log):
@@ -392,8 +346,7 @@ def tune_malloc(enabled: bool = True) -> str:
     PyTorch on CPU takes its large tensors (activations, gradients, the MLM logits) straight from malloc. glibc serves
     allocations above its mmap threshold (adaptive, at most 32 MB) with fresh pages and unmaps them on free, so every
     training step page-faults hundreds of MB back in, and a step that holds more at once (MT, META) pays more of it
-    than the single passes it is compared with. Measured with `--bench` on the 2-core VM of the README: see there.
-    Same as running under MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647; the cost is that the process keeps its
+    than the single passes it is compared with (README, "Speed"). Same as running under MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647; the cost is that the process keeps its
     peak memory until it exits. Linux/glibc only; elsewhere, or with enabled=False, nothing changes. Process-wide,
     so it lives here in the command-line runner and never in tartan.py."""
     if not enabled:
@@ -407,46 +360,3 @@ def tune_malloc(enabled: bool = True) -> str:
     except (OSError, AttributeError):
         return "system default (not glibc)"
     return "kept for reuse (mallopt M_MMAP_MAX=0, M_TRIM_THRESHOLD=2^31-1)"
-
-
-def _add_option(parser, *flags, **kwargs):
-    """Adds a flag unless the caller's parser already has it (--quick, --out, --device are shared with reproduce.py)."""
-    try:
-        parser.add_argument(*flags, **kwargs)
-    except argparse.ArgumentError:
-        pass
-
-
-def add_bench_args(parser: argparse.ArgumentParser):
-    _add_option(parser, "--bench", action="store_true", help="time training steps against their floors (issue 5)")
-    _add_option(parser, "--quick", action="store_true", help="a tiny, fast run")
-    _add_option(parser, "--out", default="results", help="results folder")
-    _add_option(parser, "--device", default="auto", choices=("auto", "cpu", "cuda"))
-    # batch sizes and length: reproduce.py's own flags where it has them (default None = the bench's defaults)
-    _add_option(parser, "--batch-size", type=int, help="end-task micro-batch (bench: GPU 64, CPU 16)")
-    _add_option(parser, "--aux-batch-size", type=int, help="auxiliary MLM micro-batch (bench: GPU 64, CPU 16)")
-    _add_option(parser, "--meta-batch-size", type=int, help="meta / validation batch (bench: GPU 32, CPU 8)")
-    _add_option(parser, "--max-length", type=int, help="sequence length (bench: GPU 512, CPU 128)")
-    g = parser.add_argument_group("benchmark (--bench)")
-    g.add_argument("--bench-model", choices=["small", "roberta-base"], default=None,
-                   help="default: roberta-base on CUDA, small on CPU")
-    g.add_argument("--bench-n-aux", type=int, default=1, help="number of auxiliary MLM tasks")
-    g.add_argument("--bench-steps", type=int, default=None, help="timed steps per item and round")
-    g.add_argument("--bench-warmup", type=int, default=None, help="untimed steps per item and round")
-    g.add_argument("--bench-rounds", type=int, default=None, help="rounds, each timing every item")
-    g.add_argument("--bench-threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    g.add_argument("--bench-peak-tflops", type=float, default=None, help="device peak for MFU (default: by name)")
-    _add_option(parser, "--no-bf16", dest="bf16", action="store_false", help="no bf16 autocast on CUDA")
-    _add_option(parser, "--default-malloc", action="store_true",
-                help="leave glibc's malloc as it is (default: freed memory is kept for reuse, see tune_malloc)")
-
-
-def run_bench(args) -> int:
-    """`--bench`: runs the benchmark from parsed flags (add_bench_args); returns the exit status 0."""
-    bench(model=args.bench_model, device=args.device, batch_size=args.batch_size,
-              aux_batch_size=args.aux_batch_size, meta_batch_size=args.meta_batch_size, max_length=args.max_length,
-              n_aux=args.bench_n_aux, steps=args.bench_steps, warmup=args.bench_warmup, rounds=args.bench_rounds,
-              out_dir=args.out, quick=args.quick, bf16=getattr(args, "bf16", True),
-              peak_tflops=args.bench_peak_tflops, threads=args.bench_threads, malloc=getattr(args, "malloc", None),
-              progress=getattr(args, "progress", False))
-    return 0

@@ -6,9 +6,7 @@ import os
 import urllib.error
 import urllib.request
 
-import tartan
-
-from .common import ReproduceError, _bar, _temp_file, warn
+from .common import ReproduceError, atomic_path, progress_bar, warn
 from .paper import DAPT_FILES, TASKS
 
 
@@ -54,37 +52,32 @@ def download(url: str, dest: str, sha256: str | None = None, md5: str | None = N
              progress: bool = False) -> str:
     """Fetch url to dest through a temporary file in the same folder, check its digest, then rename: an interrupted
     or bad download leaves nothing at dest. Errors name the URL and say how to place the file by hand."""
-    folder = os.path.dirname(os.path.abspath(dest))
     by_hand = (f"Download it by hand (e.g. `curl -L -o {dest} {url}`) or copy it there from elsewhere; files "
                f"already in the data folder are used as they are.")
-    try:
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = _temp_file(folder, f".{os.path.basename(dest)}.", ".part")
-    except OSError as e:
-        raise ReproduceError(f"cannot write {dest} ({e.strerror}); choose a writable --data-dir. {by_hand}") from None
     digests = {"sha256": hashlib.sha256(), "md5": hashlib.md5()}
     try:
-        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=timeout) as response:
-            total = int(response.headers.get("Content-Length") or 0)
-            bar = _bar(total, progress and total > (1 << 22), f"download {os.path.basename(dest)}", unit="B")
-            for chunk in iter(lambda: response.read(1 << 20), b""):
-                f.write(chunk)
-                for h in digests.values():
-                    h.update(chunk)
-                bar.update(len(chunk))
-            bar.close()
-        for name, want in (("sha256", sha256), ("md5", md5)):
-            got = digests[name].hexdigest()
-            if want is not None and got != want:
-                raise ReproduceError(f"{url}: checksum mismatch ({name.upper()} {got}, expected {want}); the file was "
-                                     f"not kept. {by_hand}")
-        os.replace(tmp, dest)
-    except (urllib.error.URLError, OSError, ValueError) as e:
-        reason = getattr(e, "reason", None) or e
-        raise ReproduceError(f"could not download {url}: {reason}. {by_hand}") from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        with atomic_path(dest, ".part") as tmp:
+            with open(tmp, "wb") as f, urllib.request.urlopen(url, timeout=timeout) as response:
+                total = int(response.headers.get("Content-Length") or 0)
+                bar = progress_bar(total, progress and total > (1 << 22), f"download {os.path.basename(dest)}",
+                                   unit="B")
+                for chunk in iter(lambda: response.read(1 << 20), b""):
+                    f.write(chunk)
+                    for h in digests.values():
+                        h.update(chunk)
+                    bar.update(len(chunk))
+                bar.close()
+            for name, want in (("sha256", sha256), ("md5", md5)):
+                got = digests[name].hexdigest()
+                if want is not None and got != want:
+                    raise ReproduceError(f"{url}: checksum mismatch ({name.upper()} {got}, expected {want}); the file "
+                                         f"was not kept. {by_hand}")
+    except urllib.error.URLError as e:
+        raise ReproduceError(f"could not download {url}: {e.reason}. {by_hand}") from None
+    except (OSError, ValueError) as e:
+        where = "write" if isinstance(e, PermissionError) else "download"
+        hint = "; choose a writable --data-dir" if where == "write" else ""
+        raise ReproduceError(f"could not {where} {url if where == 'download' else dest}: {e}{hint}. {by_hand}") from None
     return dest
 
 
@@ -126,21 +119,3 @@ def corpus_file(task: str, label: str, extra: dict) -> str:
     if label in extra:
         return os.path.abspath(extra[label])
     raise ReproduceError(f"unknown auxiliary corpus '{label}'")
-
-
-def read_text_task(folder: str, tokenizer, max_length: int, limit: int | None) -> dict:
-    """{train,dev,test}.jsonl -> tokenised TextData per split and the label vocabulary (tartan.read_end_task)."""
-    data = tartan.read_end_task(folder)
-    out = {"labels": data["labels"]}
-    for split in ("train", "dev", "test"):
-        texts, labels = data[split]
-        keep = tartan.subset(len(texts), limit)
-        ids = tartan.tokenize(tokenizer, [texts[i] for i in keep], max_length)
-        out[split] = tartan.TextData(ids, [labels[i] for i in keep], tokenizer.pad_token_id)
-    return out
-
-
-def read_corpus(path: str, tokenizer, max_length: int, limit: int | None) -> tartan.TextData:
-    lines = tartan.read_lines(path)
-    lines = [lines[i] for i in tartan.subset(len(lines), limit)]
-    return tartan.TextData(tartan.tokenize(tokenizer, lines, max_length), None, tokenizer.pad_token_id)

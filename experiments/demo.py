@@ -1,4 +1,33 @@
-"""Offline demo of TARTAN's two claims: `python reproduce.py --task demo [--seeds ...] [--out DIR] [--quick]`."""
+"""Offline demo of TARTAN's two claims: `python reproduce.py --task demo [--seeds ...] [--out DIR] [--quick]`.
+
+Everything is made here, in code: no download, no GPU, a few minutes on a laptop CPU. Entry point: run_demo().
+
+The synthetic world (demo_data)
+-------------------------------
+* Concepts: 4 concepts, each named by 6 interchangeable words ("c2w4" = synonym 4 of concept 2).
+* End-task (low-resource, 48 labelled examples): a sentence of neutral filler words plus one concept word; the label
+  is its concept. The labelled TRAIN set only uses synonyms 0 and 1 ("seen") of each concept; DEV and TEST use all
+  six. The labels alone cannot tell what an unseen synonym means, so fine-tuning alone is at chance on test sentences
+  with unseen synonyms (half of test; the table reports them separately).
+* Helpful corpus (unlabelled text, the TAPT/DAPT analogue): every synonym of a concept, seen and unseen alike, next to
+  cue words of its own concept ("k2q1" = cue 1 of concept 2). MLM can only predict a masked cue or word by learning
+  which words share contexts, so this text carries exactly what the labels lack. The end-task never shows a cue, so
+  the corpus can matter only through what it teaches about the concept words.
+* Harmful corpus: the same words and cues, grouped ACROSS concepts: cue set g is shared by seen synonym 0 of concept
+  g and seen synonym 1 of concept g-1, and the unseen synonyms of concept k share the cues of seen synonyms of k+1 and
+  k+2. MLM on it teaches that differently-labelled words mean the same and that unseen synonyms mean what other
+  concepts' words mean.
+Claim 1 is testable: auxiliary text can lift the unseen-synonym sentences, and methods differ in how well they use
+it when helpful and harmful text come together. Claim 2 is testable: META-TARTAN's weights start equal and only the
+meta-gradient can separate the two corpora (the harmful one is as large and looks alike token by token).
+
+Methods (rows of the table; per seed, all start from the same random initialisation)
+* fine-tune only  : Eq. 2 on the end-task alone (the "RoBERTa" column; here the body has no prior knowledge).
+* pretrain->finetune: Eq. 1 then Eq. 2, MLM on all the auxiliary text as one corpus (end-task agnostic pre-training
+                    has no way to tell the helpful text from the harmful), then fine-tuning. The baseline.
+* MT-TARTAN       : Eq. 3, end-task + helpful MLM + harmful MLM with static uniform weights (1/3 each).
+* META-TARTAN     : Algorithm 1, the same three tasks with meta-learned weights (Eq. 7, separate meta head phi*).
+"""
 from __future__ import annotations
 
 import dataclasses
@@ -12,59 +41,23 @@ import torch
 
 import tartan
 
-from .common import _bar, atomic_write_json
-
-
-
-# Everything is made here, in code: no download, no GPU, a few minutes on a laptop CPU. Entry point: run_demo().
-#
-# The synthetic world (demo_data)
-# -------------------------------
-# * Concepts: 4 concepts, each named by 6 interchangeable words ("c2w4" = synonym 4 of concept 2).
-# * End-task (low-resource, 48 labelled examples): a sentence of neutral filler words plus one concept word; the label
-#   is its concept. The labelled TRAIN set only uses synonyms 0 and 1 ("seen") of each concept; DEV and TEST use all
-#   six. The labels alone cannot tell what an unseen synonym means, so fine-tuning alone is at chance on test sentences
-#   with unseen synonyms (half of test; the table reports them separately).
-# * Helpful corpus (unlabelled text, the TAPT/DAPT analogue): every synonym of a concept, seen and unseen alike, next to
-#   cue words of its own concept ("k2q1" = cue 1 of concept 2). MLM can only predict a masked cue or word by learning
-#   which words share contexts, so this text carries exactly what the labels lack. The end-task never shows a cue, so
-#   the corpus can matter only through what it teaches about the concept words.
-# * Harmful corpus: the same words and cues, grouped ACROSS concepts: cue set g is shared by seen synonym 0 of concept
-#   g and seen synonym 1 of concept g-1, and the unseen synonyms of concept k share the cues of seen synonyms of k+1 and
-#   k+2. MLM on it teaches that differently-labelled words mean the same and that unseen synonyms mean what other
-#   concepts' words mean.
-# Claim 1 is testable: auxiliary text can lift the unseen-synonym sentences, and methods differ in how well they use
-# it when helpful and harmful text come together. Claim 2 is testable: META-TARTAN's weights start equal and only the
-# meta-gradient can separate the two corpora (the harmful one is as large and looks alike token by token).
-#
-# Methods (rows of the table; per seed, all start from the same random initialisation)
-# * fine-tune only  : Eq. 2 on the end-task alone (the "RoBERTa" column; here the body has no prior knowledge).
-# * pretrain->finetune: Eq. 1 then Eq. 2, MLM on all the auxiliary text as one corpus (end-task agnostic pre-training
-#                     has no way to tell the helpful text from the harmful), then fine-tuning. The baseline.
-# * MT-TARTAN       : Eq. 3, end-task + helpful MLM + harmful MLM with static uniform weights (1/3 each).
-# * META-TARTAN     : Algorithm 1, the same three tasks with meta-learned weights (Eq. 7, separate meta head phi*).
+from .common import atomic_path, atomic_write_json, compare, min_seeds, progress_bar, set_seed
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Settings. Chosen by trying a few on this very task, so that 3 seeds x 4 methods run in well under 3 minutes on 2 CPU
-# cores and the task is informative: fine-tuning alone sits at chance on unseen synonyms, while pre-training on the
-# helpful corpus alone lifts them to 100% and on the harmful corpus alone sinks them to 0% (checked by hand; the demo
-# itself runs only the four methods above).
-# * A tiny random-init BERT needs far larger learning rates than the paper's 1e-4 for a pretrained RoBERTa: 2e-3 here
-#   (1e-3 leaves MLM on its unigram plateau for most of the budget; 3e-3 and above stalled).
-# * One transformer layer: as good as two on this task, at about half the time per step.
-# * Auxiliary sentences are a concept word and two cues, no fillers: every masked token is informative, so MLM learns
-#   the word groups within a few hundred steps, and the only difference between the two corpora's MLM gradients is
-#   the grouping, which is what the meta-gradient has to see.
-# * No dropout: full-batch training on 48 examples needs no extra noise, and the tiny model learns faster without.
-# * The end-task batch is the whole training set (48) and the META meta-batch the whole dev set (96): phi* is fitted
-#   on all training examples and g_meta carries no sampling noise, which matters with cosines of a few hundredths.
-# * META-TARTAN: eta = 0.1 (top of the paper's grid {1e-1, 5e-2, 3e-2, 1e-2}, so that weights move within 300 steps;
-#   0.3 railed the weights to 0/1 within a few evaluations); phi* is trained 10 AdamW steps (paper) at lr 1e-2 (the
-#   paper's 1e-3 barely moves a fresh head on 64-dim features in 10 steps, leaving g_meta close to random).
+# Settings, chosen on this very task so that 3 seeds x 4 methods run in a few minutes on a CPU and the task is
+# informative: fine-tuning alone sits at chance on unseen synonyms (README, "Start here").
+# * A tiny random-init BERT needs far larger learning rates than the paper's pretrained RoBERTa, and one layer.
+# * Auxiliary sentences are a concept word and two cues, no fillers: every masked token is informative, and the only
+#   difference between the two corpora's MLM gradients is the grouping, which is what the meta-gradient has to see.
+# * No dropout: full-batch training on a few dozen examples needs no extra noise.
+# * The end-task batch is the whole training set and the META meta-batch the whole dev set: phi* is fitted on all
+#   training examples and g_meta carries no sampling noise, which matters with cosines of a few hundredths.
+# * META-TARTAN: eta at the top of the paper's grid, so that weights move within a few hundred steps; phi* takes the
+#   paper's 10 steps at a higher learning rate, as a fresh head on small features barely moves at the paper's.
 # * Early stopping is off (patience above the number of evaluations): every run has the same, predictable cost; model
-#   selection still restores the best-dev checkpoint. The optional final fine-tuning stage of MT/META is off: the
-#   comparison is of Eq. 3 / Algorithm 1 themselves.
+#   selection still restores the best-dev checkpoint. The optional final fine-tuning of MT/META is off: the comparison
+#   is of Eq. 3 / Algorithm 1 themselves.
 
 
 @dataclasses.dataclass
@@ -104,8 +97,7 @@ class DemoSettings:
     meta_batch_size: int = 96      # |B*_val| (the whole dev set); phi* is fitted on the whole end-task batch
     meta_head_lr: float = 1e-2
     meta_head_steps: int = 10
-    threads: int = 1               # torch CPU threads: the model is too small to gain from more, and extra threads
-    #                                spin-wait badly when the cores are shared (2 threads ran several times slower)
+    threads: int = 1               # torch CPU threads: the model is too small to gain from more
 
 
 def quick_settings() -> DemoSettings:
@@ -225,7 +217,7 @@ def build_demo(seed: int, s: DemoSettings | None = None, prepared: dict | None =
                      num_attention_heads=s.heads, intermediate_size=s.ffn,
                      max_position_embeddings=prepared["max_length"], hidden_dropout_prob=s.dropout,
                      attention_probs_dropout_prob=s.dropout, initializer_range=s.init_range)
-    torch.manual_seed(seed)  # parameter initialisation (tartan.py leaves the global generator to the caller)
+    set_seed(seed)  # parameter initialisation (tartan.py leaves the global generator to the caller)
     body, mlm_head = tartan.split_masked_lm(AutoModelForMaskedLM.from_config(cfg))
     end = tartan.Task("end-task", tartan.ClassificationHead(s.hidden, s.n_concepts, s.dropout), ids["train"],
                       dev=ids["dev"], test=ids["test"], num_labels=s.n_concepts, metric="macro_f1")
@@ -293,16 +285,9 @@ def demo_run_one(method: str, seed: int, s: DemoSettings, prepared: dict) -> dic
 # Summary: per-method statistics, META's weights, and the two claims, all computed from the records.
 
 
-def demo_min_seeds(alpha: float = 0.05) -> int:
-    """Fewest seeds per method for which the exact two-sided permutation test can give p < alpha."""
-    n = 1
-    while 2 / math.comb(2 * n, n) >= alpha:
-        n += 1
-    return n
-
-
 def demo_summarize(records: list[dict]) -> dict:
-    """Per method: per-seed scores, mean and sample std (ddof=1), permutation test against pretrain->finetune."""
+    """Per method: per-seed scores, mean and sample std (ddof=1), permutation test against pretrain->finetune
+    (common.compare: one-sided p_greater is the headline, the two-sided p is kept beside it)."""
     base = [r["test"] for r in records if r["method"] == "pretrain"]
     out = {}
     for m in DEMO_METHODS:
@@ -313,7 +298,7 @@ def demo_summarize(records: list[dict]) -> dict:
         entry["mean"], entry["std"] = tartan.mean_std(entry["test"], ddof=1)
         entry["unseen_mean"], entry["unseen_std"] = tartan.mean_std(entry["test_unseen"], ddof=1)
         if m != "pretrain":
-            entry["vs_pretrain"] = tartan.permutation_test(entry["test"], base)
+            entry["vs_pretrain"] = compare(entry["test"], base)
         out[m] = entry
     return out
 
@@ -331,12 +316,12 @@ def demo_meta_weights(records: list[dict]) -> dict:
 
 
 def _demo_verdict(test: dict) -> str:
-    """Wording of a one-directional claim 'a > b' from a tartan.permutation_test result."""
+    """Wording of a one-directional claim 'a > b' from a common.compare result (one-sided test, H1: a > b)."""
     if test["diff"] <= 0:
         return "NOT shown (not higher on average)"
-    if test["p_two_sided"] < 0.05:
+    if test["p_greater"] < 0.05:
         return "shown (higher, p < 0.05)"
-    if test["min_p_two_sided"] >= 0.05:
+    if test["min_p_greater"] >= 0.05:
         return "higher on average; significance out of reach with this many seeds"
     return "higher on average, but not significant"
 
@@ -346,7 +331,7 @@ def demo_claims(summary: dict, weights: dict) -> dict:
     ft_unseen = summary["finetune"]["unseen_mean"]
     best = max(("pretrain", "mt", "meta"), key=lambda m: summary[m]["unseen_mean"])
     lower = [h < g for h, g in zip(weights["by_task"]["harmful"], weights["by_task"]["helpful"])]
-    meta_vs_mt = tartan.permutation_test(summary["meta"]["test"], summary["mt"]["test"])
+    meta_vs_mt = compare(summary["meta"]["test"], summary["mt"]["test"])
     n = len(lower)
     if all(lower):
         down = f"shown in all {n} seeds"
@@ -359,12 +344,13 @@ def demo_claims(summary: dict, weights: dict) -> dict:
             "finetune_unseen": ft_unseen, "best_method": best, "best_unseen": summary[best]["unseen_mean"],
             "shown": summary[best]["unseen_mean"] > ft_unseen},
         "claim1_end_task_aware_beats_pretraining": {
-            m: {"diff": summary[m]["vs_pretrain"]["diff"], "p_two_sided": summary[m]["vs_pretrain"]["p_two_sided"],
+            m: {"diff": summary[m]["vs_pretrain"]["diff"], "p_one_sided": summary[m]["vs_pretrain"]["p_greater"],
+                "p_two_sided": summary[m]["vs_pretrain"]["p_two_sided"],
                 "verdict": _demo_verdict(summary[m]["vs_pretrain"])} for m in ("mt", "meta")},
         "claim2_meta_downweights_harmful": {
             "harmful_below_helpful_per_seed": lower, "verdict": down,
-            "meta_vs_mt": {"diff": meta_vs_mt["diff"], "p_two_sided": meta_vs_mt["p_two_sided"],
-                           "verdict": _demo_verdict(meta_vs_mt)}},
+            "meta_vs_mt": {"diff": meta_vs_mt["diff"], "p_one_sided": meta_vs_mt["p_greater"],
+                           "p_two_sided": meta_vs_mt["p_two_sided"], "verdict": _demo_verdict(meta_vs_mt)}},
     }
 
 
@@ -378,17 +364,17 @@ def demo_report(summary: dict, weights: dict, claims: dict, seeds, seconds: floa
     for m in DEMO_METHODS:
         e = summary[m]
         seen_mean, seen_std = tartan.mean_std(e["test_seen"], ddof=1)
-        p = "(baseline)" if m == "pretrain" else f"{e['vs_pretrain']['p_two_sided']:.3f}"
+        p = "(baseline)" if m == "pretrain" else f"{e['vs_pretrain']['p_greater']:.3f}"
         lines.append(f"{DEMO_LABELS[m]:<20} {100 * e['mean']:>7.1f} ± {100 * e['std']:<4.1f} "
                      f"{100 * e['unseen_mean']:>8.1f} ± {100 * e['unseen_std']:<5.1f} "
                      f"{100 * seen_mean:>6.1f} ± {100 * seen_std:<5.1f} {p:>14}")
     kind = "exact" if any_test["exact"] else f"{any_test['n_permutations']} random"
-    lines.append(f"p: unpaired two-sided permutation test ({kind} splits) of per-seed test macro-F1 against "
-                 f"pretrain->finetune (tartan.permutation_test).")
-    if any_test["min_p_two_sided"] >= 0.05:
+    lines.append(f"p: one-sided unpaired permutation test ({kind} splits; H1: the method beats pretrain->finetune) of "
+                 f"per-seed test macro-F1 (tartan.permutation_test; the two-sided p is in the JSON summary).")
+    if any_test["min_p_greater"] >= 0.05:
         lines.append(f"   With {n} seed(s) per method the smallest p this test can give is "
-                     f"{any_test['min_p_two_sided']:.3f}: p < 0.05 cannot be reached; it needs >= {demo_min_seeds()} "
-                     f"seeds per method (e.g. --seeds 0-{demo_min_seeds() - 1}).")
+                     f"{any_test['min_p_greater']:.3f}: p < 0.05 cannot be reached; it needs >= {min_seeds()} "
+                     f"seeds per method (e.g. --seeds 0-{min_seeds() - 1}).")
     lines.append("Unseen/seen synonyms: macro-F1 on the half of test whose concept word the labelled train set never "
                  "shows / shows (chance: 25).")
     lines += ["", "META-TARTAN final task weights (softmax alpha after the last step):",
@@ -409,11 +395,11 @@ def demo_report(summary: dict, weights: dict, claims: dict, seeds, seconds: floa
               "- Claim 1 (Sec. 5.1): end-task aware training beats end-task agnostic pre-training on the same text:"]
     for m in ("mt", "meta"):
         lines.append(f"    {DEMO_LABELS[m]} vs pretrain->finetune: {100 * c1[m]['diff']:+.1f} points, "
-                     f"p = {c1[m]['p_two_sided']:.3f} -> {c1[m]['verdict']}")
+                     f"p = {c1[m]['p_one_sided']:.3f} -> {c1[m]['verdict']}")
     lines += [f"- Claim 2 (Sec. 3.2, 5.3): META-TARTAN down-weights the harmful corpus (final weight harmful < "
               f"helpful): {c2['verdict']} (mean {weights['mean']['harmful']:.3g} vs {weights['mean']['helpful']:.3g})",
               f"    and so uses mixed-quality text better than MT-TARTAN: {100 * c2['meta_vs_mt']['diff']:+.1f} points,"
-              f" p = {c2['meta_vs_mt']['p_two_sided']:.3f} -> {c2['meta_vs_mt']['verdict']}",
+              f" p = {c2['meta_vs_mt']['p_one_sided']:.3f} -> {c2['meta_vs_mt']['verdict']}",
               f"Wall time of the runs: {seconds:.0f} s."]
     return "\n".join(lines)
 
@@ -448,9 +434,8 @@ def demo_plot_weights(records: list[dict], path: str) -> str | None:
               title="> 0: harmful corpus down-weighted vs helpful")
     left.legend()
     right.legend()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     return path
 
 
@@ -458,7 +443,7 @@ def demo_plot_weights(records: list[dict], path: str) -> str | None:
 # Entry point.
 
 
-def demo(seeds, out_dir: str, quick: bool = False, progress: bool = True,
+def run_demo(seeds=(0, 1, 2), out_dir: str = "results", quick: bool = False, progress: bool = True,
          settings: DemoSettings | None = None) -> dict:
     """Runs the four methods over `seeds`, prints the table, META's weights and the claims, writes
     out_dir/demo_summary.json (and demo_weights.png with matplotlib). Returns the JSON summary."""
@@ -475,7 +460,7 @@ def demo(seeds, out_dir: str, quick: bool = False, progress: bool = True,
         t0 = time.perf_counter()
         prepared = demo_prepare(s)
         records = []
-        bar = _bar(len(seeds) * len(DEMO_METHODS), progress, "demo runs")
+        bar = progress_bar(len(seeds) * len(DEMO_METHODS), progress, "demo runs")
         for seed in seeds:
             for method in DEMO_METHODS:
                 bar.set_postfix({"seed": seed, "method": method})
@@ -509,9 +494,3 @@ def demo(seeds, out_dir: str, quick: bool = False, progress: bool = True,
     atomic_write_json(path, result)
     print(f"Summary: {path}" + (f"; figure: {figure}" if figure else ""))
     return result
-
-
-def run_demo(args) -> int:
-    """--task demo: the offline synthetic demo, seeds 0-2 unless --seeds says otherwise."""
-    demo(args.seeds or [0, 1, 2], args.out, quick=args.quick, progress=args.progress)
-    return 0

@@ -91,20 +91,22 @@ FIGURES = {  # figure -> (title, tasks, seeds); the runs are listed in figure_ru
         ("aclarc", "scierc", "chemprot"), 3),
 }
 N_PERMUTATIONS = 10_000  # App. A.2
+PAPER_MAX_LENGTH = 512   # tokens per example (Sec. 4)
 
-
+# The vision experiment's training (App. A.4 and the authors' setup): Adam, 30 epochs.
 VISION = dict(lr=3e-4, head_lr=3e-4, weight_decay=0.0, head_weight_decay=0.0, betas=(0.9, 0.999), adam_eps=1e-8,
-              batch_size=64, aux_batch_size=64, grad_accum=1, epochs=30, eval_every=0, patience=30)  # Adam, 30 epochs
+              batch_size=64, aux_batch_size=64, grad_accum=1, epochs=30, eval_every=0, patience=30)
 VISION_META = dict(meta_lr=5e-2, meta_head_lr=3e-2, meta_head_wd=0.1, meta_head_steps=10, meta_batch_size=16)
+# --quick: a tiny smoke budget, not the paper's experiment.
 QUICK = {"max_length": 64, "limit": 64,
          "train": dict(max_steps=4, eval_every=2, patience=2, batch_size=8, aux_batch_size=8, grad_accum=1,
                        meta_batch_size=8, eval_batch_size=32),
          "pretrain": dict(max_steps=2, aux_batch_size=8, grad_accum=1),
          "final": dict(max_steps=2, eval_every=1, patience=1, batch_size=8, grad_accum=1, eval_batch_size=32)}
-# --budget cpu: a small pretrained body (all-MiniLM-L6-v2 size) on a 2-core CPU, under which fine-tuning alone learns
-# ACL-ARC. Every end-task stage stops early on dev (evaluated every 50 steps, patience 4) within its step cap; the
-# Eq. 2 stages (finetune, and the fine-tuning after TAPT/DAPT) take the body learning rate chosen on dev from the grid
-# in the README; no final fine-tuning after MT/META. Flags given beside --budget override single values.
+# Named reduced budgets (--budget). cpu: a small pretrained body (all-MiniLM-L6-v2 size) on a CPU. Every end-task stage
+# stops early on dev within its step cap; "eq2" holds the learning rates of the Eq. 2 stages (finetune, and the
+# fine-tuning after TAPT/DAPT), chosen on dev (README); "final": None = no final fine-tuning after MT/META. Flags given
+# beside --budget override single values.
 BUDGETS = {"cpu": {"max_length": 64,
                    "train": dict(batch_size=16, aux_batch_size=16, grad_accum=1, max_steps=400, eval_every=50,
                                  patience=4, meta_batch_size=16, eval_batch_size=64),

@@ -7,14 +7,12 @@ import numpy as np
 
 import tartan
 
-from .common import ReproduceError
-from .paper import BUDGETS, FIGURES, N_PERMUTATIONS, PAPER, TABLES, TASKS, TEXT_MODES, VISION_MODES
-from .runs import FLAGS, Run, Workspace, execute_all, make_run
+from .common import ReproduceError, atomic_path, atomic_write_text, compare, min_seeds
+from .paper import FIGURES, N_PERMUTATIONS, PAPER, TABLES, TASKS, TEXT_MODES, VISION_MODES
+from .runs import TARTAN_MODES, Budget, Run, Workspace, execute_all, make_run
 
-
-
-# 6. Tables: mean and sample std (ddof=1) over seeds of the test headline metric x100, the paper's number beside it,
-#    and the unpaired two-sided permutation test (App. A.2, tartan.permutation_test) against the baseline column.
+# Tables: mean and sample std (ddof=1) over seeds of the test headline metric x100, the paper's number beside it, and
+# the one-sided unpaired permutation test (App. A.2; H1: the column beats the baseline column), two-sided beside it.
 
 
 def cell_scores(results: dict, run_list: list[Run]) -> list[float]:
@@ -32,7 +30,7 @@ def table_runs(number: int, tasks, modes, seeds, dapt) -> dict:
             for task in table.tasks if not tasks or task in tasks for c in cols}
 
 
-def render_table(number: int, cells: dict, results: dict, seeds, ws_args, dapt: str) -> str:
+def render_table(number: int, cells: dict, results: dict, seeds, model: str, budget: Budget, dapt: str) -> str:
     """The paper's layout, as Markdown: one row per task, ours and [the paper's] per column, p-value columns."""
     table = TABLES[number]
     tasks = list(dict.fromkeys(t for t, _ in cells))
@@ -62,9 +60,9 @@ def render_table(number: int, cells: dict, results: dict, seeds, ws_args, dapt: 
             if c.label in tested:
                 pp = "" if not paper or paper[2] is None else f" [{paper[2]:.3f}]"
                 if x and base:
-                    test = tartan.permutation_test(x, scores[base[0]], N_PERMUTATIONS, seed=0)
-                    min_ps.add((len(x), len(scores[base[0]]), test["min_p_two_sided"], test["exact"]))
-                    row.append(f"{test['p_two_sided']:.3f}{pp}")
+                    test = compare(x, scores[base[0]], N_PERMUTATIONS)
+                    min_ps.add((len(x), len(scores[base[0]]), test["min_p_greater"]))
+                    row.append(f"{test['p_greater']:.3f} (two-sided {test['p_two_sided']:.3f}){pp}")
                 else:
                     row.append("—" + pp)
         lines.append("| " + " | ".join(row) + " |")
@@ -74,19 +72,20 @@ def render_table(number: int, cells: dict, results: dict, seeds, ws_args, dapt: 
             f"seeds {seeds_str(seeds)}; the paper's number in [brackets] (the paper used {table.seeds} seeds).", ""]
     text += lines + [""]
     if table.baseline:
-        text.append(f"p: unpaired two-sided permutation test of the per-seed scores against the baseline column "
-                    f"(App. A.2), exact over all splits when there are at most {N_PERMUTATIONS} of them, else "
-                    f"{N_PERMUTATIONS} random permutations; the paper's p-value in [brackets].")
-        for n_a, n_b, min_p, exact in sorted(min_ps):
+        text.append(f"p: one-sided unpaired permutation test of the per-seed scores (H1: the column scores higher than "
+                    f"the baseline column; App. A.2), exact over all splits when there are at most {N_PERMUTATIONS} of "
+                    f"them, else {N_PERMUTATIONS} random permutations; the two-sided p in (parentheses); the paper's "
+                    f"p-value in [brackets].")
+        for n_a, n_b, min_p in sorted(min_ps):
             if min_p >= 0.05:
-                text.append(f"**Warning:** with {n_a} and {n_b} seeds the smallest two-sided p-value this test can "
-                            f"give is {min_p:.3f}: no difference can reach p < 0.05 (the paper used {table.seeds} "
-                            f"seeds).")
+                text.append(f"**Warning:** with {n_a} and {n_b} seeds the smallest one-sided p-value this test can "
+                            f"give is {min_p:.3f}: no difference can reach p < 0.05; that needs at least "
+                            f"{min_seeds()} seeds a side (the paper used {table.seeds} seeds).")
     text += [f"- {n}" for n in notes]
     if table.note or (dapt != table.dapt and any(c.mode.startswith("dapt") or (c.aux or "").startswith("dapt")
                                                   for c in cols)):
         text.append(f"- DAPT corpus: {dapt}. {table.note}".rstrip())
-    text.append(f"- Model: {ws_args.model if number != 5 else 'WideResNet-16-2'}; budget: {budget_str(ws_args)}.")
+    text.append(f"- Model: {model if number != 5 else 'WideResNet-16-2'}; budget: {budget.describe()}.")
     return "\n".join(text) + "\n"
 
 
@@ -95,41 +94,21 @@ def seeds_str(seeds) -> str:
     return f"{s[0]}-{s[-1]}" if s == list(range(s[0], s[-1] + 1)) and len(s) > 1 else ",".join(map(str, s))
 
 
-def budget_str(args) -> str:
-    given = [f"--{k.replace('_', '-')} {getattr(args, k)}" for k in list(FLAGS) + ["max_length", "limit"]
-             if getattr(args, k, None) is not None]
-    if args.no_final_finetune:
-        given.append("--no-final-finetune")
-    if args.quick:
-        given.insert(0, "--quick")
-    if args.budget:
-        b = BUDGETS[args.budget]
-        given.insert(0, f"--budget {args.budget} (max length {b['max_length']}; end-task stages "
-                        + ", ".join(f"{k} {v}" for k, v in b["train"].items()) + "; Eq. 2 stages "
-                        + ", ".join(f"{k} {v}" for k, v in b["eq2"].items()) + "; Eq. 1 "
-                        + ", ".join(f"{k} {v}" for k, v in b["pretrain"].items())
-                        + ("; no final fine-tuning" if b["final"] is None else "") + ")")
-    return "the paper's settings" if not given else "the paper's settings except " + " ".join(given)
-
-
-def run_table(number: int, ws: Workspace, args) -> str:
+def run_table(number: int, ws: Workspace, seeds=None, tasks=None, modes=None, dapt: str | None = None) -> str:
+    """Runs what a table needs (resume), prints it and writes OUT/table<number>.md. tasks, modes: only these rows
+    and columns; seeds: default the paper's number; dapt: the DAPT corpus (default the table's)."""
     table = TABLES[number]
-    seeds = args.seeds or list(range(table.seeds))
-    dapt = args.dapt_corpus or table.dapt
-    if args.aux_file:
-        raise ReproduceError("--aux-file applies to single runs (--task/--mode), not to the paper's tables")
+    seeds = seeds or list(range(table.seeds))
+    dapt = dapt or table.dapt
     if table.note:
         print(f"note: {table.note}")
-    cells = table_runs(number, args.task, args.mode, seeds, dapt)
+    cells = table_runs(number, tasks, modes, seeds, dapt)
     if not cells:
-        raise ReproduceError(f"Table {number} has no cell for --task {args.task} --mode {args.mode}")
+        raise ReproduceError(f"Table {number} has no cell for --task {tasks} --mode {modes}")
     results = execute_all(ws, [r for runs in cells.values() for r in runs])
-    text = render_table(number, cells, results, seeds, args, dapt)
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"table{number}.md")
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
+    text = render_table(number, cells, results, seeds, ws.settings.model, ws.settings.budget, dapt)
+    path = os.path.join(ws.settings.out, f"table{number}.md")
+    atomic_write_text(path, text)
     print("\n" + text + f"\n(written to {path})")
     return text
 
@@ -158,10 +137,11 @@ def weight_curves(histories: list[list[dict]]) -> tuple[list[int], dict, dict]:
     return steps, mean, per_seed
 
 
-def run_figure(number: int, ws: Workspace, args) -> str:
+def run_figure(number: int, ws: Workspace, seeds=None, tasks=None) -> str:
+    """Runs what a figure needs (resume) and draws it to OUT/figure<number>.png; tasks: only these panels."""
     title, _, n_seeds = FIGURES[number]
-    seeds = args.seeds or list(range(n_seeds))
-    cells = figure_runs(number, args.task, seeds)
+    seeds = seeds or list(range(n_seeds))
+    cells = figure_runs(number, tasks, seeds)
     results = execute_all(ws, [r for runs in cells.values() for r in runs])
     try:
         import matplotlib
@@ -198,40 +178,38 @@ def run_figure(number: int, ws: Workspace, args) -> str:
         ax.legend(fontsize=8)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"figure{number}.png")
-    fig.savefig(path + ".tmp.png", dpi=120)
-    os.replace(path + ".tmp.png", path)
+    path = os.path.join(ws.settings.out, f"figure{number}.png")
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
     print(f"{title}: seeds {seeds_str(seeds)}, from {len(results)} result files -> {path}")
     return path
 
 
-def run_family(ws: Workspace, args) -> dict:
-    """--task ... --mode ...: every (task, mode, seed) combination."""
-    seeds = args.seeds or list(range(10))
+def run_family(ws: Workspace, tasks, modes, seeds=None, aux: str | None = None, dapt: str | None = None,
+               aux_files: tuple[str, ...] = ()) -> dict:
+    """--task ... --mode ...: every (task, mode, seed) combination; prints each cell's mean and std."""
+    seeds = seeds or list(range(10))
     runs = []
-    for task in args.task:
+    for task in tasks:
         valid = VISION_MODES if task == "mammals" else TEXT_MODES
-        for mode in args.mode:
+        for mode in modes:
             if mode not in valid:
                 raise ReproduceError(f"--mode {mode} does not apply to {task} (choose from {', '.join(valid)})")
-            if args.aux and mode not in ("mt", "meta", "meta-samehead"):
+            if aux and mode not in TARTAN_MODES:
                 raise ReproduceError(f"--aux picks the auxiliary tasks of mt/meta; --mode {mode} names its own")
-            if task == "mammals" and (args.aux or args.aux_file):
+            if task == "mammals" and (aux or aux_files):
                 raise ReproduceError("mammals has one auxiliary task (the other 95 CIFAR-100 classes): no --aux")
-            if args.aux_file and mode == "finetune":
+            if aux_files and mode == "finetune":
                 raise ReproduceError("--mode finetune uses no auxiliary data: --aux-file does not apply")
-            if args.aux == "none" and not args.aux_file:
+            if aux == "none" and not aux_files:
                 raise ReproduceError("--aux none needs at least one --aux-file")
-            runs += [make_run(task, mode, args.aux, s, args.dapt_corpus or "10x", tuple(args.extra_corpora))
-                     for s in seeds]
+            runs += [make_run(task, mode, aux, s, dapt or "10x", aux_files) for s in seeds]
     results = execute_all(ws, runs)
-    for task in args.task:
-        for mode in args.mode:
+    for task in tasks:
+        for mode in modes:
             x = [r for r in runs if r.task == task and r.mode == mode and r in results]
             if x:
-                scores = [100 * results[r]["headline"]["test"] for r in x]
                 print(f"{task} {mode} ({x[0].aux_label}): test {TASKS[task]['metric']} x100 = "
-                      f"{fmt(tartan.mean_std(scores))} over {len(x)} seed(s) (ddof=1)")
+                      f"{fmt(tartan.mean_std(cell_scores(results, x)))} over {len(x)} seed(s) (ddof=1)")
     return results

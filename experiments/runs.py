@@ -1,4 +1,8 @@
-"""Runs: the identity of one run, its configs from the budget flags, its result file, and resume."""
+"""Runs: the budget a run is made under, its configs, its identity and result file, and resume.
+
+A run is one (task, mode, auxiliary corpora, seed). Its config (Workspace.config) is everything that determines its
+result; it is stored in the result file and compared on resume, so a result is never mixed in from other settings.
+"""
 from __future__ import annotations
 
 import copy
@@ -9,22 +13,19 @@ import os
 import platform
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 import tartan
 
-from .common import ReproduceError, _bar, _peak_rss_mb, atomic_write_json, describe_device, set_seed, warn
-from .data import (CIFAR_MD5, CIFAR_URL, corpus_file, download, ensure_file, file_digest, read_corpus,
-                   read_text_task)
-from .paper import BUDGETS, QUICK, TASKS, VISION, VISION_META
+from .common import PeakMemory, ReproduceError, atomic_write_json, describe_device, progress_bar, set_seed, warn
+from .data import CIFAR_MD5, CIFAR_URL, DATA_URL, corpus_file, download, ensure_file, file_digest
+from .paper import BUDGETS, PAPER_MAX_LENGTH, QUICK, TASKS, VISION, VISION_META
 from .vision import MAMMALS, WideResNet, mammals_tasks, read_cifar100
 
-
-
-FLAGS = {  # flag -> (config field, stages it sets)
+FLAGS = {  # budget flag -> (config field, stages it sets)
     "batch_size": ("batch_size", ("train", "final")),
     "aux_batch_size": ("aux_batch_size", ("train", "pretrain")),
     "grad_accum": ("grad_accum", ("train", "pretrain", "final")),
@@ -38,6 +39,83 @@ FLAGS = {  # flag -> (config field, stages it sets)
     "final_epochs": ("epochs", ("final",)), "final_steps": ("max_steps", ("final",)),
     "final_lr": ("lr", ("final",)), "final_head_lr": ("head_lr", ("final",)),
 }
+META_MODES = ("meta", "meta-samehead")
+TARTAN_MODES = ("mt",) + META_MODES
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How a run departs from the paper's settings: --quick, a named --budget, and the budget flags given (FLAGS
+    names -> values), each applied in that order over the paper's values."""
+    quick: bool = False
+    name: str | None = None
+    overrides: dict = field(default_factory=dict)
+    no_final_finetune: bool = False
+    max_length: int | None = None
+    limit: int | None = None
+
+    @property
+    def length(self) -> int:
+        """Tokens per example: --max-length, else --quick's, else the named budget's, else the paper's."""
+        return self.max_length or (QUICK["max_length"] if self.quick else
+                                   BUDGETS[self.name]["max_length"] if self.name else PAPER_MAX_LENGTH)
+
+    @property
+    def examples(self) -> int | None:
+        """Examples kept per split and corpus (None: all)."""
+        return self.limit if self.limit is not None else (QUICK["limit"] if self.quick else None)
+
+    @property
+    def final_stage(self) -> bool:
+        """Whether MT/META runs end with the optional Eq. 2 stage."""
+        return not self.no_final_finetune and not (self.name and BUDGETS[self.name]["final"] is None)
+
+    def stage_values(self, stage: str, eq2: bool = False) -> dict:
+        """Config values of one stage: --quick or --budget first, then the flags given."""
+        values = dict(QUICK[stage]) if self.quick else {}
+        if self.name:
+            values.update(BUDGETS[self.name][stage] or {})
+            if eq2:
+                values.update(BUDGETS[self.name]["eq2"])
+        for flag, (name, stages) in FLAGS.items():
+            if stage in stages and self.overrides.get(flag) is not None:
+                values[name] = self.overrides[flag]
+        return values
+
+    def describe(self) -> str:
+        """The budget in the words of the command line, printed under a table."""
+        given = [f"--{k.replace('_', '-')} {self.overrides[k]}" for k in FLAGS if self.overrides.get(k) is not None]
+        given += [f"--{k.replace('_', '-')} {v}" for k, v in (("max_length", self.max_length),
+                                                              ("limit", self.limit)) if v is not None]
+        if self.no_final_finetune:
+            given.append("--no-final-finetune")
+        if self.quick:
+            given.insert(0, "--quick")
+        if self.name:
+            given.insert(0, f"--budget {self.name} ({describe_budget(self.name)})")
+        return "the paper's settings" if not given else "the paper's settings except " + " ".join(given)
+
+
+def describe_budget(name: str) -> str:
+    b = BUDGETS[name]
+    return (f"max length {b['max_length']}; end-task stages " + ", ".join(f"{k} {v}" for k, v in b["train"].items())
+            + "; Eq. 2 stages " + ", ".join(f"{k} {v}" for k, v in b["eq2"].items()) + "; Eq. 1 "
+            + ", ".join(f"{k} {v}" for k, v in b["pretrain"].items())
+            + ("; no final fine-tuning" if b["final"] is None else ""))
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What every run of one command shares, from the command line."""
+    model: str
+    data_dir: str
+    out: str
+    budget: Budget = Budget()
+    data_url: str = DATA_URL
+    extra_corpora: dict = field(default_factory=dict)  # corpus name -> path (--aux-file, --dapt-corpus FILE)
+    progress: bool = True
+    rerun: bool = False
+    report_only: bool = False
 
 
 def _with(cfg, values: dict):
@@ -45,45 +123,27 @@ def _with(cfg, values: dict):
     return dataclasses.replace(cfg, **{k: v for k, v in values.items() if k in names})
 
 
-def stage_values(args, stage: str, eq2: bool = False) -> dict:
-    """Config values of one stage: --quick or --budget first, then the flags given."""
-    values = dict(QUICK[stage]) if args.quick else {}
-    if args.budget:
-        values.update(BUDGETS[args.budget][stage] or {})
-        if eq2:
-            values.update(BUDGETS[args.budget]["eq2"])
-    for flag, (name, stages) in FLAGS.items():
-        if stage in stages and getattr(args, flag, None) is not None:
-            values[name] = getattr(args, flag)
-    return values
-
-
-def make_configs(args, task: str, mode: str, seed: int, n_pretrain: int):
+def make_configs(budget: Budget, task: str, mode: str, seed: int, n_pretrain: int, progress: bool = False):
     """(config of the end-task stage, [config of each Eq. 1 stage]) for one run; seed drives data order and masking."""
     vision = task == "mammals"
-    common = dict(seed=seed, progress=args.progress)
-    if mode in ("mt", "meta", "meta-samehead"):
+    common = dict(seed=seed, progress=progress)
+    if mode in TARTAN_MODES:
         cfg = tartan.MetaConfig(same_head=mode == "meta-samehead") if mode != "mt" else tartan.TrainConfig()
         cfg = _with(cfg, {**(VISION if vision else {}), **(VISION_META if vision else {})})
         final = None
-        no_final = args.no_final_finetune or (args.budget and BUDGETS[args.budget]["final"] is None)
-        if not vision and not no_final:  # the optional Eq. 2 stage (released scripts' settings)
-            final = _with(tartan.tartan_finetune(), {**stage_values(args, "final"), **common})
-        cfg = _with(cfg, {**stage_values(args, "train"), **common, "final_finetune": final})
+        if not vision and budget.final_stage:  # the optional Eq. 2 stage (released scripts' settings)
+            final = _with(tartan.tartan_finetune(), {**budget.stage_values("final"), **common})
+        cfg = _with(cfg, {**budget.stage_values("train"), **common, "final_finetune": final})
     else:
-        cfg = _with(tartan.FinetuneConfig(), {**(VISION if vision else {}), **stage_values(args, "train", eq2=True),
+        cfg = _with(tartan.FinetuneConfig(), {**(VISION if vision else {}), **budget.stage_values("train", eq2=True),
                                               **common})
     pre = _with(tartan.PretrainConfig(), {**(VISION if vision else {}), "eval_every": -1,
-                                           **stage_values(args, "pretrain"), **common})
+                                           **budget.stage_values("pretrain"), **common})
     return cfg, [pre] * n_pretrain
 
 
 def tartan_mode(mode: str) -> str:
     return {"tapt": "pretrain", "dapt": "pretrain", "dapt+tapt": "pretrain", "meta-samehead": "meta"}.get(mode, mode)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# 5. One run: (task, mode, auxiliary corpora, seed) -> one JSON result file.
 
 
 @dataclass(frozen=True)
@@ -114,7 +174,7 @@ def make_run(task: str, mode: str, aux: str | None, seed: int, dapt: str, aux_fi
     if task == "mammals":
         return Run(task, mode, () if mode == "finetune" else ("cifar95",), seed)
     spec = {"tapt": "tapt", "dapt": "dapt", "dapt+tapt": "dapt+tapt"}.get(mode)
-    if mode in ("mt", "meta", "meta-samehead"):
+    if mode in TARTAN_MODES:
         spec = aux or "tapt"
     names = [] if spec in (None, "none") else [f"dapt{dapt}" if s == "dapt" else s for s in spec.split("+")]
     if mode in ("tapt", "dapt", "dapt+tapt"):
@@ -149,15 +209,13 @@ def versions() -> dict:
 
 
 class Workspace:
-    """What every run of one invocation shares: the loaded checkpoint (a deep copy per run), tokenised data, files."""
+    """What every run of one command shares: the loaded checkpoint (a deep copy per run), the data files and their
+    checksums, CIFAR-100."""
 
-    def __init__(self, args, device: torch.device):
-        self.args, self.device = args, device
-        self.max_length = args.max_length or (QUICK["max_length"] if args.quick else
-                                              BUDGETS[args.budget]["max_length"] if args.budget else 512)
-        self.limit = args.limit if args.limit is not None else (QUICK["limit"] if args.quick else None)
-        self.extra = dict(args.extra_corpora)
-        self._model, self._text, self._corpora, self._cifar, self.files = None, {}, {}, None, {}
+    def __init__(self, settings: Settings, device: torch.device):
+        self.settings, self.device = settings, device
+        self.max_length, self.limit = settings.budget.length, settings.budget.examples
+        self._model, self._checked, self._cifar, self.files = None, set(), None, {}
 
     def file(self, rel: str) -> str:
         """A data file, fetched on first use; its SHA-256 is recorded in the result files."""
@@ -167,41 +225,43 @@ class Workspace:
                     raise ReproduceError(f"{rel}: no such file")
                 path = rel
             else:
-                path = ensure_file(self.args.data_dir, rel, self.args.data_url, progress=self.args.progress)
+                path = ensure_file(self.settings.data_dir, rel, self.settings.data_url,
+                                   progress=self.settings.progress)
             self.files[rel] = (path, file_digest(path))
         return self.files[rel][0]
 
     def model(self):
         if self._model is None:
             set_seed(0)  # newly initialised checkpoint weights (e.g. a missing MLM head) are the same for every run
-            body, mlm, tokenizer, missing = tartan.from_pretrained(self.args.model)
+            body, mlm, tokenizer, missing = tartan.from_pretrained(self.settings.model)
             if missing:
-                print(f"note: {self.args.model} has no weights for {len(missing)} tensors (e.g. {missing[0]}); they "
-                      f"are newly initialised, the same for every seed")
+                print(f"note: {self.settings.model} has no weights for {len(missing)} tensors (e.g. {missing[0]}); "
+                      f"they are newly initialised, the same for every seed")
             self._model = (body, mlm, tokenizer, missing)
         return self._model
 
     def prepare(self, run: Run):
-        """Load and check everything a run needs, before any training (so bad input fails early)."""
+        """Fetch and read everything a run needs, before any training (so that bad input fails early)."""
         if run.task == "mammals":
             return self.cifar()
-        tokenizer = self.model()[2]
+        self.model()
         folder = TASKS[run.task]["folder"]
-        if run.task not in self._text:
+        if run.task not in self._checked:
             for split in ("train", "dev", "test"):
                 self.file(f"{folder}/{split}.jsonl")
-            self._text[run.task] = read_text_task(os.path.join(self.args.data_dir, folder), tokenizer,
-                                                  self.max_length, self.limit)
+            tartan.read_end_task(os.path.join(self.settings.data_dir, folder))
+            self._checked.add(run.task)
         for name in run.aux:
-            if (run.task, name) not in self._corpora:
-                path = self.file(corpus_file(run.task, name, self.extra))
-                self._corpora[run.task, name] = read_corpus(path, tokenizer, self.max_length, self.limit)
+            rel = corpus_file(run.task, name, self.settings.extra_corpora)
+            if rel not in self._checked:
+                tartan.read_lines(self.file(rel))
+                self._checked.add(rel)
 
     def cifar(self) -> dict:
         if self._cifar is None:
-            path = os.path.join(self.args.data_dir, "cifar-100", "cifar-100-python.tar.gz")
+            path = os.path.join(self.settings.data_dir, "cifar-100", "cifar-100-python.tar.gz")
             if not os.path.isfile(path):
-                download(CIFAR_URL, path, md5=CIFAR_MD5, timeout=120, progress=self.args.progress)
+                download(CIFAR_URL, path, md5=CIFAR_MD5, timeout=120, progress=self.settings.progress)
             elif file_digest(path, "md5") != CIFAR_MD5:
                 warn(f"{path} differs from the official archive (MD5 {CIFAR_MD5}); using it as it is")
             self.files["cifar-100/cifar-100-python.tar.gz"] = (path, file_digest(path))
@@ -223,16 +283,18 @@ class Workspace:
         else:
             body0, mlm0, tokenizer, _ = self.model()
             body, mlm = copy.deepcopy((body0, mlm0))  # one deepcopy keeps the tied decoder weight shared
-            data = self._text[run.task]
-            end = tartan.Task(run.task, tartan.ClassificationHead(body.hidden_size, len(data["labels"])),
-                              data["train"], dev=data["dev"], test=data["test"], num_labels=len(data["labels"]),
-                              metric="micro_f1" if TASKS[run.task]["metric"] == "micro_f1" else "macro_f1")
-            masking = tartan.Masking.for_tokenizer(tokenizer)
+            folder = os.path.dirname(self.file(f"{TASKS[run.task]['folder']}/train.jsonl"))
+            metric = "micro_f1" if TASKS[run.task]["metric"] == "micro_f1" else "macro_f1"
+            end = tartan.end_task(run.task, folder, tokenizer, body.hidden_size, self.max_length, metric,
+                                  limit=self.limit)
             chained = tartan_mode(run.mode) == "pretrain"  # DAPT+TAPT continues one model, LM head included
-            aux = [tartan.Task(name, mlm if chained else tartan.new_mlm_head(mlm, body),
-                               self._corpora[run.task, name], masking=masking) for name in run.aux]
-            sizes = {"train": len(data["train"]), "dev": len(data["dev"]), "test": len(data["test"]),
-                     **{f"aux:{name}": len(self._corpora[run.task, name]) for name in run.aux}}
+            aux = []
+            for name in run.aux:
+                path = self.file(corpus_file(run.task, name, self.settings.extra_corpora))
+                task = tartan.mlm_task(name, path, tokenizer, body, mlm, self.max_length, limit=self.limit)
+                aux.append(dataclasses.replace(task, head=mlm) if chained else task)
+            sizes = {"train": len(end.train), "dev": len(end.dev), "test": len(end.test),
+                     **{f"aux:{t.name}": len(t.train) for t in aux}}
         body.to(self.device)
         for t in [end] + aux:
             t.head.to(self.device)
@@ -242,12 +304,12 @@ class Workspace:
         if run.task == "mammals":
             return ["cifar-100/cifar-100-python.tar.gz"]
         folder = TASKS[run.task]["folder"]
-        return [f"{folder}/{s}.jsonl" for s in ("train", "dev", "test")] + [corpus_file(run.task, n, self.extra)
-                                                                            for n in run.aux]
+        return [f"{folder}/{s}.jsonl" for s in ("train", "dev", "test")] + [
+            corpus_file(run.task, n, self.settings.extra_corpora) for n in run.aux]
 
     def config(self, run: Run) -> dict:
         """Everything that determines a run's result (compared on resume); JSON-normalised."""
-        cfg, pre = make_configs(self.args, run.task, run.mode, run.seed, len(run.aux))
+        cfg, pre = make_configs(self.settings.budget, run.task, run.mode, run.seed, len(run.aux))
         strip = lambda c: {k: v for k, v in dataclasses.asdict(c).items() if k != "progress"} if c else None  # noqa
         out = {**run.key, "aux": list(run.aux), "tartan_mode": tartan_mode(run.mode), "limit": self.limit,
                "train": strip(cfg), "pretrain": [strip(p) for p in pre] if tartan_mode(run.mode) == "pretrain" else []}
@@ -257,22 +319,23 @@ class Workspace:
             out.update(body="WideResNet-16-2 (dropout 0.1)", split=dict(n_train=200, dev_frac=0.2, dev_cap=65,
                                                                          n_test=200, classes=MAMMALS))
         else:
-            out.update(model=self.args.model, max_length=self.max_length,
-                       metric=TASKS[run.task]["metric"], corpora={n: corpus_file(run.task, n, self.extra)
-                                                                  for n in run.aux})
+            out.update(model=self.settings.model, max_length=self.max_length, metric=TASKS[run.task]["metric"],
+                       corpora={n: corpus_file(run.task, n, self.settings.extra_corpora) for n in run.aux})
         return json.loads(json.dumps(out))
 
     def execute(self, run: Run) -> dict:
         """Train and evaluate one run and write its result file; nothing is written unless it completes."""
         t0, cpu0 = time.perf_counter(), time.process_time()
-        cfg, pre = make_configs(self.args, run.task, run.mode, run.seed, len(run.aux))
+        cfg, pre = make_configs(self.settings.budget, run.task, run.mode, run.seed, len(run.aux),
+                                self.settings.progress)
         self.prepare(run)
+        peak = PeakMemory(self.device)
         if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
+            peak.reset()
         body, end, aux, sizes = self.build(run)
         out = tartan.run_end_task(body, end, aux, tartan_mode(run.mode), cfg, pre)
         metric = TASKS[run.task]["metric"]
-        field = "micro_f1" if metric == "accuracy" else metric
+        field_ = "micro_f1" if metric == "accuracy" else metric
         tokens = {}
         for stage in out["stages"]:
             for name, n in stage.get("tokens", {}).items():
@@ -280,52 +343,52 @@ class Workspace:
         record = {
             "complete": True, "key": run.key, "config": self.config(run),
             "dev": out["dev"], "test": out["test"],
-            "headline": {"metric": metric, "dev": out["dev"][field], "test": out["test"][field]},
+            "headline": {"metric": metric, "dev": out["dev"][field_], "test": out["test"][field_]},
             "history": out["history"], "stages": out["stages"],
             "steps": sum(s["steps"] for s in out["stages"]), "wall_seconds": time.perf_counter() - t0,
             "cpu_seconds": time.process_time() - cpu0, "threads": torch.get_num_threads(),
-            "peak_memory_mb": (torch.cuda.max_memory_allocated(self.device) / 2**20 if self.device.type == "cuda"
-                               else None),
-            "peak_rss_mb_process": _peak_rss_mb(), "tokens": tokens, "data_sizes": sizes,
+            "peak_memory_mb": peak.read_mb() if self.device.type == "cuda" else None,
+            "peak_rss_mb_process": PeakMemory.process_peak_rss_mb(), "tokens": tokens, "data_sizes": sizes,
             "data_files": {rel: {"path": p, "sha256": h} for rel, (p, h) in self.files.items()
                            if rel in self.run_files(run)},
             "device": describe_device(self.device), "versions": versions(), "command": sys.argv,
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
-        atomic_write_json(run.path(self.args.out), record)
+        atomic_write_json(run.path(self.settings.out), record)
         del body, end, aux
         gc.collect()
         return record
 
+
 def execute_all(ws: Workspace, runs: list[Run]) -> dict[Run, dict]:
     """Run what is missing (resume), check that existing results were made with the same config, return all."""
+    out = ws.settings.out
     results, todo = {}, []
     for run in runs:
-        rec = load_result(run.path(ws.args.out), run)
-        if rec is not None and not ws.args.rerun:
+        rec = load_result(run.path(out), run)
+        if rec is not None and not ws.settings.rerun:
             diff = config_diff(ws.config(run), rec["config"])
             if diff:
-                raise ReproduceError(f"{run.path(ws.args.out)} was made with a different config ("
+                raise ReproduceError(f"{run.path(out)} was made with a different config ("
                                      + "; ".join(diff[:4]) + ("; ..." if len(diff) > 4 else "")
                                      + "). Use another --out, the same flags, or --rerun to replace it.")
             results[run] = rec
         else:
             todo.append(run)
-    if ws.args.report_only:
+    if ws.settings.report_only:
         return results
-    for run in todo:  # fail early on bad input: every model, data file and corpus is loaded before training
+    for run in todo:  # fail early on bad input: every model, data file and corpus is read before training
         ws.prepare(run)
-    done = len(results)
-    if done:
-        print(f"{done} of {len(runs)} runs already complete in {ws.args.out}: skipped")
-    bar = _bar(len(todo), ws.args.progress and len(todo) > 1, "runs")
+    if results:
+        print(f"{len(results)} of {len(runs)} runs already complete in {out}: skipped")
+    bar = progress_bar(len(todo), ws.settings.progress and len(todo) > 1, "runs")
     for i, run in enumerate(todo, 1):
         bar.set_description(str(run))
         rec = ws.execute(run)
         results[run] = rec
         h = rec["headline"]
         print(f"[{i}/{len(todo)}] {run}: dev {h['metric']} {h['dev']:.4f}, test {h['metric']} {h['test']:.4f}, "
-              f"{rec['steps']} steps, {rec['wall_seconds']:.1f} s -> {run.path(ws.args.out)}", flush=True)
+              f"{rec['steps']} steps, {rec['wall_seconds']:.1f} s -> {run.path(out)}", flush=True)
         bar.update(1)
     bar.close()
     return results

@@ -9,11 +9,12 @@ import pytest
 
 import tartan
 from experiments import demo as demo_module
+from experiments.common import compare, min_seeds
 
 
 
 from experiments.demo import (DemoSettings, build_demo, demo_claims, demo_harmful_tie, demo_helpful_tie,
-                       demo_meta_weights, demo_min_seeds, demo_prepare, demo_summarize,
+                       demo_meta_weights, demo_prepare, demo_summarize,
                        quick_settings)
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -90,7 +91,7 @@ def test_build_demo_is_seeded_and_runs(prepared):
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
-    result = demo_module.demo([0], str(out), quick=True, progress=False)
+    result = demo_module.run_demo([0], str(out), quick=True, progress=False)
     return result, out
 
 
@@ -188,6 +189,8 @@ def test_claims_follow_the_numbers():
     c = _claims(bad, [(.2, .2, .6)] * 3 + [(.2, .6, .2)])
     assert c["claim1_end_task_aware_beats_pretraining"]["mt"]["verdict"].startswith("NOT shown")
     assert c["claim1_end_task_aware_beats_pretraining"]["meta"]["verdict"].startswith("NOT shown")
+    assert c["claim1_end_task_aware_beats_pretraining"]["meta"]["p_one_sided"] > 0.9  # worse: p near 1, not near 0
+    assert c["claim1_end_task_aware_beats_pretraining"]["meta"]["p_two_sided"] < 0.05
     assert c["claim2_meta_downweights_harmful"]["verdict"].startswith("NOT shown")
     assert c["claim2_meta_downweights_harmful"]["meta_vs_mt"]["verdict"].startswith("NOT shown")
     assert not c["aux_carries_information"]["shown"]
@@ -198,9 +201,10 @@ def test_claims_follow_the_numbers():
 
 
 def test_min_seeds_matches_permutation_test():
-    n = demo_min_seeds()
-    assert tartan.permutation_test(range(n), range(n, 2 * n))["min_p_two_sided"] < 0.05
-    assert tartan.permutation_test(range(n - 1), range(n - 1, 2 * n - 2))["min_p_two_sided"] >= 0.05
+    n = min_seeds()
+    assert tartan.permutation_test(range(n, 2 * n), range(n))["p_greater"] < 0.05  # the best split, one-sided
+    assert tartan.permutation_test(range(n - 1, 2 * n - 2), range(n - 1))["p_greater"] >= 0.05
+    assert compare(range(n - 1), range(n - 1))["min_p_greater"] >= 0.05
 
 
 def test_no_matplotlib_no_figure(tmp_path, monkeypatch, capsys):

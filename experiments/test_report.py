@@ -27,22 +27,34 @@ def fake_results(table, scores):
 
 
 def test_table_cells_p_values_and_warnings():
-    args = reproduce.build_parser().parse_args(["--table", "2"])
+    paper_settings = ("roberta-base", runs.Budget())
     rng = np.random.default_rng(0)
     scores = {("scierc", "DAPT"): rng.normal(76, 1, 10), ("scierc", "DAPT+TAPT"): rng.normal(78, 1, 10),
               ("scierc", "MT-TARTAN"): rng.normal(81, 1, 10), ("scierc", "META-TARTAN"): rng.normal(81.5, 1, 10)}
     cells, results = fake_results(2, scores)
-    text = report.render_table(2, cells, results, list(range(10)), args, "10x")
+    text = report.render_table(2, cells, results, list(range(10)), *paper_settings, "10x")
     mean, std = np.mean(scores["scierc", "MT-TARTAN"]), np.std(scores["scierc", "MT-TARTAN"], ddof=1)
-    p = tartan.permutation_test(scores["scierc", "MT-TARTAN"], scores["scierc", "DAPT+TAPT"], 10_000, 0)["p_two_sided"]
-    assert f"| {mean:.2f} ± {std:.2f} [81.02 ± 1.24] | {p:.3f} [0.000] |" in text
+    test = tartan.permutation_test(scores["scierc", "MT-TARTAN"], scores["scierc", "DAPT+TAPT"], 10_000, 0)
+    assert f"| {mean:.2f} ± {std:.2f} [81.02 ± 1.24] | {test['p_greater']:.3f} (two-sided {test['p_two_sided']:.3f}) " \
+           f"[0.000] |" in text
     assert "baseline = DAPT+TAPT (the higher mean of DAPT and DAPT+TAPT)" in text  # Table 8
     assert "Warning" not in text  # 10 vs 10 seeds can reach p < 0.05
 
     cells, results = fake_results(4, {("aclarc", "MT"): [69.0, 70.0, 71.0], ("aclarc", "META"): [72.0, 73.0, 74.0]})
-    text = report.render_table(4, cells, results, [0, 1, 2], args, "10x")
-    assert "| CS | ACL-ARC | 70.00 ± 1.00 [69.27 ± 0.96] | 73.00 ± 1.00 [71.19 ± 4.88] | 0.100 |" in text
-    assert "with 3 and 3 seeds the smallest two-sided p-value this test can give is 0.100" in text
+    text = report.render_table(4, cells, results, [0, 1, 2], *paper_settings, "10x")
+    assert "| CS | ACL-ARC | 70.00 ± 1.00 [69.27 ± 0.96] | 73.00 ± 1.00 [71.19 ± 4.88] | 0.050 (two-sided 0.100) |" in text
+    assert "with 3 and 3 seeds the smallest one-sided p-value this test can give is 0.050" in text
+    assert "that needs at least 4 seeds a side" in text
+
+
+def test_a_column_worse_than_its_baseline_gets_p_near_one_and_the_footer_names_the_test():
+    cells, results = fake_results(4, {("aclarc", "MT"): [72.0, 73.0, 74.0, 75.0],
+                                      ("aclarc", "META"): [60.0, 61.0, 62.0, 63.0]})
+    text = report.render_table(4, cells, results, [0, 1, 2, 3], "roberta-base", runs.Budget(), "10x")
+    assert "| 1.000 (two-sided 0.029) |" in text  # one-sided, H1: META beats MT; two-sided would call it significant
+    assert "p: one-sided unpaired permutation test of the per-seed scores (H1: the column scores higher than the " \
+           "baseline column" in text
+    assert "Warning" not in text  # 4 v 4 seeds: the one-sided test can reach 1/70
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -52,9 +64,8 @@ def test_table_cells_p_values_and_warnings():
 def test_figure_3_is_drawn_from_stored_histories(tmp_path):
     pytest.importorskip("matplotlib")
     out = str(tmp_path / "out")
-    args = reproduce.build_parser().parse_args(["--figure", "3", "--out", out, "--report-only"])
-    args.extra_corpora = {}
-    ws = runs.Workspace(args, torch.device("cpu"))
+    ws = runs.Workspace(runs.Settings(model="roberta-base", data_dir=str(tmp_path / "data"), out=out),
+                        torch.device("cpu"))
     for (task, label), cell in report.figure_runs(3, None, [0, 1]).items():
         for r in cell:
             w = [0.5 + 0.01 * i * (1 if r.mode == "meta" else -1) for i in range(5)]
