@@ -31,8 +31,8 @@ from experiments.bench import BENCH_COUNTS, BENCH_SHAPES, BENCH_SIZES, run_bench
 from experiments.common import ReproduceError, resolve_device
 from experiments.data import DATA_URL
 from experiments.demo import run_demo
-from experiments.paper import (BUDGETS, DAPT_FILES, FIGURES, PAPER_MAX_LENGTH, QUICK, TABLES, TASKS, TEXT_MODES,
-                               VISION_META, VISION_MODES)
+from experiments.paper import (BUDGETS, DAPT_FILES, FIGURES, PAPER_BODY, PAPER_MAX_LENGTH, QUICK, TABLES, TASKS,
+                               TEXT_MODES, VISION_META, VISION_MODES)
 from experiments.report import run_family, run_figure, run_table
 from experiments.runs import FLAGS, META_MODES, TARTAN_MODES, Budget, Settings, Workspace, describe_budget
 
@@ -117,6 +117,13 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     add(where, "--model", default="roberta-base", commands=TRAINING,
         help="body theta_body: Hugging Face hub id or local directory of a masked-LM checkpoint (default "
              "%(default)s, Sec. 4)")
+    add(where, "--baselines", choices=("released", "retrain"), commands=TRAINING, modes=("tapt", "dapt", "dapt+tapt"),
+        help=f"released: tapt, dapt (full corpus) and dapt+tapt fine-tune Gururangan et al.'s released {PAPER_BODY} "
+             f"checkpoints from the Hub, as the paper did (Sec. 4); retrain: run Eq. 1 here. Default: released "
+             f"with --model {PAPER_BODY} and no --quick/--budget, else retrain")
+    add(where, "--checkpoint-dir", metavar="DIR", commands=TRAINING,
+        help="a folder holding Hub checkpoints by id (DIR/roberta-base, DIR/allenai/...), used instead of the Hub "
+             "(offline nodes)")
     add(where, "--data-dir", default=os.path.join(os.path.expanduser("~"), ".cache", "tartan", "data"),
         commands=TRAINING, help="data folder (default %(default)s); files already there are used as they are, "
                                 "missing ones are downloaded from the authors' pinned copy and checked (SHA-256)")
@@ -266,6 +273,9 @@ def _check_flags(parser, args, scope: dict, command: str, named: str, modes: tup
                 parser.error(f"{flag} does not apply to --budget {args.budget} (it has no final fine-tuning)")
             if args.task and set(args.task) == {"mammals"}:
                 parser.error(f"{flag} does not apply to --task mammals (no final fine-tuning stage)")
+        if dest == "baselines" and value == "released" and args.model != PAPER_BODY:
+            parser.error(f"--baselines released: the released checkpoints are {PAPER_BODY} bodies, not --model "
+                         f"{args.model} (use --baselines retrain)")
         if dest in AT_LEAST_ONE and value < 1:
             parser.error(f"{flag} must be at least 1")
 
@@ -294,9 +304,11 @@ def make_settings(args, extra_corpora: dict) -> Settings:
     budget = Budget(quick=args.quick, name=args.budget, no_final_finetune=args.no_final_finetune,
                     overrides={flag: getattr(args, flag) for flag in FLAGS if getattr(args, flag) is not None},
                     max_length=args.max_length, limit=args.limit)
+    paper_run = args.model == PAPER_BODY and not (args.quick or args.budget)
     return Settings(model=args.model, data_dir=args.data_dir, out=args.out, budget=budget, data_url=args.data_url,
                     extra_corpora=extra_corpora, progress=args.progress, rerun=args.rerun,
-                    report_only=args.report_only)
+                    report_only=args.report_only, baselines=args.baselines or ("released" if paper_run else "retrain"),
+                    checkpoint_dir=args.checkpoint_dir)
 
 
 def main(argv=None) -> int:
@@ -335,7 +347,7 @@ def main(argv=None) -> int:
             run_figure(args.figure, ws, args.seeds, args.task)
         else:
             run_family(ws, args.task, args.mode, args.seeds, args.aux, dapt, aux_files)
-    except (ReproduceError, tartan.DataError, FileNotFoundError, ValueError) as e:  # bad input: one message
+    except (ReproduceError, tartan.DataError, tartan.DivergedError, FileNotFoundError, ValueError) as e:  # one message
         where = ""
         if isinstance(e, ValueError) and not isinstance(e, tartan.DataError):  # may be a bug, not bad input: where
             frame = traceback.extract_tb(e.__traceback__)[-1]

@@ -82,6 +82,20 @@ def render_table(number: int, cells: dict, results: dict, seeds, model: str, bud
                             f"give is {min_p:.3f}: no difference can reach p < 0.05; that needs at least "
                             f"{min_seeds()} seeds a side (the paper used {table.seeds} seeds).")
     text += [f"- {n}" for n in notes]
+    released = {(TASKS[t]["title"], label, results[r]["config"]["released_checkpoint"]) for (t, label), runs in
+                cells.items() for r in runs if results.get(r, {}).get("config", {}).get("released_checkpoint")}
+    text += [f"- {title} {label}: Eq. 2 on Gururangan et al.'s released checkpoint {ckpt} (Sec. 4), not re-trained"
+             for title, label, ckpt in sorted(released)]
+    cost = []
+    for c in cols:
+        recs = [results[r] for t in tasks for r in cells.get((t, c.label), []) if "wall_seconds" in results.get(r, {})]
+        if recs:
+            wall = np.mean([rec["wall_seconds"] for rec in recs]) / 60
+            cpu = [rec["cpu_seconds"] for rec in recs if rec.get("cpu_seconds") is not None]
+            cost.append(f"{c.label} {wall:.1f}" + (f" ({np.mean(cpu) / 60:.1f} CPU)" if cpu else ""))
+    if cost:
+        text.append("- Minutes per run, whole run (Eq. 1 stages included), mean over its result files: wall-clock "
+                    "(process CPU time): " + "; ".join(cost) + ".")
     if table.note or (dapt != table.dapt and any(c.mode.startswith("dapt") or (c.aux or "").startswith("dapt")
                                                   for c in cols)):
         text.append(f"- DAPT corpus: {dapt}. {table.note}".rstrip())

@@ -22,7 +22,7 @@ import tartan
 
 from .common import PeakMemory, ReproduceError, atomic_write_json, describe_device, progress_bar, set_seed, warn
 from .data import CIFAR_MD5, CIFAR_URL, DATA_URL, corpus_file, download, ensure_file, file_digest
-from .paper import BUDGETS, PAPER_MAX_LENGTH, QUICK, TASKS, VISION, VISION_META
+from .paper import BUDGETS, PAPER_MAX_LENGTH, QUICK, RELEASED, TASKS, VISION, VISION_META
 from .vision import MAMMALS, WideResNet, mammals_tasks, read_cifar100
 
 FLAGS = {  # budget flag -> (config field, stages it sets)
@@ -116,6 +116,8 @@ class Settings:
     progress: bool = True
     rerun: bool = False
     report_only: bool = False
+    baselines: str = "retrain"        # "released": tapt/dapt/dapt+tapt fine-tune Gururangan et al.'s checkpoints
+    checkpoint_dir: str | None = None  # a folder holding Hub checkpoints by id (DIR/allenai/...), used before the Hub
 
 
 def _with(cfg, values: dict):
@@ -215,7 +217,15 @@ class Workspace:
     def __init__(self, settings: Settings, device: torch.device):
         self.settings, self.device = settings, device
         self.max_length, self.limit = settings.budget.length, settings.budget.examples
-        self._model, self._checked, self._cifar, self.files = None, set(), None, {}
+        self._models, self._checked, self._cifar, self.files = {}, set(), None, {}
+
+    def released(self, run: Run) -> str | None:
+        """The Hub id of the released checkpoint that stands for this run's Eq. 1 stages (Sec. 4), if it uses one."""
+        return RELEASED.get((run.task, run.mode, run.aux)) if self.settings.baselines == "released" else None
+
+    def stages(self, run: Run) -> tuple[str, tuple[str, ...]]:
+        """(tartan mode, auxiliary corpora actually trained on): a released checkpoint replaces the Eq. 1 stages."""
+        return ("finetune", ()) if self.released(run) else (tartan_mode(run.mode), run.aux)
 
     def file(self, rel: str) -> str:
         """A data file, fetched on first use; its SHA-256 is recorded in the result files."""
@@ -230,28 +240,33 @@ class Workspace:
             self.files[rel] = (path, file_digest(path))
         return self.files[rel][0]
 
-    def model(self):
-        if self._model is None:
+    def model(self, name: str | None = None):
+        """(body, MLM head, tokenizer, missing weights) of --model, or of another checkpoint (a released baseline);
+        a Hub id is looked up under --checkpoint-dir first."""
+        name = name or self.settings.model
+        if name not in self._models:
+            local = os.path.join(self.settings.checkpoint_dir or "", name)
             set_seed(0)  # newly initialised checkpoint weights (e.g. a missing MLM head) are the same for every run
-            body, mlm, tokenizer, missing = tartan.from_pretrained(self.settings.model)
+            body, mlm, tokenizer, missing = tartan.from_pretrained(
+                local if self.settings.checkpoint_dir and os.path.isdir(local) else name)
             if missing:
-                print(f"note: {self.settings.model} has no weights for {len(missing)} tensors (e.g. {missing[0]}); "
+                print(f"note: {name} has no weights for {len(missing)} tensors (e.g. {missing[0]}); "
                       f"they are newly initialised, the same for every seed")
-            self._model = (body, mlm, tokenizer, missing)
-        return self._model
+            self._models[name] = (body, mlm, tokenizer, missing)
+        return self._models[name]
 
     def prepare(self, run: Run):
         """Fetch and read everything a run needs, before any training (so that bad input fails early)."""
         if run.task == "mammals":
             return self.cifar()
-        self.model()
+        self.model(self.released(run))
         folder = TASKS[run.task]["folder"]
         if run.task not in self._checked:
             for split in ("train", "dev", "test"):
                 self.file(f"{folder}/{split}.jsonl")
             tartan.read_end_task(os.path.join(self.settings.data_dir, folder))
             self._checked.add(run.task)
-        for name in run.aux:
+        for name in self.stages(run)[1]:
             rel = corpus_file(run.task, name, self.settings.extra_corpora)
             if rel not in self._checked:
                 tartan.read_lines(self.file(rel))
@@ -281,15 +296,16 @@ class Workspace:
             end, aux, sizes = mammals_tasks(cifar, run.seed, self.limit)
             aux = [aux] if run.aux else []
         else:
-            body0, mlm0, tokenizer, _ = self.model()
+            body0, mlm0, tokenizer, _ = self.model(self.released(run))
             body, mlm = copy.deepcopy((body0, mlm0))  # one deepcopy keeps the tied decoder weight shared
             folder = os.path.dirname(self.file(f"{TASKS[run.task]['folder']}/train.jsonl"))
             metric = "micro_f1" if TASKS[run.task]["metric"] == "micro_f1" else "macro_f1"
             end = tartan.end_task(run.task, folder, tokenizer, body.hidden_size, self.max_length, metric,
                                   limit=self.limit)
-            chained = tartan_mode(run.mode) == "pretrain"  # DAPT+TAPT continues one model, LM head included
+            mode, corpora = self.stages(run)
+            chained = mode == "pretrain"  # DAPT+TAPT continues one model, LM head included
             aux = []
-            for name in run.aux:
+            for name in corpora:
                 path = self.file(corpus_file(run.task, name, self.settings.extra_corpora))
                 task = tartan.mlm_task(name, path, tokenizer, body, mlm, self.max_length, limit=self.limit)
                 aux.append(dataclasses.replace(task, head=mlm) if chained else task)
@@ -305,14 +321,17 @@ class Workspace:
             return ["cifar-100/cifar-100-python.tar.gz"]
         folder = TASKS[run.task]["folder"]
         return [f"{folder}/{s}.jsonl" for s in ("train", "dev", "test")] + [
-            corpus_file(run.task, n, self.settings.extra_corpora) for n in run.aux]
+            corpus_file(run.task, n, self.settings.extra_corpora) for n in self.stages(run)[1]]
 
     def config(self, run: Run) -> dict:
         """Everything that determines a run's result (compared on resume); JSON-normalised."""
-        cfg, pre = make_configs(self.settings.budget, run.task, run.mode, run.seed, len(run.aux))
+        mode, corpora = self.stages(run)
+        cfg, pre = make_configs(self.settings.budget, run.task, run.mode, run.seed, len(corpora))
         strip = lambda c: {k: v for k, v in dataclasses.asdict(c).items() if k != "progress"} if c else None  # noqa
-        out = {**run.key, "aux": list(run.aux), "tartan_mode": tartan_mode(run.mode), "limit": self.limit,
-               "train": strip(cfg), "pretrain": [strip(p) for p in pre] if tartan_mode(run.mode) == "pretrain" else []}
+        out = {**run.key, "aux": list(run.aux), "tartan_mode": mode, "limit": self.limit,
+               "train": strip(cfg), "pretrain": [strip(p) for p in pre] if mode == "pretrain" else []}
+        if self.released(run):
+            out["released_checkpoint"] = self.released(run)
         if out["train"] and out["train"].get("final_finetune"):
             out["train"]["final_finetune"].pop("progress", None)
         if run.task == "mammals":
@@ -320,20 +339,21 @@ class Workspace:
                                                                          n_test=200, classes=MAMMALS))
         else:
             out.update(model=self.settings.model, max_length=self.max_length, metric=TASKS[run.task]["metric"],
-                       corpora={n: corpus_file(run.task, n, self.settings.extra_corpora) for n in run.aux})
+                       corpora={n: corpus_file(run.task, n, self.settings.extra_corpora) for n in corpora})
         return json.loads(json.dumps(out))
 
     def execute(self, run: Run) -> dict:
         """Train and evaluate one run and write its result file; nothing is written unless it completes."""
         t0, cpu0 = time.perf_counter(), time.process_time()
-        cfg, pre = make_configs(self.settings.budget, run.task, run.mode, run.seed, len(run.aux),
+        mode, corpora = self.stages(run)
+        cfg, pre = make_configs(self.settings.budget, run.task, run.mode, run.seed, len(corpora),
                                 self.settings.progress)
         self.prepare(run)
         peak = PeakMemory(self.device)
         if self.device.type == "cuda":
             peak.reset()
         body, end, aux, sizes = self.build(run)
-        out = tartan.run_end_task(body, end, aux, tartan_mode(run.mode), cfg, pre)
+        out = tartan.run_end_task(body, end, aux, mode, cfg, pre)
         metric = TASKS[run.task]["metric"]
         field_ = "micro_f1" if metric == "accuracy" else metric
         tokens = {}
