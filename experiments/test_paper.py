@@ -29,3 +29,11 @@ def test_the_papers_p_values_fit_the_one_sided_test(column, baseline):
     print(f"{column} vs {baseline[2]}: paper {paper_p}, one-sided {test['p_greater']:.4f}, "
           f"two-sided {test['p_two_sided']:.4f}")
     assert abs(np.log(test["p_greater"] / paper_p)) < abs(np.log(test["p_two_sided"] / paper_p))
+
+
+def test_hyperpartisan_p_value_fits_neither_test_well():
+    (m_a, s_a, paper_p), (m_b, s_b, _) = PAPER[7, "hyperpartisan", "META-TARTAN"], PAPER[7, "hyperpartisan", "TAPT"]
+    test = tartan.permutation_test(scores_with(m_a, s_a), scores_with(m_b, s_b), 10_000, seed=0)
+    print(f"HYPERPARTISAN META-TARTAN vs TAPT: paper {paper_p}, one-sided {test['p_greater']:.4f}, "
+          f"two-sided {test['p_two_sided']:.4f}")
+    assert test["p_greater"] < test["p_two_sided"] < paper_p / 1.5
