@@ -34,6 +34,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -508,12 +509,16 @@ def train(body: nn.Module, end: Task | None, aux: list[Task], cfg: TrainConfig, 
     schedule = lambda s: min((s + 1) / warmup, max(0.0, (total - s) / max(1, total - warmup)))  # noqa: E731
     scheds = [torch.optim.lr_scheduler.LambdaLR(o, schedule) for o in (opt_body, opt_heads)]
 
+    # what the step carries from step to step, built here before the loop: META-TARTAN's MetaState (Algorithm 1,
+    # "Initialize"), or the static weights w of Eq. 3 (uniform 1/(n+1) unless given)
     K = len(tasks)
-    w0 = torch.full((K,), 1.0 / K, dtype=torch.float64) if cfg.weights is None else torch.tensor(cfg.weights,
-                                                                                                   dtype=torch.float64)
-    state = {"w": w0}
-    if len(state["w"]) != K:
-        raise ValueError(f"weights has {len(state['w'])} entries for {K} tasks ({[t.name for t in tasks]})")
+    if isinstance(cfg, MetaConfig):
+        state = meta_state(body, tasks, cfg)
+    else:
+        state = torch.full((K,), 1.0 / K, dtype=torch.float64) if cfg.weights is None else \
+            torch.tensor(cfg.weights, dtype=torch.float64)
+        if len(state) != K:
+            raise ValueError(f"weights has {len(state)} entries for {K} tasks ({[t.name for t in tasks]})")
     names = [t.name for t in tasks]
     history, tokens = [], dict.fromkeys(names, 0)
     losses_since, cos_since, val_since = [], [], []
@@ -608,12 +613,13 @@ def _forward(body, task, stream, device, amp, tokens):
 #    without it, Eq. 1.
 
 
-def multitask_step(body, tasks, streams, state, cfg, amp, tokens) -> dict:
+def multitask_step(body, tasks, streams, w: torch.Tensor, cfg, amp, tokens) -> dict:
+    """One step of Eq. 3 with static weights w (K,): leaves grad(sum_k w_k L_Tk) in .grad for the loop's optimizers."""
     # grad(sum_k w_k L_k) = sum_k grad(w_k L_k): one backward per task micro-batch, right after its forward, so that
     # only one task's activations are alive at a time (a single backward of the weighted sum holds all K graphs: the
     # same gradient and the same FLOPs, at K times the activation memory, which on CPU also costs page faults).
     device = next(body.parameters()).device
-    w = state["w"].tolist()
+    w = w.tolist()
     losses = [0.0] * len(tasks)
     for _ in range(cfg.grad_accum):
         for k, (task, stream) in enumerate(zip(tasks, streams)):
@@ -624,7 +630,7 @@ def multitask_step(body, tasks, streams, state, cfg, amp, tokens) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# 6. META-TARTAN (Eq. 6-7, Sec. 3.3, Algorithm 1 of A.3). Per step:
+# 6. META-TARTAN (Eq. 6-7, Sec. 3.3, Algorithm 1 of A.3). Per step, in Algorithm 1's order:
 #      g_k        = grad_theta_body L_Tk             for the end-task (k = 0) and every auxiliary task
 #      phi*       = estimate_meta_head(features of B*_tr)   fresh head, fitted on cached features (Sec. 3.3, A.1)
 #      g_meta     = grad_theta_body L_T*(theta_body, phi*, B*_val)                                    (Eq. 7)
@@ -634,6 +640,27 @@ def multitask_step(body, tasks, streams, state, cfg, amp, tokens) -> dict:
 #    over the body parameters only, in numerator and norms alike, with an epsilon; phi* is fitted on end-task
 #    *training* features (Sec. 3.3 and A.1 say training data; the release used validation data) computed once,
 #    not by re-running the body 10 times.
+
+
+@dataclass
+class MetaState:
+    """What META-TARTAN carries from step to step, built once before the loop by meta_state (Algorithm 1's
+    "Initialize") and handed to every meta_step."""
+    w: torch.Tensor                     # (K,) task-weight logits (w*, w_1..w_n), float64 on the CPU; alpha = softmax(w)
+    G: torch.Tensor                     # (K, P) buffer for this step's per-task body gradients g_k
+    val: Iterator                       # endless batches B*_val ~ D_val of the end-task (tartan.batches)
+
+
+def meta_state(body: nn.Module, tasks: list[Task], cfg: MetaConfig) -> MetaState:
+    """Algorithm 1's "Initialize" for tasks = [end-task, T_1..T_n]: equal weights w*, w_i = 1/(n+1), the gradient
+    buffer G, and the stream of validation batches (its own generator, seeded by cfg.seed)."""
+    params = [p for p in body.parameters() if p.requires_grad]
+    K, P = len(tasks), sum(p.numel() for p in params)
+    end = tasks[0]
+    val = batches(Task(end.name + ":val", end.head, train=end.dev), cfg.meta_batch_size,
+                  torch.Generator().manual_seed(cfg.seed * 1009 + 1000))
+    return MetaState(w=torch.full((K,), 1.0 / K, dtype=torch.float64),
+                     G=torch.empty(K, P, device=params[0].device), val=val)
 
 
 def estimate_meta_head(features: torch.Tensor, labels: torch.Tensor, num_labels: int, cfg: MetaConfig):
@@ -648,6 +675,28 @@ def estimate_meta_head(features: torch.Tensor, labels: torch.Tensor, num_labels:
         loss.backward()
         opt.step()
     return head
+
+
+def meta_gradient(body: nn.Module, head_star: nn.Module, val_batch, params: list[nn.Parameter], amp=None):
+    """g_meta = grad_theta_body L_T*(theta_body, phi*, B*_val) as one flat (P,) vector, and the loss (a float).
+    Like the task gradients, it is taken in train mode (dropout on); the paper does not say, and this keeps the two
+    comparable. It leaves no trace: no .grad is touched, and body buffers (e.g. BatchNorm running statistics) are
+    restored, so dev batches never move the model."""
+    inputs, labels = to_device(*val_batch, params[0].device)
+    buffers = [(b, b.clone()) for b in body.buffers()]
+    with amp if amp is not None else autocast(params[0].device, False):
+        _, loss = head_star(body(**inputs), labels)
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    with torch.no_grad():
+        for b, saved in buffers:
+            b.copy_(saved)
+    return _flat(params, grads), loss.item()
+
+
+def _flat(params, grads) -> torch.Tensor:
+    """Per-parameter gradients -> one (P,) vector; a parameter the loss does not reach contributes zeros."""
+    return torch.cat([torch.zeros(p.numel(), device=p.device) if g is None else g.reshape(-1)
+                      for p, g in zip(params, grads)])
 
 
 def _take_body_grad(params, out: torch.Tensor):
@@ -672,49 +721,38 @@ def update_task_weights(w: torch.Tensor, task_grads: torch.Tensor, meta_grad: to
     return w, torch.softmax(w, dim=0), cos
 
 
-def meta_step(body, tasks, streams, state, cfg: MetaConfig, amp, tokens) -> dict:
-    device = next(body.parameters()).device
+def meta_step(body, tasks, streams, state: MetaState, cfg: MetaConfig, amp, tokens) -> dict:
+    """One iteration of Algorithm 1's loop for tasks = [end-task, T_1..T_n]. Updates state.w and leaves the update
+    of the loop's last two lines in .grad (body: sum_k alpha_k g_k; heads: their own gradients) for the optimizers."""
+    device = state.G.device
     params = [p for p in body.parameters() if p.requires_grad]
-    K, P = len(tasks), sum(p.numel() for p in params)
-    if state.get("G") is None:  # per-task body gradients g_k, allocated once
-        state["G"] = torch.empty(K, P, device=device)
-        end_val = Task("val", tasks[0].head, train=tasks[0].dev)  # B*_val ~ D_val of the end-task
-        state["val"] = batches(end_val, cfg.meta_batch_size, torch.Generator().manual_seed(cfg.seed * 1009 + 1000))
-    # The tied MLM decoder weight is the body's input embedding: it is a body parameter, so its gradient through the
-    # decoder is part of each MLM task's g_k and of the cosine (on both sides, numerator and norms alike).
-    G, losses = state["G"], [0.0] * K
-    # g_k for every task: each head accumulates its own gradient in .grad; the body's is moved into G[k]
+    losses = [0.0] * len(tasks)
+    # B*_tr ~ T*_train, B_i ~ T_i; [g_k, g_phi] <- [grad_theta, grad_phi] L_Tk. Each head keeps its own gradient in
+    # .grad; the body's is moved into G[k]. The tied MLM decoder weight is the body's input embedding: its gradient
+    # through the decoder is part of that MLM task's g_k (and of the cosine, numerator and norms alike).
     for k, (task, stream) in enumerate(zip(tasks, streams)):
         for micro in range(cfg.grad_accum):
             loss, features, labels = _forward(body, task, stream, device, amp, tokens)
             (loss / cfg.grad_accum).backward()
             losses[k] += loss.item() / cfg.grad_accum
-            if k == 0 and micro == 0:  # B*_tr features for phi* (Alg. 1 uses the same B*_tr), no extra body pass
+            if k == 0 and micro == 0:  # features of B*_tr for phi*, from the pass above (no extra body pass)
                 feats = features[:, 0] if features.dim() == 3 else features  # (B, H)
                 meta_x, meta_y = feats[:cfg.meta_batch_size].detach(), labels[:cfg.meta_batch_size]
-        _take_body_grad(params, G[k])
-    # g_meta through phi* (Eq. 7) or, for the ablation, through the end-task head phi' (Eq. 6). Like the task
-    # gradients, it is taken in train mode (dropout on); the paper does not say, and this keeps the two comparable.
+        _take_body_grad(params, state.G[k])
+    # phi* <- estimate_meta_head(B*_tr), a new head every step; the Eq. 6 ablation (same_head) uses phi' itself
     head_star = tasks[0].head if cfg.same_head else estimate_meta_head(meta_x, meta_y, tasks[0].num_labels, cfg)
-    val_inputs, val_labels = next(state["val"])
+    # g_meta <- grad_theta L_T*(theta, phi*, B*_val), B*_val ~ T*_val (Eq. 7; Eq. 6 with phi')
+    val_batch = next(state.val)
     key = tasks[0].name + ":val"  # the extra pass META pays for, counted apart from the training tokens
-    tokens[key] = tokens.get(key, 0) + _n_tokens(val_inputs)
-    val_inputs, val_labels = to_device(val_inputs, val_labels, device)
-    buffers = [(b, b.clone()) for b in body.buffers()]  # e.g. BatchNorm statistics: dev batches must not move them
-    with amp:
-        _, val_loss = head_star(body(**val_inputs), val_labels)
-    grads = torch.autograd.grad(val_loss, params, allow_unused=True)
-    with torch.no_grad():
-        for b, saved in buffers:
-            b.copy_(saved)
-    g_meta = torch.cat([torch.zeros(p.numel(), device=device) if g is None else g.reshape(-1)
-                        for p, g in zip(params, grads)])  # (P,)
-    state["w"], alpha, cos = update_task_weights(state["w"], G, g_meta, cfg.meta_lr, cfg.cos_eps)
-    # theta_body gradient = sum_k alpha_k g_k (views into one buffer); head gradients are already in place
-    combined = alpha.to(device, G.dtype) @ G  # (P,)
+    tokens[key] = tokens.get(key, 0) + _n_tokens(val_batch[0])
+    g_meta, val_loss = meta_gradient(body, head_star, val_batch, params, amp)
+    # w_k <- w_k + eta * cos(g_meta, g_k); alpha = softmax(w)
+    state.w, alpha, cos = update_task_weights(state.w, state.G, g_meta, cfg.meta_lr, cfg.cos_eps)
+    # theta_body's gradient: sum_k alpha_k g_k (views into one buffer); the heads' gradients are already in place
+    combined = alpha.to(device, state.G.dtype) @ state.G  # (P,)
     for p, g in zip(params, combined.split([p.numel() for p in params])):
         p.grad = g.view_as(p)
-    return {"losses": losses, "alpha": alpha.tolist(), "cosines": cos.tolist(), "val_loss": val_loss.item()}
+    return {"losses": losses, "alpha": alpha.tolist(), "cosines": cos.tolist(), "val_loss": val_loss}
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -241,8 +241,7 @@ def test_mt_step_gradient_equals_weighted_sum_of_task_gradients(tok, task_dir, g
     cfg = tartan.TrainConfig(batch_size=8, aux_batch_size=8, grad_accum=grad_accum, weights=w)
     streams = lambda: [tartan.batches(t, 8, torch.Generator().manual_seed(k)) for k, t in enumerate(tasks)]  # noqa
     tokens = dict.fromkeys([t.name for t in tasks], 0)
-    tartan.multitask_step(body, tasks, streams(), {"w": torch.tensor(w)}, cfg, torch.autocast("cpu", enabled=False),
-                          tokens)
+    tartan.multitask_step(body, tasks, streams(), torch.tensor(w), cfg, torch.autocast("cpu", enabled=False), tokens)
     params = list(body.parameters())
     combined = [p.grad.clone() for p in params]
     expected = [torch.zeros_like(p) for p in params]
@@ -302,19 +301,35 @@ def test_weight_update_against_hand_built_gradient_geometry():
     assert c0.item() == 0.0
 
 
-@pytest.mark.parametrize("same_head", [True, False])
-def test_meta_step_matches_an_independent_computation(tok, task_dir, same_head):
+def _fit_meta_head(features, labels, num_labels):
+    """phi* fitted here, apart from tartan: a new ClassificationHead (the caller seeds its initialisation), 10
+    full-batch AdamW steps at lr 1e-3 with weight decay 0.1 (Sec. 4)."""
+    head = tartan.ClassificationHead(features.shape[-1], num_labels)
+    opt = torch.optim.AdamW(head.parameters(), lr=1e-3, weight_decay=0.1)
+    for _ in range(10):
+        loss = torch.nn.functional.cross_entropy(head.mlp(features), labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return head
+
+
+@pytest.mark.parametrize("same_head, meta_batch, grad_accum", [(True, 8, 1), (False, 8, 1), (False, 4, 2),
+                                                               (True, 4, 2)])
+def test_meta_step_matches_an_independent_computation(tok, task_dir, same_head, meta_batch, grad_accum):
     """One META step against gradients computed separately: cosines with this step's gradients (Alg. 1 order), the
-    softmax of the updated weights, body gradient sum_k alpha_k g_k, head gradients unweighted."""
+    softmax of the updated weights, body gradient sum_k alpha_k g_k, head gradients unweighted. phi* is fitted on
+    the first meta_batch rows of the end-task's first micro-batch, B*_val has meta_batch rows of dev."""
     body, end, aux = build(tok, task_dir, n_aux=2, dropout=0.0)
     end.head = tartan.ClassificationHead(body.hidden_size, 3, dropout=0.0)
     tasks = [end] + aux
-    cfg = tartan.MetaConfig(batch_size=8, aux_batch_size=8, grad_accum=1, meta_batch_size=8, same_head=same_head,
-                            meta_lr=0.1)
+    cfg = tartan.MetaConfig(batch_size=8, aux_batch_size=8, grad_accum=grad_accum, meta_batch_size=meta_batch,
+                            same_head=same_head, meta_lr=0.1)
     streams = lambda: [tartan.batches(t, 8, torch.Generator().manual_seed(k)) for k, t in enumerate(tasks)]  # noqa
-    w0 = torch.tensor([0.2, -0.1, 0.3])
-    state = {"w": w0.clone()}
-    torch.manual_seed(5)  # phi* initialisation
+    w0 = torch.tensor([0.2, -0.1, 0.3], dtype=torch.float64)
+    state = tartan.meta_state(body, tasks, cfg)
+    state.w = w0.clone()
+    torch.manual_seed(5)  # phi* initialisation and dropout
     info = tartan.meta_step(body, tasks, streams(), state, cfg, torch.autocast("cpu", enabled=False),
                             dict.fromkeys([t.name for t in tasks], 0))
     params = list(body.parameters())
@@ -324,30 +339,36 @@ def test_meta_step_matches_an_independent_computation(tok, task_dir, same_head):
     flat = lambda gs: torch.cat([torch.zeros(p.numel()) if g is None else g.reshape(-1) for p, g in zip(params, gs)])  # noqa
     G, head_grads = [], []
     for k, (t, s) in enumerate(zip(tasks, streams())):
-        inputs, labels = next(s)
-        features = body(**inputs)
-        _, loss = t.head(features, labels)
         hp = tartan.head_parameters(t.head, body)
-        grads = torch.autograd.grad(loss, params + hp, allow_unused=True)
-        G.append(flat(grads[:len(params)]))
-        head_grads.append(grads[len(params):])
-        if k == 0:
-            meta_x, meta_y = features[:, 0].detach(), labels
+        g_body, g_head = 0, [torch.zeros_like(p) for p in hp]
+        for micro in range(grad_accum):  # g_k: the mean over the task's micro-batches
+            inputs, labels = next(s)
+            features = body(**inputs)
+            _, loss = t.head(features, labels)
+            grads = torch.autograd.grad(loss, params + hp, allow_unused=True)
+            g_body = g_body + flat(grads[:len(params)]) / grad_accum
+            g_head = [a + b / grad_accum for a, b in zip(g_head, grads[len(params):])]
+            if k == 0 and micro == 0:
+                meta_x, meta_y = features[:meta_batch, 0].detach(), labels[:meta_batch]
+        G.append(g_body)
+        head_grads.append(g_head)
     torch.manual_seed(5)
-    head_star = end.head if same_head else tartan.estimate_meta_head(meta_x, meta_y, 3, cfg)
-    val_inputs, val_labels = next(tartan.batches(tartan.Task("v", end.head, end.dev), 8,
+    head_star = end.head if same_head else _fit_meta_head(meta_x, meta_y, 3)
+    val_inputs, val_labels = next(tartan.batches(tartan.Task("v", end.head, end.dev), meta_batch,
                                                  torch.Generator().manual_seed(1000)))
+    assert len(val_labels) == meta_batch
     _, val_loss = head_star(body(**val_inputs), val_labels)
     g_meta = flat(torch.autograd.grad(val_loss, params, allow_unused=True))
     G = torch.stack(G)
     cos = torch.stack([torch.dot(g, g_meta) / (g.norm() * g_meta.norm() + 1e-8) for g in G])
-    alpha = torch.softmax(w0 + 0.1 * cos, 0)
+    alpha = torch.softmax(w0.float() + 0.1 * cos, 0)
     torch.testing.assert_close(torch.tensor(info["cosines"]), cos, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(torch.tensor(info["alpha"]), alpha, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(got_body, alpha @ G, atol=1e-6, rtol=1e-4)
     for got, want in zip(got_heads, head_grads):
         for a, b in zip(got, want):
             torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+    assert info["val_loss"] == pytest.approx(val_loss.item(), rel=1e-5)
 
 
 def _meta_run(tok, folder, same_head, seed, steps=60):
@@ -371,6 +392,25 @@ def test_same_head_rails_the_end_task_weight_and_the_meta_head_does_not(tok, tmp
     assert alpha_same > 0.62  # from 0.5 in 60 steps
     assert abs(alpha_sep - 0.5) < 0.05
     assert alpha_same - 0.5 > 3 * abs(alpha_sep - 0.5)
+
+
+def test_meta_state_is_built_once_before_the_loop(tok, task_dir):
+    """Algorithm 1's "Initialize": w, the gradient buffer G and the B*_val stream exist before the first step, and
+    every step gets the same state (nothing is created on the first call)."""
+    body, end, aux = build(tok, task_dir, n_aux=2)
+    seen = []
+
+    def spy(body_, tasks, streams, state, cfg, *rest):
+        seen.append((state, state.w.clone(), state.G.data_ptr()))
+        return tartan.meta_step(body_, tasks, streams, state, cfg, *rest)
+    cfg = tartan.MetaConfig(**{**SMALL, "max_steps": 3}, final_finetune=None)
+    tartan.train(body, end, aux, cfg, spy)
+    state = seen[0][0]
+    assert isinstance(state, tartan.MetaState) and all(s is state for s, _, _ in seen)
+    assert state.G.shape == (3, sum(p.numel() for p in body.parameters()))
+    assert len({ptr for _, _, ptr in seen}) == 1  # one buffer, allocated once
+    torch.testing.assert_close(seen[0][1], torch.full((3,), 1 / 3, dtype=torch.float64))  # w*, w_i = 1/(n+1)
+    assert not torch.equal(seen[1][1], seen[0][1])  # w moves
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -489,7 +529,8 @@ def test_meta_validation_pass_leaves_batchnorm_statistics_alone():
     end = tartan.Task("e", tartan.ClassificationHead(8, 2), train, dev=dev, num_labels=2)
     cfg = tartan.MetaConfig(batch_size=16, meta_batch_size=16, grad_accum=1)
     stream = [tartan.batches(end, 16, torch.Generator().manual_seed(0))]
-    tartan.meta_step(body, [end], stream, {"w": torch.ones(1)}, cfg, torch.autocast("cpu", enabled=False), {"e": 0})
+    state = tartan.meta_state(body, [end], cfg)
+    tartan.meta_step(body, [end], stream, state, cfg, torch.autocast("cpu", enabled=False), {"e": 0})
     expected = BNBody()
     expected.load_state_dict({k: v for k, v in body.state_dict().items() if "running" not in k and "num_b" not in k},
                              strict=False)
