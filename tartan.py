@@ -306,7 +306,8 @@ class Task:
     masking: Masking | None = None             # set for MLM tasks: batches are corrupted by mask_tokens
     dev: TextData | TensorData | None = None   # end-task only
     test: TextData | TensorData | None = None  # end-task only; touched once, for the selected model
-    num_labels: int = 0                        # end-task only
+    num_labels: int = 0                        # classes C of a classification task (end_task and
+    #                                            classification_task set it); META's phi* needs it for the end-task
     metric: str = "macro_f1"                   # headline metric: "macro_f1" or "micro_f1" (Table 1)
 
 
@@ -345,6 +346,35 @@ def end_task(name: str, folder: str, tokenizer, hidden_size: int, max_length: in
                         tokenizer.pad_token_id)
     return Task(name, ClassificationHead(hidden_size, len(data["labels"]), dropout), split("train"),
                 dev=split("dev"), test=split("test"), num_labels=len(data["labels"]), metric=metric)
+
+
+def classification_task(name: str, data, tokenizer, hidden_size: int, max_length: int = 512, dropout: float = 0.1,
+                        limit: int | None = None) -> Task:
+    """An auxiliary classification task T_i on text, with its own new head phi^i (ClassificationHead). `data` is a
+    JSONL file ({"text", "label"} per line), a folder holding train.jsonl, or a pair (texts, labels). Labels are
+    strings or integers, numbered in sorted order (as end_task does). `limit` keeps a fixed random subset of at most
+    that many examples."""
+    if isinstance(data, str):
+        path = os.path.join(data, "train.jsonl") if os.path.isdir(data) else data
+        texts, labels, _ = read_jsonl(path)
+    else:
+        texts, labels = (list(x) for x in data)
+        if len(texts) != len(labels):
+            raise DataError(f"classification task '{name}': {len(texts)} texts but {len(labels)} labels")
+        if not texts:
+            raise DataError(f"classification task '{name}' has no examples")
+        bad = [x for x in labels if isinstance(x, bool) or not isinstance(x, (str, int))]
+        if bad or len({type(x) for x in labels}) > 1:
+            raise DataError(f"classification task '{name}': labels must be all strings or all integers"
+                            + (f", not {bad[0]!r}" if bad else ""))
+        if not all(isinstance(t, str) for t in texts):
+            raise DataError(f"classification task '{name}': every text must be a string")
+    vocab = sorted(set(labels))
+    index = {label: i for i, label in enumerate(vocab)}
+    keep = subset(len(texts), limit)
+    train = TextData(tokenize(tokenizer, [texts[i] for i in keep], max_length), [index[labels[i]] for i in keep],
+                     tokenizer.pad_token_id)
+    return Task(name, ClassificationHead(hidden_size, len(vocab), dropout), train, num_labels=len(vocab))
 
 
 def mlm_task(name: str, texts_or_path, tokenizer, body: nn.Module, mlm_head: MLMHead, max_length: int = 512,
@@ -482,6 +512,45 @@ def _budget(end: Task | None, tasks: list[Task], cfg: TrainConfig) -> tuple[int,
     return (cfg.max_steps or max(1, math.ceil(cfg.epochs * per_epoch))), per_epoch
 
 
+def check_tasks(end: Task | None, aux: list[Task], cfg: TrainConfig) -> None:
+    """The contracts the loops rely on, checked before the first step: a broken one is a ValueError naming the task
+    and what is wrong (rather than an IndexError deep in a step, or tasks silently merged)."""
+    tasks = ([end] if end is not None else []) + list(aux)
+    names, heads = set(), {}
+    for t in tasks:
+        if t.name in names:  # names key the weights, losses and token counts: a repeated one would merge two tasks
+            raise ValueError(f"two tasks are named '{t.name}': task names must be unique")
+        names.add(t.name)
+        if id(t.head) in heads:
+            raise ValueError(f"tasks '{heads[id(t.head)]}' and '{t.name}' share one head object: each task needs its "
+                             f"own head (tartan.new_mlm_head makes one per MLM task)")
+        heads[id(t.head)] = t.name
+        if t.masking is None and t.train.labels is None:
+            raise ValueError(f"task '{t.name}': its training data has no labels and the task has no masking (an MLM "
+                             f"task needs Masking; tartan.mlm_task sets it)")
+        for split, data in (("train", t.train), ("dev", t.dev), ("test", t.test)):
+            if t.num_labels > 0 and data is not None and data.labels is not None and len(data):
+                labels = torch.as_tensor(data.labels)
+                bad = labels[(labels < 0) | (labels >= t.num_labels)]
+                if len(bad):
+                    raise ValueError(f"task '{t.name}': its {split} split has label {bad[0].item()}, outside "
+                                     f"0..{t.num_labels - 1} (num_labels={t.num_labels})")
+    if cfg.weights is not None and len(cfg.weights) != len(tasks):
+        raise ValueError(f"weights has {len(cfg.weights)} entries for {len(tasks)} tasks ({[t.name for t in tasks]})")
+    if end is None:
+        return
+    meta = isinstance(cfg, MetaConfig)
+    if end.dev is None and (cfg.eval_every >= 0 or meta):
+        raise ValueError(f"end-task '{end.name}' has no dev split: model selection needs one"
+                         + (", and META-TARTAN draws B*_val from it" if meta else ""))
+    out = getattr(getattr(end.head, "mlp", [None])[-1], "out_features", None)  # C of a ClassificationHead
+    if end.num_labels > 0 and out is not None and out != end.num_labels:
+        raise ValueError(f"end-task '{end.name}': its head predicts {out} classes but num_labels={end.num_labels}")
+    if meta and not cfg.same_head and end.num_labels < 1:
+        raise ValueError(f"end-task '{end.name}' has num_labels={end.num_labels}: META-TARTAN fits its meta head "
+                         f"phi* with one output per class, so set Task(..., num_labels=C) (end_task sets it)")
+
+
 def train(body: nn.Module, end: Task | None, aux: list[Task], cfg: TrainConfig, step_fn=None) -> dict:
     """The loop shared by every mode: Eq. 1 (end=None), Eq. 2 (aux=[]), Eq. 3 (multitask_step) and Algorithm 1
     (meta_step). Evaluates end-task dev every cfg.eval_every steps, keeps the best-dev body and head, stops early
@@ -489,6 +558,7 @@ def train(body: nn.Module, end: Task | None, aux: list[Task], cfg: TrainConfig, 
     Model selection and early stopping use the end-task dev metric (end.metric), as the released code does; the
     paper's Sec. 3.1 speaks of monitoring the validation loss, which the history records too.
     The test split is not touched here (see run_end_task)."""
+    check_tasks(end, aux, cfg)
     step_fn = step_fn or multitask_step
     tasks = ([end] if end is not None else []) + list(aux)
     device = next(body.parameters()).device
@@ -517,11 +587,10 @@ def train(body: nn.Module, end: Task | None, aux: list[Task], cfg: TrainConfig, 
     else:
         state = torch.full((K,), 1.0 / K, dtype=torch.float64) if cfg.weights is None else \
             torch.tensor(cfg.weights, dtype=torch.float64)
-        if len(state) != K:
-            raise ValueError(f"weights has {len(state)} entries for {K} tasks ({[t.name for t in tasks]})")
     names = [t.name for t in tasks]
     history, tokens = [], dict.fromkeys(names, 0)
     losses_since, cos_since, val_since = [], [], []
+    trace = {"weights": [], "cosines": [], "meta_val_loss": []}  # one entry per optimizer step
     best, best_state, best_weights, since_best = -math.inf, None, None, 0
     amp = autocast(device, cfg.bf16)
     bar = _progress(total, cfg.progress, "train")
@@ -544,9 +613,12 @@ def train(body: nn.Module, end: Task | None, aux: list[Task], cfg: TrainConfig, 
         for s in scheds:
             s.step()
         losses_since.append(info["losses"])
+        trace["weights"].append(info["alpha"])
         if "cosines" in info:
             cos_since.append(info["cosines"])
             val_since.append(info["val_loss"])
+            trace["cosines"].append(info["cosines"])
+            trace["meta_val_loss"].append(info["val_loss"])
         if end is None or cfg.eval_every < 0 or (step % eval_every and step != total):
             bar.update(1)
             continue
@@ -571,10 +643,14 @@ def train(body: nn.Module, end: Task | None, aux: list[Task], cfg: TrainConfig, 
     bar.close()
     if best_state is not None:
         _restore(best_state, body, end.head)
-    # final_weights: alpha at the last step; best_weights: alpha at the evaluation of the restored (best-dev) model
+    # final_weights: alpha at the last step; best_weights: alpha at the evaluation of the restored (best-dev) model;
+    # trace: per task, alpha (and for META cos(g_meta, g_k)) at every optimizer step, step s at index s - 1
+    per_task = lambda rows: {n: [r[k] for r in rows] for k, n in enumerate(names)} if rows else None  # noqa: E731
     return {"history": history, "steps": step, "best_dev": best if best_state is not None else None,
             "tokens": tokens, "seconds": time.perf_counter() - t0, "final_weights": dict(zip(names, info["alpha"])),
-            "best_weights": best_weights}
+            "best_weights": best_weights,
+            "trace": {"weights": per_task(trace["weights"]), "cosines": per_task(trace["cosines"]),
+                      "meta_val_loss": trace["meta_val_loss"] or None}}
 
 
 def _snapshot(body, head):
@@ -789,10 +865,14 @@ def run_end_task(body, end: Task, aux: list[Task], mode: str, cfg: TrainConfig |
                  pretrain_cfgs: list[PretrainConfig] | None = None) -> dict:
     """One row of a table: mode in {finetune, pretrain, mt, meta}, then (for mt/meta) the optional Eq. 2 stage kept
     only if dev improves, then the test set, once, on the selected model. `pretrain` runs Eq. 1 on each auxiliary
-    task in order (DAPT then TAPT for DAPT+TAPT) and then Eq. 2. Returns dev and test metrics and the history."""
+    task in order (DAPT then TAPT for DAPT+TAPT) and then Eq. 2.
+    Returns dev and test metrics; from the main stage (mt/meta, else the Eq. 2 stage) its history (per evaluation),
+    final_weights (alpha after the last step), best_weights (alpha at the selected evaluation) and trace (per step);
+    and every stage's own result under "stages"."""
     if mode not in ("finetune", "pretrain", "mt", "meta"):
         raise ValueError(f"unknown mode '{mode}' (finetune, pretrain, mt, meta)")
     cfg = cfg or {"meta": MetaConfig, "mt": TrainConfig}.get(mode, FinetuneConfig)()
+    check_tasks(end, aux if mode in ("mt", "meta") else [], cfg)  # before any stage runs, pre-training included
     seeded = lambda c: _replace(c, seed=cfg.seed)  # sub-stages follow the run's seed  # noqa: E731
     out = {"mode": mode, "stages": []}
     if mode == "pretrain":
@@ -819,7 +899,8 @@ def run_end_task(body, end: Task, aux: list[Task], mode: str, cfg: TrainConfig |
     out["dev"] = evaluate(body, end.head, end.dev, cfg.eval_batch_size, cfg.bf16)
     out["test"] = evaluate(body, end.head, end.test, cfg.eval_batch_size, cfg.bf16)
     out["metric"] = end.metric
-    out["history"] = next(s["history"] for s in reversed(out["stages"]) if s["stage"] in ("mt", "meta", "finetune"))
+    main = next(s for s in reversed(out["stages"]) if s["stage"] in ("mt", "meta", "finetune"))
+    out.update({k: main[k] for k in ("history", "final_weights", "best_weights", "trace")})
     return out
 
 

@@ -1,4 +1,5 @@
 """Tests for tartan.py (and reproduce.py): offline, CPU, tiny models built from configs, data made here."""
+import dataclasses
 import itertools
 import json
 import math
@@ -156,6 +157,35 @@ def test_evaluate_builds_no_graph_and_restores_train_mode(tok, task_dir):
     assert seen and all(s == (False, False) for s in seen)  # no autograd graph, dropout off
     assert body.training and end.head.training
     assert set(metrics) >= {"macro_f1", "micro_f1", "loss"} and 0 <= metrics["macro_f1"] <= 1
+
+
+def test_classification_task_builder(tok, task_dir, tmp_path):
+    from_folder = tartan.classification_task("cls", task_dir, tok, 32, max_length=32)
+    from_file = tartan.classification_task("cls", os.path.join(task_dir, "train.jsonl"), tok, 32, max_length=32)
+    texts, labels, _ = tartan.read_jsonl(os.path.join(task_dir, "train.jsonl"))
+    assert from_folder.num_labels == 3 and from_folder.head.mlp[-1].out_features == 3
+    assert from_folder.train.ids == from_file.train.ids == tartan.tokenize(tok, texts, 32)
+    assert from_folder.train.labels == [int(y[1]) for y in labels]  # "c0" < "c1" < "c2"
+    assert from_folder.masking is None and from_folder.dev is None
+    pair = tartan.classification_task("pair", (["w1 w2", "w11", "w3", "w25 w1"], [7, 2, 7, 30]), tok, 32, limit=3)
+    assert pair.num_labels == 3 and len(pair.train) == 3 and set(pair.train.labels) <= {0, 1, 2}  # 2, 7, 30 -> 0, 1, 2
+    full = tartan.classification_task("pair", (["w1 w2", "w11", "w3", "w25 w1"], [7, 2, 7, 30]), tok, 32)
+    assert full.train.labels == [1, 0, 1, 2]
+    for bad, message in [((["a", "b"], [0]), "2 texts but 1 labels"), (([], []), "has no examples"),
+                         ((["a", "b"], [0, "x"]), "all strings or all integers"),
+                         ((["a"], [None]), "all strings or all integers, not None")]:
+        with pytest.raises(tartan.DataError, match=message):
+            tartan.classification_task("bad", bad, tok, 32)
+    # an auxiliary classification task trains beside the end-task, with its own head, in MT and META alike
+    for train in (tartan.train_multitask, tartan.train_meta):
+        body, end, _ = build(tok, task_dir)
+        aux = tartan.classification_task("cls", task_dir, tok, body.hidden_size, max_length=32)
+        before = [p.clone() for p in aux.head.parameters()]
+        cfg = (tartan.MetaConfig if train is tartan.train_meta else tartan.TrainConfig)(**{**SMALL, "max_steps": 3},
+                                                                                       final_finetune=None)
+        out = train(body, end, [aux], cfg)
+        assert set(out["final_weights"]) == {"toy", "cls"} and out["tokens"]["cls"] > 0
+        assert all(not torch.equal(a, b) for a, b in zip(before, aux.head.parameters()))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -371,6 +401,25 @@ def test_meta_step_matches_an_independent_computation(tok, task_dir, same_head, 
     assert info["val_loss"] == pytest.approx(val_loss.item(), rel=1e-5)
 
 
+class Scale(nn.Module):
+    """A plain torch body: features x * s, one scale s_j per input dimension (P = H)."""
+
+    def __init__(self, h):
+        super().__init__()
+        self.s = nn.Parameter(torch.ones(h))
+
+    def forward(self, x):
+        return x * self.s  # (B, H)
+
+
+def _two_class(n, h, g):
+    """Class y is the sign of x_0 (plus noise); x_1..x_{h-1} are noise."""
+    y = torch.arange(n) % 2
+    x = torch.randn(n, h, generator=g)
+    x[:, 0] = (2 * y - 1) + 0.5 * x[:, 0]
+    return tartan.TensorData(x, y)
+
+
 def _meta_run(tok, folder, same_head, seed, steps=60):
     body, end, aux = build(tok, folder, n_aux=1, dropout=0.0, seed=seed)
     cfg = tartan.MetaConfig(batch_size=32, aux_batch_size=32, meta_batch_size=32, grad_accum=1, lr=3e-4,
@@ -562,6 +611,72 @@ def test_plain_torch_module_body():
     cfg = tartan.MetaConfig(**{**SMALL, "max_steps": 60, "eval_every": 10, "lr": 1e-2, "head_lr": 1e-2}, final_finetune=None)
     out = tartan.run_end_task(XBody(), end, aux, "meta", cfg)
     assert out["test"]["micro_f1"] > 0.8 and out["history"][-1]["cosines"] is not None
+
+
+def test_per_step_trace_and_weights_at_the_top_of_the_result(tok, task_dir):
+    body, end, aux = build(tok, task_dir, n_aux=2)
+    torch.manual_seed(0)
+    out = tartan.run_end_task(body, end, aux, "meta", tartan.MetaConfig(**SMALL, final_finetune=None))
+    trace, names = out["trace"], ["toy", "aux0", "aux1"]
+    assert list(trace["weights"]) == names and all(len(trace["weights"][n]) == out["stages"][0]["steps"] == 12
+                                                   for n in names)
+    assert all(len(trace["cosines"][n]) == 12 for n in names) and len(trace["meta_val_loss"]) == 12
+    for s in range(12):  # alpha sums to 1 at every step; the first step moves it from 1/3 by eta * cos
+        assert sum(trace["weights"][n][s] for n in names) == pytest.approx(1)
+    w1 = torch.softmax(torch.tensor([1 / 3 + 1e-2 * trace["cosines"][n][0] for n in names], dtype=torch.float64), 0)
+    assert [trace["weights"][n][0] for n in names] == pytest.approx(w1.tolist())
+    for h in out["history"]:  # the evaluations see the very values of the trace at their step
+        assert h["weights"] == {n: trace["weights"][n][h["step"] - 1] for n in names}
+        assert h["cosines"] == pytest.approx({n: np.mean(trace["cosines"][n][h["step"] - 4:h["step"]]) for n in names})
+    assert out["final_weights"] == {n: trace["weights"][n][-1] for n in names} == out["stages"][0]["final_weights"]
+    best = max(out["history"], key=lambda h: h["dev"]["macro_f1"])  # the first of the best (a tie is no improvement)
+    assert out["best_weights"] == best["weights"] == out["stages"][0]["best_weights"]
+    mt = tartan.run_end_task(*build(tok, task_dir, n_aux=1), "mt", tartan.TrainConfig(**SMALL, final_finetune=None))
+    assert mt["trace"]["weights"] == {"toy": [0.5] * 12, "aux0": [0.5] * 12} and mt["trace"]["cosines"] is None
+    json.dumps(out)  # the result stays JSON
+
+
+def test_task_contracts_are_checked_when_training_starts(tok, task_dir):
+    body, end, aux = build(tok, task_dir, n_aux=2)
+    cfg = tartan.MetaConfig(**{**SMALL, "max_steps": 1}, final_finetune=None)
+    mt = tartan.TrainConfig(**{**SMALL, "max_steps": 1}, final_finetune=None)
+    end.num_labels = 0  # a hand-built end-task without its class count
+    with pytest.raises(ValueError, match="end-task 'toy' has num_labels=0: META-TARTAN fits its meta head"):
+        tartan.train_meta(body, end, aux, cfg)
+    with pytest.raises(ValueError, match="end-task 'toy' has num_labels=0"):
+        tartan.run_end_task(body, end, aux, "meta", cfg)
+    tartan.train_multitask(body, end, aux, mt)  # MT and the Eq. 6 ablation need no class count
+    tartan.train_meta(body, end, aux, dataclasses.replace(cfg, same_head=True))
+    end.num_labels = 3
+
+    aux[1].name = "aux0"
+    for run in (lambda: tartan.train_meta(body, end, aux, cfg), lambda: tartan.run_end_task(body, end, aux, "mt", mt)):
+        with pytest.raises(ValueError, match="two tasks are named 'aux0': task names must be unique"):
+            run()
+    aux[1].name = "toy"
+    with pytest.raises(ValueError, match="two tasks are named 'toy'"):
+        tartan.train_multitask(body, end, aux, mt)
+    aux[1].name = "aux1"
+
+    shared = tartan.Task("again", aux[0].head, aux[0].train, masking=aux[0].masking)
+    with pytest.raises(ValueError, match="tasks 'aux0' and 'again' share one head object"):
+        tartan.train_multitask(body, end, [aux[0], shared], mt)
+    with pytest.raises(ValueError, match="task 'nolabels': its training data has no labels and the task has no "
+                                         "masking"):
+        tartan.train_multitask(body, end, [tartan.Task("nolabels", aux[0].head, aux[0].train)], mt)
+    end.num_labels = 2
+    with pytest.raises(ValueError, match="task 'toy': its train split has label 2, outside 0..1 \\(num_labels=2\\)"):
+        tartan.train_multitask(body, end, aux, mt)
+    end.num_labels = 3
+    end.head = tartan.ClassificationHead(body.hidden_size, 4)
+    with pytest.raises(ValueError, match="end-task 'toy': its head predicts 4 classes but num_labels=3"):
+        tartan.train_meta(body, end, aux, cfg)
+    end.head, dev, end.dev = tartan.ClassificationHead(body.hidden_size, 3), end.dev, None
+    with pytest.raises(ValueError, match="end-task 'toy' has no dev split: model selection needs one, and META"):
+        tartan.train_meta(body, end, aux, cfg)
+    end.dev = dev
+    with pytest.raises(ValueError, match="weights has 2 entries for 3 tasks"):
+        tartan.train_multitask(body, end, aux, dataclasses.replace(mt, weights=(0.5, 0.5)))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
