@@ -557,6 +557,7 @@ def train(body: nn.Module, end: Task | None, aux: list[Task], cfg: TrainConfig, 
     after cfg.patience evaluations without a new best, restores the best, and returns the history.
     Model selection and early stopping use the end-task dev metric (end.metric), as the released code does; the
     paper's Sec. 3.1 speaks of monitoring the validation loss, which the history records too.
+    A loss that turns NaN or infinite (training, META's validation, dev) stops the run with a DivergedError.
     The test split is not touched here (see run_end_task)."""
     check_tasks(end, aux, cfg)
     step_fn = step_fn or multitask_step
@@ -601,12 +602,18 @@ def train(body: nn.Module, end: Task | None, aux: list[Task], cfg: TrainConfig, 
     step = 0
     for step in range(1, total + 1):
         info = step_fn(body, tasks, streams, state, cfg, amp, tokens)
-        bad = [name for name, loss in zip(names, info["losses"]) if not math.isfinite(loss)]
-        if bad:  # a diverged run must never become a result: stop before the optimizer applies the step
-            raise DivergedError(f"the loss of task '{bad[0]}' is {info['losses'][names.index(bad[0])]} at optimizer "
-                                f"step {step} of {total} (learning rate too high?); the run is stopped")
-        if cfg.grad_clip > 0:
-            clip_grad_norm(body_params + [p for h in heads for p in h], cfg.grad_clip)
+        # a diverged run must never become a result: stop before the optimizer applies the step
+        where = f"at optimizer step {step} of {total}"
+        for name, loss in zip(names, info["losses"]):
+            _finite(loss, f"the loss of task '{name}'", where, "learning rate too high?")
+        if "val_loss" in info:
+            _finite(info["val_loss"], f"META's validation loss of task '{names[0]}' (for g_meta, on B*_val)", where)
+            for name, c in zip(names, info["cosines"]):
+                _finite(c, f"cos(g_meta, g_k) of task '{name}'", where, "a gradient turned NaN or infinite")
+        params = body_params + [p for h in heads for p in h]
+        norm = clip_grad_norm(params, cfg.grad_clip) if cfg.grad_clip > 0 else \
+            torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        _finite(float(norm), f"the gradient norm of tasks {names}", where, "learning rate too high?")
         for o in (opt_body, opt_heads):
             o.step()
             o.zero_grad(set_to_none=True)
@@ -623,6 +630,8 @@ def train(body: nn.Module, end: Task | None, aux: list[Task], cfg: TrainConfig, 
             bar.update(1)
             continue
         dev = evaluate(body, end.head, end.dev, cfg.eval_batch_size, cfg.bf16)
+        _finite(dev["loss"], f"the dev loss of task '{end.name}'", f"at the evaluation after optimizer step {step}",
+                "a diverged model, or a NaN in the dev data")
         alpha = info["alpha"]
         history.append({"step": step, "weights": dict(zip(names, alpha)),
                         "losses": dict(zip(names, np.mean(losses_since, axis=0).tolist())),
@@ -651,6 +660,11 @@ def train(body: nn.Module, end: Task | None, aux: list[Task], cfg: TrainConfig, 
             "best_weights": best_weights,
             "trace": {"weights": per_task(trace["weights"]), "cosines": per_task(trace["cosines"]),
                       "meta_val_loss": trace["meta_val_loss"] or None}}
+
+
+def _finite(value: float, what: str, where: str, hint: str = ""):
+    if not math.isfinite(value):
+        raise DivergedError(f"{what} is {value} {where}{f' ({hint})' if hint else ''}; the run is stopped")
 
 
 def _snapshot(body, head):

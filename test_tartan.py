@@ -679,6 +679,60 @@ def test_task_contracts_are_checked_when_training_starts(tok, task_dir):
         tartan.train_multitask(body, end, aux, dataclasses.replace(mt, weights=(0.5, 0.5)))
 
 
+class Poisoned(nn.Module):
+    """A head whose training loss turns NaN from its n-th call in train mode on."""
+
+    def __init__(self, head, n):
+        super().__init__()
+        self.head, self.n, self.calls = head, n, 0
+
+    def forward(self, features, labels=None):
+        logits, loss = self.head(features, labels)
+        self.calls += self.training
+        return logits, loss * float("nan") if self.training and self.calls >= self.n else loss
+
+
+@pytest.mark.parametrize("mode, poisoned", [("finetune", "toy"), ("pretrain", "aux0"), ("mt", "aux1"),
+                                            ("meta", "aux0"), ("meta", "toy")])
+def test_a_nan_loss_stops_the_run_naming_task_and_step(tok, task_dir, mode, poisoned):
+    body, end, aux = build(tok, task_dir, n_aux=2 if mode in ("mt", "meta") else 1 if mode == "pretrain" else 0)
+    task = next(t for t in [end] + aux if t.name == poisoned)
+    task.head = Poisoned(task.head, n=3)
+    ft = tartan.FinetuneConfig(batch_size=8, max_steps=6, eval_every=2)
+    cfg = ft if mode in ("finetune", "pretrain") else (tartan.MetaConfig if mode == "meta" else tartan.TrainConfig)(
+        **SMALL, final_finetune=ft)
+    pre = [tartan.PretrainConfig(max_steps=6, aux_batch_size=8, grad_accum=1)]
+    with pytest.raises(tartan.DivergedError, match=f"the loss of task '{poisoned}' is nan at optimizer step 3 of "):
+        tartan.run_end_task(body, end, aux, mode, cfg, pre)
+
+
+def test_divergence_in_metas_validation_pass_and_in_evaluation_stops_the_run():
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    train, dev = _two_class(32, 4, g), _two_class(32, 4, g)
+    dev.x[5, 1] = float("nan")  # one bad dev example: training losses stay finite
+
+    def end():
+        return tartan.Task("end", tartan.ClassificationHead(4, 2), train, dev=dev, num_labels=2)
+    small = dict(batch_size=16, grad_accum=1, max_steps=4, eval_every=2, final_finetune=None)
+    with pytest.raises(tartan.DivergedError, match="META's validation loss of task 'end' \\(for g_meta, on B\\*_val\\) "
+                                                   "is nan at optimizer step 1 of 4"):
+        tartan.train_meta(Scale(4), end(), [], tartan.MetaConfig(**small, meta_batch_size=32))
+    with pytest.raises(tartan.DivergedError, match="the dev loss of task 'end' is nan at the evaluation after "
+                                                   "optimizer step 2"):
+        tartan.train_multitask(Scale(4), end(), [], tartan.TrainConfig(**small))
+
+
+@pytest.mark.parametrize("mode", ["mt", "meta"])
+def test_a_huge_learning_rate_stops_the_run(tok, task_dir, mode):
+    body, end, aux = build(tok, task_dir, n_aux=1)
+    cfg = (tartan.MetaConfig if mode == "meta" else tartan.TrainConfig)(**{**SMALL, "lr": 1e10, "head_lr": 1e10},
+                                                                         final_finetune=None)
+    torch.manual_seed(0)
+    with pytest.raises(tartan.DivergedError, match=r"(task '(toy|aux0)'|gradient norm).* is (nan|inf) .*step"):
+        tartan.run_end_task(body, end, aux, mode, cfg)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # 7. evaluation and 8. significance
 
