@@ -244,11 +244,31 @@ def from_pretrained(name_or_path: str):
     return body, mlm_head, tokenizer, sorted(info["missing_keys"])
 
 
-def new_mlm_head(template: MLMHead, body: nn.Module) -> MLMHead:
-    """A separate MLM head phi^i per auxiliary task, copied from the checkpoint's head; weights shared with the body
-    (the tied decoder) stay shared rather than being copied."""
-    memo = {id(p): p for p in body.parameters()}
-    return copy.deepcopy(template, memo)
+def new_mlm_head(template: MLMHead, body: nn.Module, init: str = "checkpoint") -> MLMHead:
+    """A separate MLM head phi^i per auxiliary task, copied from `template` (the checkpoint's head); weights shared
+    with the body (the tied decoder) stay shared rather than being copied.
+    init="checkpoint" keeps the checkpoint's trained weights; init="random" re-initialises every weight the head owns
+    (torch's default layer initialisation, biases without a layer zero) from torch's global generator, as Algorithm 1
+    says ("randomly initialize phi^i"). The tied decoder weight is the body's input embedding and is left alone."""
+    if init not in ("checkpoint", "random"):
+        raise ValueError(f"init must be 'checkpoint' or 'random', not '{init}'")
+    head = copy.deepcopy(template, {id(p): p for p in body.parameters()})
+    if init == "random":
+        body_ids, done = {id(p) for p in body.parameters()}, set()
+        for m in head.modules():  # a layer that holds a body weight (the tied decoder) is not reset
+            own = list(m.parameters(recurse=False))
+            if own and hasattr(m, "reset_parameters") and not any(id(p) in body_ids for p in own):
+                m.reset_parameters()
+                done |= {id(p) for p in own}
+        with torch.no_grad():
+            for name, p in head.named_parameters():  # left over: parameters outside any resettable layer
+                if id(p) in body_ids or id(p) in done:
+                    continue
+                if p.dim() > 1:
+                    raise ValueError(f"cannot re-initialise the MLM head weight '{name}': it is in no layer with "
+                                     f"reset_parameters")
+                p.zero_()  # a loose bias, e.g. the vocabulary bias of the (tied) decoder
+    return head
 
 
 def head_parameters(head: nn.Module, body: nn.Module) -> list[nn.Parameter]:
@@ -378,15 +398,18 @@ def classification_task(name: str, data, tokenizer, hidden_size: int, max_length
 
 
 def mlm_task(name: str, texts_or_path, tokenizer, body: nn.Module, mlm_head: MLMHead, max_length: int = 512,
-             limit: int | None = None) -> Task:
+             limit: int | None = None, head_init: str = "checkpoint") -> Task:
     """An auxiliary MLM task T_i on a corpus (a path to a line file, or a list of texts), with its own head phi^i.
-    `limit` keeps a fixed random subset of at most that many lines."""
+    `limit` keeps a fixed random subset of at most that many lines. head_init: see below and new_mlm_head."""
     texts = read_lines(texts_or_path) if isinstance(texts_or_path, str) else list(texts_or_path)
     texts = [texts[i] for i in subset(len(texts), limit)]
     if not texts:
         raise DataError(f"auxiliary corpus '{name}' is empty")
-    return Task(name, new_mlm_head(mlm_head, body), TextData(tokenize(tokenizer, texts, max_length), None,
-                                                             tokenizer.pad_token_id),
+    # Departure from Algorithm 1 ("randomly initialize phi^i"): by default phi^i starts from the checkpoint's LM head,
+    # the better start when the checkpoint has one: the MLM loss starts where pre-training left it, not at chance, so
+    # the first gradients into the shared body come through a fitted head. head_init="random" follows Algorithm 1.
+    return Task(name, new_mlm_head(mlm_head, body, head_init), TextData(tokenize(tokenizer, texts, max_length), None,
+                                                                        tokenizer.pad_token_id),
                 masking=Masking.for_tokenizer(tokenizer))
 
 
@@ -411,23 +434,24 @@ def _n_tokens(inputs: dict) -> int:
 @dataclass
 class TrainConfig:
     """MT-TARTAN (Eq. 3). Also the base of the other configs."""
-    lr: float = 1e-4                  # beta_1, body learning rate (AdamW)
+    lr: float = 1e-4                  # beta_1, body learning rate (AdamW; released launch scripts)
     head_lr: float = 1e-3             # beta_2, head learning rate (Sec. 4 grid {1e-3, 1e-4, 1e-5})
-    weight_decay: float = 0.01        # body AdamW decay; none on biases and norm weights
-    head_weight_decay: float = 0.1    # heads
-    betas: tuple[float, float] = (0.9, 0.98)
-    adam_eps: float = 1e-6
-    warmup_frac: float = 0.06         # linear warm-up over 6% of the steps, then linear decay to 0
-    grad_clip: float = 1.0            # max global gradient norm (0 = off)
-    batch_size: int = 64              # |B*_tr|, end-task micro-batch
-    aux_batch_size: int = 64          # |B_i|, auxiliary micro-batch
+    weight_decay: float = 0.01        # body AdamW decay, none on biases and norm weights (released launch scripts)
+    head_weight_decay: float = 0.1    # heads (released launch scripts)
+    betas: tuple[float, float] = (0.9, 0.98)  # AdamW (released launch scripts)
+    adam_eps: float = 1e-6            # AdamW (released launch scripts)
+    warmup_frac: float = 0.06         # linear warm-up over 6% of the steps, then linear decay to 0 (released scripts)
+    grad_clip: float = 1.0            # max global gradient norm, 0 = off (released launch scripts)
+    batch_size: int = 64              # |B*_tr|, end-task micro-batch (released launch scripts)
+    aux_batch_size: int = 64          # |B_i|, auxiliary micro-batch (released launch scripts)
     grad_accum: int = 2               # micro-batches per optimizer step (64 x 2 = the paper's end-task batch 128)
     epochs: float = 150               # budget in passes over the largest training set among the tasks (released
     #                                   launch scripts: num_train_epochs 150; early stopping usually ends sooner)
     max_steps: int = 0                # optimizer steps; 0 = derived from epochs
-    eval_every: int = 30              # evaluate end-task dev every this many steps; 0 = once per epoch
+    eval_every: int = 30              # evaluate end-task dev every this many steps; 0 = once per epoch; -1 = never
+    #                                   (released launch scripts: 30)
     patience: int = 20                # early stop when the last `patience` evaluations bring no strictly better
-    #                                   dev score (a tie is not an improvement)
+    #                                   dev score, a tie is not an improvement (released launch scripts: 20)
     eval_batch_size: int = 64
     weights: tuple[float, ...] | None = None  # w = (w*, w_1..w_n) of Eq. 3; None = uniform 1/(n+1) (Sec. 4)
     seed: int = 0                     # data order and masking
@@ -475,11 +499,15 @@ class PretrainConfig(TrainConfig):
 @dataclass
 class MetaConfig(TrainConfig):
     """META-TARTAN (Eq. 7, Sec. 3.3, Algorithm 1)."""
-    meta_lr: float = 1e-2             # eta, task-weight step size (Sec. 4 grid {1e-1, 5e-2, 3e-2, 1e-2})
-    meta_head_steps: int = 10         # phi* is trained this many steps from a fresh init, every step (Sec. 4)
+    meta_lr: float = 1e-2             # eta, task-weight step size (Sec. 4 grid {1e-1, 5e-2, 3e-2, 1e-2}; released
+    #                                   launch scripts: 1e-2)
+    meta_head_steps: int = 10         # phi* is trained this many full-batch steps (Sec. 4: "after 10 gradient
+    #                                   descent steps"), from a new random init at every step (Sec. 3.3; see
+    #                                   estimate_meta_head for the reading of Algorithm 1)
     meta_head_lr: float = 1e-3        # phi* AdamW learning rate (Sec. 4)
     meta_head_wd: float = 0.1         # phi* l2 weight decay (Sec. 4)
-    meta_batch_size: int = 32         # |B*_tr| rows used to fit phi*, and |B*_val| (Sec. 4: {16, 32})
+    meta_batch_size: int = 32         # rows of B*_tr that fit phi* (Sec. 4: {16, 32}; at most the end-task
+    #                                   micro-batch), and |B*_val| (the paper gives none; the same size here)
     same_head: bool = False           # True: meta gradient through phi' itself (Eq. 6), the ablation of Fig. 3
     cos_eps: float = 1e-8             # epsilon in cos(a, b) = a.b / (|a||b| + eps)
 
@@ -722,7 +750,7 @@ def multitask_step(body, tasks, streams, w: torch.Tensor, cfg, amp, tokens) -> d
 # ----------------------------------------------------------------------------------------------------------------------
 # 6. META-TARTAN (Eq. 6-7, Sec. 3.3, Algorithm 1 of A.3). Per step, in Algorithm 1's order:
 #      g_k        = grad_theta_body L_Tk             for the end-task (k = 0) and every auxiliary task
-#      phi*       = estimate_meta_head(features of B*_tr)   fresh head, fitted on cached features (Sec. 3.3, A.1)
+#      phi*       = estimate_meta_head(features of B*_tr)   fitted on cached features (Sec. 3.3, A.1)
 #      g_meta     = grad_theta_body L_T*(theta_body, phi*, B*_val)                                    (Eq. 7)
 #      w_k       += eta * cos(g_meta, g_k)
 #      alpha      = softmax(w);   theta_body -= beta_1 * sum_k alpha_k g_k;   phi_k -= beta_2 * grad phi_k L_Tk
@@ -754,8 +782,14 @@ def meta_state(body: nn.Module, tasks: list[Task], cfg: MetaConfig) -> MetaState
 
 
 def estimate_meta_head(features: torch.Tensor, labels: torch.Tensor, num_labels: int, cfg: MetaConfig):
-    """phi*: a freshly initialised classification head trained cfg.meta_head_steps full-batch AdamW steps on fixed
-    body features of end-task training examples (the body is held fixed: the features carry no graph)."""
+    """phi*: a new, randomly initialised classification head trained cfg.meta_head_steps full-batch AdamW steps on
+    fixed body features of end-task training examples (the body is held fixed: the features carry no graph).
+    A new phi* at every step is what Sec. 3.3 says ("training the randomly initialized head phi* to convergence on a
+    subset of the end-task training data. We do this every time we wish to estimate" the meta-gradient), what A.1
+    argues for (phi* stands in for a head fitted to the current body) and what the released code does. Algorithm 1
+    can be read as a warm start instead (it initialises phi* once, before the loop, and passes it to
+    estimate_meta_head); that reading is not followed, as the text of Sec. 3.3 is explicit where the pseudo-code is
+    not."""
     features = features.detach().float()
     head = ClassificationHead(features.shape[-1], num_labels).to(features.device)
     opt = torch.optim.AdamW(head.parameters(), lr=cfg.meta_head_lr, weight_decay=cfg.meta_head_wd)

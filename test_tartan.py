@@ -215,6 +215,37 @@ def test_each_aux_task_has_its_own_head_but_the_tied_decoder_stays_the_body_embe
     assert id(emb) not in head_ids and len(head_ids) > 0
 
 
+@pytest.mark.parametrize("head_init", ["checkpoint", "random"])
+def test_mlm_head_starts_from_the_checkpoint_or_at_random(tok, task_dir, head_init):
+    body, mlm = make_model(tok)
+    with torch.no_grad():  # a "trained" checkpoint head: no weight at any initial value
+        for p in tartan.head_parameters(mlm, body):
+            p.add_(0.5)
+    template = {k: v.clone() for k, v in mlm.state_dict().items()}
+    emb = body.encoder.get_input_embeddings().weight
+    emb_before = emb.detach().clone()
+    torch.manual_seed(1)
+    task = tartan.mlm_task("aux", os.path.join(task_dir, "train.txt"), tok, body, mlm, 32, head_init=head_init)
+    pred = task.head.lm_head.predictions
+    assert pred.decoder.weight is emb and torch.equal(emb, emb_before)  # tied to the body, values untouched
+    assert all(torch.equal(v, template[k]) for k, v in mlm.state_dict().items())  # the template is never changed
+    own = {k: v for k, v in task.head.state_dict().items() if "decoder.weight" not in k}
+    if head_init == "checkpoint":
+        assert all(torch.equal(v, template[k]) for k, v in own.items())
+    else:  # Algorithm 1: phi^i randomly initialised, from torch's global generator
+        assert not any(torch.equal(v, template[k]) for k, v in own.items())
+        dense = pred.transform.dense
+        assert dense.weight.abs().max() <= 1 / math.sqrt(dense.in_features)  # torch's nn.Linear initialisation
+        assert not torch.equal(dense.weight, template["lm_head.predictions.transform.dense.weight"])
+        assert torch.equal(pred.transform.LayerNorm.weight, torch.ones(32)) and not pred.bias.any()
+        assert pred.decoder.bias is pred.bias
+        torch.manual_seed(1)
+        again = tartan.new_mlm_head(mlm, body, "random")
+        assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), task.head.state_dict().values()))
+    with pytest.raises(ValueError, match="init must be 'checkpoint' or 'random'"):
+        tartan.new_mlm_head(mlm, body, "pretrained")
+
+
 def test_classification_head_shapes():
     head = tartan.ClassificationHead(16, 5)
     logits, loss = head(torch.randn(4, 7, 16), torch.tensor([0, 1, 2, 3]))
@@ -460,6 +491,30 @@ def test_meta_state_is_built_once_before_the_loop(tok, task_dir):
     assert len({ptr for _, _, ptr in seen}) == 1  # one buffer, allocated once
     torch.testing.assert_close(seen[0][1], torch.full((3,), 1 / 3, dtype=torch.float64))  # w*, w_i = 1/(n+1)
     assert not torch.equal(seen[1][1], seen[0][1])  # w moves
+
+
+def test_meta_head_is_new_at_every_step():
+    """Sec. 3.3: a randomly initialised phi* is fitted every time the meta-gradient is estimated (not carried over)."""
+    torch.manual_seed(0)
+    h, g = 4, torch.Generator().manual_seed(0)
+    train = _two_class(32, h, g)
+    end = tartan.Task("end", tartan.ClassificationHead(h, 2), train, dev=train, num_labels=2)
+    cfg = tartan.MetaConfig(batch_size=16, meta_batch_size=16, grad_accum=1)
+    body = Scale(h)
+    state, stream = tartan.meta_state(body, [end], cfg), [tartan.batches(end, 16, torch.Generator().manual_seed(0))]
+    made, real = [], tartan.ClassificationHead.__init__
+
+    def counting(self, *a, **k):
+        made.append(self)
+        real(self, *a, **k)
+    tartan.ClassificationHead.__init__ = counting
+    try:
+        for _ in range(3):
+            tartan.meta_step(body, [end], stream, state, cfg, torch.autocast("cpu", enabled=False), {"end": 0})
+    finally:
+        tartan.ClassificationHead.__init__ = real
+    assert len(made) == 3 and len({id(m) for m in made}) == 3  # three steps, three new heads
+    assert all(not torch.equal(a.mlp[1].weight, b.mlp[1].weight) for a, b in itertools.combinations(made, 2))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
