@@ -224,6 +224,8 @@ def run_family(ws: Workspace, tasks, modes, seeds=None, aux: str | None = None, 
         for mode in modes:
             x = [r for r in runs if r.task == task and r.mode == mode and r in results]
             if x:
+                dev = [100 * results[r]["headline"]["dev"] for r in x]
                 print(f"{task} {mode} ({x[0].aux_label}): test {TASKS[task]['metric']} x100 = "
-                      f"{fmt(tartan.mean_std(cell_scores(results, x)))} over {len(x)} seed(s) (ddof=1)")
+                      f"{fmt(tartan.mean_std(cell_scores(results, x)))} over {len(x)} seed(s) (ddof=1); "
+                      f"dev {fmt(tartan.mean_std(dev))}")
     return results
