@@ -172,3 +172,12 @@ def test_write_json_is_atomic_and_readable_by_others(tmp_path):
     finally:
         os.umask(umask)
     assert os.stat(path).st_mode & 0o777 == 0o644  # not mkstemp's private 0o600
+
+
+def test_a_diverged_run_stops_with_one_message_and_writes_no_result(model_dir, data_dir, tmp_path, capsys):
+    out = str(tmp_path / "out")
+    code = reproduce.main(["--task", "aclarc", "--mode", "mt", "--seeds", "0", "--lr", "1e10", "--head-lr", "1e10",
+                           *cli_flags(model_dir, data_dir, out)])
+    err = capsys.readouterr().err
+    assert code == 1 and "\nerror: the loss of task 'aclarc' is nan at optimizer step 2 of 4" in err
+    assert "Traceback" not in err and results_in(out) == [] and not leftovers(out)
