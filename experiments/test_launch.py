@@ -1,6 +1,15 @@
-"""Tests of experiments/launch.py: shards of a run list, the launchers' environment variables."""
+"""Tests of experiments/launch.py: shards of a run list, the launchers' environment variables, and shards of one
+command run side by side (processes, torchrun) into one --out."""
+import os
+import re
+import shutil
+import subprocess
+import sys
+
 import pytest
 
+import reproduce
+from experiments.conftest import SCRIPT, own_flags, results_in
 from experiments.launch import Shard, ShardError, parse_shard, shard_device
 
 
@@ -55,3 +64,62 @@ def test_each_shard_gets_its_local_gpu():
     assert shard_device("cpu", s, 8) == "cpu"
     assert shard_device("auto", s, 0) == "auto"
     assert shard_device("auto", Shard(0, 1), 8) == "auto"
+
+
+def _table(text):
+    """The rows of the printed table without the wall-clock column (which differs from process to process)."""
+    return [re.sub(r"\| [0-9.]+ s \|$", "|", line) for line in text.splitlines() if line.startswith("| ")]
+
+
+def test_two_concurrent_shards_then_report_only_give_the_table_of_one_process(model_dir, own_dir, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT"):
+        env.pop(name, None)
+    command = ["--task-dir", own_dir, "--mode", "finetune", "meta", "--seeds", "0-2"]
+    one, shared = str(tmp_path / "one"), str(tmp_path / "shared")
+    whole = subprocess.run([sys.executable, SCRIPT, *command, *own_flags(model_dir, one)], capture_output=True,
+                           text=True, env=env, timeout=300)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    shards = [subprocess.Popen([sys.executable, SCRIPT, *command, "--shard", f"{k}/2", *own_flags(model_dir, shared)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for k in (0, 1)]
+    outs = [p.communicate(timeout=300) for p in shards]
+    assert [p.returncode for p in shards] == [0, 0], [e[-3000:] for _, e in outs]
+    for k, (text, _) in enumerate(outs):
+        assert f"shard {k}/2 (--shard): 3 run(s) of the command are this shard's" in text and "###" not in text
+    assert results_in(shared) == results_in(one) and len(results_in(one)) == 6
+    report = subprocess.run([sys.executable, SCRIPT, *command, "--report-only", *own_flags(model_dir, shared)],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert report.returncode == 0, report.stderr[-3000:]
+    assert _table(report.stdout) == _table(whole.stdout) and len(_table(whole.stdout)) >= 4
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not installed")
+def test_torchrun_standalone_two_processes_share_the_runs(model_dir, own_dir, tmp_path):
+    out = str(tmp_path / "out")
+    p = subprocess.run(["torchrun", "--standalone", "--nproc_per_node", "2", SCRIPT, "--task-dir", own_dir,
+                        "--mode", "finetune", "--seeds", "0-1", *own_flags(model_dir, out)],
+                       capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
+    assert "shard 0/2 (torchrun)" in p.stdout and "shard 1/2 (torchrun)" in p.stdout
+    assert results_in(out) == ["my_task/finetune__none__seed0.json", "my_task/finetune__none__seed1.json"]
+
+
+def test_download_only_checks_everything_and_trains_nothing(model_dir, own_dir, tmp_path, capsys):
+    out = str(tmp_path / "out")
+    argv = ["--task-dir", own_dir, "--mode", "tapt", "--seeds", "0-1", *own_flags(model_dir, out)]
+    assert reproduce.main(argv + ["--download-only"]) == 0
+    text = capsys.readouterr().out
+    assert "--download-only: model" in text and os.path.join(own_dir, "test.jsonl") in text and not os.path.exists(out)
+    with open(os.path.join(own_dir, "train.jsonl"), "a") as f:
+        f.write("{oops\n")
+    assert reproduce.main(argv + ["--download-only"]) == 1
+    assert "train.jsonl, line 37: malformed JSON" in capsys.readouterr().err
+
+
+def test_report_only_ignores_the_launchers_environment():
+    parser, _ = reproduce.build_parser()
+    env = {"RANK": "1", "WORLD_SIZE": "2"}
+    assert reproduce.launch_settings(parser.parse_args(["--task", "aclarc", "--mode", "mt", "--report-only"]),
+                                     env)["shard"] == Shard(0, 1)
+    assert reproduce.launch_settings(parser.parse_args(["--task", "aclarc", "--mode", "mt"]), env)["shard"] == \
+        Shard(1, 2, None, "torchrun")
