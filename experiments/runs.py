@@ -224,6 +224,7 @@ class Workspace:
         self.settings, self.device = settings, device
         self.max_length, self.limit = settings.budget.length, settings.budget.examples
         self._model, self._checked, self._cifar, self.files = None, set(), None, {}
+        self.save_dirs = {}  # run -> folder of its saved model (--save-model), set by execute_all
 
     def file(self, rel: str) -> str:
         """A data file, fetched on first use; its SHA-256 is recorded in the result files."""
@@ -359,9 +360,9 @@ class Workspace:
                 out["task_dir"] = self.settings.own_tasks[run.task]
         return json.loads(json.dumps(out))
 
-    def execute(self, run: Run, save_dir: str | None = None) -> dict:
-        """Train and evaluate one run and write its result file, its test predictions beside it and (save_dir) its
-        selected model; nothing is written unless it completes, and the result file last."""
+    def execute(self, run: Run) -> dict:
+        """Train and evaluate one run and write its result file, its test predictions beside it and (--save-model,
+        into self.save_dirs[run]) its selected model; nothing is written unless it completes, the result file last."""
         t0, cpu0 = time.perf_counter(), time.process_time()
         cfg, pre = make_configs(self.settings.budget, run.task, run.mode, run.seed, len(run.aux),
                                 self.settings.progress)
@@ -394,8 +395,8 @@ class Workspace:
         labels = self.labels(run)
         write_predictions(predictions_path(run.path(self.settings.out)), body, end, self.test_lines(run), labels,
                           cfg.bf16)
-        if save_dir:
-            save_model_atomic(save_dir, body, end.head, self.model()[2] if run.task != "mammals" else None,
+        if self.save_dirs.get(run):
+            save_model_atomic(self.save_dirs[run], body, end.head, self.model()[2] if run.task != "mammals" else None,
                               {"task": run.task, "labels": labels, "metric": metric, "key": run.key})
         atomic_write_json(run.path(self.settings.out), record)
         del body, end, aux
@@ -409,7 +410,7 @@ def execute_all(ws: Workspace, runs: list[Run]) -> dict[Run, dict]:
     out, shard = ws.settings.out, ws.settings.shard
     if ws.settings.download_only:
         fetch_all(ws, runs)
-    save_dirs = {run: save_dir(ws.settings.save_model, run, len(runs) > 1) for run in runs}
+    ws.save_dirs = {run: save_dir(ws.settings.save_model, run, len(runs) > 1) for run in runs}
     if shard.count > 1 and not ws.settings.report_only:
         runs = shard.take(runs)  # the full list is split before finished runs are skipped: shards never overlap
     results, todo = {}, []
@@ -433,7 +434,7 @@ def execute_all(ws: Workspace, runs: list[Run]) -> dict[Run, dict]:
     bar = progress_bar(len(todo), ws.settings.progress and len(todo) > 1, "runs")
     for i, run in enumerate(todo, 1):
         bar.set_description(str(run))
-        rec = ws.execute(run, save_dirs[run])
+        rec = ws.execute(run)
         results[run] = rec
         h = rec["headline"]
         print(f"[{i}/{len(todo)}] {run}: dev {h['metric']} {h['dev']:.4f}, test {h['metric']} {h['test']:.4f}, "
