@@ -31,6 +31,8 @@ from experiments.bench import BENCH_COUNTS, BENCH_SHAPES, BENCH_SIZES, run_bench
 from experiments.common import ReproduceError, resolve_device
 from experiments.data import DATA_URL
 from experiments.demo import run_demo
+from experiments.launch import Finished, parse_shard, shard_device
+from experiments.own import default_baseline, own_tasks
 from experiments.paper import (BUDGETS, DAPT_FILES, FIGURES, PAPER_BODY, PAPER_MAX_LENGTH, QUICK, TABLES, TASKS,
                                TEXT_MODES, VISION_META, VISION_MODES)
 from experiments.report import run_family, run_figure, run_table
@@ -95,6 +97,15 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
              "text, then Eq. 2; mt = MT-TARTAN (Eq. 3); meta = META-TARTAN (Alg. 1, meta head phi*); meta-samehead = "
              "META with the end-task head phi' (Eq. 6, Fig. 3); pretrain = mammals only, Eq. 1 on the 95-way task. "
              "With --table: only these columns")
+    add(what, "--task-dir", action="append", default=[], metavar="PATH", commands=(RUNS,),
+        help="an end-task of your own: a folder with train.jsonl, dev.jsonl, test.jsonl (one {\"text\": ..., "
+             "\"label\": ...} object a line); its TAPT corpus is PATH/train.txt if there is one, else the texts of "
+             "train.jsonl. Runs and table are named after the folder; repeatable")
+    add(what, "--metric", choices=("macro_f1", "micro_f1"), commands=(RUNS,),
+        help="headline metric of the --task-dir tasks (default macro_f1)")
+    add(what, "--baseline", choices=sorted(TEXT_MODES), commands=(RUNS,),
+        help="the mode the --task-dir table tests the others against (one-sided p; default tapt if run, else "
+             "finetune)")
     add(what, "--aux", choices=("tapt", "dapt", "dapt+tapt", "none"), commands=(RUNS,), modes=TARTAN_MODES,
         help="auxiliary MLM tasks T_aux of mt/meta (default tapt, as Table 1); none = only --aux-file")
     add(what, "--aux-file", action="append", default=[], metavar="PATH", commands=(RUNS,), modes=WITH_AUX,
@@ -136,6 +147,16 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
         help="re-run and replace runs whose result file exists")
     add(where, "--report-only", action="store_true", commands=TRAINING,
         help="print tables / draw figures from the result files already in --out; train nothing")
+    add(where, "--save-model", metavar="DIR", commands=(RUNS,),
+        help="keep the selected body and end-task head: a folder transformers loads, plus end_task_head.pt and "
+             "end_task.json (labels); one subfolder DIR/<task>/<run> per run when the command has several")
+    add(where, "--shard", metavar="K/N", commands=TRAINING,
+        help="run only every N-th run of the command, starting at K (0 <= K < N); default: from torchrun's RANK and "
+             "WORLD_SIZE or a SLURM array's SLURM_ARRAY_TASK_ID and _COUNT when set. Shards share --out; "
+             "--report-only afterwards prints the table")
+    add(where, "--download-only", action="store_true", commands=TRAINING,
+        help="fetch and check the model, data files and corpora the command needs, then exit (for compute nodes "
+             "without network)")
     add(where, "--no-progress", dest="progress", action="store_false", commands=TRAINING + (DEMO, BENCH),
         help="no progress bars")
 
@@ -228,6 +249,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
 USAGE = """TARTAN (end-task aware training). Start here, offline, a few minutes on a laptop CPU:
        python reproduce.py --task demo
 usage: python reproduce.py --task {aclarc,scierc,chemprot,hyperpartisan,mammals} --mode MODE [--seeds 0-9]
+       python reproduce.py --task-dir MY_TASK --mode finetune tapt mt meta   (an end-task of your own)
        python reproduce.py --table {1,2,3,4,5,7} | --figure {2,3,4}
        python reproduce.py --bench [--quick]
   e.g. python reproduce.py --task aclarc --mode meta          (META-TARTAN with TAPT on ACL-ARC, 10 seeds)
@@ -238,6 +260,8 @@ usage: python reproduce.py --task {aclarc,scierc,chemprot,hyperpartisan,mammals}
 def _command(parser, args) -> tuple[str, str, tuple[str, ...]]:
     """(command, how the command line named it, the modes it trains)."""
     chosen = [c for c, on in ((BENCH, args.bench), (TABLE, args.table), (FIGURE, args.figure)) if on]
+    if args.task_dir and (args.table or args.figure or args.bench):
+        parser.error("--task-dir goes with --mode, not with --table, --figure or --bench")
     if args.task and "demo" in args.task:
         if len(args.task) > 1:
             parser.error("--task demo runs alone")
@@ -253,8 +277,8 @@ def _command(parser, args) -> tuple[str, str, tuple[str, ...]]:
         return TABLE, f"--table {args.table}", modes
     if chosen == [FIGURE]:
         return FIGURE, f"--figure {args.figure}", ({2: ("dapt", "meta"), 3: META_MODES}.get(args.figure, ("meta",)))
-    if not (args.task and args.mode):
-        parser.error("give --task and --mode, or --table, or --figure, or --task demo, or --bench")
+    if not ((args.task or args.task_dir) and args.mode):
+        parser.error("give --task (or --task-dir) and --mode, or --table, or --figure, or --task demo, or --bench")
     return RUNS, f"--mode {' '.join(args.mode)}", tuple(args.mode)
 
 
@@ -278,6 +302,22 @@ def _check_flags(parser, args, scope: dict, command: str, named: str, modes: tup
                          f"{args.model} (use --baselines retrain)")
         if dest in AT_LEAST_ONE and value < 1:
             parser.error(f"{flag} must be at least 1")
+
+
+def _check_combinations(parser, args) -> None:
+    """Flags that apply only beside another flag, or never beside one."""
+    for flag, given in (("--metric", args.metric), ("--baseline", args.baseline)):
+        if given and not args.task_dir:
+            parser.error(f"{flag} does not apply without --task-dir (the paper's tasks have the paper's metric and "
+                         f"tables)")
+    if args.baseline and args.baseline not in (args.mode or ()):
+        parser.error(f"--baseline {args.baseline} is not one of the modes run (--mode {' '.join(args.mode or ())})")
+    for flag, given in (("--shard", args.shard), ("--save-model", args.save_model)):
+        for other, on in (("--report-only", args.report_only), ("--download-only", args.download_only)):
+            if given and on:
+                parser.error(f"{flag} does not apply to {other} (it trains nothing)")
+    if args.report_only and args.download_only:
+        parser.error("choose one of --report-only and --download-only")
 
 
 def _corpora(parser, aux_files: list[str], dapt_corpus: str | None) -> tuple[dict, tuple[str, ...], str | None]:
@@ -308,7 +348,16 @@ def make_settings(args, extra_corpora: dict) -> Settings:
     return Settings(model=args.model, data_dir=args.data_dir, out=args.out, budget=budget, data_url=args.data_url,
                     extra_corpora=extra_corpora, progress=args.progress, rerun=args.rerun,
                     report_only=args.report_only, baselines=args.baselines or ("released" if paper_run else "retrain"),
-                    checkpoint_dir=args.checkpoint_dir)
+                    checkpoint_dir=args.checkpoint_dir, **launch_settings(args))
+
+
+def launch_settings(args, environ=None) -> dict:
+    """The settings of --task-dir, --metric, --save-model, --shard (or the launcher's environment; not read by
+    --report-only and --download-only, which take every run) and --download-only."""
+    environ = os.environ if environ is None else environ
+    whole = args.report_only or args.download_only
+    return dict(own_tasks=own_tasks(args.task_dir), metric=args.metric or "macro_f1", save_model=args.save_model,
+                shard=parse_shard(args.shard, {} if whole else environ), download_only=args.download_only)
 
 
 def main(argv=None) -> int:
@@ -320,6 +369,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     command, named, modes = _command(parser, args)
     _check_flags(parser, args, scope, command, named, modes)
+    _check_combinations(parser, args)
     try:
         if command == BENCH:
             device = resolve_device(args.device)
@@ -340,13 +390,22 @@ def main(argv=None) -> int:
         transformers.logging.set_verbosity_error()
         if not args.progress:
             transformers.logging.disable_progress_bar()
-        ws = Workspace(settings, resolve_device(args.device))
+        import torch
+        device = shard_device(args.device, settings.shard, torch.cuda.device_count())
+        if settings.shard.count > 1:
+            print(f"{settings.shard}: device {device}", flush=True)
+        ws = Workspace(settings, resolve_device(device))
         if command == TABLE:
             run_table(args.table, ws, args.seeds, args.task, args.mode, dapt)
         elif command == FIGURE:
             run_figure(args.figure, ws, args.seeds, args.task)
         else:
-            run_family(ws, args.task, args.mode, args.seeds, args.aux, dapt, aux_files)
+            tasks = list(args.task or []) + list(settings.own_tasks)
+            run_family(ws, tasks, args.mode, args.seeds, args.aux, dapt, aux_files,
+                       args.baseline or default_baseline(args.mode))
+    except Finished as e:  # a shard's runs are done, or --download-only fetched everything
+        print(e)
+        return 0
     except (ReproduceError, tartan.DataError, tartan.DivergedError, FileNotFoundError, ValueError) as e:  # one message
         where = ""
         if isinstance(e, ValueError) and not isinstance(e, tartan.DataError):  # may be a bug, not bad input: where

@@ -61,3 +61,23 @@ def results_in(out):
 
 def leftovers(folder):
     return [os.path.join(r, f) for r, _, fs in os.walk(folder) for f in fs if f.endswith((".tmp", ".part"))]
+
+
+def write_own_task(parent, name="my_task"):
+    """A user's end-task folder as the README shows it: train/dev/test.jsonl and no train.txt (TAPT then reads the
+    texts of train.jsonl), plus one extra corpus beside it for --aux-file."""
+    write_text_task(parent, folder=name, sizes=(36, 18, 18), seed=1)
+    folder = os.path.join(parent, name)
+    os.replace(os.path.join(folder, "domain.10xTAPT.txt"), os.path.join(parent, "reviews.txt"))
+    os.remove(os.path.join(folder, "train.txt"))
+    return folder
+
+
+@pytest.fixture()
+def own_dir(tmp_path):
+    return write_own_task(str(tmp_path))
+
+
+def own_flags(model_dir, out, *extra):
+    """cli_flags without --data-dir, which a user's own task does not need."""
+    return ["--model", model_dir, "--out", out, "--device", "cpu", "--quick", "--no-progress", *extra]

@@ -9,6 +9,7 @@ import tartan
 
 from .common import ReproduceError, atomic_path, atomic_write_text, compare, min_seeds
 from .paper import FIGURES, N_PERMUTATIONS, PAPER, TABLES, TASKS, TEXT_MODES, VISION_MODES
+from .own import print_own_tables
 from .runs import TARTAN_MODES, Budget, Run, Workspace, execute_all, make_run
 
 # Tables: mean and sample std (ddof=1) over seeds of the test headline metric x100, the paper's number beside it, and
@@ -201,8 +202,9 @@ def run_figure(number: int, ws: Workspace, seeds=None, tasks=None) -> str:
 
 
 def run_family(ws: Workspace, tasks, modes, seeds=None, aux: str | None = None, dapt: str | None = None,
-               aux_files: tuple[str, ...] = ()) -> dict:
-    """--task ... --mode ...: every (task, mode, seed) combination; prints each cell's mean and std."""
+               aux_files: tuple[str, ...] = (), baseline: str | None = None) -> dict:
+    """--task ... --mode ...: every (task, mode, seed) combination; prints each cell's mean and std, and the table of
+    each of the user's own tasks (Settings.own_tasks, also in `tasks`) with p-values against `baseline`."""
     seeds = seeds or list(range(10))
     runs = []
     for task in tasks:
@@ -214,13 +216,16 @@ def run_family(ws: Workspace, tasks, modes, seeds=None, aux: str | None = None, 
                 raise ReproduceError(f"--aux picks the auxiliary tasks of mt/meta; --mode {mode} names its own")
             if task == "mammals" and (aux or aux_files):
                 raise ReproduceError("mammals has one auxiliary task (the other 95 CIFAR-100 classes): no --aux")
-            if aux_files and mode == "finetune":
+            if aux_files and set(modes) == {"finetune"}:
                 raise ReproduceError("--mode finetune uses no auxiliary data: --aux-file does not apply")
             if aux == "none" and not aux_files:
                 raise ReproduceError("--aux none needs at least one --aux-file")
-            runs += [make_run(task, mode, aux, s, dapt or "10x", aux_files) for s in seeds]
+            files = () if mode == "finetune" else aux_files  # the other modes of the command use the --aux-file corpora
+            runs += [make_run(task, mode, aux, s, dapt or "10x", files) for s in seeds]
     results = execute_all(ws, runs)
-    for task in tasks:
+    own = ws.settings.own_tasks
+    print_own_tables(ws.settings.out, own, ws.settings.metric, runs, results, modes, baseline, seeds)
+    for task in [t for t in tasks if t not in own]:
         for mode in modes:
             x = [r for r in runs if r.task == task and r.mode == mode and r in results]
             if x:

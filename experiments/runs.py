@@ -22,6 +22,9 @@ import tartan
 
 from .common import PeakMemory, ReproduceError, atomic_write_json, describe_device, progress_bar, set_seed, warn
 from .data import CIFAR_MD5, CIFAR_URL, DATA_URL, corpus_file, download, ensure_file, file_digest
+from .keep import predictions_path, save_model_atomic, write_predictions
+from .launch import Finished, Shard
+from .own import own_corpus_file
 from .paper import BUDGETS, PAPER_MAX_LENGTH, QUICK, RELEASED, TASKS, VISION, VISION_META
 from .vision import MAMMALS, WideResNet, mammals_tasks, read_cifar100
 
@@ -118,6 +121,11 @@ class Settings:
     report_only: bool = False
     baselines: str = "retrain"        # "released": tapt/dapt/dapt+tapt fine-tune Gururangan et al.'s checkpoints
     checkpoint_dir: str | None = None  # a folder holding Hub checkpoints by id (DIR/allenai/...), used before the Hub
+    own_tasks: dict = field(default_factory=dict)  # run name -> absolute folder of a user's end-task (--task-dir)
+    metric: str = "macro_f1"  # headline metric of the user's end-tasks (--metric)
+    save_model: str | None = None  # folder that receives each run's selected body and end-task head (--save-model)
+    shard: Shard = Shard(0, 1)  # this process's share of the run list (--shard, torchrun, SLURM array)
+    download_only: bool = False  # fetch and check what the runs need, train nothing
 
 
 def _with(cfg, values: dict):
@@ -218,6 +226,7 @@ class Workspace:
         self.settings, self.device = settings, device
         self.max_length, self.limit = settings.budget.length, settings.budget.examples
         self._models, self._checked, self._cifar, self.files = {}, set(), None, {}
+        self.save_dirs = {}  # run -> folder of its saved model (--save-model), set by execute_all
 
     def released(self, run: Run) -> str | None:
         """The Hub id of the released checkpoint that stands for this run's Eq. 1 stages (Sec. 4), if it uses one."""
@@ -240,6 +249,19 @@ class Workspace:
             self.files[rel] = (path, file_digest(path))
         return self.files[rel][0]
 
+    def task_folder(self, task: str) -> str:
+        """The end-task's folder: relative to the data folder for the paper's tasks, absolute for a user's."""
+        return self.settings.own_tasks.get(task) or TASKS[task]["folder"]
+
+    def task_metric(self, task: str) -> str:
+        return self.settings.metric if task in self.settings.own_tasks else TASKS[task]["metric"]
+
+    def corpus(self, task: str, name: str) -> str:
+        """The file of one auxiliary corpus of a task (see data.corpus_file and own.own_corpus_file)."""
+        if task in self.settings.own_tasks:
+            return own_corpus_file(self.settings.own_tasks[task], name, self.settings.extra_corpora)
+        return corpus_file(task, name, self.settings.extra_corpora)
+
     def model(self, name: str | None = None):
         """(body, MLM head, tokenizer, missing weights) of --model, or of another checkpoint (a released baseline);
         a Hub id is looked up under --checkpoint-dir first."""
@@ -260,14 +282,14 @@ class Workspace:
         if run.task == "mammals":
             return self.cifar()
         self.model(self.released(run))
-        folder = TASKS[run.task]["folder"]
+        folder = self.task_folder(run.task)
         if run.task not in self._checked:
             for split in ("train", "dev", "test"):
                 self.file(f"{folder}/{split}.jsonl")
             tartan.read_end_task(os.path.join(self.settings.data_dir, folder))
             self._checked.add(run.task)
         for name in self.stages(run)[1]:
-            rel = corpus_file(run.task, name, self.settings.extra_corpora)
+            rel = self.corpus(run.task, name)
             if rel not in self._checked:
                 tartan.read_lines(self.file(rel))
                 self._checked.add(rel)
@@ -298,16 +320,17 @@ class Workspace:
         else:
             body0, mlm0, tokenizer, _ = self.model(self.released(run))
             body, mlm = copy.deepcopy((body0, mlm0))  # one deepcopy keeps the tied decoder weight shared
-            folder = os.path.dirname(self.file(f"{TASKS[run.task]['folder']}/train.jsonl"))
-            metric = "micro_f1" if TASKS[run.task]["metric"] == "micro_f1" else "macro_f1"
+            folder = os.path.dirname(self.file(f"{self.task_folder(run.task)}/train.jsonl"))
+            metric = "micro_f1" if self.task_metric(run.task) == "micro_f1" else "macro_f1"
             end = tartan.end_task(run.task, folder, tokenizer, body.hidden_size, self.max_length, metric,
                                   limit=self.limit)
             mode, corpora = self.stages(run)
             chained = mode == "pretrain"  # DAPT+TAPT continues one model, LM head included
             aux = []
             for name in corpora:
-                path = self.file(corpus_file(run.task, name, self.settings.extra_corpora))
-                task = tartan.mlm_task(name, path, tokenizer, body, mlm, self.max_length, limit=self.limit)
+                path = self.file(self.corpus(run.task, name))
+                texts = tartan.read_jsonl(path)[0] if path.endswith(".jsonl") else path  # a user's task: its texts
+                task = tartan.mlm_task(name, texts, tokenizer, body, mlm, self.max_length, limit=self.limit)
                 aux.append(dataclasses.replace(task, head=mlm) if chained else task)
             sizes = {"train": len(end.train), "dev": len(end.dev), "test": len(end.test),
                      **{f"aux:{t.name}": len(t.train) for t in aux}}
@@ -319,9 +342,22 @@ class Workspace:
     def run_files(self, run: Run) -> list[str]:
         if run.task == "mammals":
             return ["cifar-100/cifar-100-python.tar.gz"]
-        folder = TASKS[run.task]["folder"]
-        return [f"{folder}/{s}.jsonl" for s in ("train", "dev", "test")] + [
-            corpus_file(run.task, n, self.settings.extra_corpora) for n in self.stages(run)[1]]
+        folder = self.task_folder(run.task)
+        return [f"{folder}/{s}.jsonl" for s in ("train", "dev", "test")] + [self.corpus(run.task, n)
+                                                                     for n in self.stages(run)[1]]
+
+    def labels(self, run: Run) -> list[str]:
+        """The end-task's label names, in the order of the head's outputs."""
+        if run.task == "mammals":
+            return list(MAMMALS)
+        return tartan.read_end_task(os.path.dirname(self.file(f"{self.task_folder(run.task)}/train.jsonl")))["labels"]
+
+    def test_lines(self, run: Run) -> list[int] | None:
+        """The line in test.jsonl of each test example the run evaluates (None for mammals: examples by index)."""
+        if run.task == "mammals":
+            return None
+        lines = tartan.read_jsonl(self.file(f"{self.task_folder(run.task)}/test.jsonl"))[2]
+        return [lines[i] for i in tartan.subset(len(lines), self.limit)]  # the subset tartan.end_task keeps
 
     def config(self, run: Run) -> dict:
         """Everything that determines a run's result (compared on resume); JSON-normalised."""
@@ -338,12 +374,15 @@ class Workspace:
             out.update(body="WideResNet-16-2 (dropout 0.1)", split=dict(n_train=200, dev_frac=0.2, dev_cap=65,
                                                                          n_test=200, classes=MAMMALS))
         else:
-            out.update(model=self.settings.model, max_length=self.max_length, metric=TASKS[run.task]["metric"],
-                       corpora={n: corpus_file(run.task, n, self.settings.extra_corpora) for n in corpora})
+            out.update(model=self.settings.model, max_length=self.max_length, metric=self.task_metric(run.task),
+                       corpora={n: self.corpus(run.task, n) for n in corpora})
+            if run.task in self.settings.own_tasks:
+                out["task_dir"] = self.settings.own_tasks[run.task]
         return json.loads(json.dumps(out))
 
     def execute(self, run: Run) -> dict:
-        """Train and evaluate one run and write its result file; nothing is written unless it completes."""
+        """Train and evaluate one run and write its result file, its test predictions beside it and (--save-model,
+        into self.save_dirs[run]) its selected model; nothing is written unless it completes, the result file last."""
         t0, cpu0 = time.perf_counter(), time.process_time()
         mode, corpora = self.stages(run)
         cfg, pre = make_configs(self.settings.budget, run.task, run.mode, run.seed, len(corpora),
@@ -354,7 +393,7 @@ class Workspace:
             peak.reset()
         body, end, aux, sizes = self.build(run)
         out = tartan.run_end_task(body, end, aux, mode, cfg, pre)
-        metric = TASKS[run.task]["metric"]
+        metric = self.task_metric(run.task)
         field_ = "micro_f1" if metric == "accuracy" else metric
         tokens = {}
         for stage in out["stages"]:
@@ -374,6 +413,13 @@ class Workspace:
             "device": describe_device(self.device), "versions": versions(), "command": sys.argv,
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
+        labels = self.labels(run)
+        write_predictions(predictions_path(run.path(self.settings.out)), body, end, self.test_lines(run), labels,
+                          cfg.bf16)
+        if self.save_dirs.get(run):
+            save_model_atomic(self.save_dirs[run], body, end.head,
+                              self.model(self.released(run))[2] if run.task != "mammals" else None,
+                              {"task": run.task, "labels": labels, "metric": metric, "key": run.key})
         atomic_write_json(run.path(self.settings.out), record)
         del body, end, aux
         gc.collect()
@@ -381,8 +427,14 @@ class Workspace:
 
 
 def execute_all(ws: Workspace, runs: list[Run]) -> dict[Run, dict]:
-    """Run what is missing (resume), check that existing results were made with the same config, return all."""
-    out = ws.settings.out
+    """Run what is missing (resume), check that existing results were made with the same config, return all. A shard
+    (Settings.shard) runs its share of the list and raises launch.Finished; --download-only fetches and raises it."""
+    out, shard = ws.settings.out, ws.settings.shard
+    if ws.settings.download_only:
+        fetch_all(ws, runs)
+    ws.save_dirs = {run: save_dir(ws.settings.save_model, run, len(runs) > 1) for run in runs}
+    if shard.count > 1 and not ws.settings.report_only:
+        runs = shard.take(runs)  # the full list is split before finished runs are skipped: shards never overlap
     results, todo = {}, []
     for run in runs:
         rec = load_result(run.path(out), run)
@@ -411,4 +463,39 @@ def execute_all(ws: Workspace, runs: list[Run]) -> dict[Run, dict]:
               f"{rec['steps']} steps, {rec['wall_seconds']:.1f} s -> {run.path(out)}", flush=True)
         bar.update(1)
     bar.close()
+    if results and len(results) > len(todo) and ws.settings.save_model:
+        warn(f"{len(results) - len(todo)} run(s) were complete already and were not trained again: --save-model saved "
+             f"no model for them (--rerun trains them again)")
+    if shard.count > 1:
+        raise Finished(shard_summary(shard, runs, results, todo))
     return results
+
+
+def save_dir(root: str | None, run: Run, several: bool) -> str | None:
+    """Where --save-model puts a run's model: the folder itself for a single run, else one subfolder per run."""
+    if root is None:
+        return None
+    return os.path.join(root, run.task, os.path.basename(run.path(""))[:-len(".json")]) if several else root
+
+
+def fetch_all(ws: Workspace, runs: list[Run]):
+    """--download-only: fetch and check every model, data file and corpus the runs need (all of them, whatever the
+    shard), then stop."""
+    for run in runs:
+        ws.prepare(run)
+    names = sorted({rel for run in runs for rel in ws.run_files(run)})
+    model = "" if all(r.task == "mammals" for r in runs) else f"model {ws.settings.model} and "
+    raise Finished(f"--download-only: {model}{len(names)} data file(s) of {len(runs)} run(s) are in place and "
+                   f"readable:\n" + "\n".join(f"  {ws.files[n][0] if n in ws.files else n}" for n in names))
+
+
+def shard_summary(shard: Shard, runs: list[Run], results: dict, todo: list[Run]) -> str:
+    """What a shard prints when its runs are done: only its own runs, and how to make the table of all shards."""
+    lines = [f"{shard}: {len(runs)} run(s) of the command are this shard's; {len(todo)} trained now, "
+             f"{len(runs) - len(todo)} complete already."]
+    for run in runs:
+        h = results[run]["headline"]
+        lines.append(f"  {run}: test {h['metric']} {h['test']:.4f}")
+    lines.append("When every shard has finished, the same command with --report-only (and no --shard) prints the "
+                 "table of all of them.")
+    return "\n".join(lines)

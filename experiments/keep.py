@@ -1,0 +1,90 @@
+"""What a user keeps from a run besides its result file: the test predictions, one line per example, and the selected
+model (body and end-task head) in a folder that loads back."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+
+import torch
+
+import tartan
+
+from .common import ReproduceError, atomic_path
+
+HEAD_FILE, INFO_FILE, BODY_FILE = "end_task_head.pt", "end_task.json", "body.pt"
+
+
+@torch.no_grad()
+def predict(body, head, data, batch_size: int = 64, bf16: bool = False) -> list[int]:
+    """The head's predicted class of each example of a labelled split, in eval mode, with bf16 autocast on CUDA when
+    asked (as tartan.evaluate); restores the previous mode."""
+    device = next(body.parameters()).device
+    modes = body.training, head.training
+    body.eval(), head.eval()
+    preds = []
+    for i in range(0, len(data), batch_size):
+        inputs, labels = tartan.to_device(*data.batch(list(range(i, min(i + batch_size, len(data))))), device)
+        with tartan.autocast(device, bf16):
+            logits, _ = head(body(**inputs))
+        preds += logits.argmax(-1).tolist()
+    body.train(modes[0]), head.train(modes[1])
+    return preds
+
+
+def predictions_path(result_path: str) -> str:
+    return result_path[:-len(".json")] + ".predictions.jsonl"
+
+
+def write_predictions(path: str, body, end: tartan.Task, lines: list[int] | None, labels: list[str],
+                      bf16: bool = False) -> None:
+    """One JSON line per test example: its line in test.jsonl (or its index when there is no file), gold, predicted."""
+    gold = end.test.labels if isinstance(end.test.labels, list) else end.test.labels.tolist()
+    pred = predict(body, end.head, end.test, bf16=bf16)
+    where = "line" if lines is not None else "index"
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        for i, (g, p) in enumerate(zip(gold, pred)):
+            f.write(json.dumps({where: lines[i] if lines is not None else i, "gold": labels[g],
+                                "predicted": labels[p]}) + "\n")
+
+
+def save_model_atomic(folder: str, body, head, tokenizer, info: dict) -> None:
+    """The selected body and end-task head in `folder`: for a Hugging Face body a directory that transformers (and
+    tartan.from_pretrained) loads, plus the head's weights and the label list (end_task.json); for another body its
+    state dict (body.pt). Written to a temporary folder beside it, then renamed: never half a model."""
+    parent = os.path.dirname(os.path.abspath(folder))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(folder)}.", suffix=".tmp")
+    try:
+        if isinstance(body, tartan.HFBody):
+            body.encoder.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+        else:
+            torch.save(body.state_dict(), os.path.join(tmp, BODY_FILE))
+        torch.save(head.state_dict(), os.path.join(tmp, HEAD_FILE))
+        with open(os.path.join(tmp, INFO_FILE), "w") as f:
+            json.dump({**info, "hidden_size": getattr(body, "hidden_size", None)}, f, indent=1)
+        old = None
+        if os.path.exists(folder):  # a model saved before: moved aside, removed once the new one is in place
+            old = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(folder)}.", suffix=".old")
+            os.replace(folder, os.path.join(old, "model"))
+        os.replace(tmp, folder)
+        if old:
+            shutil.rmtree(old)
+    finally:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp)
+
+
+def load_model(folder: str):
+    """(body, end-task head, tokenizer, info) of a folder written by save_model_atomic for a Hugging Face body."""
+    try:
+        with open(os.path.join(folder, INFO_FILE)) as f:
+            info = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ReproduceError(f"{folder}: not a model saved by --save-model ({e})") from None
+    body, _, tokenizer, _ = tartan.from_pretrained(folder)
+    head = tartan.ClassificationHead(body.hidden_size, len(info["labels"]))
+    head.load_state_dict(torch.load(os.path.join(folder, HEAD_FILE), map_location="cpu"))
+    return body.eval(), head.eval(), tokenizer, info

@@ -1,0 +1,97 @@
+"""A user's own end-task (--task-dir): one command per mode, its table, bad input, and what a user keeps
+(--save-model, per-example predictions)."""
+import json
+import os
+
+import pytest
+
+import reproduce
+import tartan
+from experiments import keep, own
+from experiments.conftest import leftovers, own_flags, results_in
+
+
+def test_own_task_runs_every_mode_and_prints_its_table(model_dir, own_dir, tmp_path, capsys):
+    out = str(tmp_path / "out")
+    extra = os.path.join(os.path.dirname(own_dir), "reviews.txt")
+    assert reproduce.main(["--task-dir", own_dir, "--mode", "finetune", "tapt", "mt", "meta", "--seeds", "0-1",
+                           "--aux-file", extra, "--metric", "micro_f1", *own_flags(model_dir, out)]) == 0
+    text = capsys.readouterr().out
+    assert results_in(out) == sorted(f"my_task/{m}__{a}__seed{s}.json" for m, a in (
+        ("finetune", "none"), ("tapt", "file-reviews+tapt"), ("mt", "tapt+file-reviews"),
+        ("meta", "tapt+file-reviews")) for s in (0, 1))
+    table = open(os.path.join(out, "my_task", "table.md")).read()
+    assert table in text and f"### my_task ({own_dir})" in table and "p vs tapt" in table
+    rows = {line.split(" | ")[0][2:]: line for line in table.splitlines() if line.startswith("| ")}
+    assert set(rows) >= {"finetune", "tapt", "mt", "meta"} and rows["tapt"].split(" | ")[4] == "—"
+    assert "What META learned" in table and "| meta | 1 | file-reviews |" in table and "| meta | 0 | tapt |" in table
+    rec = json.load(open(os.path.join(out, "my_task", "meta__tapt+file-reviews__seed0.json")))
+    assert rec["config"]["task_dir"] == own_dir and rec["config"]["metric"] == "micro_f1"
+    assert rec["config"]["corpora"]["tapt"] == os.path.join(own_dir, "train.jsonl")  # no train.txt: its texts
+    assert rec["headline"]["test"] == rec["test"]["micro_f1"]
+    # --report-only prints the same table again, from the files
+    assert reproduce.main(["--task-dir", own_dir, "--mode", "finetune", "tapt", "mt", "meta", "--seeds", "0-1",
+                           "--aux-file", extra, "--metric", "micro_f1", "--report-only",
+                           *own_flags(model_dir, out)]) == 0
+    assert table in capsys.readouterr().out
+
+
+def test_saved_model_loads_back_and_reproduces_the_test_score(model_dir, own_dir, tmp_path):
+    out, saved = str(tmp_path / "out"), str(tmp_path / "saved")
+    assert reproduce.main(["--task-dir", own_dir, "--mode", "tapt", "--seeds", "0", "--save-model", saved,
+                           "--limit", "1000", *own_flags(model_dir, out)]) == 0
+    rec = json.load(open(os.path.join(out, "my_task", "tapt__tapt__seed0.json")))
+    body, head, tokenizer, info = keep.load_model(saved)
+    assert info["labels"] == ["c0", "c1", "c2"] and info["task"] == "my_task"
+    end = tartan.end_task("my_task", own_dir, tokenizer, body.hidden_size, rec["config"]["max_length"])
+    assert tartan.evaluate(body, head, end.test) == pytest.approx(rec["test"])
+    preds = [json.loads(line) for line in open(os.path.join(out, "my_task", "tapt__tapt__seed0.predictions.jsonl"))]
+    gold = tartan.read_jsonl(os.path.join(own_dir, "test.jsonl"))
+    assert [p["line"] for p in preds] == gold[2] and [p["gold"] for p in preds] == gold[1]
+    assert tartan.f1_scores([p["gold"] for p in preds], [p["predicted"] for p in preds])["macro_f1"] == \
+        pytest.approx(rec["test"]["macro_f1"])
+    assert not leftovers(str(tmp_path)) and sorted(os.listdir(tmp_path)) == ["my_task", "out", "reviews.txt",
+                                                                                 "saved"]
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"text": "w1 w2"}\n', "test.jsonl, line 2: missing field 'label'"),
+    ('{"text": "w1", "label": "c9"}\n', "test.jsonl, line 2: label 'c9' never appears in train.jsonl"),
+    ("not json\n", "test.jsonl, line 2: malformed JSON"),
+])
+def test_bad_input_in_a_users_folder_is_one_message_naming_file_and_line(model_dir, own_dir, tmp_path, capsys,
+                                                                          line, message):
+    with open(os.path.join(own_dir, "test.jsonl")) as f:
+        first = f.readline()
+    with open(os.path.join(own_dir, "test.jsonl"), "w") as f:
+        f.write(first + line)
+    out = str(tmp_path / "out")
+    assert reproduce.main(["--task-dir", own_dir, "--mode", "finetune", "--seeds", "0",
+                           *own_flags(model_dir, out)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err and "Traceback" not in err and not os.path.exists(out)
+
+
+def test_a_folder_missing_a_split_says_which(model_dir, own_dir, tmp_path, capsys):
+    os.remove(os.path.join(own_dir, "dev.jsonl"))
+    assert reproduce.main(["--task-dir", own_dir, "--mode", "finetune", *own_flags(model_dir, str(tmp_path))]) == 1
+    assert "missing dev.jsonl" in capsys.readouterr().err
+    open(os.path.join(own_dir, "dev.jsonl"), "w").close()
+    os.rename(own_dir, tmp_path / "aclarc")
+    with pytest.raises(reproduce.ReproduceError, match="'aclarc' is a task of the paper"):
+        own.own_tasks([str(tmp_path / "aclarc")])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--task", "aclarc", "--mode", "mt", "--metric", "micro_f1"], "--metric does not apply without --task-dir"),
+    (["--task-dir", "d", "--mode", "mt", "--baseline", "tapt"], "--baseline tapt is not one of the modes run"),
+    (["--table", "1", "--task-dir", "d"], "--task-dir goes with --mode"),
+    (["--task-dir", "d", "--mode", "mt", "--save-model", "m", "--report-only"],
+     "--save-model does not apply to --report-only"),
+    (["--table", "1", "--save-model", "m"], "--save-model does not apply to --table 1"),
+    (["--task", "demo", "--shard", "0/2"], "--shard does not apply to --task demo"),
+])
+def test_flags_of_own_tasks_that_do_not_apply(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        reproduce.main(argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
