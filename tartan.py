@@ -974,9 +974,10 @@ def f1_scores(y_true, y_pred) -> dict:
 
 
 @torch.no_grad()
-def evaluate(body, head, data, batch_size: int = 64, bf16: bool = False) -> dict:
+def evaluate(body, head, data, batch_size: int = 64, bf16: bool = False, predictions: bool = False) -> dict:
     """Metrics of body + head on a labelled split, in eval mode (no dropout), without autograd; bf16 autocast on CUDA
-    when asked (train passes its cfg.bf16). Restores the previous train/eval mode."""
+    when asked (train passes its cfg.bf16). Restores the previous train/eval mode. predictions=True adds the
+    predicted class of every example, in order."""
     device = next(body.parameters()).device
     modes = body.training, head.training
     body.eval(), head.eval()
@@ -989,7 +990,9 @@ def evaluate(body, head, data, batch_size: int = 64, bf16: bool = False) -> dict
         total_loss += loss.float().item() * len(labels)
     body.train(modes[0]), head.train(modes[1])
     gold = data.labels if isinstance(data.labels, list) else data.labels.tolist()
-    return {**f1_scores(gold, torch.cat(preds).numpy()), "loss": total_loss / len(data)}
+    preds = torch.cat(preds).numpy()
+    return {**f1_scores(gold, preds), "loss": total_loss / len(data),
+            **({"predictions": preds.tolist()} if predictions else {})}
 
 
 # ----------------------------------------------------------------------------------------------------------------------

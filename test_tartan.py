@@ -975,3 +975,24 @@ def test_permutation_test_monte_carlo_and_known_difference():
 def test_mean_std_uses_sample_std():
     assert tartan.mean_std([1.0, 2.0, 3.0]) == pytest.approx((2.0, 1.0))
     assert tartan.mean_std([1.0, 2.0, 3.0], ddof=0)[1] == pytest.approx(math.sqrt(2 / 3))
+
+
+def test_evaluate_returns_the_predictions_its_metrics_are_computed_from():
+    torch.manual_seed(0)
+
+    class Body(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 6)
+
+        def forward(self, x):
+            return self.lin(x)
+
+    wrapped, head = Body(), tartan.ClassificationHead(6, 3)
+    data = tartan.TensorData(torch.randn(10, 4), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2, 0]))
+    out = tartan.evaluate(wrapped, head, data, batch_size=3, predictions=True)
+    with torch.no_grad():
+        expected = head.eval()(wrapped(x=data.x))[0].argmax(-1).tolist()
+    assert out["predictions"] == expected
+    assert out == {**tartan.f1_scores(data.labels.tolist(), expected), "loss": out["loss"], "predictions": expected}
+    assert "predictions" not in tartan.evaluate(wrapped, head, data)

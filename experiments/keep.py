@@ -16,23 +16,6 @@ from .common import ReproduceError, atomic_path
 HEAD_FILE, INFO_FILE, BODY_FILE = "end_task_head.pt", "end_task.json", "body.pt"
 
 
-@torch.no_grad()
-def predict(body, head, data, batch_size: int = 64, bf16: bool = False) -> list[int]:
-    """The head's predicted class of each example of a labelled split, in eval mode, with bf16 autocast on CUDA when
-    asked (as tartan.evaluate); restores the previous mode."""
-    device = next(body.parameters()).device
-    modes = body.training, head.training
-    body.eval(), head.eval()
-    preds = []
-    for i in range(0, len(data), batch_size):
-        inputs, labels = tartan.to_device(*data.batch(list(range(i, min(i + batch_size, len(data))))), device)
-        with tartan.autocast(device, bf16):
-            logits, _ = head(body(**inputs))
-        preds += logits.argmax(-1).tolist()
-    body.train(modes[0]), head.train(modes[1])
-    return preds
-
-
 def predictions_path(result_path: str) -> str:
     return result_path[:-len(".json")] + ".predictions.jsonl"
 
@@ -41,7 +24,7 @@ def write_predictions(path: str, body, end: tartan.Task, lines: list[int] | None
                       bf16: bool = False) -> None:
     """One JSON line per test example: its line in test.jsonl (or its index when there is no file), gold, predicted."""
     gold = end.test.labels if isinstance(end.test.labels, list) else end.test.labels.tolist()
-    pred = predict(body, end.head, end.test, bf16=bf16)
+    pred = tartan.evaluate(body, end.head, end.test, bf16=bf16, predictions=True)["predictions"]
     where = "line" if lines is not None else "index"
     with atomic_path(path) as tmp, open(tmp, "w") as f:
         for i, (g, p) in enumerate(zip(gold, pred)):
