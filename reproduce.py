@@ -45,6 +45,7 @@ TRAINING = (RUNS, TABLE, FIGURE)
 WITH_AUX = ("tapt", "dapt", "dapt+tapt", "pretrain") + TARTAN_MODES
 PRETRAIN_MODES = ("tapt", "dapt", "dapt+tapt", "pretrain")
 FINAL_FLAGS = ("final_epochs", "final_steps", "final_lr", "final_head_lr", "no_final_finetune")
+TEXT_ONLY = ("model", "checkpoint_dir", "baselines", "max_length", "dapt_corpus", "aux", "aux_file")
 AT_LEAST_ONE = ("max_length", "limit", "batch_size", "aux_batch_size", "grad_accum", "steps", "meta_batch_size",
                 "meta_head_steps", "pretrain_steps", "final_steps", "bench_n_aux", "bench_steps", "bench_warmup",
                 "bench_rounds", "bench_threads")
@@ -295,8 +296,12 @@ def _check_flags(parser, args, scope: dict, command: str, named: str, modes: tup
         if dest in FINAL_FLAGS and command in TRAINING:
             if args.budget and BUDGETS[args.budget]["final"] is None:
                 parser.error(f"{flag} does not apply to --budget {args.budget} (it has no final fine-tuning)")
-            if args.task and set(args.task) == {"mammals"}:
-                parser.error(f"{flag} does not apply to --task mammals (no final fine-tuning stage)")
+            if set(args.task or (TABLES[args.table].tasks if args.table else ())) == {"mammals"}:
+                parser.error(f"{flag} does not apply to {named if args.table else '--task mammals'} (mammals has no "
+                             f"final fine-tuning stage)")
+        if dest in TEXT_ONLY and command in TRAINING and set(args.task or (TABLES[args.table].tasks if args.table
+                                                                           else ())) == {"mammals"}:
+            parser.error(f"{flag} does not apply to mammals (the vision experiment: WideResNet-16-2 on CIFAR-100)")
         if dest == "baselines" and value == "released" and args.model != PAPER_BODY:
             parser.error(f"--baselines released: the released checkpoints are {PAPER_BODY} bodies, not --model "
                          f"{args.model} (use --baselines retrain)")
@@ -318,6 +323,10 @@ def _check_combinations(parser, args) -> None:
                 parser.error(f"{flag} does not apply to {other} (it trains nothing)")
     if args.report_only and args.download_only:
         parser.error("choose one of --report-only and --download-only")
+    if args.save_model:
+        save, out = os.path.abspath(args.save_model), os.path.abspath(args.out)
+        if out == save or out.startswith(save + os.sep) or save.startswith(out + os.sep):
+            parser.error(f"--save-model {args.save_model}: give a folder outside --out {args.out} (and not above it)")
 
 
 def _corpora(parser, aux_files: list[str], dapt_corpus: str | None) -> tuple[dict, tuple[str, ...], str | None]:
@@ -347,7 +356,7 @@ def make_settings(args, extra_corpora: dict) -> Settings:
     paper_run = args.model == PAPER_BODY and not (args.quick or args.budget)
     return Settings(model=args.model, data_dir=args.data_dir, out=args.out, budget=budget, data_url=args.data_url,
                     extra_corpora=extra_corpora, progress=args.progress, rerun=args.rerun,
-                    report_only=args.report_only, baselines=args.baselines or ("released" if paper_run else "retrain"),
+                    report_only=args.report_only, baselines=args.baselines or ("auto" if paper_run else "retrain"),
                     checkpoint_dir=args.checkpoint_dir, **launch_settings(args))
 
 

@@ -945,7 +945,8 @@ def run_end_task(body, end: Task, aux: list[Task], mode: str, cfg: TrainConfig |
                 _restore(before, body, end.head)
             out["stages"].append({"stage": "final_finetune", **ft})
     out["dev"] = evaluate(body, end.head, end.dev, cfg.eval_batch_size, cfg.bf16)
-    out["test"] = evaluate(body, end.head, end.test, cfg.eval_batch_size, cfg.bf16)
+    out["test"] = evaluate(body, end.head, end.test, cfg.eval_batch_size, cfg.bf16, predictions=True)
+    out["test_predictions"] = out["test"].pop("predictions")  # the predicted class of every test example, in order
     out["metric"] = end.metric
     main = next(s for s in reversed(out["stages"]) if s["stage"] in ("mt", "meta", "finetune"))
     out.update({k: main[k] for k in ("history", "final_weights", "best_weights", "trace")})

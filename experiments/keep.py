@@ -20,11 +20,9 @@ def predictions_path(result_path: str) -> str:
     return result_path[:-len(".json")] + ".predictions.jsonl"
 
 
-def write_predictions(path: str, body, end: tartan.Task, lines: list[int] | None, labels: list[str],
-                      bf16: bool = False) -> None:
+def write_predictions(path: str, end: tartan.Task, pred: list[int], lines: list[int] | None, labels: list[str]) -> None:
     """One JSON line per test example: its line in test.jsonl (or its index when there is no file), gold, predicted."""
     gold = end.test.labels if isinstance(end.test.labels, list) else end.test.labels.tolist()
-    pred = tartan.evaluate(body, end.head, end.test, bf16=bf16, predictions=True)["predictions"]
     where = "line" if lines is not None else "index"
     with atomic_path(path) as tmp, open(tmp, "w") as f:
         for i, (g, p) in enumerate(zip(gold, pred)):
@@ -36,6 +34,9 @@ def save_model_atomic(folder: str, body, head, tokenizer, info: dict) -> None:
     """The selected body and end-task head in `folder`: for a Hugging Face body a directory that transformers (and
     tartan.from_pretrained) loads, plus the head's weights and the label list (end_task.json); for another body its
     state dict (body.pt). Written to a temporary folder beside it, then renamed: never half a model."""
+    if os.path.exists(folder) and not os.path.isfile(os.path.join(folder, INFO_FILE)):
+        raise ReproduceError(f"--save-model {folder}: the folder exists and is not a model saved by --save-model; "
+                             f"choose a new folder")
     parent = os.path.dirname(os.path.abspath(folder))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(folder)}.", suffix=".tmp")

@@ -212,8 +212,6 @@ def run_family(ws: Workspace, tasks, modes, seeds=None, aux: str | None = None, 
         for mode in modes:
             if mode not in valid:
                 raise ReproduceError(f"--mode {mode} does not apply to {task} (choose from {', '.join(valid)})")
-            if aux and mode not in TARTAN_MODES:
-                raise ReproduceError(f"--aux picks the auxiliary tasks of mt/meta; --mode {mode} names its own")
             if task == "mammals" and (aux or aux_files):
                 raise ReproduceError("mammals has one auxiliary task (the other 95 CIFAR-100 classes): no --aux")
             if aux_files and set(modes) == {"finetune"}:

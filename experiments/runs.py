@@ -119,7 +119,8 @@ class Settings:
     progress: bool = True
     rerun: bool = False
     report_only: bool = False
-    baselines: str = "retrain"        # "released": tapt/dapt/dapt+tapt fine-tune Gururangan et al.'s checkpoints
+    baselines: str = "retrain"  # "released": tapt/dapt/dapt+tapt fine-tune Gururangan et al.'s checkpoints (an error
+    #                             where none exists); "auto": where one exists; "retrain": Eq. 1 here
     checkpoint_dir: str | None = None  # a folder holding Hub checkpoints by id (DIR/allenai/...), used before the Hub
     own_tasks: dict = field(default_factory=dict)  # run name -> absolute folder of a user's end-task (--task-dir)
     metric: str = "macro_f1"  # headline metric of the user's end-tasks (--metric)
@@ -230,7 +231,14 @@ class Workspace:
 
     def released(self, run: Run) -> str | None:
         """The Hub id of the released checkpoint that stands for this run's Eq. 1 stages (Sec. 4), if it uses one."""
-        return RELEASED.get((run.task, run.mode, run.aux)) if self.settings.baselines == "released" else None
+        if self.settings.baselines == "retrain":
+            return None
+        ckpt = RELEASED.get((run.task, run.mode, run.aux))
+        if ckpt is None and self.settings.baselines == "released" and run.mode in ("tapt", "dapt", "dapt+tapt"):
+            raise ReproduceError(f"--baselines released: there is no released checkpoint for {run} (there are for "
+                                 f"TAPT, and for DAPT and DAPT+TAPT on the full domain corpus, --dapt-corpus full, "
+                                 f"without --aux-file); use --baselines retrain")
+        return ckpt
 
     def stages(self, run: Run) -> tuple[str, tuple[str, ...]]:
         """(tartan mode, auxiliary corpora actually trained on): a released checkpoint replaces the Eq. 1 stages."""
@@ -384,6 +392,8 @@ class Workspace:
         """Train and evaluate one run and write its result file, its test predictions beside it and (--save-model,
         into self.save_dirs[run]) its selected model; nothing is written unless it completes, the result file last."""
         t0, cpu0 = time.perf_counter(), time.process_time()
+        if os.path.exists(run.path(self.settings.out)):  # --rerun: the old result goes first, so that no new
+            os.remove(run.path(self.settings.out))       # predictions or model ever sit beside it
         mode, corpora = self.stages(run)
         cfg, pre = make_configs(self.settings.budget, run.task, run.mode, run.seed, len(corpora),
                                 self.settings.progress)
@@ -414,8 +424,8 @@ class Workspace:
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         labels = self.labels(run)
-        write_predictions(predictions_path(run.path(self.settings.out)), body, end, self.test_lines(run), labels,
-                          cfg.bf16)
+        write_predictions(predictions_path(run.path(self.settings.out)), end, out["test_predictions"],
+                          self.test_lines(run), labels)
         if self.save_dirs.get(run):
             save_model_atomic(self.save_dirs[run], body, end.head,
                               self.model(self.released(run))[2] if run.task != "mammals" else None,

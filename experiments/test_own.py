@@ -4,6 +4,7 @@ import json
 import os
 
 import pytest
+import torch
 
 import reproduce
 import tartan
@@ -95,3 +96,20 @@ def test_flags_of_own_tasks_that_do_not_apply(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
         reproduce.main(argv)
     assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_save_model_never_replaces_a_folder_that_is_not_a_saved_model(tmp_path):
+    from experiments.common import ReproduceError
+    folder = tmp_path / "results"
+    folder.mkdir()
+    (folder / "precious.json").write_text("{}")
+    with pytest.raises(ReproduceError, match="not a model saved by --save-model"):
+        keep.save_model_atomic(str(folder), torch.nn.Linear(2, 2), torch.nn.Linear(2, 2), None, {})
+    assert (folder / "precious.json").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["results"]
+
+
+def test_save_model_inside_or_above_out_is_refused(capsys):
+    for save, out in (("res", "res"), ("res", "res/sub"), ("res/m", "res")):
+        with pytest.raises(SystemExit) as e:
+            reproduce.main(["--task", "aclarc", "--mode", "finetune", "--save-model", save, "--out", out])
+        assert e.value.code == 2 and "give a folder outside --out" in capsys.readouterr().err

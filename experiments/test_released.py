@@ -58,7 +58,7 @@ def test_tapt_fine_tunes_the_released_checkpoint_instead_of_re_training(hub, dat
 def test_released_is_the_default_only_for_the_papers_body_and_budget():
     parser, _ = reproduce.build_parser()
     settings = lambda *a: reproduce.make_settings(parser.parse_args(["--table", "1", *a]), {})  # noqa
-    assert settings().baselines == "released"
+    assert settings().baselines == "auto"  # released checkpoints where they exist (not for Table 2's n = 10x)
     assert settings("--quick").baselines == "retrain"
     assert settings("--budget", "cpu").baselines == "retrain"
     assert settings("--model", "/some/minilm").baselines == "retrain"
@@ -69,11 +69,20 @@ def test_released_is_the_default_only_for_the_papers_body_and_budget():
     (["--task", "aclarc", "--mode", "tapt", "--model", "/x/minilm", "--baselines", "released"],
      "--baselines released: the released checkpoints are roberta-base bodies"),
     (["--task", "aclarc", "--mode", "mt", "--baselines", "retrain"], "--baselines does not apply to --mode mt"),
+    (["--task", "mammals", "--mode", "mt", "--max-length", "64"], "--max-length does not apply to mammals"),
+    (["--table", "5", "--final-lr", "1e-5"], "--final-lr does not apply to --table 5"),
 ])
 def test_baselines_flag_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
         reproduce.main(argv)
     assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_released_named_where_there_is_none_is_one_message(model_dir, data_dir, tmp_path, capsys):
+    code = reproduce.main(["--task", "aclarc", "--mode", "dapt", "--baselines", "released", "--model", "roberta-base",
+                           "--data-dir", data_dir, "--out", str(tmp_path / "o"), "--quick", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 1 and "no released checkpoint for aclarc dapt aux=dapt10x seed 0" in err and "Traceback" not in err
 
 
 def test_every_released_id_is_one_of_the_published_checkpoints():
