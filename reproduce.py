@@ -131,8 +131,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
              "%(default)s, Sec. 4)")
     add(where, "--baselines", choices=("released", "retrain"), commands=TRAINING, modes=("tapt", "dapt", "dapt+tapt"),
         help=f"released: tapt, dapt (full corpus) and dapt+tapt fine-tune Gururangan et al.'s released {PAPER_BODY} "
-             f"checkpoints from the Hub, as the paper did (Sec. 4); retrain: run Eq. 1 here. Default: released "
-             f"with --model {PAPER_BODY} and no --quick/--budget, else retrain")
+             f"checkpoints from the Hub, as the paper did (Sec. 4; an error where there is none); retrain: run "
+             f"Eq. 1 here. Default: the released ones where they exist with --model {PAPER_BODY} and no "
+             f"--quick/--budget (Table 2's DAPT at n = 10x has none), else retrain")
     add(where, "--checkpoint-dir", metavar="DIR", commands=TRAINING,
         help="a folder holding Hub checkpoints by id (DIR/roberta-base, DIR/allenai/...), used instead of the Hub "
              "(offline nodes)")
