@@ -272,12 +272,11 @@ def demo_run_one(method: str, seed: int, s: DemoSettings, prepared: dict) -> dic
               "test_seen": seen["macro_f1"], "test_unseen": unseen["macro_f1"],
               "steps": sum(st["steps"] for st in out["stages"]), "seconds": time.perf_counter() - t0}
     if method == "meta":
-        stage = out["stages"][0]
-        names = list(stage["final_weights"])
-        record["final_weights"] = stage["final_weights"]  # alpha = softmax(w) after the last step
-        record["best_weights"] = stage.get("best_weights")  # alpha at the selected (best-dev) evaluation
+        names = list(out["final_weights"])
+        record["final_weights"] = out["final_weights"]  # alpha = softmax(w) after the last step
+        record["best_weights"] = out["best_weights"]  # alpha at the selected (best-dev) evaluation
         start = {"step": 0, **{n: 1.0 / len(names) for n in names}}  # Algorithm 1 starts from equal weights
-        record["trajectory"] = [start] + [{"step": h["step"], **h["weights"]} for h in stage["history"]]
+        record["trajectory"] = [start] + [{"step": h["step"], **h["weights"]} for h in out["history"]]
     return record
 
 
