@@ -35,7 +35,7 @@ import math
 import os
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -506,8 +506,9 @@ class MetaConfig(TrainConfig):
     #                                   estimate_meta_head for the reading of Algorithm 1)
     meta_head_lr: float = 1e-3        # phi* AdamW learning rate (Sec. 4)
     meta_head_wd: float = 0.1         # phi* l2 weight decay (Sec. 4)
-    meta_batch_size: int = 32         # rows of B*_tr that fit phi* (Sec. 4: {16, 32}; at most the end-task
-    #                                   micro-batch), and |B*_val| (the paper gives none; the same size here)
+    meta_batch_size: int = 32         # rows of B*_tr that fit phi* (Sec. 4: {16, 32}); at most batch_size, the
+    #                                   end-task micro-batch they are taken from
+    meta_val_batch_size: int = 0      # |B*_val|; 0 = meta_batch_size (the paper gives no size for B*_val)
     same_head: bool = False           # True: meta gradient through phi' itself (Eq. 6), the ablation of Fig. 3
     cos_eps: float = 1e-8             # epsilon in cos(a, b) = a.b / (|a||b| + eps)
 
@@ -516,7 +517,7 @@ def make_optimizer(params: list[nn.Parameter], lr: float, weight_decay: float, c
     decay = [p for p in params if p.dim() >= 2]  # biases and LayerNorm/BatchNorm weights get no decay
     no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    try:  # the fused kernel: the same update in one pass over the parameters (measured 3x faster than the loop on CPU)
+    try:  # the fused kernel: the same update in one pass over the parameters rather than a loop over them
         return torch.optim.AdamW(groups, lr=lr, betas=cfg.betas, eps=cfg.adam_eps, fused=True)
     except (RuntimeError, ValueError):  # a device or dtype without a fused kernel
         return torch.optim.AdamW(groups, lr=lr, betas=cfg.betas, eps=cfg.adam_eps)
@@ -574,6 +575,10 @@ def check_tasks(end: Task | None, aux: list[Task], cfg: TrainConfig) -> None:
     out = getattr(getattr(end.head, "mlp", [None])[-1], "out_features", None)  # C of a ClassificationHead
     if end.num_labels > 0 and out is not None and out != end.num_labels:
         raise ValueError(f"end-task '{end.name}': its head predicts {out} classes but num_labels={end.num_labels}")
+    if meta and not cfg.same_head and cfg.meta_batch_size > cfg.batch_size:
+        raise ValueError(f"meta_batch_size={cfg.meta_batch_size} > batch_size={cfg.batch_size}: phi* is fitted on "
+                         f"rows of the end-task micro-batch B*_tr, which has only {cfg.batch_size} (a larger B*_val "
+                         f"is meta_val_batch_size)")
     if meta and not cfg.same_head and end.num_labels < 1:
         raise ValueError(f"end-task '{end.name}' has num_labels={end.num_labels}: META-TARTAN fits its meta head "
                          f"phi* with one output per class, so set Task(..., num_labels=C) (end_task sets it)")
@@ -775,7 +780,7 @@ def meta_state(body: nn.Module, tasks: list[Task], cfg: MetaConfig) -> MetaState
     params = [p for p in body.parameters() if p.requires_grad]
     K, P = len(tasks), sum(p.numel() for p in params)
     end = tasks[0]
-    val = batches(Task(end.name + ":val", end.head, train=end.dev), cfg.meta_batch_size,
+    val = batches(Task(end.name + ":val", end.head, train=end.dev), cfg.meta_val_batch_size or cfg.meta_batch_size,
                   torch.Generator().manual_seed(cfg.seed * 1009 + 1000))
     return MetaState(w=torch.full((K,), 1.0 / K, dtype=torch.float64),
                      G=torch.empty(K, P, device=params[0].device), val=val)
@@ -886,7 +891,7 @@ def meta_step(body, tasks, streams, state: MetaState, cfg: MetaConfig, amp, toke
 def pretrain(body, aux: list[Task], cfg: PretrainConfig | None = None) -> dict:
     """Eq. 1: theta_0 = argmin sum_i L_Ti, end-task agnostic (TAPT, DAPT; call twice, in order, for DAPT+TAPT)."""
     cfg = cfg or PretrainConfig()
-    return train(body, None, aux, _replace(cfg, weights=cfg.weights or (1.0,) * len(aux)))
+    return train(body, None, aux, replace(cfg, weights=cfg.weights or (1.0,) * len(aux)))
 
 
 def finetune(body, end: Task, cfg: FinetuneConfig | None = None) -> dict:
@@ -921,7 +926,7 @@ def run_end_task(body, end: Task, aux: list[Task], mode: str, cfg: TrainConfig |
         raise ValueError(f"unknown mode '{mode}' (finetune, pretrain, mt, meta)")
     cfg = cfg or {"meta": MetaConfig, "mt": TrainConfig}.get(mode, FinetuneConfig)()
     check_tasks(end, aux if mode in ("mt", "meta") else [], cfg)  # before any stage runs, pre-training included
-    seeded = lambda c: _replace(c, seed=cfg.seed)  # sub-stages follow the run's seed  # noqa: E731
+    seeded = lambda c: replace(c, seed=cfg.seed)  # sub-stages follow the run's seed  # noqa: E731
     out = {"mode": mode, "stages": []}
     if mode == "pretrain":
         pretrain_cfgs = pretrain_cfgs or [PretrainConfig()] * len(aux)
@@ -951,11 +956,6 @@ def run_end_task(body, end: Task, aux: list[Task], mode: str, cfg: TrainConfig |
     main = next(s for s in reversed(out["stages"]) if s["stage"] in ("mt", "meta", "finetune"))
     out.update({k: main[k] for k in ("history", "final_weights", "best_weights", "trace")})
     return out
-
-
-def _replace(cfg, **changes):
-    import dataclasses
-    return dataclasses.replace(cfg, **changes)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

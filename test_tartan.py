@@ -72,6 +72,12 @@ def build(tok, task_dir, n_aux=1, dropout=0.1, seed=0):
 
 
 SMALL = dict(batch_size=8, aux_batch_size=8, grad_accum=1, max_steps=12, eval_every=4, lr=1e-3, head_lr=1e-3)
+SMALL_META = dict(SMALL, meta_batch_size=8, meta_val_batch_size=32)  # phi* on the whole end-task batch
+
+
+def small_config(meta: bool, **changes):
+    """SMALL as a MetaConfig (with SMALL_META's meta batch sizes) or a TrainConfig, with changes."""
+    return tartan.MetaConfig(**{**SMALL_META, **changes}) if meta else tartan.TrainConfig(**{**SMALL, **changes})
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -181,8 +187,7 @@ def test_classification_task_builder(tok, task_dir, tmp_path):
         body, end, _ = build(tok, task_dir)
         aux = tartan.classification_task("cls", task_dir, tok, body.hidden_size, max_length=32)
         before = [p.clone() for p in aux.head.parameters()]
-        cfg = (tartan.MetaConfig if train is tartan.train_meta else tartan.TrainConfig)(**{**SMALL, "max_steps": 3},
-                                                                                       final_finetune=None)
+        cfg = small_config(train is tartan.train_meta, max_steps=3, final_finetune=None)
         out = train(body, end, [aux], cfg)
         assert set(out["final_weights"]) == {"toy", "cls"} and out["tokens"]["cls"] > 0
         assert all(not torch.equal(a, b) for a, b in zip(before, aux.head.parameters()))
@@ -528,7 +533,7 @@ def test_meta_state_is_built_once_before_the_loop(tok, task_dir):
     def spy(body_, tasks, streams, state, cfg, *rest):
         seen.append((state, state.w.clone(), state.G.data_ptr()))
         return tartan.meta_step(body_, tasks, streams, state, cfg, *rest)
-    cfg = tartan.MetaConfig(**{**SMALL, "max_steps": 3}, final_finetune=None)
+    cfg = tartan.MetaConfig(**{**SMALL_META, "max_steps": 3}, final_finetune=None)
     tartan.train(body, end, aux, cfg, spy)
     state = seen[0][0]
     assert isinstance(state, tartan.MetaState) and all(s is state for s, _, _ in seen)
@@ -576,7 +581,7 @@ def test_every_mode_end_to_end(tok, task_dir, mode, n_aux, extra):
     if mode in ("finetune", "pretrain"):
         cfg = ft
     else:
-        cfg = (tartan.MetaConfig if mode == "meta" else tartan.TrainConfig)(**SMALL, final_finetune=ft, **extra)
+        cfg = small_config(mode == "meta", final_finetune=ft, **extra)
     torch.manual_seed(0)
     pre = [tartan.PretrainConfig(max_steps=3, aux_batch_size=8, grad_accum=1)] * n_aux
     out = tartan.run_end_task(body, end, aux, mode, cfg, pre)
@@ -653,7 +658,7 @@ def test_same_seed_gives_identical_runs(tok, task_dir):
     def run():
         body, end, aux = build(tok, task_dir, n_aux=1)
         torch.manual_seed(0)
-        return tartan.run_end_task(body, end, aux, "meta", tartan.MetaConfig(**SMALL, final_finetune=None))
+        return tartan.run_end_task(body, end, aux, "meta", tartan.MetaConfig(**SMALL_META, final_finetune=None))
     a, b = run(), run()
     strip = lambda h: [{k: v for k, v in x.items() if k != "seconds"} for x in h]  # noqa: E731
     assert a["dev"] == b["dev"] and a["test"] == b["test"] and strip(a["history"]) == strip(b["history"])
@@ -708,7 +713,8 @@ def test_plain_torch_module_body():
     end = tartan.Task("img", tartan.ClassificationHead(16, 2), data, dev=data, test=data, num_labels=2,
                       metric="micro_f1")
     aux = [tartan.Task("aux", tartan.ClassificationHead(16, 3), tartan.TensorData(x, torch.randint(0, 3, (60,))))]
-    cfg = tartan.MetaConfig(**{**SMALL, "max_steps": 60, "eval_every": 10, "lr": 1e-2, "head_lr": 1e-2}, final_finetune=None)
+    cfg = tartan.MetaConfig(**{**SMALL_META, "max_steps": 60, "eval_every": 10, "lr": 1e-2, "head_lr": 1e-2},
+                            final_finetune=None)
     out = tartan.run_end_task(XBody(), end, aux, "meta", cfg)
     assert out["test"]["micro_f1"] > 0.8 and out["history"][-1]["cosines"] is not None
 
@@ -716,7 +722,7 @@ def test_plain_torch_module_body():
 def test_per_step_trace_and_weights_at_the_top_of_the_result(tok, task_dir):
     body, end, aux = build(tok, task_dir, n_aux=2)
     torch.manual_seed(0)
-    out = tartan.run_end_task(body, end, aux, "meta", tartan.MetaConfig(**SMALL, final_finetune=None))
+    out = tartan.run_end_task(body, end, aux, "meta", tartan.MetaConfig(**SMALL_META, final_finetune=None))
     trace, names = out["trace"], ["toy", "aux0", "aux1"]
     assert list(trace["weights"]) == names and all(len(trace["weights"][n]) == out["stages"][0]["steps"] == 12
                                                    for n in names)
@@ -822,7 +828,7 @@ def test_config_defaults_are_the_papers():
 
 def test_task_contracts_are_checked_when_training_starts(tok, task_dir):
     body, end, aux = build(tok, task_dir, n_aux=2)
-    cfg = tartan.MetaConfig(**{**SMALL, "max_steps": 1}, final_finetune=None)
+    cfg = tartan.MetaConfig(**{**SMALL_META, "max_steps": 1}, final_finetune=None)
     mt = tartan.TrainConfig(**{**SMALL, "max_steps": 1}, final_finetune=None)
     end.num_labels = 0  # a hand-built end-task without its class count
     with pytest.raises(ValueError, match="end-task 'toy' has num_labels=0: META-TARTAN fits its meta head"):
@@ -861,6 +867,13 @@ def test_task_contracts_are_checked_when_training_starts(tok, task_dir):
     end.dev = dev
     with pytest.raises(ValueError, match="weights has 2 entries for 3 tasks"):
         tartan.train_multitask(body, end, aux, dataclasses.replace(mt, weights=(0.5, 0.5)))
+    with pytest.raises(ValueError, match="meta_batch_size=16 > batch_size=8: phi\\* is fitted on rows of the "):
+        tartan.train_meta(body, end, aux, dataclasses.replace(cfg, meta_batch_size=16))
+    tartan.train_meta(body, end, aux, dataclasses.replace(cfg, meta_batch_size=16, same_head=True))  # no phi*
+    for val_size, rows in ((0, 8), (12, 12)):  # |B*_val|: meta_batch_size unless meta_val_batch_size is given
+        state = tartan.meta_state(body, [end], dataclasses.replace(cfg, meta_batch_size=8,
+                                                                    meta_val_batch_size=val_size))
+        assert len(next(state.val)[-1]) == rows
 
 
 class Poisoned(nn.Module):
@@ -883,8 +896,7 @@ def test_a_nan_loss_stops_the_run_naming_task_and_step(tok, task_dir, mode, pois
     task = next(t for t in [end] + aux if t.name == poisoned)
     task.head = Poisoned(task.head, n=3)
     ft = tartan.FinetuneConfig(batch_size=8, max_steps=6, eval_every=2)
-    cfg = ft if mode in ("finetune", "pretrain") else (tartan.MetaConfig if mode == "meta" else tartan.TrainConfig)(
-        **SMALL, final_finetune=ft)
+    cfg = ft if mode in ("finetune", "pretrain") else small_config(mode == "meta", final_finetune=ft)
     pre = [tartan.PretrainConfig(max_steps=6, aux_batch_size=8, grad_accum=1)]
     with pytest.raises(tartan.DivergedError, match=f"the loss of task '{poisoned}' is nan at optimizer step 3 of "):
         tartan.run_end_task(body, end, aux, mode, cfg, pre)
@@ -901,7 +913,7 @@ def test_divergence_in_metas_validation_pass_and_in_evaluation_stops_the_run():
     small = dict(batch_size=16, grad_accum=1, max_steps=4, eval_every=2, final_finetune=None)
     with pytest.raises(tartan.DivergedError, match="META's validation loss of task 'end' \\(for g_meta, on B\\*_val\\) "
                                                    "is nan at optimizer step 1 of 4"):
-        tartan.train_meta(Scale(4), end(), [], tartan.MetaConfig(**small, meta_batch_size=32))
+        tartan.train_meta(Scale(4), end(), [], tartan.MetaConfig(**small, meta_batch_size=16, meta_val_batch_size=32))
     with pytest.raises(tartan.DivergedError, match="the dev loss of task 'end' is nan at the evaluation after "
                                                    "optimizer step 2"):
         tartan.train_multitask(Scale(4), end(), [], tartan.TrainConfig(**small))
@@ -910,8 +922,7 @@ def test_divergence_in_metas_validation_pass_and_in_evaluation_stops_the_run():
 @pytest.mark.parametrize("mode", ["mt", "meta"])
 def test_a_huge_learning_rate_stops_the_run(tok, task_dir, mode):
     body, end, aux = build(tok, task_dir, n_aux=1)
-    cfg = (tartan.MetaConfig if mode == "meta" else tartan.TrainConfig)(**{**SMALL, "lr": 1e10, "head_lr": 1e10},
-                                                                         final_finetune=None)
+    cfg = small_config(mode == "meta", lr=1e10, head_lr=1e10, final_finetune=None)
     torch.manual_seed(0)
     with pytest.raises(tartan.DivergedError, match=r"(task '(toy|aux0)'|gradient norm).* is (nan|inf) .*step"):
         tartan.run_end_task(body, end, aux, mode, cfg)

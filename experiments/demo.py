@@ -94,7 +94,8 @@ class DemoSettings:
     eval_every: int = 15           # end-task dev evaluation interval (model selection, weight trajectory points)
     patience: int = 1000           # i.e. no early stopping
     meta_lr: float = 0.1           # eta
-    meta_batch_size: int = 96      # |B*_val| (the whole dev set); phi* is fitted on the whole end-task batch
+    meta_batch_size: int = 48      # rows phi* is fitted on: the whole end-task batch
+    meta_val_batch_size: int = 96  # |B*_val|: the whole dev set
     meta_head_lr: float = 1e-2
     meta_head_steps: int = 10
     threads: int = 1               # torch CPU threads: the model is too small to gain from more
@@ -248,7 +249,8 @@ def demo_configs(s: DemoSettings, seed: int) -> dict:
                                                  "aux_batch_size": 2 * s.aux_batch_size}),
             "mt": tartan.TrainConfig(**{**common, "max_steps": s.steps}),
             "meta": tartan.MetaConfig(**{**common, "max_steps": s.steps}, meta_lr=s.meta_lr,
-                                      meta_batch_size=s.meta_batch_size, meta_head_lr=s.meta_head_lr,
+                                      meta_batch_size=s.meta_batch_size, meta_val_batch_size=s.meta_val_batch_size,
+                                      meta_head_lr=s.meta_head_lr,
                                       meta_head_steps=s.meta_head_steps)}
 
 

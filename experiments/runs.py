@@ -206,10 +206,16 @@ def load_result(path: str, run: Run | None = None) -> dict | None:
     return rec
 
 
+# Fields added to tartan's configs after result files were committed, each with the value that does what those files
+# ran: a run's stored config leaves a field out while it holds that value, so the older files still match on resume.
+LATER_FIELDS = {"meta_val_batch_size": 0}
+
+
 def config_diff(a, b, prefix="") -> list[str]:
     if isinstance(a, dict) and isinstance(b, dict):
         return [d for k in sorted(set(a) | set(b)) for d in config_diff(a.get(k), b.get(k), f"{prefix}{k}.")]
     return [] if a == b else [f"{prefix[:-1]}: {a!r} here, {b!r} in the file"]
+
 
 def versions() -> dict:
     import transformers
@@ -371,7 +377,8 @@ class Workspace:
         """Everything that determines a run's result (compared on resume); JSON-normalised."""
         mode, corpora = self.stages(run)
         cfg, pre = make_configs(self.settings.budget, run.task, run.mode, run.seed, len(corpora))
-        strip = lambda c: {k: v for k, v in dataclasses.asdict(c).items() if k != "progress"} if c else None  # noqa
+        strip = lambda c: {k: v for k, v in dataclasses.asdict(c).items()  # noqa: E731
+                           if k != "progress" and (k not in LATER_FIELDS or v != LATER_FIELDS[k])} if c else None
         out = {**run.key, "aux": list(run.aux), "tartan_mode": mode, "limit": self.limit,
                "train": strip(cfg), "pretrain": [strip(p) for p in pre] if mode == "pretrain" else []}
         if self.released(run):

@@ -35,6 +35,14 @@ def test_own_task_runs_every_mode_and_prints_its_table(model_dir, own_dir, tmp_p
                            "--aux-file", extra, "--metric", "micro_f1", "--report-only",
                            *own_flags(model_dir, out)]) == 0
     assert table in capsys.readouterr().out
+    # seeds without result files are said to be left out; a --report-only that finds none at all is an error
+    assert reproduce.main(["--task-dir", own_dir, "--mode", "mt", "meta", "--seeds", "0-2", "--aux-file", extra,
+                           "--metric", "micro_f1", "--report-only", *own_flags(model_dir, out)]) == 0
+    assert f"--report-only: 2 of 6 run(s) have no result file in {out} and are left out" in capsys.readouterr().out
+    assert reproduce.main(["--task-dir", own_dir, "--mode", "mt", "--seeds", "5", "--aux-file", extra, "--metric",
+                           "micro_f1", "--report-only", *own_flags(model_dir, out)]) == 1
+    assert (f"error: --report-only: none of the 1 run(s) has a result file in {out} (drop --report-only"
+            in capsys.readouterr().err)
 
 
 def test_saved_model_loads_back_and_reproduces_the_test_score(model_dir, own_dir, tmp_path):
