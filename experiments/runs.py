@@ -501,7 +501,8 @@ def fetch_all(ws: Workspace, runs: list[Run]):
     for run in runs:
         ws.prepare(run)
     names = sorted({rel for run in runs for rel in ws.run_files(run)})
-    model = "" if all(r.task == "mammals" for r in runs) else f"model {ws.settings.model} and "
+    models = sorted({ws.released(r) or ws.settings.model for r in runs if r.task != "mammals"})
+    model = f"model(s) {', '.join(models)} and " if models else ""
     raise Finished(f"--download-only: {model}{len(names)} data file(s) of {len(runs)} run(s) are in place and "
                    f"readable:\n" + "\n".join(f"  {ws.files[n][0] if n in ws.files else n}" for n in names))
 

@@ -34,6 +34,9 @@ def test_tapt_fine_tunes_the_released_checkpoint_instead_of_re_training(hub, dat
     flags = ["--data-dir", data_dir, "--device", "cpu", "--quick", "--no-progress", "--seeds", "0"]
     out = str(tmp_path / "released")
     _run(["--task", "aclarc", "--mode", "tapt", "--model", "roberta-base", "--checkpoint-dir", hub,
+          "--baselines", "released", "--out", out, "--download-only", *flags])  # only the checkpoint is loaded
+    assert f"--download-only: model(s) {TAPT_ID} and 3 data file(s) of 1 run(s)" in capsys.readouterr().out
+    _run(["--task", "aclarc", "--mode", "tapt", "--model", "roberta-base", "--checkpoint-dir", hub,
           "--baselines", "released", "--out", out, *flags])
     rec = json.load(open(os.path.join(out, "aclarc", "tapt__tapt__seed0.json")))
     assert rec["config"]["released_checkpoint"] == TAPT_ID and rec["config"]["tartan_mode"] == "finetune"
