@@ -82,26 +82,48 @@ def own_table(task: str, folder: str, metric: str, cells: dict, results: dict, b
     return "\n".join(lines + [""] + report) + "\n"
 
 
+def meta_learned(record: dict) -> dict:
+    """Task name -> (final weight, mean weight, mean cosine with the meta gradient) of one META run, from its
+    history (one entry per dev evaluation, each averaged over the steps since the one before); the end-task first."""
+    history = [e for e in record.get("history") or [] if e.get("weights")]
+    out = {}
+    for name in (history[0]["weights"] if history else []):
+        cosines = [e["cosines"][name] for e in history if e.get("cosines")]
+        out[name] = (history[-1]["weights"][name], float(np.mean([e["weights"][name] for e in history])),
+                     float(np.mean(cosines)) if cosines else None)
+    return out
+
+
 def meta_report(task: str, cells: dict, results: dict) -> list[str]:
-    """Per META run and auxiliary corpus: the final task weight, its mean over the evaluations, and the mean cosine
-    between the corpus's gradient and the meta gradient (from the result file's history)."""
+    """Per META run and task (the end-task, then each auxiliary corpus): the final task weight, its mean over the
+    evaluations, and the mean cosine between the task's gradient and the meta gradient."""
     rows = []
     for mode, runs in cells.items():
-        for run in runs:
-            history = [e for e in (results[run]["history"] if run in results else []) if e.get("weights")]
-            for name in (history[0]["weights"] if history else []):
-                if name == task:  # the end-task's own weight: not an auxiliary corpus
-                    continue
-                weights = [e["weights"][name] for e in history]
-                cosines = [e["cosines"][name] for e in history if e.get("cosines")]
-                cos = f"{np.mean(cosines):+.3f}" if cosines else "—"
-                rows.append(f"| {mode} | {run.seed} | {name} | {weights[-1]:.3f} | {np.mean(weights):.3f} | {cos} |")
+        for run in (r for r in runs if r in results):
+            for name, (final, mean, cos) in meta_learned(results[run]).items():
+                label = f"{name} (end-task)" if name == task else name
+                rows.append(f"| {mode} | {run.seed} | {label} | {final:.3f} | {mean:.3f} | "
+                            f"{'—' if cos is None else f'{cos:+.3f}'} |")
     if not rows:
         return []
-    return ["What META learned about each auxiliary corpus (a corpus whose gradient agrees with the meta gradient, "
-            "cosine > 0, gains weight):", "",
-            "| Mode | Seed | Corpus | Final weight | Mean weight | Mean cosine with meta gradient |",
+    return ["What META learned about each task (a task whose gradient agrees with the meta gradient, cosine > 0, "
+            "gains weight):", "",
+            "| Mode | Seed | Task | Final weight | Mean weight | Mean cosine with meta gradient |",
             "|---|---|---|---|---|---|", *rows, ""]
+
+
+def meta_summary(label: str, title: str, task: str, runs: list, results: dict) -> str | None:
+    """One line for a META cell of a table: per task, the final weight and the mean cosine with the meta gradient,
+    mean [min, max] over the cell's result files."""
+    learned = [meta_learned(results[r]) for r in runs if r in results]
+    if not learned or not learned[0]:
+        return None
+    span = lambda x: f"{np.mean(x):.3f} [{min(x):.3f}, {max(x):.3f}]"  # noqa: E731
+    parts = [f"{name}{' (end-task)' if name == task else ''} weight {span([m[name][0] for m in learned])}, cosine "
+             + (span([m[name][2] for m in learned]) if learned[0][name][2] is not None else "—")
+             for name in learned[0]]
+    return (f"{title} {label} ({len(learned)} run(s)), final weight and mean cosine with the meta gradient, mean "
+            f"[min, max] over runs: " + "; ".join(parts))
 
 
 def print_own_tables(out: str, own: dict, metric: str, runs: list, results: dict, modes, baseline, seeds) -> dict:

@@ -9,7 +9,7 @@ import tartan
 
 from .common import ReproduceError, atomic_path, atomic_write_text, compare, min_seeds
 from .paper import FIGURES, N_PERMUTATIONS, PAPER, TABLES, TASKS, TEXT_MODES, VISION_MODES
-from .own import print_own_tables
+from .own import meta_summary, print_own_tables
 from .runs import TARTAN_MODES, Budget, Run, Workspace, execute_all, make_run
 
 # Tables: mean and sample std (ddof=1) over seeds of the test headline metric x100, the paper's number beside it, and
@@ -87,6 +87,8 @@ def render_table(number: int, cells: dict, results: dict, seeds, model: str, bud
                 cells.items() for r in runs if results.get(r, {}).get("config", {}).get("released_checkpoint")}
     text += [f"- {title} {label}: Eq. 2 on Gururangan et al.'s released checkpoint {ckpt} (Sec. 4), not re-trained"
              for title, label, ckpt in sorted(released)]
+    text += [f"- {line}" for t in tasks for c in cols if c.mode.startswith("meta")
+             if (line := meta_summary(c.label, TASKS[t]["title"], t, cells.get((t, c.label), []), results))]
     cost = []
     for c in cols:
         recs = [results[r] for t in tasks for r in cells.get((t, c.label), []) if "wall_seconds" in results.get(r, {})]
