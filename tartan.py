@@ -623,7 +623,7 @@ def train(body: nn.Module, end: Task | None, aux: list[Task], cfg: TrainConfig, 
             torch.tensor(cfg.weights, dtype=torch.float64)
     names = [t.name for t in tasks]
     history, tokens = [], dict.fromkeys(names, 0)
-    losses_since, cos_since, val_since = [], [], []
+    losses_since, cos_since, val_since, fit_since = [], [], [], []
     trace = {"weights": [], "cosines": [], "meta_val_loss": []}  # one entry per optimizer step
     best, best_state, best_weights, since_best = -math.inf, None, None, 0
     amp = autocast(device, cfg.bf16)
@@ -659,6 +659,8 @@ def train(body: nn.Module, end: Task | None, aux: list[Task], cfg: TrainConfig, 
             val_since.append(info["val_loss"])
             trace["cosines"].append(info["cosines"])
             trace["meta_val_loss"].append(info["val_loss"])
+        if info.get("head_fit"):
+            fit_since.append(info["head_fit"])
         if end is None or cfg.eval_every < 0 or (step % eval_every and step != total):
             bar.update(1)
             continue
@@ -670,8 +672,10 @@ def train(body: nn.Module, end: Task | None, aux: list[Task], cfg: TrainConfig, 
                         "losses": dict(zip(names, np.mean(losses_since, axis=0).tolist())),
                         "cosines": dict(zip(names, np.mean(cos_since, axis=0).tolist())) if cos_since else None,
                         "meta_val_loss": float(np.mean(val_since)) if val_since else None,
+                        # phi*'s training loss at its first and last fitting step, averaged over the steps
+                        "meta_head_fit_loss": np.mean(fit_since, axis=0).tolist() if fit_since else None,
                         "dev": dev, "seconds": time.perf_counter() - t0})
-        losses_since, cos_since, val_since = [], [], []
+        losses_since, cos_since, val_since, fit_since = [], [], [], []
         score = dev[end.metric]
         if score > best:
             best, since_best = score, 0
@@ -794,16 +798,20 @@ def estimate_meta_head(features: torch.Tensor, labels: torch.Tensor, num_labels:
     argues for (phi* stands in for a head fitted to the current body) and what the released code does. Algorithm 1
     can be read as a warm start instead (it initialises phi* once, before the loop, and passes it to
     estimate_meta_head); that reading is not followed, as the text of Sec. 3.3 is explicit where the pseudo-code is
-    not."""
+    not. Returns (phi*, (its training loss at the first step, at the last step)), the pair None with no steps."""
     features = features.detach().float()
     head = ClassificationHead(features.shape[-1], num_labels).to(features.device)
     opt = torch.optim.AdamW(head.parameters(), lr=cfg.meta_head_lr, weight_decay=cfg.meta_head_wd)
+    first = None
     for _ in range(cfg.meta_head_steps):
         _, loss = head(features, labels)
+        first = loss.detach() if first is None else first
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    return head
+    # phi*'s training loss at its first and its last step: how far the fit went (Sec. 3.3 asks for convergence)
+    fit = None if first is None else (first.item(), loss.item())
+    return head, fit
 
 
 def meta_gradient(body: nn.Module, head_star: nn.Module, val_batch, params: list[nn.Parameter], amp=None):
@@ -869,7 +877,8 @@ def meta_step(body, tasks, streams, state: MetaState, cfg: MetaConfig, amp, toke
                 meta_x, meta_y = feats[:cfg.meta_batch_size].detach(), labels[:cfg.meta_batch_size]
         _take_body_grad(params, state.G[k])
     # phi* <- estimate_meta_head(B*_tr), a new head every step; the Eq. 6 ablation (same_head) uses phi' itself
-    head_star = tasks[0].head if cfg.same_head else estimate_meta_head(meta_x, meta_y, tasks[0].num_labels, cfg)
+    head_star, fit = (tasks[0].head, None) if cfg.same_head else \
+        estimate_meta_head(meta_x, meta_y, tasks[0].num_labels, cfg)
     # g_meta <- grad_theta L_T*(theta, phi*, B*_val), B*_val ~ T*_val (Eq. 7; Eq. 6 with phi')
     val_batch = next(state.val)
     key = tasks[0].name + ":val"  # the extra pass META pays for, counted apart from the training tokens
@@ -881,7 +890,8 @@ def meta_step(body, tasks, streams, state: MetaState, cfg: MetaConfig, amp, toke
     combined = alpha.to(device, state.G.dtype) @ state.G  # (P,)
     for p, g in zip(params, combined.split([p.numel() for p in params])):
         p.grad = g.view_as(p)
-    return {"losses": losses, "alpha": alpha.tolist(), "cosines": cos.tolist(), "val_loss": val_loss}
+    return {"losses": losses, "alpha": alpha.tolist(), "cosines": cos.tolist(), "val_loss": val_loss,
+            "head_fit": fit}
 
 
 # ----------------------------------------------------------------------------------------------------------------------

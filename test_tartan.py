@@ -719,6 +719,20 @@ def test_plain_torch_module_body():
     assert out["test"]["micro_f1"] > 0.8 and out["history"][-1]["cosines"] is not None
 
 
+def test_meta_head_fit_losses_are_recorded():
+    torch.manual_seed(0)
+    y = torch.arange(64) % 2
+    x = torch.randn(64, 8) + 3.0 * torch.nn.functional.one_hot(y, 8).float()  # two separable clusters
+    torch.manual_seed(1)
+    _, start = tartan.ClassificationHead(8, 2)(x, y)  # the fresh head the fit starts from, and its first loss
+    torch.manual_seed(1)
+    head, fit = tartan.estimate_meta_head(x, y, 2, tartan.MetaConfig(meta_head_steps=50, meta_head_lr=1e-2))
+    assert fit[0] == pytest.approx(start.item()) and fit[1] < 0.5 * fit[0]
+    _, loss = head.eval()(x, y)
+    assert loss.item() < 0.5 * fit[0]
+    assert tartan.estimate_meta_head(x, y, 2, tartan.MetaConfig(meta_head_steps=0))[1] is None
+
+
 def test_per_step_trace_and_weights_at_the_top_of_the_result(tok, task_dir):
     body, end, aux = build(tok, task_dir, n_aux=2)
     torch.manual_seed(0)
@@ -731,6 +745,7 @@ def test_per_step_trace_and_weights_at_the_top_of_the_result(tok, task_dir):
         assert sum(trace["weights"][n][s] for n in names) == pytest.approx(1)
     w1 = torch.softmax(torch.tensor([1 / 3 + 1e-2 * trace["cosines"][n][0] for n in names], dtype=torch.float64), 0)
     assert [trace["weights"][n][0] for n in names] == pytest.approx(w1.tolist())
+    assert all(len(h["meta_head_fit_loss"]) == 2 for h in out["history"])  # phi*'s fit, first and last step
     for h in out["history"]:  # the evaluations see the very values of the trace at their step
         assert h["weights"] == {n: trace["weights"][n][h["step"] - 1] for n in names}
         assert h["cosines"] == pytest.approx({n: np.mean(trace["cosines"][n][h["step"] - 4:h["step"]]) for n in names})

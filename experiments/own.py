@@ -94,6 +94,13 @@ def meta_learned(record: dict) -> dict:
     return out
 
 
+def meta_head_fit(record: dict) -> tuple[float, float] | None:
+    """phi*'s training loss at the first and the last of its fitting steps, averaged over a META run (None in result
+    files made before it was recorded, and for the Eq. 6 ablation, which fits no phi*)."""
+    fits = [e["meta_head_fit_loss"] for e in record.get("history") or [] if e.get("meta_head_fit_loss")]
+    return tuple(np.mean(fits, axis=0).tolist()) if fits else None
+
+
 def meta_report(task: str, cells: dict, results: dict) -> list[str]:
     """Per META run and task (the end-task, then each auxiliary corpus): the final task weight, its mean over the
     evaluations, and the mean cosine between the task's gradient and the meta gradient."""
@@ -106,10 +113,17 @@ def meta_report(task: str, cells: dict, results: dict) -> list[str]:
                             f"{'—' if cos is None else f'{cos:+.3f}'} |")
     if not rows:
         return []
+    fits = [f for runs in cells.values() for r in runs if r in results and (f := meta_head_fit(results[r]))]
     return ["What META learned about each task (a task whose gradient agrees with the meta gradient, cosine > 0, "
             "gains weight):", "",
             "| Mode | Seed | Task | Final weight | Mean weight | Mean cosine with meta gradient |",
-            "|---|---|---|---|---|---|", *rows, ""]
+            "|---|---|---|---|---|---|", *rows, "", *([fit_line(fits), ""] if fits else [])]
+
+
+def fit_line(fits: list) -> str:
+    first, last = np.mean(fits, axis=0)
+    return (f"phi*'s training loss, first -> last of its fitting steps, mean over steps and runs: {first:.3f} -> "
+            f"{last:.3f} (Sec. 3.3 fits phi* to convergence; --meta-head-steps and --meta-head-lr set the fit)")
 
 
 def meta_summary(label: str, title: str, task: str, runs: list, results: dict) -> str | None:
@@ -122,8 +136,9 @@ def meta_summary(label: str, title: str, task: str, runs: list, results: dict) -
     parts = [f"{name}{' (end-task)' if name == task else ''} weight {span([m[name][0] for m in learned])}, cosine "
              + (span([m[name][2] for m in learned]) if learned[0][name][2] is not None else "—")
              for name in learned[0]]
+    fits = [f for r in runs if r in results and (f := meta_head_fit(results[r]))]
     return (f"{title} {label} ({len(learned)} run(s)), final weight and mean cosine with the meta gradient, mean "
-            f"[min, max] over runs: " + "; ".join(parts))
+            f"[min, max] over runs: " + "; ".join(parts) + (f". {fit_line(fits)} ({len(fits)} run(s))" if fits else ""))
 
 
 def print_own_tables(out: str, own: dict, metric: str, runs: list, results: dict, modes, baseline, seeds) -> dict:
