@@ -94,11 +94,13 @@ def meta_learned(record: dict) -> dict:
     return out
 
 
-def meta_head_fit(record: dict) -> tuple[float, float] | None:
-    """phi*'s training loss at the first and the last of its fitting steps, averaged over a META run (None in result
-    files made before it was recorded, and for the Eq. 6 ablation, which fits no phi*)."""
-    fits = [e["meta_head_fit_loss"] for e in record.get("history") or [] if e.get("meta_head_fit_loss")]
-    return tuple(np.mean(fits, axis=0).tolist()) if fits else None
+def meta_head_fit(record: dict) -> tuple[float, float, float, float] | None:
+    """How well phi* fitted, averaged over a META run's evaluations: its training loss at the first and the last of
+    its fitting steps, its loss on B*_val, and for comparison the end-task head's dev loss. None in result files
+    made before the fit was recorded, and for the Eq. 6 ablation, which fits no phi*."""
+    rows = [e["meta_head_fit_loss"] + [e["meta_val_loss"], e["dev"]["loss"]]
+            for e in record.get("history") or [] if e.get("meta_head_fit_loss")]
+    return tuple(np.mean(rows, axis=0).tolist()) if rows else None
 
 
 def meta_report(task: str, cells: dict, results: dict) -> list[str]:
@@ -121,9 +123,10 @@ def meta_report(task: str, cells: dict, results: dict) -> list[str]:
 
 
 def fit_line(fits: list) -> str:
-    first, last = np.mean(fits, axis=0)
-    return (f"phi*'s training loss, first -> last of its fitting steps, mean over steps and runs: {first:.3f} -> "
-            f"{last:.3f} (Sec. 3.3 fits phi* to convergence; --meta-head-steps and --meta-head-lr set the fit)")
+    first, last, val, dev = np.mean(fits, axis=0)
+    return (f"phi*'s training loss, first -> last of its fitting steps: {first:.3f} -> {last:.3f}; its loss on "
+            f"B*_val {val:.3f}, against the end-task head's dev loss {dev:.3f} (means over steps and runs; Sec. 3.3 "
+            f"fits phi* to convergence; --meta-head-steps and --meta-head-lr set the fit)")
 
 
 def meta_summary(label: str, title: str, task: str, runs: list, results: dict) -> str | None:

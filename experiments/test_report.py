@@ -63,12 +63,13 @@ def test_meta_cells_say_what_meta_learned_per_task():
         results[run]["history"] = [
             {"step": 10, "weights": {"aclarc": 0.5, "tapt": 0.5}, "cosines": {"aclarc": -0.1, "tapt": 0.2 + seed}},
             {"step": 20, "weights": {"aclarc": 0.4 - 0.1 * seed, "tapt": 0.6 + 0.1 * seed},
-             "cosines": {"aclarc": -0.3, "tapt": 0.4 + seed}, "meta_head_fit_loss": [1.8, 1.0 + seed]}]
+             "cosines": {"aclarc": -0.3, "tapt": 0.4 + seed}, "meta_head_fit_loss": [1.8, 1.0 + seed],
+             "meta_val_loss": 1.2, "dev": {"loss": 0.9 - seed}}]
     text = report.render_table(4, cells, results, [0, 1], "roberta-base", runs.Budget(), "10x")
     assert ("- ACL-ARC META (2 run(s)), final weight and mean cosine with the meta gradient, mean [min, max] over "
             "runs: aclarc (end-task) weight 0.350 [0.300, 0.400], cosine -0.200 [-0.200, -0.200]; tapt weight 0.650 "
-            "[0.600, 0.700], cosine 0.800 [0.300, 1.300]. phi*'s training loss, first -> last of its fitting steps, "
-            "mean over steps and runs: 1.800 -> 1.500") in text
+            "[0.600, 0.700], cosine 0.800 [0.300, 1.300]. phi*'s training loss, first -> last of its fitting steps: "
+            "1.800 -> 1.500; its loss on B*_val 1.200, against the end-task head's dev loss 0.400") in text
     assert text.count("final weight and mean cosine") == 1  # MT has no learned weights
 
 
