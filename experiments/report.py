@@ -239,4 +239,7 @@ def run_family(ws: Workspace, tasks, modes, seeds=None, aux: str | None = None, 
                 print(f"{task} {mode} ({x[0].aux_label}): test {TASKS[task]['metric']} x100 = "
                       f"{fmt(tartan.mean_std(cell_scores(results, x)))} over {len(x)} seed(s) (ddof=1); "
                       f"dev {fmt(tartan.mean_std(dev))}")
+                learned = meta_summary(mode, TASKS[task]["title"], task, x, results) if mode.startswith("meta") else None
+                if learned:
+                    print(f"  {learned}")
     return results

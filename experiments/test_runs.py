@@ -26,6 +26,7 @@ def test_smoke_one_mode_then_table_subprocess(model_dir, data_dir, tmp_path):
     p = run("--task", "aclarc", "--mode", "meta", "--seeds", "0-1", *cli_flags(model_dir, data_dir, out))
     assert p.returncode == 0, p.stderr[-3000:]
     assert results_in(out) == ["aclarc/meta__tapt__seed0.json", "aclarc/meta__tapt__seed1.json"]
+    assert "  ACL-ARC meta (2 run(s)), final weight and mean cosine with the meta gradient" in p.stdout
     for seed in (0, 1):
         rec = json.load(open(os.path.join(out, "aclarc", f"meta__tapt__seed{seed}.json")))
         assert rec["complete"] and rec["key"] == {"task": "aclarc", "mode": "meta", "aux": "tapt", "seed": seed}
