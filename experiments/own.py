@@ -94,13 +94,17 @@ def meta_learned(record: dict) -> dict:
     return out
 
 
-def meta_head_fit(record: dict) -> tuple[float, float, float, float] | None:
-    """How well phi* fitted, averaged over a META run's evaluations: its training loss at the first and the last of
-    its fitting steps, its loss on B*_val, and for comparison the end-task head's dev loss. None in result files
-    made before the fit was recorded, and for the Eq. 6 ablation, which fits no phi*."""
-    rows = [e["meta_head_fit_loss"] + [e["meta_val_loss"], e["dev"]["loss"]]
-            for e in record.get("history") or [] if e.get("meta_head_fit_loss")]
-    return tuple(np.mean(rows, axis=0).tolist()) if rows else None
+def meta_head_fit(record: dict) -> tuple | None:
+    """How well the meta head did, averaged over a META run's evaluations: (its loss on B*_val, the end-task head's
+    dev loss, phi*'s training loss at the first and at the last of its fitting steps). The last two are None in result
+    files made before the fit was recorded and for the Eq. 6 ablation, which fits no phi*; all is None without META."""
+    history = [e for e in record.get("history") or [] if e.get("meta_val_loss") is not None]
+    if not history:
+        return None
+    fits = [e["meta_head_fit_loss"] for e in history if e.get("meta_head_fit_loss")]
+    first, last = np.mean(fits, axis=0).tolist() if fits else (None, None)
+    return (float(np.mean([e["meta_val_loss"] for e in history])), float(np.mean([e["dev"]["loss"] for e in history])),
+            first, last)
 
 
 def meta_report(task: str, cells: dict, results: dict) -> list[str]:
@@ -119,14 +123,21 @@ def meta_report(task: str, cells: dict, results: dict) -> list[str]:
     return ["What META learned about each task (a task whose gradient agrees with the meta gradient, cosine > 0, "
             "gains weight):", "",
             "| Mode | Seed | Task | Final weight | Mean weight | Mean cosine with meta gradient |",
-            "|---|---|---|---|---|---|", *rows, "", *([fit_line(fits), ""] if fits else [])]
+            "|---|---|---|---|---|---|", *rows, "", *([fit_line(fits)[0].upper() + fit_line(fits)[1:] + ".", ""]
+                                                      if fits else [])]
 
 
 def fit_line(fits: list) -> str:
-    first, last, val, dev = np.mean(fits, axis=0)
-    return (f"phi*'s training loss, first -> last of its fitting steps: {first:.3f} -> {last:.3f}; its loss on "
-            f"B*_val {val:.3f}, against the end-task head's dev loss {dev:.3f} (means over steps and runs; Sec. 3.3 "
-            f"fits phi* to convergence; --meta-head-steps and --meta-head-lr set the fit)")
+    """fits: meta_head_fit of several runs, as one sentence of means over their steps and runs."""
+    val, dev = np.mean([f[:2] for f in fits], axis=0)
+    fitted = [f[2:] for f in fits if f[2] is not None]
+    line = (f"the meta head's loss on B*_val {val:.3f} (phi*; phi' in the Eq. 6 ablation), against the end-task "
+            f"head's dev loss {dev:.3f}")
+    if fitted:
+        first, last = np.mean(fitted, axis=0)
+        line += (f"; phi*'s training loss, first -> last of its fitting steps, {first:.3f} -> {last:.3f} "
+                 f"({len(fitted)} run(s); Sec. 3.3 fits phi* to convergence, --meta-head-steps/--meta-head-lr set it)")
+    return line + " (means over steps and runs)"
 
 
 def meta_summary(label: str, title: str, task: str, runs: list, results: dict) -> str | None:
@@ -141,7 +152,7 @@ def meta_summary(label: str, title: str, task: str, runs: list, results: dict) -
              for name in learned[0]]
     fits = [f for r in runs if r in results and (f := meta_head_fit(results[r]))]
     return (f"{title} {label} ({len(learned)} run(s)), final weight and mean cosine with the meta gradient, mean "
-            f"[min, max] over runs: " + "; ".join(parts) + (f". {fit_line(fits)} ({len(fits)} run(s))" if fits else ""))
+            f"[min, max] over runs: " + "; ".join(parts) + (f"; {fit_line(fits)}" if fits else ""))
 
 
 def print_own_tables(out: str, own: dict, metric: str, runs: list, results: dict, modes, baseline, seeds) -> dict:

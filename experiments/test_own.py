@@ -26,7 +26,8 @@ def test_own_task_runs_every_mode_and_prints_its_table(model_dir, own_dir, tmp_p
     rows = {line.split(" | ")[0][2:]: line for line in table.splitlines() if line.startswith("| ")}
     assert set(rows) >= {"finetune", "tapt", "mt", "meta"} and rows["tapt"].split(" | ")[4] == "—"
     assert "What META learned" in table and "| meta | 1 | file-reviews |" in table and "| meta | 0 | tapt |" in table
-    assert "| meta | 0 | my_task (end-task) |" in table and "phi*'s training loss, first -> last" in table
+    assert "| meta | 0 | my_task (end-task) |" in table and "The meta head's loss on B*_val" in table \
+        and "phi*'s training loss, first -> last" in table
     rec = json.load(open(os.path.join(out, "my_task", "meta__tapt+file-reviews__seed0.json")))
     assert rec["config"]["task_dir"] == own_dir and rec["config"]["metric"] == "micro_f1"
     assert rec["config"]["corpora"]["tapt"] == os.path.join(own_dir, "train.jsonl")  # no train.txt: its texts

@@ -68,8 +68,9 @@ def test_meta_cells_say_what_meta_learned_per_task():
     text = report.render_table(4, cells, results, [0, 1], "roberta-base", runs.Budget(), "10x")
     assert ("- ACL-ARC META (2 run(s)), final weight and mean cosine with the meta gradient, mean [min, max] over "
             "runs: aclarc (end-task) weight 0.350 [0.300, 0.400], cosine -0.200 [-0.200, -0.200]; tapt weight 0.650 "
-            "[0.600, 0.700], cosine 0.800 [0.300, 1.300]. phi*'s training loss, first -> last of its fitting steps: "
-            "1.800 -> 1.500; its loss on B*_val 1.200, against the end-task head's dev loss 0.400") in text
+            "[0.600, 0.700], cosine 0.800 [0.300, 1.300]; the meta head's loss on B*_val 1.200 (phi*; phi' in the "
+            "Eq. 6 ablation), against the end-task head's dev loss 0.400; phi*'s training loss, first -> last of its "
+            "fitting steps, 1.800 -> 1.500 (2 run(s);") in text
     assert text.count("final weight and mean cosine") == 1  # MT has no learned weights
 
 
