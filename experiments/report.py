@@ -89,16 +89,17 @@ def render_table(number: int, cells: dict, results: dict, seeds, model: str, bud
              for title, label, ckpt in sorted(released)]
     text += [f"- {line}" for t in tasks for c in cols if c.mode.startswith("meta")
              if (line := meta_summary(c.label, TASKS[t]["title"], t, cells.get((t, c.label), []), results))]
-    cost = []
-    for c in cols:
-        recs = [results[r] for t in tasks for r in cells.get((t, c.label), []) if "wall_seconds" in results.get(r, {})]
-        if recs:
-            wall = np.mean([rec["wall_seconds"] for rec in recs]) / 60
-            cpu = [rec["cpu_seconds"] for rec in recs if rec.get("cpu_seconds") is not None]
-            cost.append(f"{c.label} {wall:.1f}" + (f" ({np.mean(cpu) / 60:.1f} CPU)" if cpu else ""))
-    if cost:
-        text.append("- Minutes per run, whole run (Eq. 1 stages included), mean over its result files: wall-clock "
-                    "(process CPU time): " + "; ".join(cost) + ".")
+    for t in tasks:  # per task: their sizes differ
+        cost = []
+        for c in cols:
+            recs = [results[r] for r in cells.get((t, c.label), []) if "wall_seconds" in results.get(r, {})]
+            if recs:
+                wall = np.mean([rec["wall_seconds"] for rec in recs]) / 60
+                cpu = [rec["cpu_seconds"] for rec in recs if rec.get("cpu_seconds") is not None]
+                cost.append(f"{c.label} {wall:.1f}" + (f" ({np.mean(cpu) / 60:.1f} CPU)" if cpu else ""))
+        if cost:
+            text.append(f"- {TASKS[t]['title']}: minutes per run, whole run (Eq. 1 stages included), mean over its "
+                        f"result files: wall-clock (process CPU time): " + "; ".join(cost) + ".")
     if table.note or (dapt != table.dapt and any(c.mode.startswith("dapt") or (c.aux or "").startswith("dapt")
                                                   for c in cols)):
         text.append(f"- DAPT corpus: {dapt}. {table.note}".rstrip())
