@@ -217,12 +217,14 @@ def config_diff(a, b, prefix="") -> list[str]:
     return [] if a == b else [f"{prefix[:-1]}: {a!r} here, {b!r} in the file"]
 
 
+# the tartan.py this process imported, read now: the file may change on disk while a long run trains
+TARTAN_SHA256 = file_digest(tartan.__file__)
+
+
 def versions() -> dict:
     import transformers
-    here = os.path.dirname(os.path.abspath(tartan.__file__))
     return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-            "numpy": np.__version__, "platform": platform.platform(),
-            "tartan.py_sha256": file_digest(os.path.join(here, "tartan.py"))}
+            "numpy": np.__version__, "platform": platform.platform(), "tartan.py_sha256": TARTAN_SHA256}
 
 
 class Workspace:

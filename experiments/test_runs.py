@@ -1,4 +1,5 @@
 """reproduce.py's runs: smoke runs, resume, bad input, corpora and configs."""
+import hashlib
 import json
 import os
 import subprocess
@@ -182,3 +183,9 @@ def test_a_diverged_run_stops_with_one_message_and_writes_no_result(model_dir, d
     err = capsys.readouterr().err
     assert code == 1 and "\nerror: the loss of task 'aclarc' is nan at optimizer step 2 of 4" in err
     assert "Traceback" not in err and results_in(out) == [] and not leftovers(out)
+
+
+def test_result_files_record_the_tartan_py_that_was_imported(monkeypatch):
+    assert runs.versions()["tartan.py_sha256"] == hashlib.sha256(open(tartan.__file__, "rb").read()).hexdigest()
+    monkeypatch.setattr(runs, "file_digest", lambda *a, **k: "edited while the run trained")
+    assert runs.versions()["tartan.py_sha256"] == runs.TARTAN_SHA256 != "edited while the run trained"
