@@ -798,7 +798,7 @@ def estimate_meta_head(features: torch.Tensor, labels: torch.Tensor, num_labels:
     argues for (phi* stands in for a head fitted to the current body) and what the released code does. Algorithm 1
     can be read as a warm start instead (it initialises phi* once, before the loop, and passes it to
     estimate_meta_head); that reading is not followed, as the text of Sec. 3.3 is explicit where the pseudo-code is
-    not. Returns (phi*, (its training loss at the first step, at the last step)), the pair None with no steps."""
+    not. Returns (phi*, its training loss at the first and at the last step as a (2,) tensor, None with no steps)."""
     features = features.detach().float()
     head = ClassificationHead(features.shape[-1], num_labels).to(features.device)
     opt = torch.optim.AdamW(head.parameters(), lr=cfg.meta_head_lr, weight_decay=cfg.meta_head_wd)
@@ -809,9 +809,9 @@ def estimate_meta_head(features: torch.Tensor, labels: torch.Tensor, num_labels:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    # phi*'s training loss at its first and its last step: how far the fit went (Sec. 3.3 asks for convergence)
-    fit = None if first is None else (first.item(), loss.item())
-    return head, fit
+    # phi*'s training loss at its first and its last step: how far the fit went (Sec. 3.3 asks for convergence); a
+    # tensor, so that reading it waits for no device work here
+    return head, None if first is None else torch.stack([first, loss.detach()])
 
 
 def meta_gradient(body: nn.Module, head_star: nn.Module, val_batch, params: list[nn.Parameter], amp=None):
@@ -891,7 +891,7 @@ def meta_step(body, tasks, streams, state: MetaState, cfg: MetaConfig, amp, toke
     for p, g in zip(params, combined.split([p.numel() for p in params])):
         p.grad = g.view_as(p)
     return {"losses": losses, "alpha": alpha.tolist(), "cosines": cos.tolist(), "val_loss": val_loss,
-            "head_fit": fit}
+            "head_fit": None if fit is None else fit.tolist()}  # read after g_meta's pass has synchronised anyway
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -727,6 +727,7 @@ def test_meta_head_fit_losses_are_recorded():
     _, start = tartan.ClassificationHead(8, 2)(x, y)  # the fresh head the fit starts from, and its first loss
     torch.manual_seed(1)
     head, fit = tartan.estimate_meta_head(x, y, 2, tartan.MetaConfig(meta_head_steps=50, meta_head_lr=1e-2))
+    fit = fit.tolist()
     assert fit[0] == pytest.approx(start.item()) and fit[1] < 0.5 * fit[0]
     _, loss = head.eval()(x, y)
     assert loss.item() < 0.5 * fit[0]
