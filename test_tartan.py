@@ -533,7 +533,7 @@ def test_meta_state_is_built_once_before_the_loop(tok, task_dir):
     def spy(body_, tasks, streams, state, cfg, *rest):
         seen.append((state, state.w.clone(), state.G.data_ptr()))
         return tartan.meta_step(body_, tasks, streams, state, cfg, *rest)
-    cfg = tartan.MetaConfig(**{**SMALL_META, "max_steps": 3}, final_finetune=None)
+    cfg = small_config(True, max_steps=3, final_finetune=None)
     tartan.train(body, end, aux, cfg, spy)
     state = seen[0][0]
     assert isinstance(state, tartan.MetaState) and all(s is state for s, _, _ in seen)
@@ -658,7 +658,7 @@ def test_same_seed_gives_identical_runs(tok, task_dir):
     def run():
         body, end, aux = build(tok, task_dir, n_aux=1)
         torch.manual_seed(0)
-        return tartan.run_end_task(body, end, aux, "meta", tartan.MetaConfig(**SMALL_META, final_finetune=None))
+        return tartan.run_end_task(body, end, aux, "meta", small_config(True, final_finetune=None))
     a, b = run(), run()
     strip = lambda h: [{k: v for k, v in x.items() if k != "seconds"} for x in h]  # noqa: E731
     assert a["dev"] == b["dev"] and a["test"] == b["test"] and strip(a["history"]) == strip(b["history"])
@@ -713,8 +713,7 @@ def test_plain_torch_module_body():
     end = tartan.Task("img", tartan.ClassificationHead(16, 2), data, dev=data, test=data, num_labels=2,
                       metric="micro_f1")
     aux = [tartan.Task("aux", tartan.ClassificationHead(16, 3), tartan.TensorData(x, torch.randint(0, 3, (60,))))]
-    cfg = tartan.MetaConfig(**{**SMALL_META, "max_steps": 60, "eval_every": 10, "lr": 1e-2, "head_lr": 1e-2},
-                            final_finetune=None)
+    cfg = small_config(True, max_steps=60, eval_every=10, lr=1e-2, head_lr=1e-2, final_finetune=None)
     out = tartan.run_end_task(XBody(), end, aux, "meta", cfg)
     assert out["test"]["micro_f1"] > 0.8 and out["history"][-1]["cosines"] is not None
 
@@ -737,7 +736,7 @@ def test_meta_head_fit_losses_are_recorded():
 def test_per_step_trace_and_weights_at_the_top_of_the_result(tok, task_dir):
     body, end, aux = build(tok, task_dir, n_aux=2)
     torch.manual_seed(0)
-    out = tartan.run_end_task(body, end, aux, "meta", tartan.MetaConfig(**SMALL_META, final_finetune=None))
+    out = tartan.run_end_task(body, end, aux, "meta", small_config(True, final_finetune=None))
     trace, names = out["trace"], ["toy", "aux0", "aux1"]
     assert list(trace["weights"]) == names and all(len(trace["weights"][n]) == out["stages"][0]["steps"] == 12
                                                    for n in names)
@@ -844,8 +843,8 @@ def test_config_defaults_are_the_papers():
 
 def test_task_contracts_are_checked_when_training_starts(tok, task_dir):
     body, end, aux = build(tok, task_dir, n_aux=2)
-    cfg = tartan.MetaConfig(**{**SMALL_META, "max_steps": 1}, final_finetune=None)
-    mt = tartan.TrainConfig(**{**SMALL, "max_steps": 1}, final_finetune=None)
+    cfg = small_config(True, max_steps=1, final_finetune=None)
+    mt = small_config(False, max_steps=1, final_finetune=None)
     end.num_labels = 0  # a hand-built end-task without its class count
     with pytest.raises(ValueError, match="end-task 'toy' has num_labels=0: META-TARTAN fits its meta head"):
         tartan.train_meta(body, end, aux, cfg)

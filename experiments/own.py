@@ -120,11 +120,11 @@ def meta_report(task: str, cells: dict, results: dict) -> list[str]:
     if not rows:
         return []
     fits = [f for runs in cells.values() for r in runs if r in results and (f := meta_head_fit(results[r]))]
+    fit = fit_line(fits) if fits else ""
     return ["What META learned about each task (a task whose gradient agrees with the meta gradient, cosine > 0, "
             "gains weight):", "",
             "| Mode | Seed | Task | Final weight | Mean weight | Mean cosine with meta gradient |",
-            "|---|---|---|---|---|---|", *rows, "", *([fit_line(fits)[0].upper() + fit_line(fits)[1:] + ".", ""]
-                                                      if fits else [])]
+            "|---|---|---|---|---|---|", *rows, "", *([fit[0].upper() + fit[1:] + ".", ""] if fit else [])]
 
 
 def fit_line(fits: list) -> str:

@@ -109,7 +109,8 @@ def test_download_only_checks_everything_and_trains_nothing(model_dir, own_dir, 
     argv = ["--task-dir", own_dir, "--mode", "tapt", "--seeds", "0-1", *own_flags(model_dir, out)]
     assert reproduce.main(argv + ["--download-only"]) == 0
     text = capsys.readouterr().out
-    assert f"--download-only: model(s) {model_dir} and " in text and os.path.join(own_dir, "test.jsonl") in text and not os.path.exists(out)
+    assert f"--download-only: model(s) {model_dir} and " in text and os.path.join(own_dir, "test.jsonl") in text
+    assert not os.path.exists(out)
     with open(os.path.join(own_dir, "train.jsonl"), "a") as f:
         f.write("{oops\n")
     assert reproduce.main(argv + ["--download-only"]) == 1
