@@ -307,7 +307,8 @@ def test_mt_step_gradient_equals_weighted_sum_of_task_gradients(tok, task_dir, g
     cfg = tartan.TrainConfig(batch_size=8, aux_batch_size=8, grad_accum=grad_accum, weights=w)
     streams = lambda: [tartan.batches(t, 8, torch.Generator().manual_seed(k)) for k, t in enumerate(tasks)]  # noqa
     tokens = dict.fromkeys([t.name for t in tasks], 0)
-    tartan.multitask_step(body, tasks, streams(), torch.tensor(w), cfg, torch.autocast("cpu", enabled=False), tokens)
+    weighting = tartan.MTWeighting(body, len(tasks), w, grad_accum)
+    tartan.multitask_step(body, tasks, streams(), weighting, cfg, torch.autocast("cpu", enabled=False), tokens)
     params = list(body.parameters())
     combined = [p.grad.clone() for p in params]
     expected = [torch.zeros_like(p) for p in params]
@@ -394,7 +395,7 @@ def test_meta_step_matches_an_independent_computation(tok, task_dir, same_head, 
     streams = lambda: [tartan.batches(t, 8, torch.Generator().manual_seed(k)) for k, t in enumerate(tasks)]  # noqa
     w0 = torch.tensor([0.2, -0.1, 0.3], dtype=torch.float64)
     state = tartan.meta_state(body, tasks, cfg)
-    state.w = w0.clone()
+    state.weighting.w = w0.clone()
     torch.manual_seed(5)  # phi* initialisation and dropout
     info = tartan.meta_step(body, tasks, streams(), state, cfg, torch.autocast("cpu", enabled=False),
                             dict.fromkeys([t.name for t in tasks], 0))
@@ -531,13 +532,13 @@ def test_meta_state_is_built_once_before_the_loop(tok, task_dir):
     seen = []
 
     def spy(body_, tasks, streams, state, cfg, *rest):
-        seen.append((state, state.w.clone(), state.G.data_ptr()))
+        seen.append((state, state.weighting.w.clone(), state.weighting.G.data_ptr()))
         return tartan.meta_step(body_, tasks, streams, state, cfg, *rest)
     cfg = small_config(True, max_steps=3, final_finetune=None)
     tartan.train(body, end, aux, cfg, spy)
     state = seen[0][0]
     assert isinstance(state, tartan.MetaState) and all(s is state for s, _, _ in seen)
-    assert state.G.shape == (3, sum(p.numel() for p in body.parameters()))
+    assert state.weighting.G.shape == (3, sum(p.numel() for p in body.parameters()))
     assert len({ptr for _, _, ptr in seen}) == 1  # one buffer, allocated once
     torch.testing.assert_close(seen[0][1], torch.full((3,), 1 / 3, dtype=torch.float64))  # w*, w_i = 1/(n+1)
     assert not torch.equal(seen[1][1], seen[0][1])  # w moves
@@ -561,6 +562,7 @@ def test_meta_head_is_new_at_every_step():
     try:
         for _ in range(3):
             tartan.meta_step(body, [end], stream, state, cfg, torch.autocast("cpu", enabled=False), {"end": 0})
+            body.zero_grad()  # as the loop's optimizer does: a gradient left in the body would be refused
     finally:
         tartan.ClassificationHead.__init__ = real
     assert len(made) == 3 and len({id(m) for m in made}) == 3  # three steps, three new heads
