@@ -599,7 +599,7 @@ def train(body: nn.Module, end: Task | None, aux: list[Task], cfg: TrainConfig, 
     A loss that turns NaN or infinite (training, META's validation, dev) stops the run with a DivergedError.
     The test split is not touched here (see run_end_task)."""
     check_tasks(end, aux, cfg)
-    step_fn = step_fn or multitask_step
+    step_fn = step_fn or (meta_step if isinstance(cfg, MetaConfig) else multitask_step)  # as the config says
     tasks = ([end] if end is not None else []) + list(aux)
     device = next(body.parameters()).device
     for t in tasks:

@@ -570,6 +570,113 @@ def test_meta_head_is_new_at_every_step():
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# the public weighting inside a foreign training loop
+
+
+def _foreign_loop(tok, task_dir, meta, steps, grad_accum):
+    """tartan's weighting driven the way another codebase would: its own loop over micro-batches (all tasks per
+    micro-batch, unlike tartan.train's task by task), one weighting.backward per micro-batch with unscaled losses, the
+    optimizer stepped when it returns. Data, optimizers and schedule are built as tartan.train builds them, so that
+    the two loops can be compared number for number. Returns the alpha of every step."""
+    body, end, aux = build(tok, task_dir, n_aux=2, dropout=0.0)
+    tasks, cfg = [end] + aux, small_config(meta, grad_accum=grad_accum, max_steps=steps, eval_every=-1,
+                                           final_finetune=None)
+    streams = [tartan.batches(t, 8, torch.Generator().manual_seed(k)) for k, t in enumerate(tasks)]
+    val = tartan.batches(tartan.Task("v", end.head, end.dev), 32, torch.Generator().manual_seed(1000))
+    weighting = tartan.MetaWeighting(body, 3, 3, cfg) if meta else tartan.MTWeighting(body, 3, grad_accum=grad_accum)
+    heads = [p for t in tasks for p in tartan.head_parameters(t.head, body)]
+    opts = [tartan.make_optimizer(list(body.parameters()), cfg.lr, cfg.weight_decay, cfg),
+            tartan.make_optimizer(heads, cfg.head_lr, cfg.head_weight_decay, cfg)]
+    warm = max(1, int(cfg.warmup_frac * steps))
+    scheds = [torch.optim.lr_scheduler.LambdaLR(o, lambda s: min((s + 1) / warm, max(0.0, (steps - s) / max(
+        1, steps - warm)))) for o in opts]
+    alphas = []
+
+    def val_loss(head):  # g_meta's loss through phi*, called once per step: one dev batch B*_val per step
+        inputs, labels = next(val)
+        return head(body(**inputs), labels)[1]
+    torch.manual_seed(0)  # phi*'s initialisations
+    while len(alphas) < steps:
+        batch = [next(s) for s in streams]
+        outs = [t.head(body(**inputs), labels) + (labels,) for t, (inputs, labels) in zip(tasks, batch)]
+        losses = [loss for _, loss, _ in outs]
+        features = body(**batch[0][0])  # phi*'s data: the end-task batch's features (another pass, as a user might)
+        info = weighting.backward(losses, head_data=(features, batch[0][1]), val=val_loss) if meta else \
+            weighting.backward(losses)
+        if info is not None:
+            tartan.clip_grad_norm(list(body.parameters()) + heads, cfg.grad_clip)
+            for o, s in zip(opts, scheds):
+                o.step(), s.step(), o.zero_grad()
+            alphas.append(info["alpha"])
+    return alphas, weighting
+
+
+@pytest.mark.parametrize("meta", [True, False])
+def test_a_foreign_loop_with_gradient_accumulation_gets_tartans_weights(tok, task_dir, meta):
+    """Gradient accumulation over 2 micro-batches in a foreign loop (micro-batch by micro-batch, every task each
+    time) gives the very weights of tartan.train (task by task) at every step: g_k is the mean over the task's
+    micro-batches in both, phi* is fitted on the first micro-batch's end-task rows, one weight update per step."""
+    steps = 4
+    alphas, weighting = _foreign_loop(tok, task_dir, meta, steps, grad_accum=2)
+    body, end, aux = build(tok, task_dir, n_aux=2, dropout=0.0)
+    torch.manual_seed(0)
+    own = tartan.train(body, end, aux, small_config(meta, grad_accum=2, max_steps=steps, eval_every=-1,
+                                                    final_finetune=None))
+    trace = own["trace"]["weights"]
+    assert weighting.steps == steps and len(alphas) == steps
+    for s in range(steps):
+        assert alphas[s] == pytest.approx([trace[n][s] for n in ("toy", "aux0", "aux1")], abs=1e-7), s
+    if meta:  # the weights moved, and differently from a loop that updated w at every micro-batch
+        assert len({tuple(a) for a in alphas}) == steps and alphas[0] != pytest.approx([1 / 3] * 3, abs=1e-6)
+
+
+@pytest.mark.parametrize("meta", [True, False])
+def test_the_weighting_refuses_a_gradient_it_did_not_put_there(meta):
+    torch.manual_seed(0)
+    body, head = Scale(4), tartan.ClassificationHead(4, 2)
+    x, y = torch.randn(8, 4), torch.arange(8) % 2
+    make = lambda: tartan.MetaWeighting(body, 2, 2, tartan.MetaConfig(meta_batch_size=8, grad_accum=1)) if meta \
+        else tartan.MTWeighting(body, 2)  # noqa: E731
+    kwargs = lambda: {"head_data": (body(x), y), "val": (({"x": x}, y))} if meta else {}  # noqa: E731
+    losses = lambda: [head(body(x), y)[1], body(x).pow(2).mean()]  # noqa: E731
+    weighting = make()
+    body(x).sum().backward()  # a backward of the user's own into the shared body
+    with pytest.raises(ValueError, match="already holds a gradient that this (MT|Meta)Weighting did not put there"):
+        weighting.backward(losses(), **kwargs())
+    body.zero_grad(), head.zero_grad()
+    weighting = make()
+    assert weighting.backward(losses(), **kwargs())["alpha"]
+    with pytest.raises(ValueError, match="did not put there \\(step 2\\): clear gradients after each optimizer step"):
+        weighting.backward(losses(), **kwargs())  # the last step's gradient not cleared
+    body.zero_grad(set_to_none=False)  # zeros are no foreign gradient
+    assert weighting.backward(losses(), **kwargs())["alpha"]
+    assert weighting.steps == 2
+    body.zero_grad()
+    with pytest.raises(ValueError, match="2 losses for a weighting of|1 losses for a weighting of 2 tasks"):
+        weighting.backward(losses()[:1], **kwargs())
+    with pytest.raises(TypeError, match="must be a scalar tensor with a graph"):
+        weighting.backward([losses()[0].item(), losses()[1]], **kwargs())
+    body.zero_grad()
+    acc = tartan.MTWeighting(body, 2, grad_accum=2)
+    acc.task_backward(0, losses()[0])
+    with pytest.raises(ValueError, match="tasks \\[0, 1\\] short of grad_accum=2"):
+        acc.step()
+
+
+def test_mt_accepts_a_meta_config(tok, task_dir):
+    """run_end_task(..., "mt", MetaConfig()) failed with "'MetaState' object has no attribute 'tolist'": MT now takes a
+    MetaConfig's TrainConfig fields (the META fields are unused) and runs exactly as with that TrainConfig."""
+    def run(cfg):
+        body, end, aux = build(tok, task_dir, n_aux=1)
+        torch.manual_seed(0)
+        return tartan.run_end_task(body, end, aux, "mt", cfg)
+    meta_cfg = small_config(True, final_finetune=None, meta_batch_size=64)  # > batch_size: a META-only contract
+    got, want = run(meta_cfg), run(small_config(False, final_finetune=None))
+    assert got["trace"]["weights"] == {"toy": [0.5] * 12, "aux0": [0.5] * 12} and got["trace"]["cosines"] is None
+    assert got["dev"] == want["dev"] and got["test"] == want["test"]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # end to end: every mode returns metrics and history
 
 
