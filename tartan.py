@@ -119,6 +119,23 @@ def read_end_task(folder: str) -> dict:
     return out
 
 
+def check_tokenizer(tokenizer, what: str, first_position: bool = True) -> None:
+    """A tokenizer tartan can batch with: it has a pad token, and (first_position: for a ClassificationHead, which
+    reads the first position) it puts a CLS/BOS token first; otherwise a ValueError naming `what` and the fix."""
+    name = type(tokenizer).__name__
+    if tokenizer.pad_token_id is None:
+        raise ValueError(f"{what}: tokenizer {name} has no pad token, and batches are padded with it: set one before "
+                         f"building the task, e.g. tokenizer.pad_token = tokenizer.eos_token (or unk_token)")
+    if first_position:
+        first = tokenizer("a")["input_ids"][:1]
+        starts = {tokenizer.cls_token_id, tokenizer.bos_token_id} - {None}
+        if not first or first[0] not in starts:
+            raise ValueError(f"{what}: tokenizer {name} puts no CLS/BOS token first (its first token is "
+                             f"{tokenizer.convert_ids_to_tokens(first)}), and a ClassificationHead reads the first "
+                             f"position, which would be the first word: use a tokenizer whose post-processor adds "
+                             f"one (BERT, RoBERTa), or a body that pools its features to (B, H)")
+
+
 def tokenize(tokenizer, texts: list[str], max_length: int, chunk: int = 2048) -> list[list[int]]:
     """Token ids with special tokens, truncated to max_length (no padding: batches are padded dynamically)."""
     ids = []
@@ -150,9 +167,26 @@ class TextData:
 
 @dataclass
 class TensorData:
-    """Examples already in a tensor (e.g. images) for a plain torch module body called as body(x=...)."""
+    """Examples already in a tensor (e.g. images) for a plain torch module body called as body(x=...).
+    x and labels may also be numpy arrays or lists: they are converted (x from numpy/lists in float64 to torch's
+    default float dtype). labels are class ids 0..C-1: any integer dtype, or whole-number floats, become int64 (what
+    cross-entropy needs); anything else is a TypeError naming the argument."""
     x: torch.Tensor
     labels: torch.Tensor
+
+    def __post_init__(self):
+        x = _as_tensor(self.x, "TensorData x", "the examples, one row each")
+        if not isinstance(self.x, torch.Tensor) and x.dtype == torch.float64:
+            x = x.to(torch.get_default_dtype())  # numpy's and Python's float64 -> the dtype torch modules have
+        labels = _as_tensor(self.labels, "TensorData labels", "integer class ids 0..C-1")
+        if labels.dtype == torch.bool or labels.is_complex() or (
+                labels.is_floating_point() and not torch.equal(labels, labels.round())):
+            raise TypeError(f"TensorData labels must be integer class ids 0..C-1, not {_describe(self.labels)} "
+                            f"(map each class to an integer first, e.g. with sorted(set(labels)))")
+        if labels.dim() != 1 or len(labels) != len(x):
+            raise ValueError(f"TensorData labels must be one class id per row of x: labels {tuple(labels.shape)}, "
+                             f"x {tuple(x.shape)}")
+        self.x, self.labels = x, labels.long()
 
     def __len__(self):
         return len(self.x)
@@ -160,6 +194,17 @@ class TensorData:
     def batch(self, idx) -> tuple[dict, torch.Tensor]:
         idx = torch.as_tensor(idx)
         return {"x": self.x[idx]}, self.labels[idx]
+
+
+def _as_tensor(value, name: str, what: str) -> torch.Tensor:
+    """A tensor from a tensor, numpy array or (nested) list of numbers; a TypeError naming `name` otherwise."""
+    if isinstance(value, torch.Tensor):
+        return value
+    try:
+        return torch.as_tensor(np.asarray(value))
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"{name} must be numbers ({what}) as a tensor, numpy array or list, not "
+                        f"{_describe(value)}") from None
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -191,6 +236,10 @@ class ClassificationHead(nn.Module):
 
     def forward(self, features, labels=None):
         x = features[:, 0] if features.dim() == 3 else features  # (B, H)
+        if x.shape[-1] != self.mlp[1].in_features:  # a shape, no device work: a clear error, not a matmul's
+            raise ValueError(f"a ClassificationHead built for hidden_size={self.mlp[1].in_features} got body features "
+                             f"{tuple(features.shape)}: build it with hidden_size={x.shape[-1]}, the width of the "
+                             f"body's output (body.hidden_size for tartan.HFBody)")
         logits = self.mlp(x)  # (B, C)
         loss = None if labels is None else F.cross_entropy(logits.float(), labels)
         return logits, loss
@@ -352,20 +401,65 @@ def subset(n: int, limit: int | None) -> list[int]:
     return sorted(np.random.default_rng(0).choice(n, limit, replace=False).tolist())
 
 
-def end_task(name: str, folder: str, tokenizer, hidden_size: int, max_length: int = 512,
+def end_task(name: str, data, tokenizer, hidden_size: int, max_length: int = 512,
              metric: str = "macro_f1", dropout: float = 0.1, limit: int | None = None) -> Task:
-    """The end-task T* of a JSONL folder, with a new classification head phi'. `limit` keeps a fixed random subset
-    of at most that many examples per split."""
+    """The end-task T* with a new classification head phi'. `data` is a folder of {train,dev,test}.jsonl, or, in
+    memory, a dict {"train": ..., "dev": ..., "test": ...} of either (texts, labels) pairs (labels strings or
+    integers, numbered in sorted order of train's labels, as for a folder) or (x, labels) pairs of tensors, numpy
+    arrays or lists for a body called as body(x=...) (tartan.TensorData; labels are class ids 0..C-1, C = the
+    largest + 1; the tokenizer is not used and may be None). `limit` keeps a fixed random subset of at most that
+    many examples per split."""
     if metric not in ("macro_f1", "micro_f1"):
         raise ValueError(f"metric must be 'macro_f1' or 'micro_f1', not '{metric}'")
-    data = read_end_task(folder)
+    if isinstance(data, str):
+        splits = read_end_task(data)
+    elif isinstance(data, dict) and sorted(data) == ["dev", "test", "train"]:
+        if not isinstance(data["train"][0], (list, tuple)) or not all(isinstance(t, str) for t in data["train"][0]):
+            tensors = {s: TensorData(*data[s]) for s in ("train", "dev", "test")}  # (x, labels), checked there
+            C = 1 + max(int(d.labels.max()) for d in tensors.values() if len(d))  # classes: ids 0..C-1
+
+            def kept(d):
+                idx = torch.tensor(subset(len(d), limit), dtype=torch.long)
+                return TensorData(d.x[idx], d.labels[idx])
+            return Task(name, ClassificationHead(hidden_size, C, dropout), kept(tensors["train"]),
+                        dev=kept(tensors["dev"]), test=kept(tensors["test"]), num_labels=C, metric=metric)
+        pairs = {s: _text_pairs(f"end-task '{name}', {s} split", data[s]) for s in ("train", "dev", "test")}
+        vocab = sorted(set(pairs["train"][1]))
+        splits = {"labels": vocab}
+        for s, (texts, labels) in pairs.items():
+            unseen = [x for x in labels if x not in set(vocab)]
+            if unseen:
+                raise DataError(f"end-task '{name}': its {s} split has label {unseen[0]!r}, which never appears in "
+                                f"train (train labels: {', '.join(map(str, vocab))})")
+            splits[s] = (texts, [vocab.index(x) for x in labels])
+    else:
+        raise TypeError(f"end-task '{name}': data must be a folder of {{train,dev,test}}.jsonl or a dict with keys "
+                        f"'train', 'dev', 'test' of (texts, labels) or (x, labels), not {_describe(data)}"
+                        + (f" with keys {sorted(data)}" if isinstance(data, dict) else ""))
+    check_tokenizer(tokenizer, f"end-task '{name}'")
 
     def split(s):
-        keep = subset(len(data[s][0]), limit)
-        return TextData(tokenize(tokenizer, [data[s][0][i] for i in keep], max_length), [data[s][1][i] for i in keep],
-                        tokenizer.pad_token_id)
-    return Task(name, ClassificationHead(hidden_size, len(data["labels"]), dropout), split("train"),
-                dev=split("dev"), test=split("test"), num_labels=len(data["labels"]), metric=metric)
+        keep = subset(len(splits[s][0]), limit)
+        return TextData(tokenize(tokenizer, [splits[s][0][i] for i in keep], max_length),
+                        [splits[s][1][i] for i in keep], tokenizer.pad_token_id)
+    return Task(name, ClassificationHead(hidden_size, len(splits["labels"]), dropout), split("train"),
+                dev=split("dev"), test=split("test"), num_labels=len(splits["labels"]), metric=metric)
+
+
+def _text_pairs(what: str, data) -> tuple[list[str], list]:
+    """(texts, labels) given in memory, checked: as many labels as texts, at least one, texts strings, labels all
+    strings or all integers."""
+    texts, labels = (list(x) for x in data)
+    if len(texts) != len(labels):
+        raise DataError(f"{what}: {len(texts)} texts but {len(labels)} labels")
+    if not texts:
+        raise DataError(f"{what} has no examples")
+    bad = [x for x in labels if isinstance(x, bool) or not isinstance(x, (str, int, np.integer))]
+    if bad or len({isinstance(x, str) for x in labels}) > 1:
+        raise DataError(f"{what}: labels must be all strings or all integers" + (f", not {bad[0]!r}" if bad else ""))
+    if not all(isinstance(t, str) for t in texts):
+        raise DataError(f"{what}: every text must be a string")
+    return texts, [x if isinstance(x, str) else int(x) for x in labels]
 
 
 def classification_task(name: str, data, tokenizer, hidden_size: int, max_length: int = 512, dropout: float = 0.1,
@@ -378,17 +472,8 @@ def classification_task(name: str, data, tokenizer, hidden_size: int, max_length
         path = os.path.join(data, "train.jsonl") if os.path.isdir(data) else data
         texts, labels, _ = read_jsonl(path)
     else:
-        texts, labels = (list(x) for x in data)
-        if len(texts) != len(labels):
-            raise DataError(f"classification task '{name}': {len(texts)} texts but {len(labels)} labels")
-        if not texts:
-            raise DataError(f"classification task '{name}' has no examples")
-        bad = [x for x in labels if isinstance(x, bool) or not isinstance(x, (str, int))]
-        if bad or len({type(x) for x in labels}) > 1:
-            raise DataError(f"classification task '{name}': labels must be all strings or all integers"
-                            + (f", not {bad[0]!r}" if bad else ""))
-        if not all(isinstance(t, str) for t in texts):
-            raise DataError(f"classification task '{name}': every text must be a string")
+        texts, labels = _text_pairs(f"classification task '{name}'", data)
+    check_tokenizer(tokenizer, f"classification task '{name}'")
     vocab = sorted(set(labels))
     index = {label: i for i, label in enumerate(vocab)}
     keep = subset(len(texts), limit)
@@ -401,6 +486,7 @@ def mlm_task(name: str, texts_or_path, tokenizer, body: nn.Module, mlm_head: MLM
              limit: int | None = None, head_init: str = "checkpoint") -> Task:
     """An auxiliary MLM task T_i on a corpus (a path to a line file, or a list of texts), with its own head phi^i.
     `limit` keeps a fixed random subset of at most that many lines. head_init: see below and new_mlm_head."""
+    check_tokenizer(tokenizer, f"MLM task '{name}'", first_position=False)
     texts = read_lines(texts_or_path) if isinstance(texts_or_path, str) else list(texts_or_path)
     texts = [texts[i] for i in subset(len(texts), limit)]
     if not texts:
@@ -420,6 +506,17 @@ def to_device(inputs: dict, labels, device):
 def autocast(device: torch.device, bf16: bool):
     """bf16 autocast on CUDA when asked, for training and evaluation alike; a disabled context elsewhere (fp32)."""
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16 and device.type == "cuda")
+
+
+def _features(out) -> torch.Tensor:
+    """The body's output, which must be the features tensor itself (B, T, H) or (B, H); a TypeError saying what to
+    return otherwise (a tuple, or a Hugging Face ModelOutput)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    fix = "return outputs.last_hidden_state (tartan.HFBody wraps a Hugging Face encoder so)" \
+        if hasattr(out, "last_hidden_state") else "return the features tensor alone (e.g. outputs[0])"
+    raise TypeError(f"the body returned {_describe(out)}, but tartan's heads take one features tensor (B, T, H) or "
+                    f"(B, H): make the body's forward {fix}")
 
 
 def _describe(x) -> str:
@@ -563,13 +660,17 @@ def check_tasks(end: Task | None, aux: list[Task], cfg: TrainConfig) -> None:
         if t.masking is None and t.train.labels is None:
             raise ValueError(f"task '{t.name}': its training data has no labels and the task has no masking (an MLM "
                              f"task needs Masking; tartan.mlm_task sets it)")
+        # classes C: num_labels, else the width of a ClassificationHead (a task built by hand may not set it)
+        C = t.num_labels or (t.head.mlp[-1].out_features if isinstance(t.head, ClassificationHead) else 0)
         for split, data in (("train", t.train), ("dev", t.dev), ("test", t.test)):
-            if t.num_labels > 0 and data is not None and data.labels is not None and len(data):
+            if C > 0 and data is not None and data.labels is not None and len(data):
                 labels = torch.as_tensor(data.labels)
-                bad = labels[(labels < 0) | (labels >= t.num_labels)]
+                bad = labels[(labels < 0) | (labels >= C)]
                 if len(bad):
                     raise ValueError(f"task '{t.name}': its {split} split has label {bad[0].item()}, outside "
-                                     f"0..{t.num_labels - 1} (num_labels={t.num_labels})")
+                                     f"0..{C - 1} (" + (f"num_labels={C}" if t.num_labels else
+                                                        f"its head predicts {C} classes; num_labels is not set")
+                                     + ")")
     if cfg.weights is not None and len(cfg.weights) != len(tasks):
         raise ValueError(f"weights has {len(cfg.weights)} entries for {len(tasks)} tasks ({[t.name for t in tasks]})")
     if end is None:
@@ -734,7 +835,7 @@ def _forward(body, task, stream, device, amp, tokens):
     tokens[task.name] += _n_tokens(inputs)
     inputs, labels = to_device(inputs, labels, device)
     with amp:
-        features = body(**inputs)
+        features = _features(body(**inputs))
         _, loss = task.head(features, labels)
     return loss, features, labels
 
@@ -1027,7 +1128,7 @@ def meta_gradient(body: nn.Module, head_star: nn.Module, val, params: list[nn.Pa
     else:
         inputs, labels = to_device(*val, params[0].device)
         with amp if amp is not None else autocast(params[0].device, False):
-            _, loss = head_star(body(**inputs), labels)
+            _, loss = head_star(_features(body(**inputs)), labels)
     grads = torch.autograd.grad(loss, params, allow_unused=True)
     with torch.no_grad():
         for b, saved in buffers:
@@ -1196,7 +1297,7 @@ def evaluate(body, head, data, batch_size: int = 64, bf16: bool = False, predict
     for i in range(0, len(data), batch_size):
         inputs, labels = to_device(*data.batch(list(range(i, min(i + batch_size, len(data))))), device)
         with autocast(device, bf16):
-            logits, loss = head(body(**inputs), labels)
+            logits, loss = head(_features(body(**inputs)), labels)
         preds.append(logits.argmax(-1).cpu())
         total_loss += loss.float().item() * len(labels)
     body.train(modes[0]), head.train(modes[1])

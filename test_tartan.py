@@ -193,6 +193,136 @@ def test_classification_task_builder(tok, task_dir, tmp_path):
         assert all(not torch.equal(a, b) for a, b in zip(before, aux.head.parameters()))
 
 
+def _no_cls_tokenizer():
+    """A word-level tokenizer with a pad token whose post-processing adds nothing: the first position is a word."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]"] + WORDS)}
+    raw = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=raw, pad_token="[PAD]", unk_token="[UNK]",
+                                                cls_token="[CLS]")
+
+
+class Lin(nn.Module):
+    """A plain torch body called as body(x=...) (as TensorData's batches are), features (B, H)."""
+
+    def __init__(self, h_in=4, h_out=4):
+        super().__init__()
+        self.lin = nn.Linear(h_in, h_out)
+
+    def forward(self, x):
+        return self.lin(x)
+
+
+def _train_plain(body, end, aux=()):
+    """One MT step of a plain torch body on TensorData tasks (where a body or head misuse shows)."""
+    tartan.train_multitask(body, end, list(aux), tartan.TrainConfig(batch_size=4, aux_batch_size=4, grad_accum=1,
+                                                                     max_steps=1, eval_every=-1, final_finetune=None))
+
+
+def _misuse(case, tok, task_dir):
+    """Builds what `case` names, the wrong way."""
+    x, y = torch.randn(8, 4), torch.arange(8) % 2
+    data = tartan.TensorData(x, y)
+    end = lambda head=None: tartan.Task("end", head or tartan.ClassificationHead(4, 2), data, dev=data,  # noqa
+                                        num_labels=2)
+
+    class Returns(nn.Module):  # a body whose forward returns `kind` instead of the features tensor
+        def __init__(self, kind):
+            super().__init__()
+            self.lin, self.kind = nn.Linear(4, 4), kind
+
+        def forward(self, x):
+            h = self.lin(x)
+            return (h,) if self.kind == "tuple" else transformers.modeling_outputs.BaseModelOutput(last_hidden_state=h)
+    if case == "numpy strings as x":
+        tartan.TensorData(np.array(["a", "b"]), np.array([0, 1]))
+    elif case == "fractional labels":
+        tartan.TensorData(x, torch.linspace(0, 1, 8))
+    elif case == "string labels":
+        tartan.TensorData(x, ["cat"] * 8)
+    elif case == "labels of another length":
+        tartan.TensorData(x, y[:5])
+    elif case in ("tuple", "ModelOutput"):
+        _train_plain(Returns(case), end())
+    elif case == "head narrower than the body":
+        _train_plain(Lin(), end(tartan.ClassificationHead(3, 2)))
+    elif case == "no pad token":
+        no_pad = make_tokenizer()
+        no_pad.pad_token = None
+        tartan.end_task("toy", task_dir, no_pad, 32)
+    elif case == "no CLS/BOS token":
+        tartan.classification_task("cls", (["w1 w2", "w3"], [0, 1]), _no_cls_tokenizer(), 32)
+    elif case in ("aux labels out of range", "aux labels out of range, no num_labels"):
+        aux = tartan.Task("aux", tartan.ClassificationHead(4, 3), tartan.TensorData(x, torch.arange(8)),
+                          num_labels=3 if "no num_labels" not in case else 0)
+        _train_plain(Lin(), end(), [aux])
+
+
+@pytest.mark.parametrize("case, error, message", [
+    ("numpy strings as x", TypeError, r"TensorData x must be numbers \(the examples.*not ndarray"),
+    ("fractional labels", TypeError, r"TensorData labels must be integer class ids 0..C-1, not Tensor"),
+    ("string labels", TypeError, r"TensorData labels must be numbers \(integer class ids"),
+    ("labels of another length", ValueError, r"one class id per row of x: labels \(5,\), x \(8, 4\)"),
+    ("tuple", TypeError, r"the body returned tuple, .*make the body's forward return the features tensor alone"),
+    ("ModelOutput", TypeError, r"returned BaseModelOutput, .*return outputs.last_hidden_state"),
+    ("head narrower than the body", ValueError, r"ClassificationHead built for hidden_size=3 got body features "
+                                                r"\(4, 4\): build it with hidden_size=4"),
+    ("no pad token", ValueError, r"end-task 'toy': tokenizer BertTokenizer has no pad token.*tokenizer.pad_token ="),
+    ("no CLS/BOS token", ValueError, r"classification task 'cls': tokenizer \w+ puts no CLS/BOS "
+                                     r"token first \(its first token is \['\[UNK\]'\]\).*reads the first position"),
+    ("aux labels out of range", ValueError, r"task 'aux': its train split has label 3, outside 0..2 \(num_labels=3"),
+    ("aux labels out of range, no num_labels", ValueError, r"task 'aux': its train split has label 3, outside 0..2 "
+                                                           r"\(its head predicts 3 classes; num_labels is not set"),
+])
+def test_every_misuse_gets_one_message_naming_the_argument_and_the_fix(tok, task_dir, case, error, message):
+    with pytest.raises(error, match=message):
+        _misuse(case, tok, task_dir)
+
+
+def test_tensor_data_converts_numpy_lists_and_integer_like_labels():
+    g = np.random.default_rng(0)
+    x = g.normal(size=(6, 4))  # float64, as numpy makes it
+    for labels in (np.arange(6, dtype=np.int32) % 2, [0, 1, 0, 1, 0, 1], np.array([0., 1., 0., 1., 0., 1.]),
+                   torch.tensor([0, 1, 0, 1, 0, 1], dtype=torch.int32)):
+        d = tartan.TensorData(x, labels)
+        assert d.x.dtype == torch.float32 and d.labels.dtype == torch.long and d.labels.tolist() == [0, 1] * 3
+    d = tartan.TensorData(x.tolist(), [0, 1] * 3)
+    assert d.x.shape == (6, 4) and d.x.dtype == torch.float32
+    keep = torch.randn(6, 4, dtype=torch.float64)
+    assert tartan.TensorData(keep, [0] * 6).x is keep  # a tensor stays as given
+    _, loss = tartan.ClassificationHead(4, 2)(nn.Linear(4, 4)(d.x), d.labels)  # trains as it stands
+    assert torch.isfinite(loss)
+
+
+def test_in_memory_end_tasks_match_the_folder(tok, task_dir):
+    """end_task from (texts, labels) per split gives the very task the JSONL folder gives; from tensors, a TensorData
+    task with num_labels = the largest class id + 1. Unseen dev labels and a missing split are clear errors."""
+    data = tartan.read_end_task(task_dir)
+    names = data["labels"]
+    pairs = {s: (data[s][0], [names[i] for i in data[s][1]]) for s in ("train", "dev", "test")}
+    from_folder = tartan.end_task("toy", task_dir, tok, 32, max_length=32)
+    from_memory = tartan.end_task("toy", pairs, tok, 32, max_length=32)
+    for s in ("train", "dev", "test"):
+        a, b = getattr(from_folder, s), getattr(from_memory, s)
+        assert a.ids == b.ids and a.labels == b.labels
+    assert from_memory.num_labels == 3 and from_memory.head.mlp[-1].out_features == 3
+    ints = tartan.end_task("toy", {s: (t, [20 - int(y[1]) * 10 for y in ys]) for s, (t, ys) in pairs.items()}, tok,
+                           32)  # c0, c1, c2 -> 20, 10, 0, which come first in train in that order: numbered sorted
+    assert ints.train.labels == [2 - y for y in from_folder.train.labels]  # 0 < 10 < 20 -> 0, 1, 2
+    g = np.random.default_rng(0)
+    arrays = {s: (g.normal(size=(n, 4)), np.arange(n) % 3) for s, n in (("train", 12), ("dev", 6), ("test", 6))}
+    t = tartan.end_task("img", arrays, None, 4, limit=9)
+    assert isinstance(t.train, tartan.TensorData) and len(t.train) == 9 and len(t.dev) == 6 and t.num_labels == 3
+    assert t.train.x.dtype == torch.float32 and t.head.mlp[1].in_features == 4
+    out = tartan.run_end_task(Lin(), t, [], "finetune", tartan.FinetuneConfig(batch_size=4, max_steps=2))
+    assert out["test"]["n"] == 6
+    with pytest.raises(tartan.DataError, match="end-task 'toy': its dev split has label 'new', which never appears"):
+        tartan.end_task("toy", {**pairs, "dev": (["w1"], ["new"])}, tok, 32)
+    with pytest.raises(TypeError, match="a dict with keys 'train', 'dev', 'test' .* with keys \\['dev', 'train'\\]"):
+        tartan.end_task("toy", {"train": pairs["train"], "dev": pairs["dev"]}, tok, 32)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # 2. heads and parameters
 
