@@ -806,6 +806,32 @@ def test_mt_accepts_a_meta_config(tok, task_dir):
     assert got["dev"] == want["dev"] and got["test"] == want["test"]
 
 
+def test_the_readme_own_loop_example_runs_from_a_folder_holding_only_tartan_py(tmp_path):
+    """README "Using TARTAN's weighting in your own training loop": its code block, as shown, in a folder holding only
+    a copy of tartan.py (no repository on the path), prints the line the README says it printed."""
+    import re
+    import shutil
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.abspath(__file__))
+    with open(os.path.join(root, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    section = readme[readme.index("### Using TARTAN's weighting in your own training loop"):]
+    start = section.index("```python\n") + len("```python\n")
+    code = section[start:section.index("```", start)]
+    shutil.copy(os.path.join(root, "tartan.py"), tmp_path / "tartan.py")
+    (tmp_path / "example.py").write_text(code)
+    assert sorted(os.listdir(tmp_path)) == ["example.py", "tartan.py"]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    run = subprocess.run([sys.executable, "example.py"], cwd=tmp_path, env={**env, "OMP_NUM_THREADS": "1"},
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    printed = run.stdout.strip()
+    alpha = [float(a) for a in re.fullmatch(r"step 100: alpha \[(.*)\] cos \[.*\]", printed).group(1).split(",")]
+    assert sum(alpha) == pytest.approx(1, abs=2e-3) and alpha != [0.5, 0.5]
+    assert f"It printed `{printed}`" in section  # the README shows what it prints
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # end to end: every mode returns metrics and history
 
