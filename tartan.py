@@ -14,8 +14,10 @@ Contents, in the paper's order:
   2. Body and heads (Sec. 2, 4)  any Hugging Face encoder or torch module; MLP classification head; MLM head
   3. Masking                     BERT masking (15%; 80/10/10) with an explicit generator
   4. Training loop               one loop for Eq. 1 (pre-training), Eq. 2 (fine-tuning), Eq. 3 and Alg. 1
-  5. MT-TARTAN step (Eq. 3)      one backward of the weighted sum of task losses
-  6. META-TARTAN step (Eq. 6-7, Sec. 3.3, Alg. 1)   per-task gradients, meta head, cosine weight update
+  5. MT-TARTAN step (Eq. 3)      the weighted sum of task gradients; MTWeighting, the weighting as an object
+                                 that any training loop calls once per step (tartan's own loop included)
+  6. META-TARTAN step (Eq. 6-7, Sec. 3.3, Alg. 1)   per-task gradients, meta head, cosine weight update;
+                                 MetaWeighting, the same for any loop
   7. Evaluation                  macro-F1 and micro-F1 (= accuracy for single-label classification)
   8. Significance (A.2)          permutation test of per-seed scores
 
