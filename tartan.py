@@ -30,6 +30,7 @@ dropout use torch's global generator, which the caller seeds (reproduce.py, the 
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 import json
@@ -322,6 +323,40 @@ def new_mlm_head(template: MLMHead, body: nn.Module, init: str = "checkpoint") -
     return head
 
 
+def warm_mlm_head(body: nn.Module, head: MLMHead, task: "Task", steps: int, lr: float = 1e-3,
+                  batch_size: int = 16, seed: int = 0, eval_batches: int = 8) -> dict:
+    """Fits a newly initialised MLM head in place, with the body frozen, on an MLM task's text: the start that a
+    checkpoint without an LM head lacks (the paper's RoBERTa has one), so that TAPT, MT and META all begin from one
+    fitted head rather than each pushing a random head's gradient into the body. Only the head's own parameters train
+    (the tied decoder is the body's embedding, left alone). Returns the mean MLM loss on `eval_batches` fixed masked
+    batches before and after."""
+    device = next(body.parameters()).device
+    params = head_parameters(head, body)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    fixed = list(itertools.islice(batches(task, batch_size, torch.Generator().manual_seed(seed + 1)), eval_batches))
+    stream = batches(task, batch_size, torch.Generator().manual_seed(seed))
+    modes = body.training
+    body.eval()  # frozen: no dropout in the features the head learns from
+
+    def loss_of(inputs, labels):
+        inputs, labels = to_device(inputs, labels, device)
+        with torch.no_grad():
+            features = body(**inputs)
+        return head(features, labels)[1]
+
+    def held_out():
+        with torch.no_grad():
+            return float(np.mean([loss_of(*b).item() for b in fixed]))
+    before = held_out()
+    for _ in range(steps):
+        loss = loss_of(*next(stream))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    body.train(modes)
+    return {"loss_before": before, "loss_after": held_out(), "steps": steps}
+
+
 def head_parameters(head: nn.Module, body: nn.Module) -> list[nn.Parameter]:
     """Parameters of a head that are not body parameters (a tied decoder weight belongs to the body)."""
     body_ids = {id(p) for p in body.parameters()}
@@ -562,6 +597,8 @@ class TrainConfig:
     seed: int = 0                     # data order and masking
     bf16: bool = True                 # bf16 autocast, on CUDA only
     progress: bool = False            # tqdm progress bar
+    eval_test: bool = False           # also score the test split at every evaluation, recorded in the history for
+    #                                   analysis only (learning curves): selection and early stopping never read it
     final_finetune: "FinetuneConfig | None" = field(default_factory=lambda: tartan_finetune())
     #                                   the optional Eq. 2 stage after Eq. 3 / Alg. 1; None = off
 
@@ -611,9 +648,15 @@ class MetaConfig(TrainConfig):
     #                                   estimate_meta_head for the reading of Algorithm 1)
     meta_head_lr: float = 1e-3        # phi* AdamW learning rate (Sec. 4)
     meta_head_wd: float = 0.1         # phi* l2 weight decay (Sec. 4)
-    meta_batch_size: int = 32         # rows of B*_tr that fit phi* (Sec. 4: {16, 32}); at most batch_size, the
-    #                                   end-task micro-batch they are taken from
+    meta_batch_size: int = 32         # rows that fit phi* (Sec. 4: {16, 32}); with meta_head_data="train" at most
+    #                                   batch_size, the end-task micro-batch B*_tr they are taken from
     meta_val_batch_size: int = 0      # |B*_val|; 0 = meta_batch_size (the paper gives no size for B*_val)
+    meta_head_data: str = "train"     # where phi*'s rows come from: "train" = the first rows of B*_tr (Sec. 3.3, A.1:
+    #                                   "a subset of the end-task training data"); "dev" = a batch of its own drawn
+    #                                   from the end-task dev split (the released code), apart from B*_val
+    meta_head_tol: float = 0.0        # > 0: phi*'s fit stops before meta_head_steps once 10 steps lower its training
+    #                                   loss by less than this fraction ("to convergence", Sec. 3.3); 0 = always
+    #                                   meta_head_steps steps (Sec. 4)
     same_head: bool = False           # True: meta gradient through phi' itself (Eq. 6), the ablation of Fig. 3
     cos_eps: float = 1e-8             # epsilon in cos(a, b) = a.b / (|a||b| + eps)
 
@@ -684,7 +727,9 @@ def check_tasks(end: Task | None, aux: list[Task], cfg: TrainConfig) -> None:
     out = getattr(getattr(end.head, "mlp", [None])[-1], "out_features", None)  # C of a ClassificationHead
     if end.num_labels > 0 and out is not None and out != end.num_labels:
         raise ValueError(f"end-task '{end.name}': its head predicts {out} classes but num_labels={end.num_labels}")
-    if meta and not cfg.same_head and cfg.meta_batch_size > cfg.batch_size:
+    if meta and cfg.meta_head_data not in ("train", "dev"):
+        raise ValueError(f"meta_head_data must be 'train' or 'dev', not '{cfg.meta_head_data}'")
+    if meta and not cfg.same_head and cfg.meta_head_data == "train" and cfg.meta_batch_size > cfg.batch_size:
         raise ValueError(f"meta_batch_size={cfg.meta_batch_size} > batch_size={cfg.batch_size}: phi* is fitted on "
                          f"rows of the end-task micro-batch B*_tr, which has only {cfg.batch_size} (a larger B*_val "
                          f"is meta_val_batch_size)")
@@ -732,7 +777,8 @@ def train(body: nn.Module, end: Task | None, aux: list[Task], cfg: TrainConfig, 
     names = [t.name for t in tasks]
     history, tokens = [], dict.fromkeys(names, 0)
     losses_since, cos_since, val_since, fit_since = [], [], [], []
-    trace = {"weights": [], "cosines": [], "meta_val_loss": []}  # one entry per optimizer step
+    trace = {"weights": [], "cosines": [], "grad_norms": [], "meta_val_loss": []}  # one entry per optimizer step
+    analysis_seconds = 0.0  # time spent scoring the test split for the history (eval_test), not part of training
     best, best_state, best_weights, since_best = -math.inf, None, None, 0
     amp = autocast(device, cfg.bf16)
     bar = _progress(total, cfg.progress, "train")
@@ -766,6 +812,7 @@ def train(body: nn.Module, end: Task | None, aux: list[Task], cfg: TrainConfig, 
             cos_since.append(info["cosines"])
             val_since.append(info["val_loss"])
             trace["cosines"].append(info["cosines"])
+            trace["grad_norms"].append(info["grad_norms"])
             trace["meta_val_loss"].append(info["val_loss"])
         if info.get("head_fit"):
             fit_since.append(info["head_fit"])
@@ -776,13 +823,18 @@ def train(body: nn.Module, end: Task | None, aux: list[Task], cfg: TrainConfig, 
         _finite(dev["loss"], f"the dev loss of task '{end.name}'", f"at the evaluation after optimizer step {step}",
                 "a diverged model, or a NaN in the dev data")
         alpha = info["alpha"]
+        if cfg.eval_test and end.test is not None:  # for learning curves only: nothing below reads it
+            t_test = time.perf_counter()
+            test = evaluate(body, end.head, end.test, cfg.eval_batch_size, cfg.bf16)
+            analysis_seconds += time.perf_counter() - t_test
         history.append({"step": step, "weights": dict(zip(names, alpha)),
                         "losses": dict(zip(names, np.mean(losses_since, axis=0).tolist())),
                         "cosines": dict(zip(names, np.mean(cos_since, axis=0).tolist())) if cos_since else None,
                         "meta_val_loss": float(np.mean(val_since)) if val_since else None,
                         # phi*'s training loss at its first and last fitting step, averaged over the steps
                         "meta_head_fit_loss": np.mean(fit_since, axis=0).tolist() if fit_since else None,
-                        "dev": dev, "seconds": time.perf_counter() - t0})
+                        "dev": dev, "seconds": time.perf_counter() - t0,
+                        **({"test": test, "analysis_seconds": analysis_seconds} if cfg.eval_test else {})})
         losses_since, cos_since, val_since, fit_since = [], [], [], []
         score = dev[end.metric]
         if score > best:
@@ -798,13 +850,14 @@ def train(body: nn.Module, end: Task | None, aux: list[Task], cfg: TrainConfig, 
     if best_state is not None:
         _restore(best_state, body, end.head)
     # final_weights: alpha at the last step; best_weights: alpha at the evaluation of the restored (best-dev) model;
-    # trace: per task, alpha (and for META cos(g_meta, g_k)) at every optimizer step, step s at index s - 1
+    # trace: per task, alpha (and for META cos(g_meta, g_k) and the body-gradient norm |g_k|) at every optimizer
+    # step, step s at index s - 1
     per_task = lambda rows: {n: [r[k] for r in rows] for k, n in enumerate(names)} if rows else None  # noqa: E731
     return {"history": history, "steps": step, "best_dev": best if best_state is not None else None,
             "tokens": tokens, "seconds": time.perf_counter() - t0, "final_weights": dict(zip(names, info["alpha"])),
             "best_weights": best_weights,
             "trace": {"weights": per_task(trace["weights"]), "cosines": per_task(trace["cosines"]),
-                      "meta_val_loss": trace["meta_val_loss"] or None}}
+                      "grad_norms": per_task(trace["grad_norms"]), "meta_val_loss": trace["meta_val_loss"] or None}}
 
 
 def _finite(value: float, what: str, where: str, hint: str = ""):
@@ -990,11 +1043,12 @@ class MetaWeighting(TaskWeighting):
       step(head_data=(features, labels), val=...)
     fits phi* on head_data (the end-task features and labels of B*_tr by default, its first meta_batch_size rows;
     any other labelled end-task batch of features the caller gives), takes g_meta through phi* on `val`, updates
-    w, and writes sum_k alpha_k g_k into the body's .grad; each head keeps its own, unweighted gradient.
+    w, and writes sum_k alpha_k g_k into the body's .grad; each head keeps its own, unweighted gradient. (tartan.train
+    gives B*_tr's features, or with cfg.meta_head_data="dev" the features of dev rows of their own, as the release.)
     `val` is a batch (inputs, labels) of end-task dev data, run as head(body(**inputs), labels) under `amp`, or a
     callable val(head) -> the end-task validation loss through `head`, for a body called any other way.
     num_labels: the end-task's classes C (phi*'s width); end_head: phi', needed only for the Eq. 6 ablation
-    (cfg.same_head). Returns {"losses", "alpha", "cosines", "val_loss", "head_fit"}."""
+    (cfg.same_head). Returns {"losses", "alpha", "cosines", "val_loss", "grad_norms" (|g_k|), "head_fit"}."""
 
     def __init__(self, body: nn.Module, n_tasks: int, num_labels: int = 0, cfg: MetaConfig | None = None,
                  end_head: nn.Module | None = None, amp=None):
@@ -1065,11 +1119,13 @@ class MetaWeighting(TaskWeighting):
         g_meta, val_loss = meta_gradient(self.body, head_star, val, self.params, self.amp)
         # w_k <- w_k + eta * cos(g_meta, g_k); alpha = softmax(w)
         self.w, alpha, cos = update_task_weights(self.w, self.G, g_meta, self.cfg.meta_lr, self.cfg.cos_eps)
+        norms = self.G.norm(dim=-1)  # |g_k|, recorded beside the cosine: which task dominates the body's gradient
         # theta_body's gradient: sum_k alpha_k g_k (views into one buffer); the heads' gradients are already in place
         combined = alpha.to(self.G.device, self.G.dtype) @ self.G  # (P,)
         for p, g in zip(self.params, combined.split([p.numel() for p in self.params])):
             p.grad = g.view_as(p)
         return {"losses": losses, "alpha": alpha.tolist(), "cosines": cos.tolist(), "val_loss": val_loss,
+                "grad_norms": norms.tolist(),
                 "head_fit": None if fit is None else fit.tolist()}  # read after g_meta's pass has synchronised
 
 
@@ -1079,18 +1135,23 @@ class MetaState:
     (Algorithm 1's "Initialize") and handed to every meta_step: the weighting and the dev batches it draws."""
     weighting: MetaWeighting            # w, G, the step count, phi*'s settings
     val: Iterator                       # endless batches B*_val ~ D_val of the end-task (tartan.batches)
+    head_rows: Iterator | None = None   # meta_head_data="dev": endless dev batches that phi* is fitted on
 
 
 def meta_state(body: nn.Module, tasks: list[Task], cfg: MetaConfig) -> MetaState:
     """Algorithm 1's "Initialize" for tasks = [end-task, T_1..T_n]: the weighting (equal weights w*, w_i = 1/(n+1),
-    the gradient buffer G) and the stream of validation batches (its own generator, seeded by cfg.seed)."""
+    the gradient buffer G), the stream of validation batches and, with meta_head_data="dev", the stream of dev rows
+    that phi* is fitted on (their own generators, seeded by cfg.seed)."""
     end = tasks[0]
     device = next(body.parameters()).device
     weighting = MetaWeighting(body, len(tasks), end.num_labels, cfg, end_head=end.head,
                               amp=autocast(device, cfg.bf16))
     val = batches(Task(end.name + ":val", end.head, train=end.dev), cfg.meta_val_batch_size or cfg.meta_batch_size,
                   torch.Generator().manual_seed(cfg.seed * 1009 + 1000))
-    return MetaState(weighting, val)
+    head_rows = None if cfg.meta_head_data == "train" or cfg.same_head else \
+        batches(Task(end.name + ":val", end.head, train=end.dev), cfg.meta_batch_size,
+                torch.Generator().manual_seed(cfg.seed * 1009 + 2000))  # its own order, apart from B*_val's
+    return MetaState(weighting, val, head_rows)
 
 
 def estimate_meta_head(features: torch.Tensor, labels: torch.Tensor, num_labels: int, cfg: MetaConfig):
@@ -1105,10 +1166,14 @@ def estimate_meta_head(features: torch.Tensor, labels: torch.Tensor, num_labels:
     features = features.detach().float()
     head = ClassificationHead(features.shape[-1], num_labels).to(features.device)
     opt = torch.optim.AdamW(head.parameters(), lr=cfg.meta_head_lr, weight_decay=cfg.meta_head_wd)
-    first = None
+    first, seen = None, []
     for _ in range(cfg.meta_head_steps):
         _, loss = head(features, labels)
         first = loss.detach() if first is None else first
+        if cfg.meta_head_tol > 0:  # "to convergence": stop once 10 steps gained less than the tolerance (a sync)
+            seen.append(loss.item())
+            if len(seen) > 10 and seen[-11] - seen[-1] < cfg.meta_head_tol * seen[-11]:
+                break
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -1124,18 +1189,25 @@ def meta_gradient(body: nn.Module, head_star: nn.Module, val, params: list[nn.Pa
     Like the task gradients, it is taken in train mode (dropout on); the paper does not say, and this keeps the two
     comparable. It leaves no trace: no .grad is touched, and body buffers (e.g. BatchNorm running statistics) are
     restored, so dev batches never move the model."""
-    buffers = [(b, b.clone()) for b in body.buffers()]
-    if callable(val):
-        loss = val(head_star)
-    else:
-        inputs, labels = to_device(*val, params[0].device)
-        with amp if amp is not None else autocast(params[0].device, False):
-            _, loss = head_star(_features(body(**inputs)), labels)
-    grads = torch.autograd.grad(loss, params, allow_unused=True)
-    with torch.no_grad():
-        for b, saved in buffers:
-            b.copy_(saved)
+    with _buffers_kept(body):  # restored after the backward pass, which may read them
+        if callable(val):
+            loss = val(head_star)
+        else:
+            inputs, labels = to_device(*val, params[0].device)
+            with amp if amp is not None else autocast(params[0].device, False):
+                _, loss = head_star(_features(body(**inputs)), labels)
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
     return _flat(params, grads), loss.item()
+
+
+@contextlib.contextmanager
+def _buffers_kept(body: nn.Module):
+    """Restores the body's buffers (e.g. BatchNorm running statistics) after a forward pass on dev rows."""
+    saved = [(b, b.clone()) for b in body.buffers()]
+    yield
+    with torch.no_grad():
+        for b, value in saved:
+            b.copy_(value)
 
 
 def _flat(params, grads) -> torch.Tensor:
@@ -1180,8 +1252,14 @@ def meta_step(body, tasks, streams, state: MetaState, cfg: MetaConfig, amp, toke
         for micro in range(state.weighting.grad_accum):
             loss, features, labels = _forward(body, task, stream, device, amp, tokens)
             state.weighting.task_backward(k, loss)
-            if k == 0 and micro == 0:  # features of B*_tr for phi*, from the pass above (no extra body pass)
+            if k == 0 and micro == 0 and state.head_rows is None:  # phi*'s rows of B*_tr, from the pass above
                 head_data = features, labels
+    if state.head_rows is not None:  # meta_head_data="dev" (the release): phi* is fitted on dev rows of its own
+        inputs, labels = to_device(*next(state.head_rows), device)
+        with torch.no_grad(), amp, _buffers_kept(body):  # dev rows never move the model
+            head_data = _features(body(**inputs)).float(), labels
+        key = tasks[0].name + ":head_rows"
+        tokens[key] = tokens.get(key, 0) + _n_tokens(inputs)
     val_batch = next(state.val)
     key = tasks[0].name + ":val"  # the extra pass META pays for, counted apart from the training tokens
     tokens[key] = tokens.get(key, 0) + _n_tokens(val_batch[0])
