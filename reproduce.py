@@ -28,7 +28,8 @@ import traceback
 
 import tartan
 from experiments.bench import BENCH_COUNTS, BENCH_SHAPES, BENCH_SIZES, run_bench, tune_malloc
-from experiments.common import ReproduceError, resolve_device
+from experiments import diagnose
+from experiments.common import ReproduceError, atomic_write_text, resolve_device
 from experiments.data import DATA_URL
 from experiments.demo import run_demo
 from experiments.launch import Finished, parse_shard, shard_device
@@ -40,7 +41,7 @@ from experiments.runs import FLAGS, META_MODES, TARTAN_MODES, Budget, Settings, 
 
 # What a flag applies to: commands (runs = --task/--mode, table, figure, demo, bench) and, for the training commands,
 # the modes it changes something in (None: every mode).
-RUNS, TABLE, FIGURE, DEMO, BENCH = "runs", "table", "figure", "demo", "bench"
+RUNS, TABLE, FIGURE, DEMO, BENCH, DIAGNOSE = "runs", "table", "figure", "demo", "bench", "diagnostics"
 TRAINING = (RUNS, TABLE, FIGURE)
 WITH_AUX = ("tapt", "dapt", "dapt+tapt", "pretrain") + TARTAN_MODES
 PRETRAIN_MODES = ("tapt", "dapt", "dapt+tapt", "pretrain")
@@ -123,6 +124,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
         help="run a whole table of the paper and print it")
     add(what, "--figure", type=int, choices=sorted(FIGURES), commands=(FIGURE,),
         help="run a figure's runs and draw it to PNG")
+    add(what, "--diagnostics", metavar="DIR", commands=(DIAGNOSE,),
+        help="META's signal per meta-head variant, from the META result files under DIR/<variant>/<task>/: cosines "
+             "of end-task and auxiliary gradients with g_meta, their norms, phi*'s loss on B*_val against phi''s dev "
+             "loss, phi*'s fit, the end-task's final weight; printed and written to DIR/diagnostics.md")
     add(what, "--bench", action="store_true", commands=(BENCH,),
         help="speed benchmark of the training steps (its flags: the benchmark group below)")
 
@@ -267,6 +272,7 @@ usage: python reproduce.py --task {aclarc,scierc,chemprot,hyperpartisan,mammals}
        python reproduce.py --task-dir MY_TASK --mode finetune tapt mt meta   (an end-task of your own)
        python reproduce.py --table {1,2,3,4,5,7} | --figure {2,3,4}
        python reproduce.py --bench [--quick]
+       python reproduce.py --diagnostics DIR                 (META's signal per meta-head variant)
   e.g. python reproduce.py --task aclarc --mode meta          (META-TARTAN with TAPT on ACL-ARC, 10 seeds)
        python reproduce.py --table 1 --quick                   (a smoke run of Table 1)
   python reproduce.py --help lists every option."""
@@ -274,7 +280,8 @@ usage: python reproduce.py --task {aclarc,scierc,chemprot,hyperpartisan,mammals}
 
 def _command(parser, args) -> tuple[str, str, tuple[str, ...]]:
     """(command, how the command line named it, the modes it trains)."""
-    chosen = [c for c, on in ((BENCH, args.bench), (TABLE, args.table), (FIGURE, args.figure)) if on]
+    chosen = [c for c, on in ((BENCH, args.bench), (TABLE, args.table), (FIGURE, args.figure),
+                              (DIAGNOSE, args.diagnostics)) if on]
     if args.task_dir and (args.table or args.figure or args.bench):
         parser.error("--task-dir goes with --mode, not with --table, --figure or --bench")
     if args.task and "demo" in args.task:
@@ -282,11 +289,13 @@ def _command(parser, args) -> tuple[str, str, tuple[str, ...]]:
             parser.error("--task demo runs alone")
         chosen.append(DEMO)
     if len(chosen) > 1:
-        parser.error("choose one of --task demo, --table, --figure and --bench")
+        parser.error("choose one of --task demo, --table, --figure, --diagnostics and --bench")
     if chosen == [BENCH]:
         return BENCH, "--bench", ()
     if chosen == [DEMO]:
         return DEMO, "--task demo", ()
+    if chosen == [DIAGNOSE]:
+        return DIAGNOSE, "--diagnostics", ()
     if chosen == [TABLE]:
         modes = tuple(c.mode for c in TABLES[args.table].columns if not args.mode or c.mode in args.mode)
         return TABLE, f"--table {args.table}", modes
@@ -403,6 +412,11 @@ def main(argv=None) -> int:
                       warmup=args.bench_warmup, rounds=args.bench_rounds, out_dir=args.out, quick=args.quick,
                       bf16=args.bf16, peak_tflops=args.bench_peak_tflops, threads=args.bench_threads, malloc=malloc,
                       progress=args.progress)
+            return 0
+        if command == DIAGNOSE:
+            text = diagnose.render(diagnose.collect(args.diagnostics))
+            atomic_write_text(os.path.join(args.diagnostics, "diagnostics.md"), text)
+            print(text)
             return 0
         if command == DEMO:
             run_demo(args.seeds or [0, 1, 2], args.out, quick=args.quick, progress=args.progress)

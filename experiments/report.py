@@ -7,10 +7,11 @@ import numpy as np
 
 import tartan
 
+from . import analysis
 from .common import ReproduceError, atomic_path, atomic_write_text, compare, min_seeds
 from .paper import FIGURES, N_PERMUTATIONS, PAPER, TABLES, TASKS, TEXT_MODES, VISION_MODES
 from .own import meta_summary, print_own_tables
-from .runs import TARTAN_MODES, Budget, Run, Workspace, execute_all, make_run
+from .runs import Budget, Run, Workspace, execute_all, make_run
 
 # Tables: mean and sample std (ddof=1) over seeds of the test headline metric x100, the paper's number beside it, and
 # the one-sided unpaired permutation test (App. A.2; H1: the column beats the baseline column), two-sided beside it.
@@ -107,6 +108,22 @@ def render_table(number: int, cells: dict, results: dict, seeds, model: str, bud
     return "\n".join(text) + "\n"
 
 
+def protocol_analysis(number: int, cells: dict, results: dict, out: str) -> str:
+    """For runs that scored test at every evaluation (a budget with eval_test, e.g. cpu-es), the pre-registered
+    protocol's analysis per task (experiments/analysis.py) and its figure, OUT/figure_table<number>_<task>.png."""
+    table = TABLES[number]
+    done = {r: rec for r, rec in results.items() if (rec.get("config", {}).get("train") or {}).get("eval_test")}
+    text = ""
+    for task in dict.fromkeys(t for t, _ in cells):
+        columns = {label: [(r.path(out), done[r]) for r in runs if r in done] for (t, label), runs in cells.items()
+                   if t == task}
+        columns = {label: runs for label, runs in columns.items() if runs}
+        if table.baseline and table.baseline[0] in columns and len(columns) > 1:
+            text += "\n" + analysis.sweep_report(TASKS[task]["title"], columns, table.baseline[0],
+                                                 os.path.join(out, f"figure_table{number}_{task}.png"))
+    return text
+
+
 def seeds_str(seeds) -> str:
     s = list(seeds)
     return f"{s[0]}-{s[-1]}" if s == list(range(s[0], s[-1] + 1)) and len(s) > 1 else ",".join(map(str, s))
@@ -125,6 +142,7 @@ def run_table(number: int, ws: Workspace, seeds=None, tasks=None, modes=None, da
         raise ReproduceError(f"Table {number} has no cell for --task {tasks} --mode {modes}")
     results = execute_all(ws, [r for runs in cells.values() for r in runs])
     text = render_table(number, cells, results, seeds, ws.identity(), ws.settings.budget, dapt)
+    text += protocol_analysis(number, cells, results, ws.settings.out)
     path = os.path.join(ws.settings.out, f"table{number}.md")
     atomic_write_text(path, text)
     print("\n" + text + f"\n(written to {path})")

@@ -124,7 +124,7 @@ def describe_budget(name: str) -> str:
             + ", ".join(f"{k} {v}" for k, v in b["pretrain"].items())
             + ("; no final fine-tuning" if b["final"] is None else
                "; final Eq. 2 " + ", ".join(f"{k} {v}" for k, v in b["final"].items()))
-            + (f"; a checkpoint without an LM head gets one fitted first ("
+            + ("; a checkpoint without an LM head gets one fitted first ("
                + ", ".join(f"{k} {v}" for k, v in b["warm_head"].items()) + ")" if b.get("warm_head") else ""))
 
 

@@ -250,8 +250,8 @@ def test_one_warmed_lm_head_for_every_arm(tmp_path, data_dir, monkeypatch):
     tok = transformers.BertTokenizer(vocab={t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
                                                                         + WORDS)})
     torch.manual_seed(0)
-    transformers.BertModel(transformers.BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1,
-                                                   num_attention_heads=2, intermediate_size=64)).save_pretrained(headless)
+    small = dict(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    transformers.BertModel(transformers.BertConfig(**small)).save_pretrained(headless)
     tok.save_pretrained(headless)
     monkeypatch.setenv("TARTAN_CACHE", str(tmp_path / "cache"))
 
@@ -284,8 +284,6 @@ def test_one_warmed_lm_head_for_every_arm(tmp_path, data_dir, monkeypatch):
     assert ws.warm_head(runs.make_run("aclarc", "finetune", None, 0, "10x")) is None  # no MLM head to warm
     with_head = str(tmp_path / "with-head")  # a checkpoint with its LM head: nothing changes
     torch.manual_seed(0)
-    transformers.BertForMaskedLM(transformers.BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1,
-                                                         num_attention_heads=2, intermediate_size=64)
-                                 ).save_pretrained(with_head)
+    transformers.BertForMaskedLM(transformers.BertConfig(**small)).save_pretrained(with_head)
     tok.save_pretrained(with_head)
     assert workspace(with_head).warm_head(arms[0]) is None

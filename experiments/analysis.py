@@ -1,0 +1,224 @@
+"""The analysis a pre-registered sweep asks for (experiments/results/cpu-es/PROTOCOL.md), beside a table's mean ± std
+and unpaired p: the paired permutation p over seeds, bootstrap 90% intervals over test rows and seeds, the secondary
+metrics, cost, time to reach the baseline's dev score, the verdict of the decision rule, and a figure of dev and test
+score against wall-clock. Everything is read from the result files and their per-example test predictions."""
+from __future__ import annotations
+
+import itertools
+import json
+import os
+
+import numpy as np
+
+from .common import atomic_path
+from .keep import predictions_path
+
+N_BOOTSTRAP = 10_000
+LEVEL = 0.90      # the intervals: 5th to 95th percentile
+MDE_FACTOR = 1.57  # (z_0.95 + z_0.80) * sqrt(2 / 5): the smallest detectable difference in pooled seed stds, 5 v 5
+
+
+def paired_p(a, b) -> float:
+    """One-sided paired permutation p (H1: a > b): every sign flip of the per-seed differences, exact."""
+    d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
+    flips = np.array(list(itertools.product((1, -1), repeat=len(d))))  # (2^n, n)
+    means = flips @ d / len(d)
+    return float(np.mean(means >= d.mean() - 1e-12))
+
+
+def _counts(gold: np.ndarray, pred: np.ndarray, classes: int) -> np.ndarray:
+    """(N, 3, C) indicator rows: true positive, false positive, false negative of each class."""
+    g, p = np.eye(classes)[gold], np.eye(classes)[pred]
+    return np.stack([g * p, p * (1 - g), g * (1 - p)], axis=1)
+
+
+def macro_f1_weighted(counts: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Macro-F1 under row weights (B, N) (bootstrap counts): over the classes present in gold or predictions of the
+    resample, as tartan.f1_scores. Returns (B,)."""
+    tp, fp, fn = (weights @ counts[:, k, :] for k in range(3))  # each (B, C)
+    present = (tp + fp + fn) > 0
+    f1 = np.where(present, 2 * tp / np.maximum(2 * tp + fp + fn, 1e-12), 0.0)
+    return f1.sum(1) / present.sum(1)
+
+
+def bootstrap(arms: dict, baseline: str, seed: int = 0) -> dict:
+    """arms: name -> list of (gold, pred) integer arrays, one per seed, all on the same test rows. Each replicate
+    draws the test rows with replacement (one draw for every run) and, within each arm, the seeds with replacement.
+    Returns per arm its score interval and, against the baseline, the interval of the difference (x100)."""
+    rng = np.random.default_rng(seed)
+    n = len(next(iter(arms.values()))[0][0])
+    classes = 1 + max(int(max(g.max(), p.max())) for runs in arms.values() for g, p in runs)
+    weights = rng.multinomial(n, np.full(n, 1 / n), size=N_BOOTSTRAP).astype(float)  # (B, N)
+    scores = {}
+    for name, runs in arms.items():
+        per_seed = np.stack([macro_f1_weighted(_counts(g, p, classes), weights) for g, p in runs], 1)  # (B, S)
+        pick = rng.integers(0, len(runs), size=(N_BOOTSTRAP, len(runs)))
+        scores[name] = 100 * np.take_along_axis(per_seed, pick, 1).mean(1)
+    q = [(1 - LEVEL) / 2 * 100, (1 + LEVEL) / 2 * 100]
+    out = {name: {"score": np.percentile(s, q).tolist()} for name, s in scores.items()}
+    for name, s in scores.items():
+        if name != baseline and baseline in scores:
+            out[name]["diff"] = np.percentile(s - scores[baseline], q).tolist()
+    return out
+
+
+def read_predictions(paths: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(gold, predicted) class indices of each result file's test predictions, labels numbered in sorted order over
+    all the files (so no data folder is needed to re-print)."""
+    rows = []
+    for path in paths:
+        with open(predictions_path(path)) as f:
+            rows.append([json.loads(line) for line in f if line.strip()])
+    names = sorted({r[k] for rs in rows for r in rs for k in ("gold", "predicted")})
+    index = {label: i for i, label in enumerate(names)}
+    return [(np.array([index[r["gold"]] for r in rs]), np.array([index[r["predicted"]] for r in rs])) for rs in rows]
+
+
+def curve(rec: dict) -> list[tuple[float, float, float | None]]:
+    """(cumulative training seconds, dev score, test score) at every end-task evaluation of a run, in order: Eq. 1
+    stages and earlier end-task stages add their seconds; time spent scoring test for the curve is left out."""
+    field = "micro_f1" if rec["headline"]["metric"] in ("micro_f1", "accuracy") else "macro_f1"
+    points, offset = [], 0.0
+    for stage in rec["stages"]:
+        for h in stage.get("history", []):
+            test = h.get("test", {}).get(field)
+            points.append((offset + h["seconds"] - h.get("analysis_seconds", 0.0), h["dev"][field], test))
+        last = stage.get("history", [{}])[-1] if stage.get("history") else {}
+        offset += stage.get("seconds", 0.0) - last.get("analysis_seconds", 0.0)
+    return points
+
+
+def pretrain_seconds(rec: dict) -> float:
+    return sum(s.get("seconds", 0.0) for s in rec["stages"] if s["stage"].startswith("pretrain"))
+
+
+def time_to_reach(rec: dict, target: float) -> float | None:
+    """Training seconds until the first evaluation whose dev score is at least `target`; None if never."""
+    return next((t for t, dev, _ in curve(rec) if dev >= target - 1e-12), None)
+
+
+def checks(rec: dict) -> list[str]:
+    """Protocol validity: an end-task stage that stopped at its cap (rather than by early stopping)."""
+    issues = []
+    cfg = rec["config"]["train"]
+    caps = {"finetune": cfg["max_steps"], "mt": cfg["max_steps"], "meta": cfg["max_steps"],
+            "final_finetune": (cfg.get("final_finetune") or {}).get("max_steps")}
+    for stage in rec["stages"]:
+        cap = caps.get(stage["stage"])
+        if cap and stage["steps"] >= cap:
+            issues.append(f"{stage['stage']} stopped at its cap ({cap} steps)")
+    return issues
+
+
+def verdict(d: float, p: float, diff_ci, micro_d: float, nll_d: float, pooled_sd: float) -> str:
+    """The protocol's decision rule."""
+    if p < 0.05 and diff_ci[0] > 0:
+        return "shown"
+    if diff_ci[1] < 0 and micro_d < 0 and nll_d > 0:
+        return "refuted at this scale"
+    return (f"inconclusive (smallest detectable difference {MDE_FACTOR * pooled_sd:.2f} points; 90% interval width "
+            f"{diff_ci[1] - diff_ci[0]:.2f})")
+
+
+def sweep_report(title: str, columns: dict, baseline: str, png: str | None = None) -> str:
+    """The protocol's tables for one task. columns: label -> list of (result path, record), one per seed."""
+    from .common import compare  # the unpaired permutation test the tables print
+
+    seeds = {label: [rec["key"]["seed"] for _, rec in runs] for label, runs in columns.items()}
+    field = "micro_f1" if columns[baseline][0][1]["headline"]["metric"] in ("micro_f1", "accuracy") else "macro_f1"
+    main = {label: np.array([100 * rec["test"][field] for _, rec in runs]) for label, runs in columns.items()}
+    micro = {label: np.array([100 * rec["test"]["micro_f1"] for _, rec in runs]) for label, runs in columns.items()}
+    nll = {label: np.array([rec["test"]["loss"] for _, rec in runs]) for label, runs in columns.items()}
+    preds = iter(read_predictions([path for runs in columns.values() for path, _ in runs]))
+    boot = bootstrap({label: [next(preds) for _ in runs] for label, runs in columns.items()}, baseline)
+    base_dev = {rec["key"]["seed"]: rec["headline"]["dev"] for _, rec in columns[baseline]}
+    lines = [f"#### {title}: the protocol's analysis (experiments/results/cpu-es/PROTOCOL.md)", "",
+             f"| method | seeds | test {field} | 90% interval | d vs {baseline} [90% interval] | p unpaired | p paired "
+             f"| micro-F1 | test NLL | verdict |", "|" + "---|" * 10]
+    for label, runs in columns.items():
+        x, b = main[label], main[baseline]
+        row = [label, ",".join(map(str, seeds[label])), f"{x.mean():.2f} ± {x.std(ddof=1) if len(x) > 1 else 0:.2f}",
+               "[{:.2f}, {:.2f}]".format(*boot[label]["score"])]
+        if label == baseline:
+            row += ["—", "—", "—"]
+        else:
+            common_seeds = [s for s in seeds[label] if s in seeds[baseline]]
+            pa = [x[seeds[label].index(s)] for s in common_seeds]
+            pb = [b[seeds[baseline].index(s)] for s in common_seeds]
+            row += [f"{x.mean() - b.mean():+.2f} [{boot[label]['diff'][0]:+.2f}, {boot[label]['diff'][1]:+.2f}]",
+                    f"{compare(x, b)['p_greater']:.3f}", f"{paired_p(pa, pb):.3f}" if common_seeds else "—"]
+        row += [f"{micro[label].mean():.2f}", f"{nll[label].mean():.3f}"]
+        if label == baseline or label not in ("MT-TARTAN", "META-TARTAN"):
+            row.append("—")
+        else:
+            pooled = float(np.sqrt((x.var(ddof=1) + b.var(ddof=1)) / 2)) if min(len(x), len(b)) > 1 else float("nan")
+            row.append(verdict(x.mean() - b.mean(), compare(x, b)["p_greater"], boot[label]["diff"],
+                               micro[label].mean() - micro[baseline].mean(), nll[label].mean() - nll[baseline].mean(),
+                               pooled))
+        lines.append("| " + " | ".join(row) + " |")
+    lines += ["", f"Intervals: bootstrap, {N_BOOTSTRAP} replicates, test rows and seeds resampled; p unpaired: the "
+              f"tables' one-sided permutation test; p paired: one-sided, every sign flip of the per-seed differences "
+              f"(seeds present in both columns; the same seed gives every arm the same end-task data order).", "",
+              f"| method | wall-clock min/run | CPU min/run | steps (end-task stages) | final fine-tune kept | "
+              f"minutes to reach {baseline}'s dev score (same seed) | stopped at a cap |", "|" + "---|" * 7]
+    for label, runs in columns.items():
+        recs = [rec for _, rec in runs]
+        wall = np.mean([r["wall_seconds"] for r in recs]) / 60
+        cpu = np.mean([r["cpu_seconds"] for r in recs]) / 60
+        steps = "; ".join(",".join(f"{s['stage']} {s['steps']}" for s in r["stages"]) for r in recs[:1])
+        steps += " (seed " + str(recs[0]["key"]["seed"]) + ")" + (" ..." if len(recs) > 1 else "")
+        kept = [s["kept"] for r in recs for s in r["stages"] if "kept" in s]
+        reach = [time_to_reach(r, base_dev[r["key"]["seed"]]) for r in recs if r["key"]["seed"] in base_dev]
+        got = [t for t in reach if t is not None]
+        capped = [f"seed {r['key']['seed']}: {c}" for r in recs for c in checks(r)]
+        lines.append(f"| {label} | {wall:.1f} | {cpu:.1f} | {steps} | "
+                     + (f"{sum(kept)} of {len(kept)}" if kept else "—") + " | "
+                     + ((f"{np.mean(got) / 60:.1f}" if got else "never") + f" ({len(got)} of {len(reach)} seeds "
+                        f"reach it)" if reach else "—")
+                     + " | " + ("; ".join(capped) or "none") + " |")
+    mt_steps = [s["steps"] for label in ("MT-TARTAN",) for _, r in columns.get(label, []) for s in r["stages"]
+                if s["stage"] == "mt"]
+    pre_steps = [s["steps"] for _, r in columns.get(baseline, []) for s in r["stages"] if s["stage"].startswith("pre")]
+    if mt_steps and pre_steps:
+        lines += ["", f"TAPT's Eq. 1 stage: {min(pre_steps)} MLM steps; MT runs: at most {max(mt_steps)} steps "
+                  + ("(TAPT saw at least as many MLM batches)" if min(pre_steps) >= max(mt_steps) else
+                     "(**fewer than an MT run: the protocol's condition fails**)") + "."]
+    if png:
+        figure(title, columns, baseline, png)
+        lines += ["", f"Figure: {os.path.basename(png)} (dev and test score against training wall-clock)."]
+    return "\n".join(lines) + "\n"
+
+
+def figure(title: str, columns: dict, baseline: str, png: str) -> None:
+    """Dev and test score against cumulative training wall-clock, mean over seeds (each seed holds its last
+    evaluation after it stops), one line per method; a dotted line where the baseline's pre-training ends."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for label, runs in columns.items():
+        curves = [curve(rec) for _, rec in runs]
+        curves = [c for c in curves if c]
+        if not curves:
+            continue
+        grid = np.linspace(min(c[0][0] for c in curves), max(c[-1][0] for c in curves), 200)
+        for ax, k in zip(axes, (1, 2)):
+            rows = []
+            for c in curves:
+                t = np.array([p[0] for p in c])
+                v = np.array([np.nan if p[k] is None else p[k] for p in c])
+                idx = np.searchsorted(t, grid, side="right") - 1
+                rows.append(np.where(idx >= 0, v[np.clip(idx, 0, None)], np.nan))
+            ax.plot(grid / 60, 100 * np.nanmean(rows, 0), label=label)
+    pre = [pretrain_seconds(rec) for _, rec in columns.get(baseline, [])]
+    for ax, name in zip(axes, ("dev", "test (recorded for analysis only)")):
+        if pre and np.mean(pre) > 0:
+            ax.axvline(np.mean(pre) / 60, ls=":", color="gray", label=f"{baseline}: end of Eq. 1")
+        ax.set_xlabel("training wall-clock (minutes, one CPU thread)")
+        ax.set_ylabel(f"{name} score x100")
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    with atomic_path(png) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)

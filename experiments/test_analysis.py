@@ -1,0 +1,149 @@
+"""The protocol's analysis (experiments/analysis.py) and META's diagnostics (experiments/diagnose.py), on result files
+made here."""
+import itertools
+import json
+import os
+
+import numpy as np
+import pytest
+
+import reproduce
+import tartan
+from experiments import analysis, diagnose, report
+from experiments.common import atomic_write_json
+from experiments.keep import predictions_path
+
+
+def test_paired_p_against_enumeration():
+    assert analysis.paired_p([2, 3, 4], [1, 1, 1]) == pytest.approx(1 / 8)  # only the observed signs are as large
+    a, b = [0.3, 0.1, -0.2, 0.5], [0.0, 0.2, 0.1, 0.1]
+    d = np.subtract(a, b)
+    brute = np.mean([np.mean(np.multiply(s, d)) >= d.mean() - 1e-12 for s in itertools.product((1, -1), repeat=4)])
+    assert analysis.paired_p(a, b) == pytest.approx(brute)
+    assert analysis.paired_p(b, a) > 0.5
+
+
+def test_weighted_macro_f1_is_f1_scores_at_unit_weights_and_counts_repeated_rows():
+    rng = np.random.default_rng(0)
+    gold, pred = rng.integers(0, 4, 50), rng.integers(0, 5, 50)
+    counts = analysis._counts(gold, pred, 5)
+    assert analysis.macro_f1_weighted(counts, np.ones((1, 50)))[0] == pytest.approx(
+        tartan.f1_scores(gold, pred)["macro_f1"])
+    w = rng.integers(0, 3, (1, 50))
+    rows = np.repeat(np.arange(50), w[0])  # a resample written out row by row
+    assert analysis.macro_f1_weighted(counts, w.astype(float))[0] == pytest.approx(
+        tartan.f1_scores(gold[rows], pred[rows])["macro_f1"])
+
+
+def test_bootstrap_intervals_cover_no_difference_and_separate_a_real_one():
+    rng = np.random.default_rng(1)
+    gold = rng.integers(0, 3, 300)
+    noisy = lambda acc: [(gold, np.where(rng.random(300) < acc, gold, rng.integers(0, 3, 300))) for _ in range(4)]  # noqa
+    same = analysis.bootstrap({"base": noisy(0.6), "other": noisy(0.6)}, "base")
+    lo, hi = same["other"]["diff"]
+    assert lo < 0 < hi
+    better = analysis.bootstrap({"base": noisy(0.5), "other": noisy(0.9)}, "base")
+    assert better["other"]["diff"][0] > 10 and better["base"]["score"][1] < better["other"]["score"][0]
+
+
+def test_verdicts_follow_the_pre_registered_rule():
+    assert analysis.verdict(2.0, 0.01, (0.5, 3.0), 1.0, -0.1, 1.0) == "shown"
+    assert analysis.verdict(2.0, 0.01, (-0.5, 3.0), 1.0, -0.1, 1.0).startswith("inconclusive")  # interval has 0
+    assert analysis.verdict(2.0, 0.08, (0.5, 3.0), 1.0, -0.1, 1.0).startswith("inconclusive")  # p too large
+    assert analysis.verdict(-3.0, 0.99, (-5.0, -1.0), -1.0, 0.2, 1.0) == "refuted at this scale"
+    v = analysis.verdict(-3.0, 0.99, (-5.0, -1.0), 1.0, 0.2, 2.0)  # micro-F1 disagrees: not refuted
+    assert v.startswith("inconclusive") and "3.14 points" in v
+
+
+def _record(task, mode, seed, dev, test, stages):
+    return {"complete": True, "key": {"task": task, "mode": mode, "aux": "tapt" if mode != "finetune" else "none",
+                                      "seed": seed},
+            "config": {"train": {"max_steps": 1000, "eval_test": True, "final_finetune": {"max_steps": 500}}},
+            "headline": {"metric": "macro_f1", "dev": dev, "test": test},
+            "test": {"macro_f1": test, "micro_f1": test + 0.05, "loss": 1.0 - test},
+            "stages": stages, "wall_seconds": 600.0, "cpu_seconds": 590.0}
+
+
+def _stage(name, steps, devs, seconds, kept=None):
+    hist = [{"step": 50 * (i + 1), "dev": {"macro_f1": d, "micro_f1": d}, "test": {"macro_f1": d, "micro_f1": d},
+             "seconds": seconds * (i + 1) / len(devs) + 30.0 * (i + 1), "analysis_seconds": 30.0 * (i + 1)}
+            for i, d in enumerate(devs)]  # each evaluation also spent 30 s scoring test, which is not training time
+    return {"stage": name, "steps": steps, "history": hist, "seconds": seconds + len(devs) * 30.0,
+            **({} if kept is None else {"kept": kept})}
+
+
+def test_protocol_analysis_of_a_table_from_result_files(tmp_path):
+    """Fabricated result files and predictions of Table 1's four columns, 3 seeds: the printed analysis carries the
+    means, the tests, the intervals, the cost, the time to TAPT's dev score, the cap check, and draws the figure."""
+    out = str(tmp_path / "out")
+    cells = report.table_runs(1, ["scierc"], None, [0, 1, 2], "10x")
+    rng = np.random.default_rng(0)
+    gold = rng.integers(0, 3, 120)
+    labels = ["A", "B", "C"]
+    acc = {"RoBERTa": 0.5, "TAPT": 0.6, "MT-TARTAN": 0.9, "META-TARTAN": 0.6}
+    results = {}
+    for (task, label), run_list in cells.items():
+        for r in run_list:
+            pred = np.where(rng.random(120) < acc[label], gold, rng.integers(0, 3, 120))
+            test = tartan.f1_scores(gold, pred)["macro_f1"]
+            if label == "TAPT":
+                stages = [{"stage": "pretrain:tapt", "steps": 800, "history": [], "seconds": 300.0},
+                          _stage("finetune", 400, [0.4, 0.6, 0.55], 150.0)]
+            elif label == "RoBERTa":
+                stages = [_stage("finetune", 1000 if r.seed == 2 else 400, [0.3, 0.5], 100.0)]  # seed 2: at the cap
+            else:
+                mode = "mt" if label == "MT-TARTAN" else "meta"
+                stages = [_stage(mode, 600, [0.5, 0.7, 0.65], 300.0), _stage("final_finetune", 100, [0.7], 30.0,
+                                                                             kept=r.seed == 0)]
+            results[r] = _record(task, r.mode, r.seed, max(h["dev"]["macro_f1"] for s in stages
+                                                           for h in s["history"]), test, stages)
+            atomic_write_json(r.path(out), results[r])
+            with open(predictions_path(r.path(out)), "w") as f:
+                for i, (g, p) in enumerate(zip(gold, pred)):
+                    f.write(json.dumps({"line": i + 1, "gold": labels[g], "predicted": labels[p]}) + "\n")
+    text = report.protocol_analysis(1, cells, results, out)
+    mt = [results[r]["test"]["macro_f1"] * 100 for r in cells[("scierc", "MT-TARTAN")]]
+    tapt = [results[r]["test"]["macro_f1"] * 100 for r in cells[("scierc", "TAPT")]]
+    row = next(line for line in text.splitlines() if line.startswith("| MT-TARTAN | 0,1,2 |"))
+    assert f"{np.mean(mt):.2f} ± {np.std(mt, ddof=1):.2f}" in row
+    assert f"{np.mean(mt) - np.mean(tapt):+.2f} [" in row and "| 0.050 | 0.125 |" in row  # 3 v 3 minima
+    assert row.endswith("| inconclusive (smallest detectable difference "
+                        f"{analysis.MDE_FACTOR * np.sqrt((np.var(mt, ddof=1) + np.var(tapt, ddof=1)) / 2):.2f} "
+                        f"points; 90% interval width " + row.split("interval width ")[1])
+    cost = next(line for line in text.splitlines() if line.startswith("| MT-TARTAN | 10.0 | 9.8 |"))
+    roberta = next(line for line in text.splitlines() if line.startswith("| RoBERTa | 10.0 |"))
+    assert "| 1 of 3 |" in cost and "(3 of 3 seeds reach it)" in cost and cost.endswith("| none |")
+    # MT reaches TAPT's dev score 0.6 at its second evaluation, after 300 * 2 / 3 = 200 s of training
+    assert f"| {200 / 60:.1f} (3 of 3 seeds reach it)" in cost
+    assert "| never (0 of 3 seeds reach it) |" in roberta
+    assert "seed 2: finetune stopped at its cap (1000 steps)" in roberta
+    assert "TAPT's Eq. 1 stage: 800 MLM steps; MT runs: at most 600 steps (TAPT saw at least as many" in text
+    png = os.path.join(out, "figure_table1_scierc.png")
+    assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    assert report.protocol_analysis(1, cells, {r: {**rec, "config": {"train": {"eval_test": False}}}
+                                               for r, rec in results.items()}, out) == ""  # other budgets: nothing
+
+
+def test_meta_diagnostics_table(tmp_path):
+    def meta_record(task, cos_end, norms):
+        trace = {"weights": {task: [0.5, 0.48], "tapt": [0.5, 0.52]},
+                 "cosines": {task: [cos_end, cos_end], "tapt": [0.1, 0.3]},
+                 "grad_norms": {task: [1.0, 2.0], "tapt": norms}}
+        hist = [{"step": 2, "meta_val_loss": 1.5, "dev": {"loss": 1.0}, "meta_head_fit_loss": [2.0, 1.0]}]
+        return {"complete": True, "key": {"task": task, "mode": "meta", "aux": "tapt", "seed": 0},
+                "stages": [{"stage": "meta", "steps": 2, "trace": trace, "history": hist}]}
+    for variant, cos in (("a-paper", -0.2), ("b-release", 0.1)):
+        for task in ("aclarc", "scierc"):
+            atomic_write_json(str(tmp_path / variant / task / "meta__tapt__seed0.json"),
+                              meta_record(task, cos, [3.0, 8.0]))
+    rows = diagnose.collect(str(tmp_path))
+    assert [(r["variant"], r["task"]) for r in rows] == [("a-paper", "aclarc"), ("a-paper", "scierc"),
+                                                         ("b-release", "aclarc"), ("b-release", "scierc")]
+    r = rows[0]
+    assert (r["cos_end"], r["cos_aux"], r["norm_ratio"], r["ratio"]) == pytest.approx((-0.2, 0.2, 3.5, 1.5))
+    assert r["end_alpha"] == 0.48 and r["fit"] == [2.0, 1.0]
+    assert reproduce.main(["--diagnostics", str(tmp_path)]) == 0
+    text = open(tmp_path / "diagnostics.md").read()
+    assert ("| a-paper | aclarc | 2 | -0.2000 | +0.2000 | 3.50 | 1.500 | 1.000 | 1.500 | 2.000 -> 1.000 | 0.4800 |"
+            in text)
+    assert "a-paper 1.500 (2 task(s)); b-release 1.500 (2 task(s))" in text
