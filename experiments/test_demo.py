@@ -207,6 +207,16 @@ def test_min_seeds_matches_permutation_test():
     assert compare(range(n - 1), range(n - 1))["min_p_greater"] >= 0.05
 
 
+def test_the_default_demo_has_seeds_enough_for_p_below_005(monkeypatch, tmp_path):
+    import reproduce
+    called = []
+    monkeypatch.setattr(reproduce, "run_demo", lambda seeds, *a, **k: called.append(list(seeds)))
+    assert reproduce.main(["--task", "demo", "--no-progress", "--out", str(tmp_path)]) == 0
+    assert called == [list(demo_module.DEMO_SEEDS)] == [[0, 1, 2, 3]]
+    assert compare(demo_module.DEMO_SEEDS, demo_module.DEMO_SEEDS)["min_p_greater"] < 0.05
+    assert demo_module.run_demo.__defaults__[0] == demo_module.DEMO_SEEDS
+
+
 def test_no_matplotlib_no_figure(tmp_path, monkeypatch, capsys):
     from experiments.demo import demo_plot_weights
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # makes the import fail as if not installed
