@@ -130,3 +130,9 @@ BUDGETS = {"cpu": {"max_length": 64,
                    "eq2": dict(lr=1e-4, head_lr=1e-3),
                    "pretrain": dict(max_steps=400, aux_batch_size=16, grad_accum=1),
                    "final": None}}
+
+
+def metric_field(metric: str) -> str:
+    """The key of a task's headline metric in tartan.evaluate's scores: App. A.4's accuracy is micro-F1 there (one
+    label per example)."""
+    return "micro_f1" if metric == "accuracy" else metric
