@@ -388,7 +388,7 @@ def tune_malloc(enabled: bool = True) -> str:
     PyTorch on CPU takes its large tensors (activations, gradients, the MLM logits) straight from malloc. glibc serves
     allocations above its mmap threshold (adaptive, at most 32 MB) with fresh pages and unmaps them on free, so every
     training step page-faults hundreds of MB back in, and a step that holds more at once (MT, META) pays more of it
-    than the single passes it is compared with (README, "Speed"). Same as running under MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647; the cost is that the process keeps its
+    than the single passes it is compared with (experiments/results/README.md, "Speed"). Same as running under MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647; the cost is that the process keeps its
     peak memory until it exits. Linux/glibc only; elsewhere, or with enabled=False, nothing changes. Process-wide,
     so it lives here in the command-line runner and never in tartan.py."""
     if not enabled:

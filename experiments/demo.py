@@ -46,7 +46,8 @@ from .common import atomic_path, atomic_write_json, compare, markdown_table, min
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Settings, chosen on this very task so that 4 seeds x 4 methods run in a few minutes on a CPU and the task is
-# informative: fine-tuning alone sits at chance on unseen synonyms (README, "Start here").
+# informative: fine-tuning alone sits at chance on unseen synonyms
+# (experiments/results/README.md, "The offline demo").
 # * A tiny random-init BERT needs far larger learning rates than the paper's pretrained RoBERTa, and one layer.
 # * Auxiliary sentences are a concept word and two cues, no fillers: every masked token is informative, and the only
 #   difference between the two corpora's MLM gradients is the grouping, which is what the meta-gradient has to see.

@@ -10,7 +10,7 @@ import reproduce
 import tartan
 from experiments import runs
 
-# The committed result files of the CPU sweep (README: experiments/results/README.md), each with the flags that made
+# The committed result files of the CPU sweep (experiments/results/README.md), each with the flags that made
 # it. Today's runner must build the very config stored in each file (the one compared on resume), or --report-only
 # could no longer re-print the committed tables: any drift fails here.
 SWEEP = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "cpu")
