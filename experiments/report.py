@@ -13,7 +13,7 @@ from .common import (ReproduceError, atomic_path, atomic_write_text, compare, fm
                      seeds_str)
 from .own import default_baseline
 from .paper import FIGURES, N_PERMUTATIONS, PAPER, TABLES, TASKS, TEXT_MODES, VISION_MODES
-from .runs import Budget, Run, Workspace, execute_all, make_run
+from .runs import META_MODES, Budget, Run, Workspace, execute_all, make_run
 
 # Tables: mean and sample std (ddof=1) over seeds of the test headline metric x100, the paper's number beside it, and
 # the one-sided unpaired permutation test (App. A.2; H1: the column beats the baseline column), two-sided beside it.
@@ -85,7 +85,7 @@ def render_table(number: int, cells: dict, results: dict, seeds, model: str, bud
                 cells.items() for r in runs if results.get(r, {}).get("config", {}).get("released_checkpoint")}
     text += [f"- {title} {label}: Eq. 2 on Gururangan et al.'s released checkpoint {ckpt} (Sec. 4), not re-trained"
              for title, label, ckpt in sorted(released)]
-    text += [f"- {line}" for t in tasks for c in cols if c.mode.startswith("meta")
+    text += [f"- {line}" for t in tasks for c in cols if c.mode in META_MODES
              if (line := meta_summary(c.label, TASKS[t]["title"], t, cells.get((t, c.label), []), results))]
     for t in tasks:  # per task: their sizes differ
         cost = []
@@ -229,7 +229,7 @@ def own_table(task: str, folder: str, metric: str, cells: dict, results: dict, b
         wall = [results[r]["wall_seconds"] for r in done]
         rows.append([mode, done[0].aux_label, f"{fmt(tartan.mean_std(scores[mode]))}{n}", fmt(tartan.mean_std(dev)),
                      p, f"{np.mean(wall):.1f} s"])
-    report = meta_report(task, {m: runs for m, runs in cells.items() if m.startswith("meta")}, results)
+    report = meta_report(task, {m: runs for m, runs in cells.items() if m in META_MODES}, results)
     return "\n".join(lines + markdown_table(columns, rows) + [""] + report) + "\n"
 
 
@@ -355,7 +355,7 @@ def run_family(ws: Workspace, tasks, modes, seeds=None, aux: str | None = None, 
                 print(f"{task} {mode} ({x[0].aux_label}): test {TASKS[task]['metric']} x100 = "
                       f"{fmt(tartan.mean_std(cell_scores(results, x)))} over {len(x)} seed(s) (ddof=1); "
                       f"dev {fmt(tartan.mean_std(dev))}")
-                learned = meta_summary(mode, TASKS[task]["title"], task, x, results) if mode.startswith("meta") else None
+                learned = meta_summary(mode, TASKS[task]["title"], task, x, results) if mode in META_MODES else None
                 if learned:
                     print(f"  {learned}")
     return results
