@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import reproduce
+from experiments import bench
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -35,7 +36,6 @@ def test_quick_bench_prints_and_writes_its_ratios(tmp_path, capsys, monkeypatch)
 
 
 def test_peak_tflops_is_read_from_the_cuda_device_name(monkeypatch):
-    from experiments import bench
     monkeypatch.setattr(bench, "device_name", lambda device: "NVIDIA H200")
     assert bench._peak_tflops(torch.device("cuda"), True, None) == 989
     assert bench._peak_tflops(torch.device("cuda"), False, None) == 67

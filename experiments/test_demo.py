@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+import reproduce
 import tartan
 from experiments import demo as demo_module
 from experiments.common import compare, min_seeds
@@ -208,7 +209,6 @@ def test_min_seeds_matches_permutation_test():
 
 
 def test_the_default_demo_has_seeds_enough_for_p_below_005(monkeypatch, tmp_path):
-    import reproduce
     called = []
     monkeypatch.setattr(reproduce, "run_demo", lambda seeds, *a, **k: called.append(list(seeds)))
     assert reproduce.main(["--task", "demo", "--no-progress", "--out", str(tmp_path)]) == 0
