@@ -33,8 +33,8 @@ from experiments.data import DATA_URL
 from experiments.demo import DEMO_SEEDS, run_demo
 from experiments.launch import Finished, parse_shard, shard_device
 from experiments.own import default_baseline, own_tasks
-from experiments.paper import (BUDGETS, DAPT_FILES, FIGURES, PAPER_BODY, PAPER_MAX_LENGTH, QUICK, TABLES, TASKS,
-                               TEXT_MODES, VISION_META, VISION_MODES)
+from experiments.paper import (BUDGETS, DAPT_FILES, FIGURES, PAPER_BODY, PAPER_MAX_LENGTH, PAPER_WARM_HEAD, QUICK,
+                               TABLES, TASKS, TEXT_MODES, VISION_META, VISION_MODES)
 from experiments.report import run_family, run_figure, run_table
 from experiments.runs import FLAGS, META_MODES, TARTAN_MODES, Budget, Settings, Workspace, describe_budget
 
@@ -45,7 +45,8 @@ TRAINING = (RUNS, TABLE, FIGURE)
 WITH_AUX = ("tapt", "dapt", "dapt+tapt", "pretrain") + TARTAN_MODES
 PRETRAIN_MODES = ("tapt", "dapt", "dapt+tapt", "pretrain")
 FINAL_FLAGS = ("final_epochs", "final_steps", "final_lr", "final_head_lr", "no_final_finetune")
-TEXT_ONLY = ("model", "checkpoint_dir", "baselines", "max_length", "dapt_corpus", "aux", "aux_file")
+TEXT_ONLY = ("model", "checkpoint_dir", "baselines", "max_length", "dapt_corpus", "aux", "aux_file",
+             "warm_head_steps")
 AT_LEAST_ONE = ("max_length", "limit", "batch_size", "aux_batch_size", "grad_accum", "steps", "meta_batch_size",
                 "meta_head_steps", "pretrain_steps", "final_steps", "bench_n_aux", "bench_steps", "bench_warmup",
                 "bench_rounds", "bench_threads")
@@ -206,6 +207,14 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
         help=f"steps to fit phi* from a fresh init ({_paper('meta_head_steps', meta=meta)})")
     add(budget, "--meta-head-lr", type=float, commands=TRAINING, modes=META_MODES,
         help=f"phi* learning rate ({_paper('meta_head_lr', meta=meta)}; vision {VISION_META['meta_head_lr']:g})")
+    add(budget, "--meta-head-data", choices=("train", "dev"), commands=TRAINING, modes=("meta",),
+        help=f"rows phi* is fitted on: train = the first --meta-batch-size rows of the end-task batch B*_tr (Sec. "
+             f"3.3, A.1), dev = a dev batch of their own (the released code) (default {meta.meta_head_data})")
+    add(budget, "--meta-head-tol", type=float, commands=TRAINING, modes=("meta",),
+        help="> 0: fit phi* until 10 steps lower its loss by less than this fraction, at most --meta-head-steps "
+             f"steps (Sec. 3.3's 'to convergence'); default {meta.meta_head_tol:g} = always --meta-head-steps")
+    add(budget, "--meta-val-batch-size", type=int, commands=TRAINING, modes=META_MODES,
+        help="|B*_val|, the dev rows of the meta gradient (the paper gives none; default = --meta-batch-size)")
     add(budget, "--pretrain-epochs", type=float, commands=TRAINING, modes=PRETRAIN_MODES,
         help=f"Eq. 1: passes over the corpus ({_paper('epochs', eq1=eq1)}, TAPT's; used for DAPT too)")
     add(budget, "--pretrain-steps", type=int, commands=TRAINING, modes=PRETRAIN_MODES,
@@ -222,6 +231,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
         help=f"final Eq. 2 after MT/META: body learning rate ({_paper('lr', final=final)})")
     add(budget, "--final-head-lr", type=float, commands=TRAINING, modes=TARTAN_MODES,
         help=f"final Eq. 2 after MT/META: head learning rate ({_paper('head_lr', final=final)})")
+    add(budget, "--warm-head-steps", type=int, commands=TRAINING, modes=WITH_AUX,
+        help=f"a checkpoint without an LM head gets one fitted on the task's text, body frozen, before TAPT/MT/META "
+             f"use it: this many steps (default {PAPER_WARM_HEAD['steps']} with the paper's settings, the named "
+             f"budget's value with --budget, none with --quick; 0 = none)")
     add(budget, "--no-final-finetune", action="store_true", commands=TRAINING, modes=TARTAN_MODES,
         help="skip the optional Eq. 2 stage after MT/META (it is kept only if dev improves)")
 
@@ -353,7 +366,7 @@ def make_settings(args, extra_corpora: dict) -> Settings:
     """The settings of the training commands, from the parsed flags: the only place that reads them."""
     budget = Budget(quick=args.quick, name=args.budget, no_final_finetune=args.no_final_finetune,
                     overrides={flag: getattr(args, flag) for flag in FLAGS if getattr(args, flag) is not None},
-                    max_length=args.max_length, limit=args.limit)
+                    max_length=args.max_length, limit=args.limit, warm_head_steps=args.warm_head_steps)
     paper_run = args.model == PAPER_BODY and not (args.quick or args.budget)
     return Settings(model=args.model, data_dir=args.data_dir, out=args.out, budget=budget, data_url=args.data_url,
                     extra_corpora=extra_corpora, progress=args.progress, rerun=args.rerun,

@@ -28,6 +28,7 @@ dropout use torch's global generator, which the caller seeds (reproduce.py, the 
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 import json
@@ -271,6 +272,40 @@ def new_mlm_head(template: MLMHead, body: nn.Module, init: str = "checkpoint") -
     return head
 
 
+def warm_mlm_head(body: nn.Module, head: MLMHead, task: "Task", steps: int, lr: float = 1e-3,
+                  batch_size: int = 16, seed: int = 0, eval_batches: int = 8) -> dict:
+    """Fits a newly initialised MLM head in place, with the body frozen, on an MLM task's text: the start that a
+    checkpoint without an LM head lacks (the paper's RoBERTa has one), so that TAPT, MT and META all begin from one
+    fitted head rather than each pushing a random head's gradient into the body. Only the head's own parameters train
+    (the tied decoder is the body's embedding, left alone). Returns the mean MLM loss on `eval_batches` fixed masked
+    batches before and after."""
+    device = next(body.parameters()).device
+    params = head_parameters(head, body)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    fixed = list(itertools.islice(batches(task, batch_size, torch.Generator().manual_seed(seed + 1)), eval_batches))
+    stream = batches(task, batch_size, torch.Generator().manual_seed(seed))
+    modes = body.training
+    body.eval()  # frozen: no dropout in the features the head learns from
+
+    def loss_of(inputs, labels):
+        inputs, labels = to_device(inputs, labels, device)
+        with torch.no_grad():
+            features = body(**inputs)
+        return head(features, labels)[1]
+
+    def held_out():
+        with torch.no_grad():
+            return float(np.mean([loss_of(*b).item() for b in fixed]))
+    before = held_out()
+    for _ in range(steps):
+        loss = loss_of(*next(stream))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    body.train(modes)
+    return {"loss_before": before, "loss_after": held_out(), "steps": steps}
+
+
 def head_parameters(head: nn.Module, body: nn.Module) -> list[nn.Parameter]:
     """Parameters of a head that are not body parameters (a tied decoder weight belongs to the body)."""
     body_ids = {id(p) for p in body.parameters()}
@@ -457,6 +492,8 @@ class TrainConfig:
     seed: int = 0                     # data order and masking
     bf16: bool = True                 # bf16 autocast, on CUDA only
     progress: bool = False            # tqdm progress bar
+    eval_test: bool = False           # also score the test split at every evaluation, recorded in the history for
+    #                                   analysis only (learning curves): selection and early stopping never read it
     final_finetune: "FinetuneConfig | None" = field(default_factory=lambda: tartan_finetune())
     #                                   the optional Eq. 2 stage after Eq. 3 / Alg. 1; None = off
 
@@ -506,9 +543,15 @@ class MetaConfig(TrainConfig):
     #                                   estimate_meta_head for the reading of Algorithm 1)
     meta_head_lr: float = 1e-3        # phi* AdamW learning rate (Sec. 4)
     meta_head_wd: float = 0.1         # phi* l2 weight decay (Sec. 4)
-    meta_batch_size: int = 32         # rows of B*_tr that fit phi* (Sec. 4: {16, 32}); at most batch_size, the
-    #                                   end-task micro-batch they are taken from
+    meta_batch_size: int = 32         # rows that fit phi* (Sec. 4: {16, 32}); with meta_head_data="train" at most
+    #                                   batch_size, the end-task micro-batch B*_tr they are taken from
     meta_val_batch_size: int = 0      # |B*_val|; 0 = meta_batch_size (the paper gives no size for B*_val)
+    meta_head_data: str = "train"     # where phi*'s rows come from: "train" = the first rows of B*_tr (Sec. 3.3, A.1:
+    #                                   "a subset of the end-task training data"); "dev" = a batch of its own drawn
+    #                                   from the end-task dev split (the released code), apart from B*_val
+    meta_head_tol: float = 0.0        # > 0: phi*'s fit stops before meta_head_steps once 10 steps lower its training
+    #                                   loss by less than this fraction ("to convergence", Sec. 3.3); 0 = always
+    #                                   meta_head_steps steps (Sec. 4)
     same_head: bool = False           # True: meta gradient through phi' itself (Eq. 6), the ablation of Fig. 3
     cos_eps: float = 1e-8             # epsilon in cos(a, b) = a.b / (|a||b| + eps)
 
@@ -575,7 +618,9 @@ def check_tasks(end: Task | None, aux: list[Task], cfg: TrainConfig) -> None:
     out = getattr(getattr(end.head, "mlp", [None])[-1], "out_features", None)  # C of a ClassificationHead
     if end.num_labels > 0 and out is not None and out != end.num_labels:
         raise ValueError(f"end-task '{end.name}': its head predicts {out} classes but num_labels={end.num_labels}")
-    if meta and not cfg.same_head and cfg.meta_batch_size > cfg.batch_size:
+    if meta and cfg.meta_head_data not in ("train", "dev"):
+        raise ValueError(f"meta_head_data must be 'train' or 'dev', not '{cfg.meta_head_data}'")
+    if meta and not cfg.same_head and cfg.meta_head_data == "train" and cfg.meta_batch_size > cfg.batch_size:
         raise ValueError(f"meta_batch_size={cfg.meta_batch_size} > batch_size={cfg.batch_size}: phi* is fitted on "
                          f"rows of the end-task micro-batch B*_tr, which has only {cfg.batch_size} (a larger B*_val "
                          f"is meta_val_batch_size)")
@@ -624,7 +669,8 @@ def train(body: nn.Module, end: Task | None, aux: list[Task], cfg: TrainConfig, 
     names = [t.name for t in tasks]
     history, tokens = [], dict.fromkeys(names, 0)
     losses_since, cos_since, val_since, fit_since = [], [], [], []
-    trace = {"weights": [], "cosines": [], "meta_val_loss": []}  # one entry per optimizer step
+    trace = {"weights": [], "cosines": [], "grad_norms": [], "meta_val_loss": []}  # one entry per optimizer step
+    analysis_seconds = 0.0  # time spent scoring the test split for the history (eval_test), not part of training
     best, best_state, best_weights, since_best = -math.inf, None, None, 0
     amp = autocast(device, cfg.bf16)
     bar = _progress(total, cfg.progress, "train")
@@ -658,6 +704,7 @@ def train(body: nn.Module, end: Task | None, aux: list[Task], cfg: TrainConfig, 
             cos_since.append(info["cosines"])
             val_since.append(info["val_loss"])
             trace["cosines"].append(info["cosines"])
+            trace["grad_norms"].append(info["grad_norms"])
             trace["meta_val_loss"].append(info["val_loss"])
         if info.get("head_fit"):
             fit_since.append(info["head_fit"])
@@ -668,13 +715,18 @@ def train(body: nn.Module, end: Task | None, aux: list[Task], cfg: TrainConfig, 
         _finite(dev["loss"], f"the dev loss of task '{end.name}'", f"at the evaluation after optimizer step {step}",
                 "a diverged model, or a NaN in the dev data")
         alpha = info["alpha"]
+        if cfg.eval_test and end.test is not None:  # for learning curves only: nothing below reads it
+            t_test = time.perf_counter()
+            test = evaluate(body, end.head, end.test, cfg.eval_batch_size, cfg.bf16)
+            analysis_seconds += time.perf_counter() - t_test
         history.append({"step": step, "weights": dict(zip(names, alpha)),
                         "losses": dict(zip(names, np.mean(losses_since, axis=0).tolist())),
                         "cosines": dict(zip(names, np.mean(cos_since, axis=0).tolist())) if cos_since else None,
                         "meta_val_loss": float(np.mean(val_since)) if val_since else None,
                         # phi*'s training loss at its first and last fitting step, averaged over the steps
                         "meta_head_fit_loss": np.mean(fit_since, axis=0).tolist() if fit_since else None,
-                        "dev": dev, "seconds": time.perf_counter() - t0})
+                        "dev": dev, "seconds": time.perf_counter() - t0,
+                        **({"test": test, "analysis_seconds": analysis_seconds} if cfg.eval_test else {})})
         losses_since, cos_since, val_since, fit_since = [], [], [], []
         score = dev[end.metric]
         if score > best:
@@ -690,13 +742,14 @@ def train(body: nn.Module, end: Task | None, aux: list[Task], cfg: TrainConfig, 
     if best_state is not None:
         _restore(best_state, body, end.head)
     # final_weights: alpha at the last step; best_weights: alpha at the evaluation of the restored (best-dev) model;
-    # trace: per task, alpha (and for META cos(g_meta, g_k)) at every optimizer step, step s at index s - 1
+    # trace: per task, alpha (and for META cos(g_meta, g_k) and the body-gradient norm |g_k|) at every optimizer
+    # step, step s at index s - 1
     per_task = lambda rows: {n: [r[k] for r in rows] for k, n in enumerate(names)} if rows else None  # noqa: E731
     return {"history": history, "steps": step, "best_dev": best if best_state is not None else None,
             "tokens": tokens, "seconds": time.perf_counter() - t0, "final_weights": dict(zip(names, info["alpha"])),
             "best_weights": best_weights,
             "trace": {"weights": per_task(trace["weights"]), "cosines": per_task(trace["cosines"]),
-                      "meta_val_loss": trace["meta_val_loss"] or None}}
+                      "grad_norms": per_task(trace["grad_norms"]), "meta_val_loss": trace["meta_val_loss"] or None}}
 
 
 def _finite(value: float, what: str, where: str, hint: str = ""):
@@ -776,6 +829,7 @@ class MetaState:
     w: torch.Tensor                     # (K,) task-weight logits (w*, w_1..w_n), float64 on the CPU; alpha = softmax(w)
     G: torch.Tensor                     # (K, P) buffer for this step's per-task body gradients g_k
     val: Iterator                       # endless batches B*_val ~ D_val of the end-task (tartan.batches)
+    head_rows: Iterator | None = None   # meta_head_data="dev": endless dev batches that phi* is fitted on
 
 
 def meta_state(body: nn.Module, tasks: list[Task], cfg: MetaConfig) -> MetaState:
@@ -786,8 +840,11 @@ def meta_state(body: nn.Module, tasks: list[Task], cfg: MetaConfig) -> MetaState
     end = tasks[0]
     val = batches(Task(end.name + ":val", end.head, train=end.dev), cfg.meta_val_batch_size or cfg.meta_batch_size,
                   torch.Generator().manual_seed(cfg.seed * 1009 + 1000))
+    head_rows = None if cfg.meta_head_data == "train" or cfg.same_head else \
+        batches(Task(end.name + ":val", end.head, train=end.dev), cfg.meta_batch_size,
+                torch.Generator().manual_seed(cfg.seed * 1009 + 2000))  # its own order, apart from B*_val's
     return MetaState(w=torch.full((K,), 1.0 / K, dtype=torch.float64),
-                     G=torch.empty(K, P, device=params[0].device), val=val)
+                     G=torch.empty(K, P, device=params[0].device), val=val, head_rows=head_rows)
 
 
 def estimate_meta_head(features: torch.Tensor, labels: torch.Tensor, num_labels: int, cfg: MetaConfig):
@@ -802,10 +859,14 @@ def estimate_meta_head(features: torch.Tensor, labels: torch.Tensor, num_labels:
     features = features.detach().float()
     head = ClassificationHead(features.shape[-1], num_labels).to(features.device)
     opt = torch.optim.AdamW(head.parameters(), lr=cfg.meta_head_lr, weight_decay=cfg.meta_head_wd)
-    first = None
+    first, seen = None, []
     for _ in range(cfg.meta_head_steps):
         _, loss = head(features, labels)
         first = loss.detach() if first is None else first
+        if cfg.meta_head_tol > 0:  # "to convergence": stop once 10 steps gained less than the tolerance (a sync)
+            seen.append(loss.item())
+            if len(seen) > 10 and seen[-11] - seen[-1] < cfg.meta_head_tol * seen[-11]:
+                break
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -820,14 +881,21 @@ def meta_gradient(body: nn.Module, head_star: nn.Module, val_batch, params: list
     comparable. It leaves no trace: no .grad is touched, and body buffers (e.g. BatchNorm running statistics) are
     restored, so dev batches never move the model."""
     inputs, labels = to_device(*val_batch, params[0].device)
-    buffers = [(b, b.clone()) for b in body.buffers()]
-    with amp if amp is not None else autocast(params[0].device, False):
-        _, loss = head_star(body(**inputs), labels)
-    grads = torch.autograd.grad(loss, params, allow_unused=True)
-    with torch.no_grad():
-        for b, saved in buffers:
-            b.copy_(saved)
+    with _buffers_kept(body):  # restored after the backward pass, which may read them
+        with amp if amp is not None else autocast(params[0].device, False):
+            _, loss = head_star(body(**inputs), labels)
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
     return _flat(params, grads), loss.item()
+
+
+@contextlib.contextmanager
+def _buffers_kept(body: nn.Module):
+    """Restores the body's buffers (e.g. BatchNorm running statistics) after a forward pass on dev rows."""
+    saved = [(b, b.clone()) for b in body.buffers()]
+    yield
+    with torch.no_grad():
+        for b, value in saved:
+            b.copy_(value)
 
 
 def _flat(params, grads) -> torch.Tensor:
@@ -872,10 +940,17 @@ def meta_step(body, tasks, streams, state: MetaState, cfg: MetaConfig, amp, toke
             loss, features, labels = _forward(body, task, stream, device, amp, tokens)
             (loss / cfg.grad_accum).backward()
             losses[k] += loss.item() / cfg.grad_accum
-            if k == 0 and micro == 0:  # features of B*_tr for phi*, from the pass above (no extra body pass)
+            if k == 0 and micro == 0 and state.head_rows is None:  # phi*'s rows of B*_tr, from this pass
                 feats = features[:, 0] if features.dim() == 3 else features  # (B, H)
                 meta_x, meta_y = feats[:cfg.meta_batch_size].detach(), labels[:cfg.meta_batch_size]
         _take_body_grad(params, state.G[k])
+    if state.head_rows is not None:  # meta_head_data="dev" (the release): phi* is fitted on dev rows of its own
+        inputs, meta_y = to_device(*next(state.head_rows), device)
+        with torch.no_grad(), amp, _buffers_kept(body):  # dev rows never move the model
+            feats = body(**inputs)
+        meta_x = (feats[:, 0] if feats.dim() == 3 else feats).float()
+        key = tasks[0].name + ":head_rows"
+        tokens[key] = tokens.get(key, 0) + _n_tokens(inputs)
     # phi* <- estimate_meta_head(B*_tr), a new head every step; the Eq. 6 ablation (same_head) uses phi' itself
     head_star, fit = (tasks[0].head, None) if cfg.same_head else \
         estimate_meta_head(meta_x, meta_y, tasks[0].num_labels, cfg)
@@ -886,11 +961,13 @@ def meta_step(body, tasks, streams, state: MetaState, cfg: MetaConfig, amp, toke
     g_meta, val_loss = meta_gradient(body, head_star, val_batch, params, amp)
     # w_k <- w_k + eta * cos(g_meta, g_k); alpha = softmax(w)
     state.w, alpha, cos = update_task_weights(state.w, state.G, g_meta, cfg.meta_lr, cfg.cos_eps)
+    norms = state.G.norm(dim=-1)  # |g_k|, recorded beside the cosine: which task dominates the body's gradient
     # theta_body's gradient: sum_k alpha_k g_k (views into one buffer); the heads' gradients are already in place
     combined = alpha.to(device, state.G.dtype) @ state.G  # (P,)
     for p, g in zip(params, combined.split([p.numel() for p in params])):
         p.grad = g.view_as(p)
     return {"losses": losses, "alpha": alpha.tolist(), "cosines": cos.tolist(), "val_loss": val_loss,
+            "grad_norms": norms.tolist(),
             "head_fit": None if fit is None else fit.tolist()}  # read after g_meta's pass has synchronised anyway
 
 

@@ -380,17 +380,19 @@ def _fit_meta_head(features, labels, num_labels):
     return head
 
 
-@pytest.mark.parametrize("same_head, meta_batch, grad_accum", [(True, 8, 1), (False, 8, 1), (False, 4, 2),
-                                                               (True, 4, 2)])
-def test_meta_step_matches_an_independent_computation(tok, task_dir, same_head, meta_batch, grad_accum):
+@pytest.mark.parametrize("same_head, meta_batch, grad_accum, head_data", [
+    (True, 8, 1, "train"), (False, 8, 1, "train"), (False, 4, 2, "train"), (True, 4, 2, "train"), (False, 8, 1, "dev"),
+    (False, 12, 2, "dev")])
+def test_meta_step_matches_an_independent_computation(tok, task_dir, same_head, meta_batch, grad_accum, head_data):
     """One META step against gradients computed separately: cosines with this step's gradients (Alg. 1 order), the
-    softmax of the updated weights, body gradient sum_k alpha_k g_k, head gradients unweighted. phi* is fitted on
-    the first meta_batch rows of the end-task's first micro-batch, B*_val has meta_batch rows of dev."""
+    softmax of the updated weights, body gradient sum_k alpha_k g_k, head gradients unweighted, the norms |g_k|.
+    phi* is fitted on the first meta_batch rows of the end-task's first micro-batch (head_data "train"), or on
+    meta_batch dev rows of their own stream ("dev"); B*_val has meta_batch rows of dev."""
     body, end, aux = build(tok, task_dir, n_aux=2, dropout=0.0)
     end.head = tartan.ClassificationHead(body.hidden_size, 3, dropout=0.0)
     tasks = [end] + aux
     cfg = tartan.MetaConfig(batch_size=8, aux_batch_size=8, grad_accum=grad_accum, meta_batch_size=meta_batch,
-                            same_head=same_head, meta_lr=0.1)
+                            same_head=same_head, meta_lr=0.1, meta_head_data=head_data)
     streams = lambda: [tartan.batches(t, 8, torch.Generator().manual_seed(k)) for k, t in enumerate(tasks)]  # noqa
     w0 = torch.tensor([0.2, -0.1, 0.3], dtype=torch.float64)
     state = tartan.meta_state(body, tasks, cfg)
@@ -418,6 +420,11 @@ def test_meta_step_matches_an_independent_computation(tok, task_dir, same_head, 
                 meta_x, meta_y = features[:meta_batch, 0].detach(), labels[:meta_batch]
         G.append(g_body)
         head_grads.append(g_head)
+    if head_data == "dev":  # dev rows of their own stream, drawn apart from B*_val
+        inputs, meta_y = next(tartan.batches(tartan.Task("v", end.head, end.dev), meta_batch,
+                                             torch.Generator().manual_seed(2000)))
+        with torch.no_grad():
+            meta_x = body(**inputs)[:, 0]
     torch.manual_seed(5)
     head_star = end.head if same_head else _fit_meta_head(meta_x, meta_y, 3)
     val_inputs, val_labels = next(tartan.batches(tartan.Task("v", end.head, end.dev), meta_batch,
@@ -431,6 +438,7 @@ def test_meta_step_matches_an_independent_computation(tok, task_dir, same_head, 
     torch.testing.assert_close(torch.tensor(info["cosines"]), cos, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(torch.tensor(info["alpha"]), alpha, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(got_body, alpha @ G, atol=1e-6, rtol=1e-4)
+    torch.testing.assert_close(torch.tensor(info["grad_norms"]), G.norm(dim=1), atol=1e-6, rtol=1e-5)
     for got, want in zip(got_heads, head_grads):
         for a, b in zip(got, want):
             torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
@@ -822,12 +830,66 @@ def test_early_stopping_metric_and_patience(tok, task_dir, monkeypatch):
             assert restored == pytest.approx(fingerprints[best_eval - 1], abs=1e-6)
 
 
+def test_test_scores_at_evaluations_are_recorded_but_never_select(tok, task_dir, monkeypatch):
+    """eval_test scores the test split at every evaluation for the history; selection and early stopping read dev
+    only: with test scores scripted against the dev scores, the run stops and restores exactly as without them."""
+    dev = [0.30, 0.50, 0.40, 0.45, 0.44, 0.43, 0.42, 0.41]  # best at evaluation 2
+    test = [0.90, 0.10, 0.20, 0.95, 0.30, 0.99, 0.98, 0.97]  # would pick evaluations 1, 4 or 6
+    outs = []
+    for eval_test in (False, True):
+        body, end, aux = build(tok, task_dir)
+        seen = {"dev": 0, "test": 0}
+
+        def scripted(body_, head, data, *a, **k):
+            split = "test" if data is end.test else "dev"
+            score = (test if split == "test" else dev)[seen[split]]
+            seen[split] += 1
+            return {"macro_f1": score, "micro_f1": score, "n": len(data), "loss": 1.0 - score}
+        monkeypatch.setattr(tartan, "evaluate", scripted)
+        torch.manual_seed(0)
+        cfg = tartan.TrainConfig(**{**SMALL, "max_steps": 32, "eval_every": 4, "patience": 3}, eval_test=eval_test)
+        outs.append(tartan.train(body, end, aux, cfg))
+        monkeypatch.undo()
+        assert seen["test"] == (len(outs[-1]["history"]) if eval_test else 0)
+    without, with_test = outs
+    assert with_test["steps"] == without["steps"] == 4 * (2 + 3) and with_test["best_dev"] == without["best_dev"] == 0.5
+    assert [h["test"]["macro_f1"] for h in with_test["history"]] == test[:5]
+    assert all("test" not in h for h in without["history"])
+    assert with_test["trace"]["weights"] == without["trace"]["weights"]
+
+
+def test_meta_head_fit_stops_when_its_loss_stops_falling():
+    torch.manual_seed(0)
+    y = torch.arange(64) % 2
+    x = torch.randn(64, 8) + 3.0 * torch.nn.functional.one_hot(y, 8).float()
+    steps = []
+    real = torch.optim.AdamW.step
+
+    def counting(self, *a, **k):
+        steps.append(1)
+        return real(self, *a, **k)
+    torch.optim.AdamW.step = counting
+    try:
+        for tol in (0.0, 1e-2):
+            steps.clear()
+            torch.manual_seed(1)
+            _, fit = tartan.estimate_meta_head(x, y, 2, tartan.MetaConfig(meta_head_steps=400, meta_head_lr=1e-2,
+                                                                         meta_head_tol=tol))
+            if tol == 0:
+                assert len(steps) == 400
+            else:  # stopped early, once 10 steps gained less than 1% of the loss, after it had fallen
+                assert 1 < len(steps) < 400 and fit[1] < 0.5 * fit[0]
+    finally:
+        torch.optim.AdamW.step = real
+
+
 def test_config_defaults_are_the_papers():
     m = tartan.MetaConfig()
     # Sec. 4: eta in {1e-1, 5e-2, 3e-2, 1e-2} (released scripts: 1e-2); phi*: 10 steps, lr 1e-3, l2 decay 0.1,
     # batch in {16, 32}; Sec. 3.3: a fresh phi*; Eq. 7 rather than Eq. 6; Algorithm 1 starts from equal weights
     assert (m.meta_lr, m.meta_head_steps, m.meta_head_lr, m.meta_head_wd) == (1e-2, 10, 1e-3, 0.1)
     assert m.meta_batch_size == 32
+    assert (m.meta_head_data, m.meta_head_tol) == ("train", 0.0)  # Sec. 3.3: training rows; Sec. 4: 10 steps
     assert m.same_head is False and m.weights is None
     t = tartan.TrainConfig()
     assert (t.lr, t.head_lr, t.weight_decay, t.head_weight_decay, t.betas, t.adam_eps) == (1e-4, 1e-3, 0.01, 0.1,

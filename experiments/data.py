@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 import urllib.error
 import urllib.request
 
@@ -119,3 +120,27 @@ def corpus_file(task: str, label: str, extra: dict) -> str:
     if label in extra:
         return os.path.abspath(extra[label])
     raise ReproduceError(f"unknown auxiliary corpus '{label}'")
+
+
+def model_identity(name: str) -> str:
+    """How a result file names its model, so that it travels between machines: a Hub id as it is; a local folder by
+    the installed package that ships it ("package==version/subfolder") where there is one, else by a SHA-256 over
+    its weight files; never by the path where it happens to sit."""
+    path = os.path.abspath(os.path.expanduser(name))
+    if not os.path.isdir(path):
+        return name
+    from importlib.metadata import packages_distributions, version
+    for root in sys.path:  # a folder inside an installed package: name that package and its version
+        root = os.path.abspath(root or ".")
+        if root != path and path.startswith(root + os.sep) and "site-packages" in root:
+            top, *rest = os.path.relpath(path, root).split(os.sep)
+            dists = packages_distributions().get(top)
+            if dists:
+                return f"{dists[0]}=={version(dists[0])}" + "".join("/" + r for r in rest)
+    weights = sorted(f for f in os.listdir(path) if f.endswith((".safetensors", ".bin", ".pt", ".h5", ".msgpack")))
+    if not weights:
+        return f"local folder without weight files: {os.path.basename(path)}"
+    h = hashlib.sha256()
+    for f in weights:
+        h.update(f.encode() + b"\0" + file_digest(os.path.join(path, f)).encode())
+    return f"local weights sha256:{h.hexdigest()}"

