@@ -27,11 +27,11 @@ import sys
 import traceback
 
 import tartan
-from experiments.bench import BENCH_COUNTS, BENCH_SHAPES, BENCH_SIZES, run_bench, tune_malloc
 from experiments import diagnose
-from experiments.common import ReproduceError, atomic_write_text, resolve_device
+from experiments.bench import BENCH_COUNTS, BENCH_SHAPES, BENCH_SIZES, run_bench, tune_malloc
+from experiments.common import ReproduceError, atomic_write_text, resolve_device, seeds_str
 from experiments.data import DATA_URL
-from experiments.demo import run_demo
+from experiments.demo import DEMO_SEEDS, run_demo
 from experiments.launch import Finished, parse_shard, shard_device
 from experiments.own import default_baseline, own_tasks
 from experiments.paper import (BUDGETS, DAPT_FILES, FIGURES, PAPER_BODY, PAPER_MAX_LENGTH, PAPER_WARM_HEAD, QUICK,
@@ -119,7 +119,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
              "and 4), 'full' (domain.full.txt, placed by hand: Table 3), or a file")
     add(what, "--seeds", type=parse_seeds, metavar="0-9", commands=TRAINING + (DEMO,),
         help="seeds, e.g. 0-9 or 0,3 (default: the paper's number for the table or figure, 10 for --task/--mode; "
-             "0-2 for the demo)")
+             f"{seeds_str(DEMO_SEEDS)} for the demo)")
     add(what, "--table", type=int, choices=sorted(TABLES), commands=(TABLE,),
         help="run a whole table of the paper and print it")
     add(what, "--figure", type=int, choices=sorted(FIGURES), commands=(FIGURE,),
@@ -419,7 +419,7 @@ def main(argv=None) -> int:
             print(text)
             return 0
         if command == DEMO:
-            run_demo(args.seeds or [0, 1, 2], args.out, quick=args.quick, progress=args.progress)
+            run_demo(args.seeds or DEMO_SEEDS, args.out, quick=args.quick, progress=args.progress)
             return 0
         extra, aux_files, dapt = _corpora(parser, args.aux_file, args.dapt_corpus)
         settings = make_settings(args, extra)

@@ -82,7 +82,7 @@ def _peak_tflops(device, bf16, override):
         return override
     if device.type != "cuda":
         return None
-    name = torch.cuda.getdevice_name(device)
+    name = device_name(device)
     for key, peak_bf16, peak_fp32 in PEAK_TFLOPS:
         if key in name:
             return peak_bf16 if bf16 else peak_fp32
@@ -110,82 +110,103 @@ def run_bench(model=None, device=None, batch_size=None, aux_batch_size=None, met
 
 def _run_bench(model, device, batch_size, aux_batch_size, meta_batch_size, max_length, n_aux, steps, warmup, rounds,
                out_dir, quick, bf16, peak_tflops, num_labels, seed, malloc, progress, log):
-    from transformers import AutoModelForMaskedLM, RobertaConfig
-
     device = resolve_device(device)
     model = "tiny" if quick else (model or ("roberta-base" if device.type == "cuda" else "small"))
-    B, A, M, T = [given or default for given, default in
-                  zip((batch_size, aux_batch_size, meta_batch_size, max_length), BENCH_SIZES[model])]
+    sizes = [given or default for given, default in
+             zip((batch_size, aux_batch_size, meta_batch_size, max_length), BENCH_SIZES[model])]
     counts = BENCH_COUNTS["quick" if quick else "full"]
     steps, warmup, rounds = steps or counts["steps"], warmup or counts["warmup"], rounds or counts["rounds"]
-    bf16 = bf16 and device.type == "cuda"
-    if M > B:
-        raise ReproduceError(f"--meta-batch-size {M} exceeds the end-task batch {B} (phi* is fitted on end-task "
-                             f"batch rows)")
+    bench = _Bench(model, device, *sizes, n_aux, bf16 and device.type == "cuda", num_labels, seed)
+    log(f"bench: {model} on {device} ({device_name(device)}), batches end {bench.B} / aux {n_aux} x {bench.A} / meta "
+        f"{bench.M}, length {bench.T}, bf16 {bench.bf16}, grad_accum 1; {rounds} rounds x {steps} steps after {warmup} "
+        f"warm-up; malloc: {malloc or 'not set here'}")
+    t_start = time.perf_counter()
+    samples = bench.time_items(rounds, warmup, steps, progress, log)
+    peak_tf = _peak_tflops(device, bench.bf16, peak_tflops)
+    res = bench.summarise(samples, bench.peak_memory(), peak_tf)
+    report = _bench_report(bench, samples, res, steps, warmup, rounds, peak_tf, malloc, t_start)
+    _print_bench(report, log)
+    path = os.path.join(out_dir, "bench_quick.json" if quick else "bench.json")
+    atomic_write_json(path, report)
+    report["path"] = path
+    log(f"wrote {path}")
+    return report
 
-    set_seed(seed)
-    shape = BENCH_SHAPES[model]
-    config = RobertaConfig(max_position_embeddings=T + 2, type_vocab_size=1, **shape)  # RoBERTa positions start at 2
-    body, mlm_head = tartan.split_masked_lm(AutoModelForMaskedLM.from_config(config).to(device))
-    V, H, L = shape["vocab_size"], shape["hidden_size"], shape["num_hidden_layers"]
 
-    gen = torch.Generator().manual_seed(seed)
-    masking = tartan.Masking(mask_id=V - 1, vocab_size=V, special_ids=(0, 1, 2, 3))
-    aux_inputs = _synthetic_batch(A, T, V, gen)
-    aux_inputs["input_ids"], aux_labels = tartan.mask_tokens(aux_inputs["input_ids"], aux_inputs["attention_mask"],
-                                                             masking, gen)
-    end = tartan.Task("end", tartan.ClassificationHead(H, num_labels).to(device),
-                      train=_FixedData(_synthetic_batch(B, T, V, gen), torch.randint(num_labels, (B,), generator=gen)),
-                      dev=_FixedData(_synthetic_batch(M, T, V, gen), torch.randint(num_labels, (M,), generator=gen)),
-                      num_labels=num_labels)
-    aux = [tartan.Task(f"aux{i}", tartan.new_mlm_head(mlm_head, body), train=_FixedData(aux_inputs, aux_labels))
-           for i in range(n_aux)]
-    heads = [end.head] + [t.head for t in aux]
+class _Bench:
+    """The benchmark's model, tasks and configs (built once), and what it runs on them: the floors, the optimizer
+    step, tartan.train's steps (the items), their timing, and the summary of the timings."""
 
-    autocast = tartan.autocast(device, bf16)  # as tartan.train builds it
-    peak = PeakMemory(device)
-    common = dict(batch_size=B, aux_batch_size=A, grad_accum=1, eval_every=-1, bf16=bf16, seed=seed,
-                  final_finetune=None)
-    cfg_train, cfg_meta = tartan.TrainConfig(**common), tartan.MetaConfig(meta_batch_size=M, **common)
+    def __init__(self, model, device, B, A, M, T, n_aux, bf16, num_labels, seed):
+        from transformers import AutoModelForMaskedLM, RobertaConfig
 
-    def one_pass(head, data):
+        if M > B:
+            raise ReproduceError(f"--meta-batch-size {M} exceeds the end-task batch {B} (phi* is fitted on end-task "
+                                 f"batch rows)")
+        self.device, self.B, self.A, self.M, self.T, self.n_aux, self.bf16 = device, B, A, M, T, n_aux, bf16
+        self.seed = seed
+        set_seed(seed)
+        self.model, self.shape = model, BENCH_SHAPES[model]
+        config = RobertaConfig(max_position_embeddings=T + 2, type_vocab_size=1, **self.shape)  # positions start at 2
+        self.body, mlm_head = tartan.split_masked_lm(AutoModelForMaskedLM.from_config(config).to(device))
+        V, H = self.shape["vocab_size"], self.shape["hidden_size"]
+
+        gen = torch.Generator().manual_seed(seed)
+        masking = tartan.Masking(mask_id=V - 1, vocab_size=V, special_ids=(0, 1, 2, 3))
+        aux_inputs = _synthetic_batch(A, T, V, gen)
+        aux_inputs["input_ids"], aux_labels = tartan.mask_tokens(aux_inputs["input_ids"],
+                                                                 aux_inputs["attention_mask"], masking, gen)
+        train = _FixedData(_synthetic_batch(B, T, V, gen), torch.randint(num_labels, (B,), generator=gen))
+        dev = _FixedData(_synthetic_batch(M, T, V, gen), torch.randint(num_labels, (M,), generator=gen))
+        self.end = tartan.Task("end", tartan.ClassificationHead(H, num_labels).to(device), train=train, dev=dev,
+                               num_labels=num_labels)
+        self.aux = [tartan.Task(f"aux{i}", tartan.new_mlm_head(mlm_head, self.body),
+                                train=_FixedData(aux_inputs, aux_labels)) for i in range(n_aux)]
+        self.heads = [self.end.head] + [t.head for t in self.aux]
+        self.autocast = tartan.autocast(device, bf16)  # as tartan.train builds it
+        common = dict(batch_size=B, aux_batch_size=A, grad_accum=1, eval_every=-1, bf16=bf16, seed=seed,
+                      final_finetune=None)
+        self.cfg_train, self.cfg_meta = tartan.TrainConfig(**common), tartan.MetaConfig(meta_batch_size=M, **common)
+        self.floors = {"floor_end": (self.end.head, self.end.train), "floor_aux": (self.aux[0].head, self.aux[0].train),
+                       "floor_val": (self.end.head, self.end.dev)}
+        self.items = self._items()
+
+    def one_pass(self, head, data):
         """One forward+backward of body + head on one batch, the way tartan._forward runs it; returns seconds."""
-        _sync(device)
+        _sync(self.device)
         t0 = time.perf_counter()
-        inputs, labels = tartan.to_device(*data.batch(None), device)
-        with autocast:
-            _, loss = head(body(**inputs), labels)
+        inputs, labels = tartan.to_device(*data.batch(None), self.device)
+        with self.autocast:
+            _, loss = head(self.body(**inputs), labels)
         loss.backward()
-        _sync(device)
+        _sync(self.device)
         seconds = time.perf_counter() - t0
-        for m in (body, head):
+        for m in (self.body, head):
             m.zero_grad(set_to_none=True)
         return seconds
 
-    floors = {"floor_end": (end.head, end.train), "floor_aux": (aux[0].head, aux[0].train),
-              "floor_val": (end.head, end.dev)}
-
-    def optimizer_step(n_warm, n_time):
+    def optimizer_step(self, n_warm, n_time):
         """Gradient clipping and the two AdamW steps of tartan.train for body + all heads, with every gradient set."""
-        params = list(body.parameters())
-        head_params = [p for h in heads for p in tartan.head_parameters(h, body)]
-        opts = [tartan.make_optimizer(params, cfg_train.lr, cfg_train.weight_decay, cfg_train),
-                tartan.make_optimizer(head_params, cfg_train.head_lr, cfg_train.head_weight_decay, cfg_train)]
+        cfg = self.cfg_train
+        params = list(self.body.parameters())
+        head_params = [p for h in self.heads for p in tartan.head_parameters(h, self.body)]
+        opts = [tartan.make_optimizer(params, cfg.lr, cfg.weight_decay, cfg),
+                tartan.make_optimizer(head_params, cfg.head_lr, cfg.head_weight_decay, cfg)]
         times = []
         for i in range(n_warm + n_time):
             for p in params + head_params:
                 p.grad = torch.zeros_like(p)
-            _sync(device)
+            _sync(self.device)
             t0 = time.perf_counter()
-            tartan.clip_grad_norm(params + head_params, cfg_train.grad_clip)
+            tartan.clip_grad_norm(params + head_params, cfg.grad_clip)
             for o in opts:
                 o.step()
                 o.zero_grad(set_to_none=True)
-            _sync(device)
+            _sync(self.device)
             times.append(time.perf_counter() - t0)
         return {"step": times[n_warm:]}
 
-    def step(end_task, aux_tasks, cfg, step_fn, paired, n_warm, n_time):
+    def step(self, end_task, aux_tasks, cfg, step_fn, paired, n_warm, n_time):
         """Runs tartan.train for n_warm + n_time + 1 steps. A step is the time between the starts of two consecutive
         calls of its step function, less the floors run there: before each step, each floor in `paired` runs (count
         times, timed apart), so that every step has its own floors from a second earlier. Returns {"step": durations,
@@ -194,96 +215,121 @@ def _run_bench(model, device, batch_size, aux_batch_size, meta_batch_size, max_l
 
         def timed(*args):
             for name, count in paired.items():  # count: passes per step (n_aux for the auxiliary floor)
-                inline[name].append(sum(one_pass(*floors[name]) for _ in range(count)))
-            _sync(device)
+                inline[name].append(sum(self.one_pass(*self.floors[name]) for _ in range(count)))
+            _sync(self.device)
             marks.append(time.perf_counter())
             return step_fn(*args)
-        tartan.train(body, end_task, aux_tasks, dataclasses.replace(cfg, max_steps=n_warm + n_time + 1), timed)
+        tartan.train(self.body, end_task, aux_tasks, dataclasses.replace(cfg, max_steps=n_warm + n_time + 1), timed)
         after = [sum(inline[name][i] for name in paired) for i in range(len(marks))]  # floors before step i's mark
         steps_ = [marks[i + 1] - marks[i] - after[i + 1] for i in range(len(marks) - 1)]
         return {"step": steps_[n_warm:], **{name: inline[name][n_warm:n_warm + n_time] for name in paired}}
 
-    meta_same = dataclasses.replace(cfg_meta, same_head=True)
-    both = {"floor_end": 1, "floor_aux": n_aux}
-    items = {  # name: (run, training tokens per step, body tokens per step)
-        "optimizer": (optimizer_step, 0, 0),
-        "finetune": (lambda *n: step(end, [], cfg_train, tartan.multitask_step, {"floor_end": 1}, *n), B * T, B * T),
-        "pretrain": (lambda *n: step(None, aux, dataclasses.replace(cfg_train, weights=(1.0,) * n_aux),
-                                     tartan.multitask_step, {"floor_aux": n_aux}, *n), n_aux * A * T, n_aux * A * T),
-        "mt": (lambda *n: step(end, aux, cfg_train, tartan.multitask_step, both, *n), (B + n_aux * A) * T,
-               (B + n_aux * A) * T),
-        "meta": (lambda *n: step(end, aux, cfg_meta, tartan.meta_step, {**both, "floor_val": 1}, *n),
-                 (B + n_aux * A) * T, (B + n_aux * A + M) * T),
-        "meta_same_head": (lambda *n: step(end, aux, meta_same, tartan.meta_step, {**both, "floor_val": 1}, *n),
-                           (B + n_aux * A) * T, (B + n_aux * A + M) * T),
-    }
-    log(f"bench: {model} on {device} ({device_name(device)}), batches end {B} / aux {n_aux} x {A} / meta {M}, "
-        f"length {T}, bf16 {bf16}, grad_accum 1; {rounds} rounds x {steps} steps after {warmup} warm-up; "
-        f"malloc: {malloc or 'not set here'}")
-    samples = {name: [] for name in items}  # per item: one dict per round {"step": [...], floor: [...]}
-    t_start = time.perf_counter()
-    for run, _, _ in items.values():  # untimed: caches, lazy init and the heap reach their working state
-        run(1, 1)
-    bar = progress_bar(rounds * len(items), progress, "bench")
-    for r in range(rounds):  # timing: nothing resets memory in between (on CPU a reset hands the heap back to the
-        for name, (run, _, _) in items.items():  # OS, and the page faults of its refill would be timed)
-            samples[name].append(run(warmup, steps))
-            bar.update(1)
-        log(f"  round {r + 1}/{rounds} done ({time.perf_counter() - t_start:.0f} s)")
-    bar.close()
-    peaks = {}
-    for name, (run, _, _) in items.items():  # peak memory: one short untimed pass per item, each from a reset
-        peak.reset()
-        run(1, 1)
-        peaks[name] = peak.read_mb()
-    for name, (head_, data_) in floors.items():
-        peak.reset()
-        one_pass(head_, data_)
-        peaks[name] = peak.read_mb()
+    def _items(self) -> dict:
+        """name: (run(n_warm, n_time), training tokens per step, body tokens per step)."""
+        end, aux, n_aux, B, A, M, T = self.end, self.aux, self.n_aux, self.B, self.A, self.M, self.T
+        meta_same = dataclasses.replace(self.cfg_meta, same_head=True)
+        pretrain = dataclasses.replace(self.cfg_train, weights=(1.0,) * n_aux)
+        both = {"floor_end": 1, "floor_aux": n_aux}
+        with_val = {**both, "floor_val": 1}
+        return {
+            "optimizer": (self.optimizer_step, 0, 0),
+            "finetune": (lambda *n: self.step(end, [], self.cfg_train, tartan.multitask_step, {"floor_end": 1}, *n),
+                         B * T, B * T),
+            "pretrain": (lambda *n: self.step(None, aux, pretrain, tartan.multitask_step, {"floor_aux": n_aux}, *n),
+                         n_aux * A * T, n_aux * A * T),
+            "mt": (lambda *n: self.step(end, aux, self.cfg_train, tartan.multitask_step, both, *n),
+                   (B + n_aux * A) * T, (B + n_aux * A) * T),
+            "meta": (lambda *n: self.step(end, aux, self.cfg_meta, tartan.meta_step, with_val, *n),
+                     (B + n_aux * A) * T, (B + n_aux * A + M) * T),
+            "meta_same_head": (lambda *n: self.step(end, aux, meta_same, tartan.meta_step, with_val, *n),
+                               (B + n_aux * A) * T, (B + n_aux * A + M) * T),
+        }
 
-    n_flop = sum(p.numel() for n, p in body.named_parameters() if "embeddings" not in n)
-    peak_tf = _peak_tflops(device, bf16, peak_tflops)
-    flat = {name: sum((s["step"] for s in samples[name]), []) for name in items}
-    for f in floors:  # every inline sample of a floor (per pass), from whichever loop ran it
-        flat[f] = [x / (n_aux if f == "floor_aux" else 1) for name in items for s in samples[name] if f in s
-                   for x in s[f]]
-    tokens = {"floor_end": (B * T, B * T), "floor_aux": (A * T, A * T), "floor_val": (M * T, M * T),
-              **{name: (tt, bt) for name, (_, tt, bt) in items.items()}}
-    res = {}
-    for name in list(floors) + list(items):
-        train_tokens, body_tokens = tokens[name]
-        sec = float(np.median(flat[name]))
-        flops = body_tokens * (6 * n_flop + 12 * L * H * T)
-        res[name] = {"seconds": sec, "samples": len(flat[name]),
-                     "tokens_per_step": train_tokens, "tokens_per_s": train_tokens / sec if train_tokens else None,
-                     "peak_memory_mb": peaks[name],
-                     "tflops": flops / sec / 1e12, "mfu": flops / sec / 1e12 / peak_tf if peak_tf and flops else None}
+    def time_items(self, rounds, warmup, steps, progress, log) -> dict:
+        """An untimed pass of every item, then rounds x (every item: warmup + steps); per item, one dict per round
+        {"step": [...], floor: [...]}."""
+        samples = {name: [] for name in self.items}
+        t_start = time.perf_counter()
+        for run, _, _ in self.items.values():  # untimed: caches, lazy init and the heap reach their working state
+            run(1, 1)
+        bar = progress_bar(rounds * len(self.items), progress, "bench")
+        for r in range(rounds):  # timing: nothing resets memory in between (on CPU a reset hands the heap back to
+            for name, (run, _, _) in self.items.items():  # the OS, and the page faults of its refill would be timed)
+                samples[name].append(run(warmup, steps))
+                bar.update(1)
+            log(f"  round {r + 1}/{rounds} done ({time.perf_counter() - t_start:.0f} s)")
+        bar.close()
+        return samples
 
-    def ratios(round_=None):
-        """Medians of per-step ratios over all rounds (or one): each step against the floors run just before it."""
-        rounds_of = lambda name: samples[name] if round_ is None else [samples[name][round_]]  # noqa: E731
+    def peak_memory(self) -> dict:
+        """Peak memory of every item and floor: one short untimed pass each, from a reset (after the timing)."""
+        peak, peaks = PeakMemory(self.device), {}
+        for name, (run, _, _) in self.items.items():
+            peak.reset()
+            run(1, 1)
+            peaks[name] = peak.read_mb()
+        for name, (head_, data_) in self.floors.items():
+            peak.reset()
+            self.one_pass(head_, data_)
+            peaks[name] = peak.read_mb()
+        return peaks
 
-        def per_step(name, denominator):  # denominator: {floor name: seconds before this step} -> seconds
-            return float(np.median([s["step"][i] / denominator({f: v[i] for f, v in s.items() if f != "step"})
-                                    for s in rounds_of(name) for i in range(len(s["step"]))]))
-        total = lambda floors_: sum(floors_.values())  # noqa: E731
-        mt = per_step("mt", total)
-        # a META step against an MT step estimated from its own floors: mt x (end + aux floors) + val floor
-        mt_plus_val = lambda fl: mt * (fl["floor_end"] + fl["floor_aux"]) + fl["floor_val"]  # noqa: E731
-        step_median = lambda name: float(np.median(sum((s["step"] for s in rounds_of(name)), [])))  # noqa: E731
-        return {"mt_over_floor": mt,
-                "meta_over_mt_plus_val": per_step("meta", mt_plus_val),
-                "meta_over_mt": step_median("meta") / step_median("mt"),
-                "meta_same_head_over_mt_plus_val": per_step("meta_same_head", mt_plus_val),
-                "mt_over_floor_plus_optimizer": res["mt"]["seconds"] / (
-                    res["floor_end"]["seconds"] + n_aux * res["floor_aux"]["seconds"] + res["optimizer"]["seconds"]),
-                "finetune_over_floor": per_step("finetune", total),
-                "pretrain_over_floor": per_step("pretrain", total)}
-    overall = ratios()
-    per_round = [ratios(r) for r in range(rounds)]
+    def summarise(self, samples, peaks, peak_tf) -> dict:
+        """Per item and floor: median seconds, tokens/s, peak memory, TFLOP/s and MFU."""
+        B, A, M, T, n_aux = self.B, self.A, self.M, self.T, self.n_aux
+        L, H = self.shape["num_hidden_layers"], self.shape["hidden_size"]
+        n_flop = self.body_parameters_no_emb()
+        flat = {name: sum((s["step"] for s in samples[name]), []) for name in self.items}
+        for f in self.floors:  # every inline sample of a floor (per pass), from whichever loop ran it
+            flat[f] = [x / (n_aux if f == "floor_aux" else 1) for name in self.items for s in samples[name] if f in s
+                       for x in s[f]]
+        tokens = {"floor_end": (B * T, B * T), "floor_aux": (A * T, A * T), "floor_val": (M * T, M * T),
+                  **{name: (tt, bt) for name, (_, tt, bt) in self.items.items()}}
+        res = {}
+        for name in list(self.floors) + list(self.items):
+            train_tokens, body_tokens = tokens[name]
+            sec = float(np.median(flat[name]))
+            flops = body_tokens * (6 * n_flop + 12 * L * H * T)
+            res[name] = {"seconds": sec, "samples": len(flat[name]),
+                         "tokens_per_step": train_tokens, "tokens_per_s": train_tokens / sec if train_tokens else None,
+                         "peak_memory_mb": peaks[name], "tflops": flops / sec / 1e12,
+                         "mfu": flops / sec / 1e12 / peak_tf if peak_tf and flops else None}
+        return res
+
+    def body_parameters_no_emb(self) -> int:
+        return sum(p.numel() for n, p in self.body.named_parameters() if "embeddings" not in n)
+
+
+def _ratios(samples, res, n_aux, round_=None) -> dict:
+    """Medians of per-step ratios over all rounds (or one): each step against the floors run just before it."""
+    rounds_of = lambda name: samples[name] if round_ is None else [samples[name][round_]]  # noqa: E731
+
+    def per_step(name, denominator):  # denominator: {floor name: seconds before this step} -> seconds
+        return float(np.median([s["step"][i] / denominator({f: v[i] for f, v in s.items() if f != "step"})
+                                for s in rounds_of(name) for i in range(len(s["step"]))]))
+    total = lambda floors_: sum(floors_.values())  # noqa: E731
+    mt = per_step("mt", total)
+    # a META step against an MT step estimated from its own floors: mt x (end + aux floors) + val floor
+    mt_plus_val = lambda fl: mt * (fl["floor_end"] + fl["floor_aux"]) + fl["floor_val"]  # noqa: E731
+    step_median = lambda name: float(np.median(sum((s["step"] for s in rounds_of(name)), [])))  # noqa: E731
+    return {"mt_over_floor": mt,
+            "meta_over_mt_plus_val": per_step("meta", mt_plus_val),
+            "meta_over_mt": step_median("meta") / step_median("mt"),
+            "meta_same_head_over_mt_plus_val": per_step("meta_same_head", mt_plus_val),
+            "mt_over_floor_plus_optimizer": res["mt"]["seconds"] / (
+                res["floor_end"]["seconds"] + n_aux * res["floor_aux"]["seconds"] + res["optimizer"]["seconds"]),
+            "finetune_over_floor": per_step("finetune", total),
+            "pretrain_over_floor": per_step("pretrain", total)}
+
+
+def _bench_report(bench: _Bench, samples, res, steps, warmup, rounds, peak_tf, malloc, t_start) -> dict:
+    """The JSON report: the ratios (overall, per round, their spread), targets, every item, config, machine, notes."""
+    device = bench.device
+    overall = _ratios(samples, res, bench.n_aux)
+    per_round = [_ratios(samples, res, bench.n_aux, r) for r in range(rounds)]
     mem_meta_over_mt = (res["meta"]["peak_memory_mb"] / res["mt"]["peak_memory_mb"]
                         if res["mt"]["peak_memory_mb"] else None)
-    report = {
+    return {
         **overall,
         "targets": {"mt_over_floor": 1.05, "meta_over_mt_plus_val": 1.10},
         "targets_hold": {"mt_over_floor": overall["mt_over_floor"] <= 1.05,
@@ -292,10 +338,12 @@ def _run_bench(model, device, batch_size, aux_batch_size, meta_batch_size, max_l
         "ratio_spread": {k: [min(r[k] for r in per_round), max(r[k] for r in per_round)] for k in overall},
         "peak_memory_meta_over_mt": mem_meta_over_mt,
         "items": res,
-        "config": {"model": model, **shape, "max_length": T, "batch_size": B, "aux_batch_size": A,
-                   "meta_batch_size": M, "n_aux": n_aux, "grad_accum": 1, "meta_head_steps": cfg_meta.meta_head_steps,
-                   "steps": steps, "warmup": warmup, "rounds": rounds, "bf16": bf16, "seed": seed,
-                   "body_parameters": sum(p.numel() for p in body.parameters()), "body_parameters_no_emb": n_flop},
+        "config": {"model": bench.model, **bench.shape, "max_length": bench.T, "batch_size": bench.B,
+                   "aux_batch_size": bench.A, "meta_batch_size": bench.M, "n_aux": bench.n_aux, "grad_accum": 1,
+                   "meta_head_steps": bench.cfg_meta.meta_head_steps, "steps": steps, "warmup": warmup,
+                   "rounds": rounds, "bf16": bench.bf16, "seed": bench.seed,
+                   "body_parameters": sum(p.numel() for p in bench.body.parameters()),
+                   "body_parameters_no_emb": bench.body_parameters_no_emb()},
         "machine": {"device": str(device), "device_name": device_name(device), "torch": torch.__version__,
                     "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "platform": platform.platform(),
                     "peak_tflops": peak_tf, "malloc": malloc},
@@ -312,12 +360,6 @@ def _run_bench(model, device, batch_size, aux_batch_size, meta_batch_size, max_l
                   "excluded": "tokenisation, collation, masking and evaluation (batches are prebuilt)"},
         "seconds_total": time.perf_counter() - t_start,
     }
-    _print_bench(report, log)
-    path = os.path.join(out_dir, "bench_quick.json" if quick else "bench.json")
-    atomic_write_json(path, report)
-    report["path"] = path
-    log(f"wrote {path}")
-    return report
 
 
 def _print_bench(report, log):
@@ -346,7 +388,7 @@ def tune_malloc(enabled: bool = True) -> str:
     PyTorch on CPU takes its large tensors (activations, gradients, the MLM logits) straight from malloc. glibc serves
     allocations above its mmap threshold (adaptive, at most 32 MB) with fresh pages and unmaps them on free, so every
     training step page-faults hundreds of MB back in, and a step that holds more at once (MT, META) pays more of it
-    than the single passes it is compared with (README, "Speed"). Same as running under MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647; the cost is that the process keeps its
+    than the single passes it is compared with (experiments/results/README.md, "Speed"). Same as running under MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647; the cost is that the process keeps its
     peak memory until it exits. Linux/glibc only; elsewhere, or with enabled=False, nothing changes. Process-wide,
     so it lives here in the command-line runner and never in tartan.py."""
     if not enabled:

@@ -1,10 +1,10 @@
 """What every program of the runner shares, once each: the error type, warnings, the atomic writer, the progress bar,
-seeding, the device resolver, the peak-memory reader and the one-sided comparison of per-seed scores."""
+seeding, the device resolver, the peak-memory reader, the one-sided comparison of per-seed scores, and the way scores,
+seed lists and tables are written."""
 from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import platform
 import random
@@ -139,17 +139,38 @@ class PeakMemory:
 
 def compare(a, b, n_permutations: int = 10_000, seed: int = 0) -> dict:
     """tartan.permutation_test of per-seed scores a against b, plus "min_p_greater": the smallest one-sided p
-    (H1: a > b) that this many seeds can give."""
-    a, b = list(a), list(b)
-    test = tartan.permutation_test(a, b, n_permutations, seed)
-    n_splits = math.comb(len(a) + len(b), len(a))
-    test["min_p_greater"] = 1 / n_splits if test["exact"] else 1 / (test["n_permutations"] + 1)
+    (H1: a > b) that this many seeds can give, i.e. the p of a single split out of those the test counted."""
+    test = tartan.permutation_test(list(a), list(b), n_permutations, seed)
+    test["min_p_greater"] = 1 / (test["n_permutations"] + (0 if test["exact"] else 1))  # sampled: + the observed one
     return test
 
 
 def min_seeds(alpha: float = 0.05) -> int:
-    """Fewest seeds a side for which the exact one-sided permutation test can give p < alpha."""
+    """Fewest seeds a side for which the one-sided test of `compare` can give p < alpha."""
     n = 1
-    while 1 / math.comb(2 * n, n) >= alpha:
+    while compare([0.0] * n, [0.0] * n)["min_p_greater"] >= alpha:
         n += 1
     return n
+
+
+def fmt(mean_std) -> str:
+    """(mean, std) as a table cell."""
+    return f"{mean_std[0]:.2f} ± {mean_std[1]:.2f}"
+
+
+def seeds_str(seeds) -> str:
+    """[0, 1, 2] -> "0-2"; a list with gaps -> "0,3"."""
+    s = list(seeds)
+    return f"{s[0]}-{s[-1]}" if s == list(range(s[0], s[-1] + 1)) and len(s) > 1 else ",".join(map(str, s))
+
+
+def markdown_table(columns: list[str], rows: list, pad: bool = False) -> list[str]:
+    """The lines of a Markdown table: a header of `columns`, then one line per row. A row is a dict {column: text}
+    (a column it does not name is an empty cell, so a column can be added without touching the other rows) or a
+    list of texts in column order. pad: every column as wide as its widest cell, for reading on a terminal."""
+    cells = [[str(r.get(c, "")) for c in columns] if isinstance(r, dict) else [str(x) for x in r] for r in rows]
+    width = [max([len(c)] + [len(row[i]) for row in cells]) if pad else 0 for i, c in enumerate(columns)]
+
+    def line(texts):  # an empty cell of an unpadded table is "| |"
+        return "|" + "|".join(f" {t.ljust(w)} " if t or w else " " for t, w in zip(texts, width)) + "|"
+    return [line(columns), "|" + "|".join("-" * (w + 2) if pad else "---" for w in width) + "|", *map(line, cells)]

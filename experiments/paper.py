@@ -148,3 +148,9 @@ BUDGETS = {"cpu": {"max_length": 64,
 # A checkpoint without an LM head (e.g. a sentence-embedding model) gets one fitted on the task's own text, body frozen,
 # before TAPT, MT or META use it (tartan.warm_mlm_head); roberta-base has its LM head, and then nothing changes.
 PAPER_WARM_HEAD = dict(steps=300, lr=1e-3, batch_size=16)
+
+
+def metric_field(metric: str) -> str:
+    """The key of a task's headline metric in tartan.evaluate's scores: App. A.4's accuracy is micro-F1 there (one
+    label per example)."""
+    return "micro_f1" if metric == "accuracy" else metric

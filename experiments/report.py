@@ -1,4 +1,6 @@
-"""Reports: the paper's tables (mean, std, permutation-test p-values) and figures, from the result files."""
+"""Reports, from the result files: the paper's tables (mean, std, permutation-test p-values), what META learned
+(task weights, cosines with the meta gradient, the meta head's fit), the tables of a user's own end-tasks, and the
+figures."""
 from __future__ import annotations
 
 import os
@@ -8,10 +10,11 @@ import numpy as np
 import tartan
 
 from . import analysis
-from .common import ReproduceError, atomic_path, atomic_write_text, compare, min_seeds
+from .common import (ReproduceError, atomic_path, atomic_write_text, compare, fmt, markdown_table, min_seeds,
+                     seeds_str)
+from .own import default_baseline
 from .paper import FIGURES, N_PERMUTATIONS, PAPER, TABLES, TASKS, TEXT_MODES, VISION_MODES
-from .own import meta_summary, print_own_tables
-from .runs import Budget, Run, Workspace, execute_all, make_run
+from .runs import META_MODES, Budget, Run, Workspace, execute_all, make_run
 
 # Tables: mean and sample std (ddof=1) over seeds of the test headline metric x100, the paper's number beside it, and
 # the one-sided unpaired permutation test (App. A.2; H1: the column beats the baseline column), two-sided beside it.
@@ -19,10 +22,6 @@ from .runs import Budget, Run, Workspace, execute_all, make_run
 
 def cell_scores(results: dict, run_list: list[Run]) -> list[float]:
     return [100 * results[r]["headline"]["test"] for r in run_list if r in results]
-
-
-def fmt(mean_std) -> str:
-    return f"{mean_std[0]:.2f} ± {mean_std[1]:.2f}"
 
 
 def table_runs(number: int, tasks, modes, seeds, dapt) -> dict:
@@ -44,8 +43,7 @@ def render_table(number: int, cells: dict, results: dict, seeds, model: str, bud
         header.append(c.label)
         if c.label in tested:
             header.append(f"p vs {table.baseline_name or table.baseline[0]}")
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    notes, min_ps = [], set()
+    rows, notes, min_ps = [], [], set()
     for task in tasks:
         scores = {c.label: cell_scores(results, cells.get((task, c.label), [])) for c in cols}
         base = [b for b in table.baseline if len(scores.get(b, [])) >= 1]
@@ -67,12 +65,12 @@ def render_table(number: int, cells: dict, results: dict, seeds, model: str, bud
                     row.append(f"{test['p_greater']:.3f} (two-sided {test['p_two_sided']:.3f}){pp}")
                 else:
                     row.append("—" + pp)
-        lines.append("| " + " | ".join(row) + " |")
+        rows.append(row)
     metric = "; ".join(sorted({f"{TASKS[t]['title']}: {TASKS[t]['metric']}" for t in tasks}))
     text = [f"### {table.title}", "",
             f"Test-set headline metric x100 ({metric}): mean ± standard deviation over seeds (sample std, ddof=1), "
             f"seeds {seeds_str(seeds)}; the paper's number in [brackets] (the paper used {table.seeds} seeds).", ""]
-    text += lines + [""]
+    text += markdown_table(header, rows) + [""]
     if table.baseline:
         text.append(f"p: one-sided unpaired permutation test of the per-seed scores (H1: the column scores higher than "
                     f"the baseline column; App. A.2), exact over all splits when there are at most {N_PERMUTATIONS} of "
@@ -88,7 +86,7 @@ def render_table(number: int, cells: dict, results: dict, seeds, model: str, bud
                 cells.items() for r in runs if results.get(r, {}).get("config", {}).get("released_checkpoint")}
     text += [f"- {title} {label}: Eq. 2 on Gururangan et al.'s released checkpoint {ckpt} (Sec. 4), not re-trained"
              for title, label, ckpt in sorted(released)]
-    text += [f"- {line}" for t in tasks for c in cols if c.mode.startswith("meta")
+    text += [f"- {line}" for t in tasks for c in cols if c.mode in META_MODES
              if (line := meta_summary(c.label, TASKS[t]["title"], t, cells.get((t, c.label), []), results))]
     for t in tasks:  # per task: their sizes differ
         cost = []
@@ -124,11 +122,6 @@ def protocol_analysis(number: int, cells: dict, results: dict, out: str) -> str:
     return text
 
 
-def seeds_str(seeds) -> str:
-    s = list(seeds)
-    return f"{s[0]}-{s[-1]}" if s == list(range(s[0], s[-1] + 1)) and len(s) > 1 else ",".join(map(str, s))
-
-
 def run_table(number: int, ws: Workspace, seeds=None, tasks=None, modes=None, dapt: str | None = None) -> str:
     """Runs what a table needs (resume), prints it and writes OUT/table<number>.md. tasks, modes: only these rows
     and columns; seeds: default the paper's number; dapt: the DAPT corpus (default the table's)."""
@@ -147,6 +140,128 @@ def run_table(number: int, ws: Workspace, seeds=None, tasks=None, modes=None, da
     atomic_write_text(path, text)
     print("\n" + text + f"\n(written to {path})")
     return text
+
+
+# What META learned: task weights and cosines from the stored histories, and the meta head's fit -----------------------
+
+
+def meta_learned(record: dict) -> dict:
+    """Task name -> (final weight, mean weight, mean cosine with the meta gradient) of one META run, from its
+    history (one entry per dev evaluation, each averaged over the steps since the one before); the end-task first."""
+    history = [e for e in record.get("history") or [] if e.get("weights")]
+    out = {}
+    for name in (history[0]["weights"] if history else []):
+        cosines = [e["cosines"][name] for e in history if e.get("cosines")]
+        out[name] = (history[-1]["weights"][name], float(np.mean([e["weights"][name] for e in history])),
+                     float(np.mean(cosines)) if cosines else None)
+    return out
+
+
+def meta_head_fit(record: dict) -> tuple | None:
+    """How well the meta head did, averaged over a META run's evaluations: (its loss on B*_val, the end-task head's
+    dev loss, phi*'s training loss at the first and at the last of its fitting steps). The last two are None in result
+    files made before the fit was recorded and for the Eq. 6 ablation, which fits no phi*; all is None without META."""
+    history = [e for e in record.get("history") or [] if e.get("meta_val_loss") is not None]
+    if not history:
+        return None
+    fits = [e["meta_head_fit_loss"] for e in history if e.get("meta_head_fit_loss")]
+    first, last = np.mean(fits, axis=0).tolist() if fits else (None, None)
+    return (float(np.mean([e["meta_val_loss"] for e in history])), float(np.mean([e["dev"]["loss"] for e in history])),
+            first, last)
+
+
+def fit_line(fits: list) -> str:
+    """fits: meta_head_fit of several runs, as one sentence of means over their steps and runs."""
+    val, dev = np.mean([f[:2] for f in fits], axis=0)
+    fitted = [f[2:] for f in fits if f[2] is not None]
+    line = (f"the meta head's loss on B*_val {val:.3f} (phi*; phi' in the Eq. 6 ablation), against the end-task "
+            f"head's dev loss {dev:.3f}")
+    if fitted:
+        first, last = np.mean(fitted, axis=0)
+        line += (f"; phi*'s training loss, first -> last of its fitting steps, {first:.3f} -> {last:.3f} "
+                 f"({len(fitted)} run(s); Sec. 3.3 fits phi* to convergence, --meta-head-steps/--meta-head-lr set it)")
+    return line + " (means over steps and runs)"
+
+
+def meta_summary(label: str, title: str, task: str, runs: list, results: dict) -> str | None:
+    """One line for a META cell of a table: per task, the final weight and the mean cosine with the meta gradient,
+    mean [min, max] over the cell's result files."""
+    learned = [meta_learned(results[r]) for r in runs if r in results]
+    if not learned or not learned[0]:
+        return None
+    span = lambda x: f"{np.mean(x):.3f} [{min(x):.3f}, {max(x):.3f}]"  # noqa: E731
+    parts = [f"{name}{' (end-task)' if name == task else ''} weight {span([m[name][0] for m in learned])}, cosine "
+             + (span([m[name][2] for m in learned]) if learned[0][name][2] is not None else "—")
+             for name in learned[0]]
+    fits = [f for r in runs if r in results and (f := meta_head_fit(results[r]))]
+    return (f"{title} {label} ({len(learned)} run(s)), final weight and mean cosine with the meta gradient, mean "
+            f"[min, max] over runs: " + "; ".join(parts) + (f"; {fit_line(fits)}" if fits else ""))
+
+
+def meta_report(task: str, cells: dict, results: dict) -> list[str]:
+    """Per META run and task (the end-task, then each auxiliary corpus): the final task weight, its mean over the
+    evaluations, and the mean cosine between the task's gradient and the meta gradient."""
+    rows = []
+    for mode, runs in cells.items():
+        for run in (r for r in runs if r in results):
+            for name, (final, mean, cos) in meta_learned(results[run]).items():
+                label = f"{name} (end-task)" if name == task else name
+                rows.append([mode, run.seed, label, f"{final:.3f}", f"{mean:.3f}",
+                             "—" if cos is None else f"{cos:+.3f}"])
+    if not rows:
+        return []
+    fits = [f for runs in cells.values() for r in runs if r in results and (f := meta_head_fit(results[r]))]
+    fit = fit_line(fits) if fits else ""
+    return ["What META learned about each task (a task whose gradient agrees with the meta gradient, cosine > 0, "
+            "gains weight):", "",
+            *markdown_table(["Mode", "Seed", "Task", "Final weight", "Mean weight", "Mean cosine with meta gradient"],
+                            rows), "", *([fit[0].upper() + fit[1:] + ".", ""] if fit else [])]
+
+
+# A user's own end-task (--task-dir): its table ------------------------------------------------------------------------
+
+
+def own_table(task: str, folder: str, metric: str, cells: dict, results: dict, baseline: str | None, seeds) -> str:
+    """Markdown: one row per mode (cells: mode -> its runs), test and dev mean ± std over seeds x100, one-sided p
+    against the baseline mode, wall-clock per run; then what META learned about each auxiliary corpus."""
+    scores = {m: [100 * results[r]["headline"]["test"] for r in runs if r in results] for m, runs in cells.items()}
+    base = scores.get(baseline) or []
+    lines = [f"### {task} ({folder})", "",
+             f"Test {metric} x100: mean ± standard deviation over seeds (ddof=1), seeds {seeds_str(seeds)}; "
+             + (f"p: one-sided unpaired permutation test, H1: the mode scores higher than {baseline} (two-sided in "
+                f"parentheses)." if base else "no baseline mode was run: no p-values."), ""]
+    columns = ["Mode", "Aux. corpora", f"Test {metric}", f"Dev {metric}", f"p vs {baseline or '—'}",
+               "Wall-clock per run"]
+    rows = []
+    for mode, runs in cells.items():
+        done = [r for r in runs if r in results]
+        if not done:
+            rows.append([mode, runs[0].aux_label, "not run", "", "", ""])
+            continue
+        dev = [100 * results[r]["headline"]["dev"] for r in done]
+        n = f" (n={len(done)})" if len(done) != len(runs) else ""
+        p = "—"
+        if base and mode != baseline:
+            test = compare(scores[mode], base, N_PERMUTATIONS)
+            p = f"{test['p_greater']:.3f} ({test['p_two_sided']:.3f})"
+        wall = [results[r]["wall_seconds"] for r in done]
+        rows.append([mode, done[0].aux_label, f"{fmt(tartan.mean_std(scores[mode]))}{n}", fmt(tartan.mean_std(dev)),
+                     p, f"{np.mean(wall):.1f} s"])
+    report = meta_report(task, {m: runs for m, runs in cells.items() if m in META_MODES}, results)
+    return "\n".join(lines + markdown_table(columns, rows) + [""] + report) + "\n"
+
+
+def print_own_tables(out: str, own: dict, metric: str, runs: list, results: dict, modes, baseline, seeds) -> dict:
+    """Prints the table of each of the user's tasks and writes it to OUT/<task>/table.md; returns task -> text."""
+    texts = {}
+    for task, folder in own.items():
+        cells = {m: [r for r in runs if r.task == task and r.mode == m] for m in modes}
+        text = own_table(task, folder, metric, cells, results, baseline or default_baseline(modes), seeds)
+        path = os.path.join(out, task, "table.md")
+        atomic_write_text(path, text)
+        print("\n" + text + f"\n(written to {path})")
+        texts[task] = text
+    return texts
 
 
 # Figures, drawn from the stored histories ------------------------------------------------------------------------------
@@ -258,7 +373,7 @@ def run_family(ws: Workspace, tasks, modes, seeds=None, aux: str | None = None, 
                 print(f"{task} {mode} ({x[0].aux_label}): test {TASKS[task]['metric']} x100 = "
                       f"{fmt(tartan.mean_std(cell_scores(results, x)))} over {len(x)} seed(s) (ddof=1); "
                       f"dev {fmt(tartan.mean_std(dev))}")
-                learned = meta_summary(mode, TASKS[task]["title"], task, x, results) if mode.startswith("meta") else None
+                learned = meta_summary(mode, TASKS[task]["title"], task, x, results) if mode in META_MODES else None
                 if learned:
                     print(f"  {learned}")
     return results

@@ -8,8 +8,10 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import reproduce
+from experiments import bench
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -31,6 +33,14 @@ def test_quick_bench_prints_and_writes_its_ratios(tmp_path, capsys, monkeypatch)
     # the floors are measured beside the steps they pair with: every step of mt brought one end and one aux pass
     assert saved["items"]["floor_aux"]["samples"] >= saved["items"]["mt"]["samples"] > 0
     assert saved["notes"]["ratios"].startswith("paired")
+
+
+def test_peak_tflops_is_read_from_the_cuda_device_name(monkeypatch):
+    monkeypatch.setattr(bench, "device_name", lambda device: "NVIDIA H200")
+    assert bench._peak_tflops(torch.device("cuda"), True, None) == 989
+    assert bench._peak_tflops(torch.device("cuda"), False, None) == 67
+    assert bench._peak_tflops(torch.device("cpu"), True, None) is None
+    assert bench._peak_tflops(torch.device("cpu"), True, 5.0) == 5.0  # --bench-peak-tflops wins
 
 
 def test_bench_bad_sizes_give_one_message_and_no_file(tmp_path, capsys):

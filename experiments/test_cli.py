@@ -1,5 +1,6 @@
 """The command line (reproduce.py): settings from flags, flags that do not apply, help read from tartan's configs,
 and result files that stay readable across versions of the runner."""
+import json
 import os
 
 import pytest
@@ -9,171 +10,29 @@ import reproduce
 import tartan
 from experiments import runs
 
-# The config stored in a result file and compared on resume, for the flags of the CPU sweep, captured from the
-# runner before it was split into experiments/. Result files made with those flags must stay readable by
-# --report-only with the same flags: any drift here fails.
-SWEEP_FLAGS = ["--task", "aclarc", "--model", "/models/minilm", "--data-dir", "/data", "--seeds", "3", "--device", "cpu",
-               "--budget", "cpu", "--no-progress", "--out", "OUT"]
-SWEEP_CONFIGS = {'finetune': {'aux': [],
-                              'corpora': {},
-                              'limit': None,
-                              'max_length': 64,
-                              'metric': 'macro_f1',
-                              'mode': 'finetune',
-                              'model': '/models/minilm',
-                              'pretrain': [],
-                              'seed': 3,
-                              'tartan_mode': 'finetune',
-                              'task': 'aclarc',
-                              'train': {'adam_eps': 1e-06,
-                                        'aux_batch_size': 16,
-                                        'batch_size': 16,
-                                        'betas': [0.9, 0.98],
-                                        'bf16': True,
-                                        'epochs': 10,
-                                        'eval_batch_size': 64,
-                                        'eval_every': 50,
-                                        'final_finetune': None,
-                                        'grad_accum': 1,
-                                        'grad_clip': 1.0,
-                                        'head_lr': 0.001,
-                                        'head_weight_decay': 0.1,
-                                        'lr': 0.0001,
-                                        'max_steps': 400,
-                                        'patience': 4,
-                                        'seed': 3,
-                                        'warmup_frac': 0.06,
-                                        'weight_decay': 0.1,
-                                        'weights': None}},
-                 'meta': {'aux': ['tapt'],
-                          'corpora': {'tapt': 'citation_intent/train.txt'},
-                          'limit': None,
-                          'max_length': 64,
-                          'metric': 'macro_f1',
-                          'mode': 'meta',
-                          'model': '/models/minilm',
-                          'pretrain': [],
-                          'seed': 3,
-                          'tartan_mode': 'meta',
-                          'task': 'aclarc',
-                          'train': {'adam_eps': 1e-06,
-                                    'aux_batch_size': 16,
-                                    'batch_size': 16,
-                                    'betas': [0.9, 0.98],
-                                    'bf16': True,
-                                    'cos_eps': 1e-08,
-                                    'epochs': 150,
-                                    'eval_batch_size': 64,
-                                    'eval_every': 50,
-                                    'final_finetune': None,
-                                    'grad_accum': 1,
-                                    'grad_clip': 1.0,
-                                    'head_lr': 0.001,
-                                    'head_weight_decay': 0.1,
-                                    'lr': 0.0001,
-                                    'max_steps': 400,
-                                    'meta_batch_size': 16,
-                                    'meta_head_lr': 0.001,
-                                    'meta_head_steps': 10,
-                                    'meta_head_wd': 0.1,
-                                    'meta_lr': 0.01,
-                                    'patience': 4,
-                                    'same_head': False,
-                                    'seed': 3,
-                                    'warmup_frac': 0.06,
-                                    'weight_decay': 0.01,
-                                    'weights': None}},
-                 'mt': {'aux': ['tapt'],
-                        'corpora': {'tapt': 'citation_intent/train.txt'},
-                        'limit': None,
-                        'max_length': 64,
-                        'metric': 'macro_f1',
-                        'mode': 'mt',
-                        'model': '/models/minilm',
-                        'pretrain': [],
-                        'seed': 3,
-                        'tartan_mode': 'mt',
-                        'task': 'aclarc',
-                        'train': {'adam_eps': 1e-06,
-                                  'aux_batch_size': 16,
-                                  'batch_size': 16,
-                                  'betas': [0.9, 0.98],
-                                  'bf16': True,
-                                  'epochs': 150,
-                                  'eval_batch_size': 64,
-                                  'eval_every': 50,
-                                  'final_finetune': None,
-                                  'grad_accum': 1,
-                                  'grad_clip': 1.0,
-                                  'head_lr': 0.001,
-                                  'head_weight_decay': 0.1,
-                                  'lr': 0.0001,
-                                  'max_steps': 400,
-                                  'patience': 4,
-                                  'seed': 3,
-                                  'warmup_frac': 0.06,
-                                  'weight_decay': 0.01,
-                                  'weights': None}},
-                 'tapt': {'aux': ['tapt'],
-                          'corpora': {'tapt': 'citation_intent/train.txt'},
-                          'limit': None,
-                          'max_length': 64,
-                          'metric': 'macro_f1',
-                          'mode': 'tapt',
-                          'model': '/models/minilm',
-                          'pretrain': [{'adam_eps': 1e-06,
-                                        'aux_batch_size': 16,
-                                        'batch_size': 64,
-                                        'betas': [0.9, 0.98],
-                                        'bf16': True,
-                                        'epochs': 100,
-                                        'eval_batch_size': 64,
-                                        'eval_every': -1,
-                                        'final_finetune': None,
-                                        'grad_accum': 1,
-                                        'grad_clip': 1.0,
-                                        'head_lr': 0.0001,
-                                        'head_weight_decay': 0.01,
-                                        'lr': 0.0001,
-                                        'max_steps': 400,
-                                        'patience': 20,
-                                        'seed': 3,
-                                        'warmup_frac': 0.06,
-                                        'weight_decay': 0.01,
-                                        'weights': None}],
-                          'seed': 3,
-                          'tartan_mode': 'pretrain',
-                          'task': 'aclarc',
-                          'train': {'adam_eps': 1e-06,
-                                    'aux_batch_size': 16,
-                                    'batch_size': 16,
-                                    'betas': [0.9, 0.98],
-                                    'bf16': True,
-                                    'epochs': 10,
-                                    'eval_batch_size': 64,
-                                    'eval_every': 50,
-                                    'final_finetune': None,
-                                    'grad_accum': 1,
-                                    'grad_clip': 1.0,
-                                    'head_lr': 0.001,
-                                    'head_weight_decay': 0.1,
-                                    'lr': 0.0001,
-                                    'max_steps': 400,
-                                    'patience': 4,
-                                    'seed': 3,
-                                    'warmup_frac': 0.06,
-                                    'weight_decay': 0.1,
-                                    'weights': None}}}
+# The committed result files of the CPU sweep (experiments/results/README.md), each with the flags that made
+# it. Today's runner must build the very config stored in each file (the one compared on resume), or --report-only
+# could no longer re-print the committed tables: any drift fails here.
+SWEEP = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "cpu")
+SWEEP_FILES = sorted(os.path.join(task, f) for task in os.listdir(SWEEP) if os.path.isdir(os.path.join(SWEEP, task))
+                     for f in os.listdir(os.path.join(SWEEP, task)) if f.endswith(".json"))
 
 
-@pytest.mark.parametrize("mode", ["finetune", "tapt", "mt", "meta"])
-def test_sweep_config_and_path_are_unchanged(mode):
-    parser, _ = reproduce.build_parser()
-    settings = reproduce.make_settings(parser.parse_args(SWEEP_FLAGS + ["--mode", mode]), {})
-    run = runs.make_run("aclarc", mode, None, 3, "10x")
-    assert run.path("OUT") == os.path.join("OUT", "aclarc", f"{mode}__{'none' if mode == 'finetune' else 'tapt'}"
-                                           f"__seed3.json")
-    assert runs.Workspace(settings, torch.device("cpu")).config(run) == SWEEP_CONFIGS[mode]
+def test_the_sweep_is_committed():
+    assert len(SWEEP_FILES) == 4 * 5 + 4 * 3  # ACL-ARC seeds 0-4 and SCIERC seeds 0-2, four modes each
+
+
+@pytest.mark.parametrize("name", SWEEP_FILES)
+def test_sweep_config_and_path_are_unchanged(name):
+    with open(os.path.join(SWEEP, name)) as f:
+        stored = json.load(f)["config"]
+    task, mode, seed = stored["task"], stored["mode"], stored["seed"]
+    flags = ["--task", task, "--mode", mode, "--seeds", str(seed), "--model", stored["model"], "--data-dir", "/data",
+             "--device", "cpu", "--budget", "cpu", "--no-progress", "--out", "OUT"]
+    settings = reproduce.make_settings(reproduce.build_parser()[0].parse_args(flags), {})
+    run = runs.make_run(task, mode, None, seed, "10x")
+    assert run.path("OUT") == os.path.join("OUT", name)
+    assert runs.Workspace(settings, torch.device("cpu")).config(run) == stored
 
 
 @pytest.mark.parametrize("argv, message", [

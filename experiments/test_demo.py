@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+import reproduce
 import tartan
 from experiments import demo as demo_module
 from experiments.common import compare, min_seeds
@@ -205,6 +206,15 @@ def test_min_seeds_matches_permutation_test():
     assert tartan.permutation_test(range(n, 2 * n), range(n))["p_greater"] < 0.05  # the best split, one-sided
     assert tartan.permutation_test(range(n - 1, 2 * n - 2), range(n - 1))["p_greater"] >= 0.05
     assert compare(range(n - 1), range(n - 1))["min_p_greater"] >= 0.05
+
+
+def test_the_default_demo_has_seeds_enough_for_p_below_005(monkeypatch, tmp_path):
+    called = []
+    monkeypatch.setattr(reproduce, "run_demo", lambda seeds, *a, **k: called.append(list(seeds)))
+    assert reproduce.main(["--task", "demo", "--no-progress", "--out", str(tmp_path)]) == 0
+    assert called == [list(demo_module.DEMO_SEEDS)] == [[0, 1, 2, 3]]
+    assert compare(demo_module.DEMO_SEEDS, demo_module.DEMO_SEEDS)["min_p_greater"] < 0.05
+    assert demo_module.run_demo.__defaults__[0] == demo_module.DEMO_SEEDS
 
 
 def test_no_matplotlib_no_figure(tmp_path, monkeypatch, capsys):

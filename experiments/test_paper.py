@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import tartan
-from experiments.paper import PAPER
+from experiments.paper import PAPER, TASKS, metric_field
 
 CASES = [((1, "aclarc", "MT-TARTAN"), (1, "aclarc", "TAPT")), ((1, "aclarc", "META-TARTAN"), (1, "aclarc", "TAPT")),
          ((1, "scierc", "MT-TARTAN"), (1, "scierc", "TAPT")), ((1, "scierc", "META-TARTAN"), (1, "scierc", "TAPT")),
@@ -37,3 +37,9 @@ def test_hyperpartisan_p_value_fits_neither_test_well():
     print(f"HYPERPARTISAN META-TARTAN vs TAPT: paper {paper_p}, one-sided {test['p_greater']:.4f}, "
           f"two-sided {test['p_two_sided']:.4f}")
     assert test["p_greater"] < test["p_two_sided"] < paper_p / 1.5
+
+
+def test_every_tasks_headline_metric_names_a_score_tartan_computes():
+    scores = tartan.f1_scores([0, 1, 1], [0, 1, 0])
+    assert {t: metric_field(TASKS[t]["metric"]) in scores for t in TASKS} == {t: True for t in TASKS}
+    assert metric_field("accuracy") == "micro_f1"  # App. A.4 reports accuracy; one label per example: micro-F1

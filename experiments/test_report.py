@@ -74,6 +74,21 @@ def test_meta_cells_say_what_meta_learned_per_task():
     assert text.count("final weight and mean cosine") == 1  # MT has no learned weights
 
 
+def test_one_table_formatter_for_every_table():
+    lines = common.markdown_table(["a", "b", "c"], [["1", "", "x"], {"c": "z", "a": "22"}])
+    assert lines == ["| a | b | c |", "|---|---|---|", "| 1 | | x |", "| 22 | | z |"]  # a dict row: by column name
+    padded = common.markdown_table(["seed", "w"], [[0, "0.5"], ["mean", "0.25"]], pad=True)
+    assert padded == ["| seed | w    |", "|------|------|", "| 0    | 0.5  |", "| mean | 0.25 |"]
+
+
+def test_the_smallest_p_is_the_p_of_the_most_extreme_split():
+    exact = common.compare([1.0] * 3, [0.0] * 3)  # C(6, 3) = 20 splits, enumerated
+    assert exact["exact"] and exact["p_greater"] == exact["min_p_greater"] == 1 / 20
+    sampled = common.compare(range(100, 120), range(20), n_permutations=50)  # 20 v 20: 50 random splits
+    assert not sampled["exact"] and sampled["p_greater"] == sampled["min_p_greater"] == 1 / 51  # + the observed one
+    assert common.min_seeds(0.05) == 4 and common.min_seeds(0.01) == 5  # 1/C(8,4) = 0.014, 1/C(10,5) = 0.004
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # figures from stored histories
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import tartan
 
-
+from .paper import TASKS, metric_field
 
 MAMMALS = (34, 63, 64, 66, 75)  # fine labels of the "medium-sized mammals" superclass: fox porcupine possum raccoon skunk
 
@@ -64,7 +64,8 @@ def mammals_tasks(cifar: dict, seed: int, limit: int | None = None) -> tuple[tar
         raise tartan.DataError("CIFAR-100 archive holds no images of some split of the mammals task")
     end = tartan.Task("mammals", tartan.ClassificationHead(WRN_WIDTH, len(MAMMALS)),
                       data(x_tr, y_tr, idx["train"], to_end), dev=data(x_tr, y_tr, idx["dev"], to_end),
-                      test=data(x_te, y_te, idx["test"], to_end), num_labels=len(MAMMALS), metric="micro_f1")
+                      test=data(x_te, y_te, idx["test"], to_end), num_labels=len(MAMMALS),
+                      metric=metric_field(TASKS["mammals"]["metric"]))
     aux = tartan.Task("cifar95", tartan.ClassificationHead(WRN_WIDTH, len(others)),
                       data(x_tr, y_tr, idx["aux"], to_aux))
     sizes = {k: int(len(v)) for k, v in idx.items()}
