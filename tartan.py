@@ -9,17 +9,25 @@ end-task T* together with the auxiliary objectives T_1..T_n:
   META-TARTAN (Eq. 7, Alg. 1)    task weights meta-learned online from cos(g_meta, g_i), where g_meta is the
                                  end-task validation gradient through a freshly fitted meta head phi* (Sec. 3.3).
 
-Contents, in the paper's order:
-  1. Data                        JSONL end-tasks, line-per-example corpora, tokenisation, dynamic padding
-  2. Body and heads (Sec. 2, 4)  any Hugging Face encoder or torch module; MLP classification head; MLM head
-  3. Masking                     BERT masking (15%; 80/10/10) with an explicit generator
-  4. Training loop               one loop for Eq. 1 (pre-training), Eq. 2 (fine-tuning), Eq. 3 and Alg. 1
-  5. MT-TARTAN step (Eq. 3)      the weighted sum of task gradients; MTWeighting, the weighting as an object
+Contents, in the paper's order, the method first:
+  1. Body and heads (Sec. 2, 4)  any Hugging Face encoder or torch module; MLP classification head; MLM head
+  2. Masking                     BERT masking (15%; 80/10/10) with an explicit generator
+  3. Tasks                       T = (loss, data): a head and its data; endless shuffled batches
+  4. Configs (Sec. 4)            the paper's values, and the release's where the paper is silent
+  5. Training loop               one loop for Eq. 1 (pre-training), Eq. 2 (fine-tuning), Eq. 3 and Alg. 1
+  6. MT-TARTAN (Eq. 3)           the weighted sum of task gradients; MTWeighting, the weighting as an object
                                  that any training loop calls once per step (tartan's own loop included)
-  6. META-TARTAN step (Eq. 6-7, Sec. 3.3, Alg. 1)   per-task gradients, meta head, cosine weight update;
+  7. META-TARTAN (Eq. 6-7, Sec. 3.3, Alg. 1)   per-task gradients, meta head, cosine weight update;
                                  MetaWeighting, the same for any loop
-  7. Evaluation                  macro-F1 and micro-F1 (= accuracy for single-label classification)
-  8. Significance (A.2)          permutation test of per-seed scores
+  8. Entry points                pretrain (Eq. 1), finetune (Eq. 2), train_multitask (Eq. 3), train_meta (Alg. 1),
+                                 run_end_task (one row of a table)
+  9. Evaluation                  macro-F1 and micro-F1 (= accuracy for single-label classification)
+  10. Significance (A.2)         permutation test of per-seed scores
+Appendix:
+  A. Reading files, building tasks   JSONL end-tasks, line-per-example corpora, tokenisation, dynamic padding,
+                                 end_task / classification_task / mlm_task, from_pretrained, warm_mlm_head
+  B. Contracts and divergence    check_tasks, DataError, DivergedError
+  C. Plumbing                    device, autocast, progress bar, snapshots, clipping, head parameters
 
 Shapes: B batch, T tokens, H hidden size, C classes, V vocabulary, M masked positions, P body parameters,
 K = n + 1 tasks (end-task first).
@@ -46,172 +54,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 # ----------------------------------------------------------------------------------------------------------------------
-# 1. Data: the "Don't Stop Pretraining" JSONL format ({"text", "label", ...} per line) and plain line files.
+# 1. Body and heads (Sec. 2: theta = [theta_body; phi^1..phi^n, phi']; Sec. 4 "Model details").
 
-
-class DataError(ValueError):
-    """Bad input data. The message names the file and, where there is one, the line."""
-
-
-class DivergedError(RuntimeError):
-    """A training loss turned NaN or infinite: the run stops, and no result of it should be reported."""
-
-
-def read_jsonl(path: str) -> tuple[list[str], list[str], list[int]]:
-    """Texts, labels and line numbers of a JSONL split. Blank lines are skipped; anything else malformed is an error."""
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: no such file")
-    texts, labels, lines = [], [], []
-    for lineno, line in _numbered_lines(path):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}, line {lineno}: malformed JSON ({e.msg})") from None
-        if not isinstance(obj, dict):
-            raise DataError(f"{path}, line {lineno}: expected a JSON object with 'text' and 'label'")
-        for key in ("text", "label"):
-            if key not in obj:
-                raise DataError(f"{path}, line {lineno}: missing field '{key}'")
-        if not isinstance(obj["text"], str):
-            raise DataError(f"{path}, line {lineno}: 'text' must be a string")
-        label = obj["label"]
-        if isinstance(label, bool) or not isinstance(label, (str, int)):
-            raise DataError(f"{path}, line {lineno}: 'label' must be a string or an integer, not {label!r}")
-        texts.append(obj["text"])
-        labels.append(str(label))
-        lines.append(lineno)
-    if not texts:
-        raise DataError(f"{path}: empty file (no examples)")
-    return texts, labels, lines
-
-
-def _numbered_lines(path: str):
-    """(line number, line) of a UTF-8 text file; a byte that is not UTF-8 is an error naming the line."""
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            try:
-                yield lineno, raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise DataError(f"{path}, line {lineno}: not UTF-8 text ({e.reason})") from None
-
-
-def read_lines(path: str) -> list[str]:
-    """One auxiliary MLM example per non-blank line (the TAPT/DAPT corpora)."""
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: no such file")
-    lines = [line.strip() for _, line in _numbered_lines(path) if line.strip()]
-    if not lines:
-        raise DataError(f"{path}: empty file (no lines of text)")
-    return lines
-
-
-def read_end_task(folder: str) -> dict:
-    """{train,dev,test}.jsonl of one end-task -> texts, integer labels and the label vocabulary (from train)."""
-    splits = {s: read_jsonl(os.path.join(folder, f"{s}.jsonl")) for s in ("train", "dev", "test")}
-    vocab = sorted(set(splits["train"][1]))
-    index = {label: i for i, label in enumerate(vocab)}
-    out = {"labels": vocab}
-    for split, (texts, labels, lines) in splits.items():
-        for label, lineno in zip(labels, lines):
-            if label not in index:
-                raise DataError(f"{os.path.join(folder, split + '.jsonl')}, line {lineno}: label '{label}' "
-                                f"never appears in train.jsonl (train labels: {', '.join(vocab)})")
-        out[split] = (texts, [index[label] for label in labels])
-    return out
-
-
-def check_tokenizer(tokenizer, what: str, first_position: bool = True) -> None:
-    """A tokenizer tartan can batch with: it has a pad token, and (first_position: for a ClassificationHead, which
-    reads the first position) it puts a CLS/BOS token first; otherwise a ValueError naming `what` and the fix."""
-    name = type(tokenizer).__name__
-    if tokenizer.pad_token_id is None:
-        raise ValueError(f"{what}: tokenizer {name} has no pad token, and batches are padded with it: set one before "
-                         f"building the task, e.g. tokenizer.pad_token = tokenizer.eos_token (or unk_token)")
-    if first_position:
-        first = tokenizer("a")["input_ids"][:1]
-        starts = {tokenizer.cls_token_id, tokenizer.bos_token_id} - {None}
-        if not first or first[0] not in starts:
-            raise ValueError(f"{what}: tokenizer {name} puts no CLS/BOS token first (its first token is "
-                             f"{tokenizer.convert_ids_to_tokens(first)}), and a ClassificationHead reads the first "
-                             f"position, which would be the first word: use a tokenizer whose post-processor adds "
-                             f"one (BERT, RoBERTa), or a body that pools its features to (B, H)")
-
-
-def tokenize(tokenizer, texts: list[str], max_length: int, chunk: int = 2048) -> list[list[int]]:
-    """Token ids with special tokens, truncated to max_length (no padding: batches are padded dynamically)."""
-    ids = []
-    for i in range(0, len(texts), chunk):
-        ids += tokenizer(texts[i:i + chunk], truncation=True, max_length=max_length)["input_ids"]
-    return ids
-
-
-@dataclass
-class TextData:
-    """Tokenised examples of one split (labels None for an MLM corpus); batches are padded to their longest row."""
-    ids: list[list[int]]
-    labels: list[int] | None
-    pad_id: int
-
-    def __len__(self):
-        return len(self.ids)
-
-    def batch(self, idx) -> tuple[dict, torch.Tensor | None]:
-        rows = [self.ids[i] for i in idx]
-        input_ids = torch.full((len(rows), max(map(len, rows))), self.pad_id, dtype=torch.long)  # (B, T)
-        attention_mask = torch.zeros_like(input_ids)
-        for r, row in enumerate(rows):
-            input_ids[r, :len(row)] = torch.tensor(row)
-            attention_mask[r, :len(row)] = 1
-        labels = None if self.labels is None else torch.tensor([self.labels[i] for i in idx])
-        return {"input_ids": input_ids, "attention_mask": attention_mask}, labels
-
-
-@dataclass
-class TensorData:
-    """Examples already in a tensor (e.g. images) for a plain torch module body called as body(x=...).
-    x and labels may also be numpy arrays or lists: they are converted (x from numpy/lists in float64 to torch's
-    default float dtype). labels are class ids 0..C-1: any integer dtype, or whole-number floats, become int64 (what
-    cross-entropy needs); anything else is a TypeError naming the argument."""
-    x: torch.Tensor
-    labels: torch.Tensor
-
-    def __post_init__(self):
-        x = _as_tensor(self.x, "TensorData x", "the examples, one row each")
-        if not isinstance(self.x, torch.Tensor) and x.dtype == torch.float64:
-            x = x.to(torch.get_default_dtype())  # numpy's and Python's float64 -> the dtype torch modules have
-        labels = _as_tensor(self.labels, "TensorData labels", "integer class ids 0..C-1")
-        if labels.dtype == torch.bool or labels.is_complex() or (
-                labels.is_floating_point() and not torch.equal(labels, labels.round())):
-            raise TypeError(f"TensorData labels must be integer class ids 0..C-1, not {_describe(self.labels)} "
-                            f"(map each class to an integer first, e.g. with sorted(set(labels)))")
-        if labels.dim() != 1 or len(labels) != len(x):
-            raise ValueError(f"TensorData labels must be one class id per row of x: labels {tuple(labels.shape)}, "
-                             f"x {tuple(x.shape)}")
-        self.x, self.labels = x, labels.long()
-
-    def __len__(self):
-        return len(self.x)
-
-    def batch(self, idx) -> tuple[dict, torch.Tensor]:
-        idx = torch.as_tensor(idx)
-        return {"x": self.x[idx]}, self.labels[idx]
-
-
-def _as_tensor(value, name: str, what: str) -> torch.Tensor:
-    """A tensor from a tensor, numpy array or (nested) list of numbers; a TypeError naming `name` otherwise."""
-    if isinstance(value, torch.Tensor):
-        return value
-    try:
-        return torch.as_tensor(np.asarray(value))
-    except (TypeError, ValueError, RuntimeError):
-        raise TypeError(f"{name} must be numbers ({what}) as a tensor, numpy array or list, not "
-                        f"{_describe(value)}") from None
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# 2. Body and heads (Sec. 2: theta = [theta_body; phi^1..phi^n, phi']; Sec. 4 "Model details").
 
 
 class HFBody(nn.Module):
@@ -264,38 +108,6 @@ class MLMHead(nn.Module):
         return logits, F.cross_entropy(logits.float(), labels[masked])
 
 
-def split_masked_lm(model: nn.Module) -> tuple[HFBody, MLMHead]:
-    """A transformers *ForMaskedLM model -> (body, MLM head). The head keeps the tied decoder weight, which is the
-    body's input embedding: that parameter is counted as body (see head_parameters)."""
-    heads = [m for _, m in model.named_children() if m is not model.base_model]
-    if len(heads) != 1:
-        raise ValueError(f"cannot find the LM head of {type(model).__name__}")
-    return HFBody(model.base_model), MLMHead(heads[0])
-
-
-def from_pretrained(name_or_path: str):
-    """(body, MLM head, tokenizer) from a hub id or a local directory. The MLM head is the checkpoint's pretrained
-    LM head when it has one; when it has none (e.g. a sentence-embedding checkpoint) transformers initialises it
-    newly, with the decoder tied to the input embeddings, from torch's global generator: seed it first so that the
-    new head is the same in every run. Returns also the names of newly initialised weights."""
-    from transformers import AutoModelForMaskedLM, AutoTokenizer
-
-    name_or_path = os.path.expanduser(name_or_path)
-    local = os.path.isdir(name_or_path)
-    if not local and (name_or_path.startswith((".", "/", "~")) or os.sep + os.sep in name_or_path
-                      or name_or_path.count("/") > 1):
-        raise FileNotFoundError(f"model '{name_or_path}': no such local directory")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-        model, info = AutoModelForMaskedLM.from_pretrained(name_or_path, output_loading_info=True)
-    except (OSError, ValueError) as e:
-        where = ("from its local directory" if local else
-                 "from the Hugging Face Hub (it is not a local directory; is the network reachable?)")
-        raise FileNotFoundError(f"model '{name_or_path}' could not be loaded {where}: {e}") from None
-    body, mlm_head = split_masked_lm(model)
-    return body, mlm_head, tokenizer, sorted(info["missing_keys"])
-
-
 def new_mlm_head(template: MLMHead, body: nn.Module, init: str = "checkpoint") -> MLMHead:
     """A separate MLM head phi^i per auxiliary task, copied from `template` (the checkpoint's head); weights shared
     with the body (the tied decoder) stay shared rather than being copied.
@@ -322,50 +134,10 @@ def new_mlm_head(template: MLMHead, body: nn.Module, init: str = "checkpoint") -
                 p.zero_()  # a loose bias, e.g. the vocabulary bias of the (tied) decoder
     return head
 
-
-def warm_mlm_head(body: nn.Module, head: MLMHead, task: "Task", steps: int, lr: float = 1e-3,
-                  batch_size: int = 16, seed: int = 0, eval_batches: int = 8) -> dict:
-    """Fits a newly initialised MLM head in place, with the body frozen, on an MLM task's text: the start that a
-    checkpoint without an LM head lacks (the paper's RoBERTa has one), so that TAPT, MT and META all begin from one
-    fitted head rather than each pushing a random head's gradient into the body. Only the head's own parameters train
-    (the tied decoder is the body's embedding, left alone). Returns the mean MLM loss on `eval_batches` fixed masked
-    batches before and after."""
-    device = next(body.parameters()).device
-    params = head_parameters(head, body)
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
-    fixed = list(itertools.islice(batches(task, batch_size, torch.Generator().manual_seed(seed + 1)), eval_batches))
-    stream = batches(task, batch_size, torch.Generator().manual_seed(seed))
-    modes = body.training
-    body.eval()  # frozen: no dropout in the features the head learns from
-
-    def loss_of(inputs, labels):
-        inputs, labels = to_device(inputs, labels, device)
-        with torch.no_grad():
-            features = body(**inputs)
-        return head(features, labels)[1]
-
-    def held_out():
-        with torch.no_grad():
-            return float(np.mean([loss_of(*b).item() for b in fixed]))
-    before = held_out()
-    for _ in range(steps):
-        loss = loss_of(*next(stream))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    body.train(modes)
-    return {"loss_before": before, "loss_after": held_out(), "steps": steps}
-
-
-def head_parameters(head: nn.Module, body: nn.Module) -> list[nn.Parameter]:
-    """Parameters of a head that are not body parameters (a tied decoder weight belongs to the body)."""
-    body_ids = {id(p) for p in body.parameters()}
-    return [p for p in head.parameters() if id(p) not in body_ids]
-
-
 # ----------------------------------------------------------------------------------------------------------------------
-# 3. Masking (Devlin et al. 2018): 15% of the non-special, non-pad tokens are chosen; of those 80% become the mask
+# 2. Masking (Devlin et al. 2018): 15% of the non-special, non-pad tokens are chosen; of those 80% become the mask
 #    token, 10% a random token, 10% stay unchanged; labels are -100 everywhere else.
+
 
 
 @dataclass
@@ -399,9 +171,9 @@ def mask_tokens(input_ids, attention_mask, masking: Masking, generator: torch.Ge
     corrupted = torch.where(to_random, random_ids, corrupted)
     return corrupted, labels
 
-
 # ----------------------------------------------------------------------------------------------------------------------
-# Tasks: T = (loss, data) (Sec. 2). A task owns its head and its training data; the end-task also has dev/test.
+# 3. Tasks: T = (loss, data) (Sec. 2). A task owns its head and its training data; the end-task also has dev/test.
+
 
 
 @dataclass
@@ -430,145 +202,10 @@ def batches(task: Task, batch_size: int, generator: torch.Generator):
                                                           task.masking, generator)
             yield inputs, labels
 
-
-def subset(n: int, limit: int | None) -> list[int]:
-    """A fixed (seed 0) random subset of at most `limit` of n example indices, in their original order (smoke runs)."""
-    if not limit or n <= limit:
-        return list(range(n))
-    return sorted(np.random.default_rng(0).choice(n, limit, replace=False).tolist())
-
-
-def end_task(name: str, data, tokenizer, hidden_size: int, max_length: int = 512,
-             metric: str = "macro_f1", dropout: float = 0.1, limit: int | None = None) -> Task:
-    """The end-task T* with a new classification head phi'. `data` is a folder of {train,dev,test}.jsonl, or, in
-    memory, a dict {"train": ..., "dev": ..., "test": ...} of either (texts, labels) pairs (labels strings or
-    integers, numbered in sorted order of train's labels, as for a folder) or (x, labels) pairs of tensors, numpy
-    arrays or lists for a body called as body(x=...) (tartan.TensorData; labels are class ids 0..C-1, C = the
-    largest + 1; the tokenizer is not used and may be None). `limit` keeps a fixed random subset of at most that
-    many examples per split."""
-    if metric not in ("macro_f1", "micro_f1"):
-        raise ValueError(f"metric must be 'macro_f1' or 'micro_f1', not '{metric}'")
-    if isinstance(data, str):
-        splits = read_end_task(data)
-    elif isinstance(data, dict) and sorted(data) == ["dev", "test", "train"]:
-        if not isinstance(data["train"][0], (list, tuple)) or not all(isinstance(t, str) for t in data["train"][0]):
-            tensors = {s: TensorData(*data[s]) for s in ("train", "dev", "test")}  # (x, labels), checked there
-            C = 1 + max(int(d.labels.max()) for d in tensors.values() if len(d))  # classes: ids 0..C-1
-
-            def kept(d):
-                idx = torch.tensor(subset(len(d), limit), dtype=torch.long)
-                return TensorData(d.x[idx], d.labels[idx])
-            return Task(name, ClassificationHead(hidden_size, C, dropout), kept(tensors["train"]),
-                        dev=kept(tensors["dev"]), test=kept(tensors["test"]), num_labels=C, metric=metric)
-        pairs = {s: _text_pairs(f"end-task '{name}', {s} split", data[s]) for s in ("train", "dev", "test")}
-        vocab = sorted(set(pairs["train"][1]))
-        splits = {"labels": vocab}
-        for s, (texts, labels) in pairs.items():
-            unseen = [x for x in labels if x not in set(vocab)]
-            if unseen:
-                raise DataError(f"end-task '{name}': its {s} split has label {unseen[0]!r}, which never appears in "
-                                f"train (train labels: {', '.join(map(str, vocab))})")
-            splits[s] = (texts, [vocab.index(x) for x in labels])
-    else:
-        raise TypeError(f"end-task '{name}': data must be a folder of {{train,dev,test}}.jsonl or a dict with keys "
-                        f"'train', 'dev', 'test' of (texts, labels) or (x, labels), not {_describe(data)}"
-                        + (f" with keys {sorted(data)}" if isinstance(data, dict) else ""))
-    check_tokenizer(tokenizer, f"end-task '{name}'")
-
-    def split(s):
-        keep = subset(len(splits[s][0]), limit)
-        return TextData(tokenize(tokenizer, [splits[s][0][i] for i in keep], max_length),
-                        [splits[s][1][i] for i in keep], tokenizer.pad_token_id)
-    return Task(name, ClassificationHead(hidden_size, len(splits["labels"]), dropout), split("train"),
-                dev=split("dev"), test=split("test"), num_labels=len(splits["labels"]), metric=metric)
-
-
-def _text_pairs(what: str, data) -> tuple[list[str], list]:
-    """(texts, labels) given in memory, checked: as many labels as texts, at least one, texts strings, labels all
-    strings or all integers."""
-    texts, labels = (list(x) for x in data)
-    if len(texts) != len(labels):
-        raise DataError(f"{what}: {len(texts)} texts but {len(labels)} labels")
-    if not texts:
-        raise DataError(f"{what} has no examples")
-    bad = [x for x in labels if isinstance(x, bool) or not isinstance(x, (str, int, np.integer))]
-    if bad or len({isinstance(x, str) for x in labels}) > 1:
-        raise DataError(f"{what}: labels must be all strings or all integers" + (f", not {bad[0]!r}" if bad else ""))
-    if not all(isinstance(t, str) for t in texts):
-        raise DataError(f"{what}: every text must be a string")
-    return texts, [x if isinstance(x, str) else int(x) for x in labels]
-
-
-def classification_task(name: str, data, tokenizer, hidden_size: int, max_length: int = 512, dropout: float = 0.1,
-                        limit: int | None = None) -> Task:
-    """An auxiliary classification task T_i on text, with its own new head phi^i (ClassificationHead). `data` is a
-    JSONL file ({"text", "label"} per line), a folder holding train.jsonl, or a pair (texts, labels). Labels are
-    strings or integers, numbered in sorted order (as end_task does). `limit` keeps a fixed random subset of at most
-    that many examples."""
-    if isinstance(data, str):
-        path = os.path.join(data, "train.jsonl") if os.path.isdir(data) else data
-        texts, labels, _ = read_jsonl(path)
-    else:
-        texts, labels = _text_pairs(f"classification task '{name}'", data)
-    check_tokenizer(tokenizer, f"classification task '{name}'")
-    vocab = sorted(set(labels))
-    index = {label: i for i, label in enumerate(vocab)}
-    keep = subset(len(texts), limit)
-    train = TextData(tokenize(tokenizer, [texts[i] for i in keep], max_length), [index[labels[i]] for i in keep],
-                     tokenizer.pad_token_id)
-    return Task(name, ClassificationHead(hidden_size, len(vocab), dropout), train, num_labels=len(vocab))
-
-
-def mlm_task(name: str, texts_or_path, tokenizer, body: nn.Module, mlm_head: MLMHead, max_length: int = 512,
-             limit: int | None = None, head_init: str = "checkpoint") -> Task:
-    """An auxiliary MLM task T_i on a corpus (a path to a line file, or a list of texts), with its own head phi^i.
-    `limit` keeps a fixed random subset of at most that many lines. head_init: see below and new_mlm_head."""
-    check_tokenizer(tokenizer, f"MLM task '{name}'", first_position=False)
-    texts = read_lines(texts_or_path) if isinstance(texts_or_path, str) else list(texts_or_path)
-    texts = [texts[i] for i in subset(len(texts), limit)]
-    if not texts:
-        raise DataError(f"auxiliary corpus '{name}' is empty")
-    # Departure from Algorithm 1 ("randomly initialize phi^i"): by default phi^i starts from the checkpoint's LM head,
-    # the better start when the checkpoint has one: the MLM loss starts where pre-training left it, not at chance, so
-    # the first gradients into the shared body come through a fitted head. head_init="random" follows Algorithm 1.
-    return Task(name, new_mlm_head(mlm_head, body, head_init), TextData(tokenize(tokenizer, texts, max_length), None,
-                                                                        tokenizer.pad_token_id),
-                masking=Masking.for_tokenizer(tokenizer))
-
-
-def to_device(inputs: dict, labels, device):
-    return {k: v.to(device, non_blocking=True) for k, v in inputs.items()}, labels.to(device, non_blocking=True)
-
-
-def autocast(device: torch.device, bf16: bool):
-    """bf16 autocast on CUDA when asked, for training and evaluation alike; a disabled context elsewhere (fp32)."""
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16 and device.type == "cuda")
-
-
-def _features(out) -> torch.Tensor:
-    """The body's output, which must be the features tensor itself (B, T, H) or (B, H); a TypeError saying what to
-    return otherwise (a tuple, or a Hugging Face ModelOutput)."""
-    if isinstance(out, torch.Tensor):
-        return out
-    fix = "return outputs.last_hidden_state (tartan.HFBody wraps a Hugging Face encoder so)" \
-        if hasattr(out, "last_hidden_state") else "return the features tensor alone (e.g. outputs[0])"
-    raise TypeError(f"the body returned {_describe(out)}, but tartan's heads take one features tensor (B, T, H) or "
-                    f"(B, H): make the body's forward {fix}")
-
-
-def _describe(x) -> str:
-    """A value's type, and its shape and dtype for a tensor or array, for error messages."""
-    shape = getattr(x, "shape", None)
-    return type(x).__name__ + ("" if shape is None else f" of shape {tuple(shape)}, dtype {getattr(x, 'dtype', '?')}")
-
-
-def _n_tokens(inputs: dict) -> int:
-    return int(inputs["attention_mask"].sum()) if "attention_mask" in inputs else len(next(iter(inputs.values())))
-
-
 # ----------------------------------------------------------------------------------------------------------------------
-# 4. Training loop. Configs hold the paper's values (Sec. 4) and, where the paper is silent, those of the authors'
+# 4. Configs hold the paper's values (Sec. 4) and, where the paper is silent, those of the authors'
 #    launch scripts (ldery/TARTAN run_{mt,meta}_multiple.sh) or of Gururangan et al. (2020), App. B.
+
 
 
 @dataclass
@@ -600,7 +237,6 @@ class TrainConfig:
     eval_test: bool = False           # also score the test split at every evaluation, recorded in the history for
     #                                   analysis only (learning curves): selection and early stopping never read it
     final_finetune: "FinetuneConfig | None" = field(default_factory=lambda: tartan_finetune())
-    #                                   the optional Eq. 2 stage after Eq. 3 / Alg. 1; None = off
 
 
 @dataclass
@@ -660,82 +296,9 @@ class MetaConfig(TrainConfig):
     same_head: bool = False           # True: meta gradient through phi' itself (Eq. 6), the ablation of Fig. 3
     cos_eps: float = 1e-8             # epsilon in cos(a, b) = a.b / (|a||b| + eps)
 
+# ----------------------------------------------------------------------------------------------------------------------
+# 5. The training loop, one for every mode: Eq. 1 (no end-task), Eq. 2 (no auxiliary task), Eq. 3 and Algorithm 1.
 
-def make_optimizer(params: list[nn.Parameter], lr: float, weight_decay: float, cfg: TrainConfig):
-    decay = [p for p in params if p.dim() >= 2]  # biases and LayerNorm/BatchNorm weights get no decay
-    no_decay = [p for p in params if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    try:  # the fused kernel: the same update in one pass over the parameters rather than a loop over them
-        return torch.optim.AdamW(groups, lr=lr, betas=cfg.betas, eps=cfg.adam_eps, fused=True)
-    except (RuntimeError, ValueError):  # a device or dtype without a fused kernel
-        return torch.optim.AdamW(groups, lr=lr, betas=cfg.betas, eps=cfg.adam_eps)
-
-
-def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
-    """Rescales the gradients to global norm max_norm if it is larger, as torch.nn.utils.clip_grad_norm_, which
-    multiplies every gradient by min(1, max_norm / norm) even when that is 1 (to spare a device sync). The loop syncs
-    on the loss values anyway, so here gradients are touched only when clipping happens. Returns the norm."""
-    grads = [p.grad for p in params if p.grad is not None]
-    norm = torch.nn.utils.get_total_norm(grads)
-    if norm > max_norm:
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
-    return norm
-
-
-def _budget(end: Task | None, tasks: list[Task], cfg: TrainConfig) -> tuple[int, int]:
-    """(total optimizer steps, steps per epoch); an epoch is a pass over the task with the most batches."""
-    sizes = [math.ceil(len(t.train) / (cfg.batch_size if t is end else cfg.aux_batch_size)) for t in tasks]
-    per_epoch = max(1, math.ceil(max(sizes) / cfg.grad_accum))
-    return (cfg.max_steps or max(1, math.ceil(cfg.epochs * per_epoch))), per_epoch
-
-
-def check_tasks(end: Task | None, aux: list[Task], cfg: TrainConfig) -> None:
-    """The contracts the loops rely on, checked before the first step: a broken one is a ValueError naming the task
-    and what is wrong (rather than an IndexError deep in a step, or tasks silently merged)."""
-    tasks = ([end] if end is not None else []) + list(aux)
-    names, heads = set(), {}
-    for t in tasks:
-        if t.name in names:  # names key the weights, losses and token counts: a repeated one would merge two tasks
-            raise ValueError(f"two tasks are named '{t.name}': task names must be unique")
-        names.add(t.name)
-        if id(t.head) in heads:
-            raise ValueError(f"tasks '{heads[id(t.head)]}' and '{t.name}' share one head object: each task needs its "
-                             f"own head (tartan.new_mlm_head makes one per MLM task)")
-        heads[id(t.head)] = t.name
-        if t.masking is None and t.train.labels is None:
-            raise ValueError(f"task '{t.name}': its training data has no labels and the task has no masking (an MLM "
-                             f"task needs Masking; tartan.mlm_task sets it)")
-        # classes C: num_labels, else the width of a ClassificationHead (a task built by hand may not set it)
-        C = t.num_labels or (t.head.mlp[-1].out_features if isinstance(t.head, ClassificationHead) else 0)
-        for split, data in (("train", t.train), ("dev", t.dev), ("test", t.test)):
-            if C > 0 and data is not None and data.labels is not None and len(data):
-                labels = torch.as_tensor(data.labels)
-                bad = labels[(labels < 0) | (labels >= C)]
-                if len(bad):
-                    raise ValueError(f"task '{t.name}': its {split} split has label {bad[0].item()}, outside "
-                                     f"0..{C - 1} (" + (f"num_labels={C}" if t.num_labels else
-                                                        f"its head predicts {C} classes; num_labels is not set")
-                                     + ")")
-    if cfg.weights is not None and len(cfg.weights) != len(tasks):
-        raise ValueError(f"weights has {len(cfg.weights)} entries for {len(tasks)} tasks ({[t.name for t in tasks]})")
-    if end is None:
-        return
-    meta = isinstance(cfg, MetaConfig)
-    if end.dev is None and (cfg.eval_every >= 0 or meta):
-        raise ValueError(f"end-task '{end.name}' has no dev split: model selection needs one"
-                         + (", and META-TARTAN draws B*_val from it" if meta else ""))
-    out = getattr(getattr(end.head, "mlp", [None])[-1], "out_features", None)  # C of a ClassificationHead
-    if end.num_labels > 0 and out is not None and out != end.num_labels:
-        raise ValueError(f"end-task '{end.name}': its head predicts {out} classes but num_labels={end.num_labels}")
-    if meta and cfg.meta_head_data not in ("train", "dev"):
-        raise ValueError(f"meta_head_data must be 'train' or 'dev', not '{cfg.meta_head_data}'")
-    if meta and not cfg.same_head and cfg.meta_head_data == "train" and cfg.meta_batch_size > cfg.batch_size:
-        raise ValueError(f"meta_batch_size={cfg.meta_batch_size} > batch_size={cfg.batch_size}: phi* is fitted on "
-                         f"rows of the end-task micro-batch B*_tr, which has only {cfg.batch_size} (a larger B*_val "
-                         f"is meta_val_batch_size)")
-    if meta and not cfg.same_head and end.num_labels < 1:
-        raise ValueError(f"end-task '{end.name}' has num_labels={end.num_labels}: META-TARTAN fits its meta head "
-                         f"phi* with one output per class, so set Task(..., num_labels=C) (end_task sets it)")
 
 
 def train(body: nn.Module, end: Task | None, aux: list[Task], cfg: TrainConfig, step_fn=None) -> dict:
@@ -860,28 +423,21 @@ def train(body: nn.Module, end: Task | None, aux: list[Task], cfg: TrainConfig, 
                       "grad_norms": per_task(trace["grad_norms"]), "meta_val_loss": trace["meta_val_loss"] or None}}
 
 
-def _finite(value: float, what: str, where: str, hint: str = ""):
-    if not math.isfinite(value):
-        raise DivergedError(f"{what} is {value} {where}{f' ({hint})' if hint else ''}; the run is stopped")
+def _budget(end: Task | None, tasks: list[Task], cfg: TrainConfig) -> tuple[int, int]:
+    """(total optimizer steps, steps per epoch); an epoch is a pass over the task with the most batches."""
+    sizes = [math.ceil(len(t.train) / (cfg.batch_size if t is end else cfg.aux_batch_size)) for t in tasks]
+    per_epoch = max(1, math.ceil(max(sizes) / cfg.grad_accum))
+    return (cfg.max_steps or max(1, math.ceil(cfg.epochs * per_epoch))), per_epoch
 
 
-def _snapshot(body, head):
-    return [{k: v.detach().clone() for k, v in m.state_dict().items()} for m in (body, head)]
-
-
-def _restore(snapshot, body, head):
-    for m, sd in zip((body, head), snapshot):
-        m.load_state_dict(sd)
-
-
-def _progress(total, enabled, desc):
-    if enabled:
-        from tqdm.auto import tqdm
-        return tqdm(total=total, desc=desc, dynamic_ncols=True, leave=False)
-
-    class _Silent:
-        update = set_postfix = close = lambda *a, **k: None
-    return _Silent()
+def make_optimizer(params: list[nn.Parameter], lr: float, weight_decay: float, cfg: TrainConfig):
+    decay = [p for p in params if p.dim() >= 2]  # biases and LayerNorm/BatchNorm weights get no decay
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    try:  # the fused kernel: the same update in one pass over the parameters rather than a loop over them
+        return torch.optim.AdamW(groups, lr=lr, betas=cfg.betas, eps=cfg.adam_eps, fused=True)
+    except (RuntimeError, ValueError):  # a device or dtype without a fused kernel
+        return torch.optim.AdamW(groups, lr=lr, betas=cfg.betas, eps=cfg.adam_eps)
 
 
 def _forward(body, task, stream, device, amp, tokens):
@@ -894,9 +450,8 @@ def _forward(body, task, stream, device, amp, tokens):
         _, loss = task.head(features, labels)
     return loss, features, labels
 
-
 # ----------------------------------------------------------------------------------------------------------------------
-# 5. MT-TARTAN (Eq. 3): theta <- theta - beta * grad( w* L_T* + sum_i w_i L_Ti ), static w; the gradient of the
+# 6. MT-TARTAN (Eq. 3): theta <- theta - beta * grad( w* L_T* + sum_i w_i L_Ti ), static w; the gradient of the
 #    weighted sum is accumulated one task micro-batch at a time. With the end-task alone this is fine-tuning (Eq. 2);
 #    without it, Eq. 1.
 #
@@ -908,6 +463,7 @@ def _forward(body, task, stream, device, amp, tokens):
 #      weighting.task_backward(k, loss) ... weighting.step(...)
 #    It writes the body's gradient into .grad (MT: sum_k w_k g_k; META: sum_k alpha_k g_k) and each head's own
 #    gradient through the ordinary backward. It refuses a body gradient it did not put there.
+
 
 
 class TaskWeighting:
@@ -1021,9 +577,8 @@ def multitask_step(body, tasks, streams, weighting: MTWeighting, cfg, amp, token
             weighting.task_backward(k, loss)
     return weighting.step()
 
-
 # ----------------------------------------------------------------------------------------------------------------------
-# 6. META-TARTAN (Eq. 6-7, Sec. 3.3, Algorithm 1 of A.3). Per step, in Algorithm 1's order:
+# 7. META-TARTAN (Eq. 6-7, Sec. 3.3, Algorithm 1 of A.3). Per step, in Algorithm 1's order:
 #      g_k        = grad_theta_body L_Tk             for the end-task (k = 0) and every auxiliary task
 #      phi*       = estimate_meta_head(features of B*_tr)   fitted on cached features (Sec. 3.3, A.1)
 #      g_meta     = grad_theta_body L_T*(theta_body, phi*, B*_val)                                    (Eq. 7)
@@ -1033,6 +588,7 @@ def multitask_step(body, tasks, streams, weighting: MTWeighting, cfg, amp, token
 #    over the body parameters only, in numerator and norms alike, with an epsilon; phi* is fitted on end-task
 #    *training* features (Sec. 3.3 and A.1 say training data; the release used validation data) computed once,
 #    not by re-running the body 10 times.
+
 
 
 class MetaWeighting(TaskWeighting):
@@ -1200,34 +756,6 @@ def meta_gradient(body: nn.Module, head_star: nn.Module, val, params: list[nn.Pa
     return _flat(params, grads), loss.item()
 
 
-@contextlib.contextmanager
-def _buffers_kept(body: nn.Module):
-    """Restores the body's buffers (e.g. BatchNorm running statistics) after a forward pass on dev rows."""
-    saved = [(b, b.clone()) for b in body.buffers()]
-    yield
-    with torch.no_grad():
-        for b, value in saved:
-            b.copy_(value)
-
-
-def _flat(params, grads) -> torch.Tensor:
-    """Per-parameter gradients -> one (P,) vector; a parameter the loss does not reach contributes zeros."""
-    return torch.cat([torch.zeros(p.numel(), device=p.device) if g is None else g.reshape(-1)
-                      for p, g in zip(params, grads)])
-
-
-def _take_body_grad(params, out: torch.Tensor, add: bool = False):
-    """Flatten the body's accumulated .grad into `out` (P,) (add=True: add it to `out`) and clear it, so the next
-    task starts from zero."""
-    flat = [torch.zeros(p.numel(), device=out.device) if p.grad is None else p.grad.reshape(-1) for p in params]
-    if add:
-        out += torch.cat(flat)
-    else:
-        torch.cat(flat, out=out)
-    for p in params:
-        p.grad = None
-
-
 def cosine(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     """cos(a, b) of flat vectors; rows of a (K, P) against b (P,) give (K,)."""
     return (a @ b) / (a.norm(dim=-1) * b.norm() + eps)
@@ -1265,9 +793,9 @@ def meta_step(body, tasks, streams, state: MetaState, cfg: MetaConfig, amp, toke
     tokens[key] = tokens.get(key, 0) + _n_tokens(val_batch[0])
     return state.weighting.step(head_data, val_batch)
 
-
 # ----------------------------------------------------------------------------------------------------------------------
-# Public entry points: one per row of the paper's tables.
+# 8. Entry points, one per row of the paper's tables: Eq. 1, Eq. 2, Eq. 3, Algorithm 1, and run_end_task.
+
 
 
 def pretrain(body, aux: list[Task], cfg: PretrainConfig | None = None) -> dict:
@@ -1348,9 +876,9 @@ def run_end_task(body, end: Task, aux: list[Task], mode: str, cfg: TrainConfig |
     out.update({k: main[k] for k in ("history", "final_weights", "best_weights", "trace")})
     return out
 
-
 # ----------------------------------------------------------------------------------------------------------------------
-# 7. Evaluation: macro-F1 and micro-F1 always both (micro-F1 = accuracy for single-label classification).
+# 9. Evaluation: macro-F1 and micro-F1 always both (micro-F1 = accuracy for single-label classification).
+
 
 
 def f1_scores(y_true, y_pred) -> dict:
@@ -1386,9 +914,9 @@ def evaluate(body, head, data, batch_size: int = 64, bf16: bool = False, predict
     return {**f1_scores(gold, preds), "loss": total_loss / len(data),
             **({"predictions": preds.tolist()} if predictions else {})}
 
-
 # ----------------------------------------------------------------------------------------------------------------------
-# 8. Significance (A.2): unpaired two-sample permutation test of per-seed scores.
+# 10. Significance (A.2): unpaired two-sample permutation test of per-seed scores.
+
 
 
 def permutation_test(a, b, n_permutations: int = 10_000, seed: int = 0) -> dict:
@@ -1425,3 +953,501 @@ def mean_std(x, ddof: int = 1) -> tuple[float, float]:
     """Mean and standard deviation of per-seed scores (ddof=1: the sample standard deviation)."""
     x = np.asarray(x, dtype=float)
     return float(x.mean()), float(x.std(ddof=ddof)) if len(x) > ddof else 0.0
+
+# ======================================================================================================================
+# APPENDIX: what the method needs but the paper does not describe. (A) reading files and building tasks,
+# (B) contracts and divergence, (C) plumbing.
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# A. Reading files and building tasks: the "Don't Stop Pretraining" JSONL format ({"text", "label", ...} per
+#    line), plain line files, tokenisation, and the task builders.
+
+
+
+def read_jsonl(path: str) -> tuple[list[str], list[str], list[int]]:
+    """Texts, labels and line numbers of a JSONL split. Blank lines are skipped; anything else malformed is an error."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: no such file")
+    texts, labels, lines = [], [], []
+    for lineno, line in _numbered_lines(path):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}, line {lineno}: malformed JSON ({e.msg})") from None
+        if not isinstance(obj, dict):
+            raise DataError(f"{path}, line {lineno}: expected a JSON object with 'text' and 'label'")
+        for key in ("text", "label"):
+            if key not in obj:
+                raise DataError(f"{path}, line {lineno}: missing field '{key}'")
+        if not isinstance(obj["text"], str):
+            raise DataError(f"{path}, line {lineno}: 'text' must be a string")
+        label = obj["label"]
+        if isinstance(label, bool) or not isinstance(label, (str, int)):
+            raise DataError(f"{path}, line {lineno}: 'label' must be a string or an integer, not {label!r}")
+        texts.append(obj["text"])
+        labels.append(str(label))
+        lines.append(lineno)
+    if not texts:
+        raise DataError(f"{path}: empty file (no examples)")
+    return texts, labels, lines
+
+
+def _numbered_lines(path: str):
+    """(line number, line) of a UTF-8 text file; a byte that is not UTF-8 is an error naming the line."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                yield lineno, raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}, line {lineno}: not UTF-8 text ({e.reason})") from None
+
+
+def read_lines(path: str) -> list[str]:
+    """One auxiliary MLM example per non-blank line (the TAPT/DAPT corpora)."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: no such file")
+    lines = [line.strip() for _, line in _numbered_lines(path) if line.strip()]
+    if not lines:
+        raise DataError(f"{path}: empty file (no lines of text)")
+    return lines
+
+
+def read_end_task(folder: str) -> dict:
+    """{train,dev,test}.jsonl of one end-task -> texts, integer labels and the label vocabulary (from train)."""
+    splits = {s: read_jsonl(os.path.join(folder, f"{s}.jsonl")) for s in ("train", "dev", "test")}
+    vocab = sorted(set(splits["train"][1]))
+    index = {label: i for i, label in enumerate(vocab)}
+    out = {"labels": vocab}
+    for split, (texts, labels, lines) in splits.items():
+        for label, lineno in zip(labels, lines):
+            if label not in index:
+                raise DataError(f"{os.path.join(folder, split + '.jsonl')}, line {lineno}: label '{label}' "
+                                f"never appears in train.jsonl (train labels: {', '.join(vocab)})")
+        out[split] = (texts, [index[label] for label in labels])
+    return out
+
+
+def check_tokenizer(tokenizer, what: str, first_position: bool = True) -> None:
+    """A tokenizer tartan can batch with: it has a pad token, and (first_position: for a ClassificationHead, which
+    reads the first position) it puts a CLS/BOS token first; otherwise a ValueError naming `what` and the fix."""
+    name = type(tokenizer).__name__
+    if tokenizer.pad_token_id is None:
+        raise ValueError(f"{what}: tokenizer {name} has no pad token, and batches are padded with it: set one before "
+                         f"building the task, e.g. tokenizer.pad_token = tokenizer.eos_token (or unk_token)")
+    if first_position:
+        first = tokenizer("a")["input_ids"][:1]
+        starts = {tokenizer.cls_token_id, tokenizer.bos_token_id} - {None}
+        if not first or first[0] not in starts:
+            raise ValueError(f"{what}: tokenizer {name} puts no CLS/BOS token first (its first token is "
+                             f"{tokenizer.convert_ids_to_tokens(first)}), and a ClassificationHead reads the first "
+                             f"position, which would be the first word: use a tokenizer whose post-processor adds "
+                             f"one (BERT, RoBERTa), or a body that pools its features to (B, H)")
+
+
+def tokenize(tokenizer, texts: list[str], max_length: int, chunk: int = 2048) -> list[list[int]]:
+    """Token ids with special tokens, truncated to max_length (no padding: batches are padded dynamically)."""
+    ids = []
+    for i in range(0, len(texts), chunk):
+        ids += tokenizer(texts[i:i + chunk], truncation=True, max_length=max_length)["input_ids"]
+    return ids
+
+
+@dataclass
+class TextData:
+    """Tokenised examples of one split (labels None for an MLM corpus); batches are padded to their longest row."""
+    ids: list[list[int]]
+    labels: list[int] | None
+    pad_id: int
+
+    def __len__(self):
+        return len(self.ids)
+
+    def batch(self, idx) -> tuple[dict, torch.Tensor | None]:
+        rows = [self.ids[i] for i in idx]
+        input_ids = torch.full((len(rows), max(map(len, rows))), self.pad_id, dtype=torch.long)  # (B, T)
+        attention_mask = torch.zeros_like(input_ids)
+        for r, row in enumerate(rows):
+            input_ids[r, :len(row)] = torch.tensor(row)
+            attention_mask[r, :len(row)] = 1
+        labels = None if self.labels is None else torch.tensor([self.labels[i] for i in idx])
+        return {"input_ids": input_ids, "attention_mask": attention_mask}, labels
+
+
+@dataclass
+class TensorData:
+    """Examples already in a tensor (e.g. images) for a plain torch module body called as body(x=...).
+    x and labels may also be numpy arrays or lists: they are converted (x from numpy/lists in float64 to torch's
+    default float dtype). labels are class ids 0..C-1: any integer dtype, or whole-number floats, become int64 (what
+    cross-entropy needs); anything else is a TypeError naming the argument."""
+    x: torch.Tensor
+    labels: torch.Tensor
+
+    def __post_init__(self):
+        x = _as_tensor(self.x, "TensorData x", "the examples, one row each")
+        if not isinstance(self.x, torch.Tensor) and x.dtype == torch.float64:
+            x = x.to(torch.get_default_dtype())  # numpy's and Python's float64 -> the dtype torch modules have
+        labels = _as_tensor(self.labels, "TensorData labels", "integer class ids 0..C-1")
+        if labels.dtype == torch.bool or labels.is_complex() or (
+                labels.is_floating_point() and not torch.equal(labels, labels.round())):
+            raise TypeError(f"TensorData labels must be integer class ids 0..C-1, not {_describe(self.labels)} "
+                            f"(map each class to an integer first, e.g. with sorted(set(labels)))")
+        if labels.dim() != 1 or len(labels) != len(x):
+            raise ValueError(f"TensorData labels must be one class id per row of x: labels {tuple(labels.shape)}, "
+                             f"x {tuple(x.shape)}")
+        self.x, self.labels = x, labels.long()
+
+    def __len__(self):
+        return len(self.x)
+
+    def batch(self, idx) -> tuple[dict, torch.Tensor]:
+        idx = torch.as_tensor(idx)
+        return {"x": self.x[idx]}, self.labels[idx]
+
+
+def _as_tensor(value, name: str, what: str) -> torch.Tensor:
+    """A tensor from a tensor, numpy array or (nested) list of numbers; a TypeError naming `name` otherwise."""
+    if isinstance(value, torch.Tensor):
+        return value
+    try:
+        return torch.as_tensor(np.asarray(value))
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"{name} must be numbers ({what}) as a tensor, numpy array or list, not "
+                        f"{_describe(value)}") from None
+
+
+def subset(n: int, limit: int | None) -> list[int]:
+    """A fixed (seed 0) random subset of at most `limit` of n example indices, in their original order (smoke runs)."""
+    if not limit or n <= limit:
+        return list(range(n))
+    return sorted(np.random.default_rng(0).choice(n, limit, replace=False).tolist())
+
+
+def end_task(name: str, data, tokenizer, hidden_size: int, max_length: int = 512,
+             metric: str = "macro_f1", dropout: float = 0.1, limit: int | None = None) -> Task:
+    """The end-task T* with a new classification head phi'. `data` is a folder of {train,dev,test}.jsonl, or, in
+    memory, a dict {"train": ..., "dev": ..., "test": ...} of either (texts, labels) pairs (labels strings or
+    integers, numbered in sorted order of train's labels, as for a folder) or (x, labels) pairs of tensors, numpy
+    arrays or lists for a body called as body(x=...) (tartan.TensorData; labels are class ids 0..C-1, C = the
+    largest + 1; the tokenizer is not used and may be None). `limit` keeps a fixed random subset of at most that
+    many examples per split."""
+    if metric not in ("macro_f1", "micro_f1"):
+        raise ValueError(f"metric must be 'macro_f1' or 'micro_f1', not '{metric}'")
+    if isinstance(data, str):
+        splits = read_end_task(data)
+    elif isinstance(data, dict) and sorted(data) == ["dev", "test", "train"]:
+        if not isinstance(data["train"][0], (list, tuple)) or not all(isinstance(t, str) for t in data["train"][0]):
+            tensors = {s: TensorData(*data[s]) for s in ("train", "dev", "test")}  # (x, labels), checked there
+            C = 1 + max(int(d.labels.max()) for d in tensors.values() if len(d))  # classes: ids 0..C-1
+
+            def kept(d):
+                idx = torch.tensor(subset(len(d), limit), dtype=torch.long)
+                return TensorData(d.x[idx], d.labels[idx])
+            return Task(name, ClassificationHead(hidden_size, C, dropout), kept(tensors["train"]),
+                        dev=kept(tensors["dev"]), test=kept(tensors["test"]), num_labels=C, metric=metric)
+        pairs = {s: _text_pairs(f"end-task '{name}', {s} split", data[s]) for s in ("train", "dev", "test")}
+        vocab = sorted(set(pairs["train"][1]))
+        splits = {"labels": vocab}
+        for s, (texts, labels) in pairs.items():
+            unseen = [x for x in labels if x not in set(vocab)]
+            if unseen:
+                raise DataError(f"end-task '{name}': its {s} split has label {unseen[0]!r}, which never appears in "
+                                f"train (train labels: {', '.join(map(str, vocab))})")
+            splits[s] = (texts, [vocab.index(x) for x in labels])
+    else:
+        raise TypeError(f"end-task '{name}': data must be a folder of {{train,dev,test}}.jsonl or a dict with keys "
+                        f"'train', 'dev', 'test' of (texts, labels) or (x, labels), not {_describe(data)}"
+                        + (f" with keys {sorted(data)}" if isinstance(data, dict) else ""))
+    check_tokenizer(tokenizer, f"end-task '{name}'")
+
+    def split(s):
+        keep = subset(len(splits[s][0]), limit)
+        return TextData(tokenize(tokenizer, [splits[s][0][i] for i in keep], max_length),
+                        [splits[s][1][i] for i in keep], tokenizer.pad_token_id)
+    return Task(name, ClassificationHead(hidden_size, len(splits["labels"]), dropout), split("train"),
+                dev=split("dev"), test=split("test"), num_labels=len(splits["labels"]), metric=metric)
+
+
+def _text_pairs(what: str, data) -> tuple[list[str], list]:
+    """(texts, labels) given in memory, checked: as many labels as texts, at least one, texts strings, labels all
+    strings or all integers."""
+    texts, labels = (list(x) for x in data)
+    if len(texts) != len(labels):
+        raise DataError(f"{what}: {len(texts)} texts but {len(labels)} labels")
+    if not texts:
+        raise DataError(f"{what} has no examples")
+    bad = [x for x in labels if isinstance(x, bool) or not isinstance(x, (str, int, np.integer))]
+    if bad or len({isinstance(x, str) for x in labels}) > 1:
+        raise DataError(f"{what}: labels must be all strings or all integers" + (f", not {bad[0]!r}" if bad else ""))
+    if not all(isinstance(t, str) for t in texts):
+        raise DataError(f"{what}: every text must be a string")
+    return texts, [x if isinstance(x, str) else int(x) for x in labels]
+
+
+def classification_task(name: str, data, tokenizer, hidden_size: int, max_length: int = 512, dropout: float = 0.1,
+                        limit: int | None = None) -> Task:
+    """An auxiliary classification task T_i on text, with its own new head phi^i (ClassificationHead). `data` is a
+    JSONL file ({"text", "label"} per line), a folder holding train.jsonl, or a pair (texts, labels). Labels are
+    strings or integers, numbered in sorted order (as end_task does). `limit` keeps a fixed random subset of at most
+    that many examples."""
+    if isinstance(data, str):
+        path = os.path.join(data, "train.jsonl") if os.path.isdir(data) else data
+        texts, labels, _ = read_jsonl(path)
+    else:
+        texts, labels = _text_pairs(f"classification task '{name}'", data)
+    check_tokenizer(tokenizer, f"classification task '{name}'")
+    vocab = sorted(set(labels))
+    index = {label: i for i, label in enumerate(vocab)}
+    keep = subset(len(texts), limit)
+    train = TextData(tokenize(tokenizer, [texts[i] for i in keep], max_length), [index[labels[i]] for i in keep],
+                     tokenizer.pad_token_id)
+    return Task(name, ClassificationHead(hidden_size, len(vocab), dropout), train, num_labels=len(vocab))
+
+
+def mlm_task(name: str, texts_or_path, tokenizer, body: nn.Module, mlm_head: MLMHead, max_length: int = 512,
+             limit: int | None = None, head_init: str = "checkpoint") -> Task:
+    """An auxiliary MLM task T_i on a corpus (a path to a line file, or a list of texts), with its own head phi^i.
+    `limit` keeps a fixed random subset of at most that many lines. head_init: see below and new_mlm_head."""
+    check_tokenizer(tokenizer, f"MLM task '{name}'", first_position=False)
+    texts = read_lines(texts_or_path) if isinstance(texts_or_path, str) else list(texts_or_path)
+    texts = [texts[i] for i in subset(len(texts), limit)]
+    if not texts:
+        raise DataError(f"auxiliary corpus '{name}' is empty")
+    # Departure from Algorithm 1 ("randomly initialize phi^i"): by default phi^i starts from the checkpoint's LM head,
+    # the better start when the checkpoint has one: the MLM loss starts where pre-training left it, not at chance, so
+    # the first gradients into the shared body come through a fitted head. head_init="random" follows Algorithm 1.
+    return Task(name, new_mlm_head(mlm_head, body, head_init), TextData(tokenize(tokenizer, texts, max_length), None,
+                                                                        tokenizer.pad_token_id),
+                masking=Masking.for_tokenizer(tokenizer))
+
+
+def from_pretrained(name_or_path: str):
+    """(body, MLM head, tokenizer) from a hub id or a local directory. The MLM head is the checkpoint's pretrained
+    LM head when it has one; when it has none (e.g. a sentence-embedding checkpoint) transformers initialises it
+    newly, with the decoder tied to the input embeddings, from torch's global generator: seed it first so that the
+    new head is the same in every run. Returns also the names of newly initialised weights."""
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+    name_or_path = os.path.expanduser(name_or_path)
+    local = os.path.isdir(name_or_path)
+    if not local and (name_or_path.startswith((".", "/", "~")) or os.sep + os.sep in name_or_path
+                      or name_or_path.count("/") > 1):
+        raise FileNotFoundError(f"model '{name_or_path}': no such local directory")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        model, info = AutoModelForMaskedLM.from_pretrained(name_or_path, output_loading_info=True)
+    except (OSError, ValueError) as e:
+        where = ("from its local directory" if local else
+                 "from the Hugging Face Hub (it is not a local directory; is the network reachable?)")
+        raise FileNotFoundError(f"model '{name_or_path}' could not be loaded {where}: {e}") from None
+    body, mlm_head = split_masked_lm(model)
+    return body, mlm_head, tokenizer, sorted(info["missing_keys"])
+
+
+def split_masked_lm(model: nn.Module) -> tuple[HFBody, MLMHead]:
+    """A transformers *ForMaskedLM model -> (body, MLM head). The head keeps the tied decoder weight, which is the
+    body's input embedding: that parameter is counted as body (see head_parameters)."""
+    heads = [m for _, m in model.named_children() if m is not model.base_model]
+    if len(heads) != 1:
+        raise ValueError(f"cannot find the LM head of {type(model).__name__}")
+    return HFBody(model.base_model), MLMHead(heads[0])
+
+
+def warm_mlm_head(body: nn.Module, head: MLMHead, task: "Task", steps: int, lr: float = 1e-3,
+                  batch_size: int = 16, seed: int = 0, eval_batches: int = 8) -> dict:
+    """Fits a newly initialised MLM head in place, with the body frozen, on an MLM task's text: the start that a
+    checkpoint without an LM head lacks (the paper's RoBERTa has one), so that TAPT, MT and META all begin from one
+    fitted head rather than each pushing a random head's gradient into the body. Only the head's own parameters train
+    (the tied decoder is the body's embedding, left alone). Returns the mean MLM loss on `eval_batches` fixed masked
+    batches before and after."""
+    device = next(body.parameters()).device
+    params = head_parameters(head, body)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    fixed = list(itertools.islice(batches(task, batch_size, torch.Generator().manual_seed(seed + 1)), eval_batches))
+    stream = batches(task, batch_size, torch.Generator().manual_seed(seed))
+    modes = body.training
+    body.eval()  # frozen: no dropout in the features the head learns from
+
+    def loss_of(inputs, labels):
+        inputs, labels = to_device(inputs, labels, device)
+        with torch.no_grad():
+            features = body(**inputs)
+        return head(features, labels)[1]
+
+    def held_out():
+        with torch.no_grad():
+            return float(np.mean([loss_of(*b).item() for b in fixed]))
+    before = held_out()
+    for _ in range(steps):
+        loss = loss_of(*next(stream))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    body.train(modes)
+    return {"loss_before": before, "loss_after": held_out(), "steps": steps}
+
+# ----------------------------------------------------------------------------------------------------------------------
+# B. Contracts and divergence: checked before the first step, and at every step.
+
+
+
+def check_tasks(end: Task | None, aux: list[Task], cfg: TrainConfig) -> None:
+    """The contracts the loops rely on, checked before the first step: a broken one is a ValueError naming the task
+    and what is wrong (rather than an IndexError deep in a step, or tasks silently merged)."""
+    tasks = ([end] if end is not None else []) + list(aux)
+    names, heads = set(), {}
+    for t in tasks:
+        if t.name in names:  # names key the weights, losses and token counts: a repeated one would merge two tasks
+            raise ValueError(f"two tasks are named '{t.name}': task names must be unique")
+        names.add(t.name)
+        if id(t.head) in heads:
+            raise ValueError(f"tasks '{heads[id(t.head)]}' and '{t.name}' share one head object: each task needs its "
+                             f"own head (tartan.new_mlm_head makes one per MLM task)")
+        heads[id(t.head)] = t.name
+        if t.masking is None and t.train.labels is None:
+            raise ValueError(f"task '{t.name}': its training data has no labels and the task has no masking (an MLM "
+                             f"task needs Masking; tartan.mlm_task sets it)")
+        # classes C: num_labels, else the width of a ClassificationHead (a task built by hand may not set it)
+        C = t.num_labels or (t.head.mlp[-1].out_features if isinstance(t.head, ClassificationHead) else 0)
+        for split, data in (("train", t.train), ("dev", t.dev), ("test", t.test)):
+            if C > 0 and data is not None and data.labels is not None and len(data):
+                labels = torch.as_tensor(data.labels)
+                bad = labels[(labels < 0) | (labels >= C)]
+                if len(bad):
+                    raise ValueError(f"task '{t.name}': its {split} split has label {bad[0].item()}, outside "
+                                     f"0..{C - 1} (" + (f"num_labels={C}" if t.num_labels else
+                                                        f"its head predicts {C} classes; num_labels is not set")
+                                     + ")")
+    if cfg.weights is not None and len(cfg.weights) != len(tasks):
+        raise ValueError(f"weights has {len(cfg.weights)} entries for {len(tasks)} tasks ({[t.name for t in tasks]})")
+    if end is None:
+        return
+    meta = isinstance(cfg, MetaConfig)
+    if end.dev is None and (cfg.eval_every >= 0 or meta):
+        raise ValueError(f"end-task '{end.name}' has no dev split: model selection needs one"
+                         + (", and META-TARTAN draws B*_val from it" if meta else ""))
+    out = getattr(getattr(end.head, "mlp", [None])[-1], "out_features", None)  # C of a ClassificationHead
+    if end.num_labels > 0 and out is not None and out != end.num_labels:
+        raise ValueError(f"end-task '{end.name}': its head predicts {out} classes but num_labels={end.num_labels}")
+    if meta and cfg.meta_head_data not in ("train", "dev"):
+        raise ValueError(f"meta_head_data must be 'train' or 'dev', not '{cfg.meta_head_data}'")
+    if meta and not cfg.same_head and cfg.meta_head_data == "train" and cfg.meta_batch_size > cfg.batch_size:
+        raise ValueError(f"meta_batch_size={cfg.meta_batch_size} > batch_size={cfg.batch_size}: phi* is fitted on "
+                         f"rows of the end-task micro-batch B*_tr, which has only {cfg.batch_size} (a larger B*_val "
+                         f"is meta_val_batch_size)")
+    if meta and not cfg.same_head and end.num_labels < 1:
+        raise ValueError(f"end-task '{end.name}' has num_labels={end.num_labels}: META-TARTAN fits its meta head "
+                         f"phi* with one output per class, so set Task(..., num_labels=C) (end_task sets it)")
+
+
+class DataError(ValueError):
+    """Bad input data. The message names the file and, where there is one, the line."""
+
+
+class DivergedError(RuntimeError):
+    """A training loss turned NaN or infinite: the run stops, and no result of it should be reported."""
+
+
+def _finite(value: float, what: str, where: str, hint: str = ""):
+    if not math.isfinite(value):
+        raise DivergedError(f"{what} is {value} {where}{f' ({hint})' if hint else ''}; the run is stopped")
+
+# ----------------------------------------------------------------------------------------------------------------------
+# C. Plumbing: devices, autocast, the progress bar, snapshots, clipping, head parameters.
+
+
+
+def to_device(inputs: dict, labels, device):
+    return {k: v.to(device, non_blocking=True) for k, v in inputs.items()}, labels.to(device, non_blocking=True)
+
+
+def autocast(device: torch.device, bf16: bool):
+    """bf16 autocast on CUDA when asked, for training and evaluation alike; a disabled context elsewhere (fp32)."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16 and device.type == "cuda")
+
+
+def _features(out) -> torch.Tensor:
+    """The body's output, which must be the features tensor itself (B, T, H) or (B, H); a TypeError saying what to
+    return otherwise (a tuple, or a Hugging Face ModelOutput)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    fix = "return outputs.last_hidden_state (tartan.HFBody wraps a Hugging Face encoder so)" \
+        if hasattr(out, "last_hidden_state") else "return the features tensor alone (e.g. outputs[0])"
+    raise TypeError(f"the body returned {_describe(out)}, but tartan's heads take one features tensor (B, T, H) or "
+                    f"(B, H): make the body's forward {fix}")
+
+
+def _describe(x) -> str:
+    """A value's type, and its shape and dtype for a tensor or array, for error messages."""
+    shape = getattr(x, "shape", None)
+    return type(x).__name__ + ("" if shape is None else f" of shape {tuple(shape)}, dtype {getattr(x, 'dtype', '?')}")
+
+
+def _n_tokens(inputs: dict) -> int:
+    return int(inputs["attention_mask"].sum()) if "attention_mask" in inputs else len(next(iter(inputs.values())))
+
+
+def _progress(total, enabled, desc):
+    if enabled:
+        from tqdm.auto import tqdm
+        return tqdm(total=total, desc=desc, dynamic_ncols=True, leave=False)
+
+    class _Silent:
+        update = set_postfix = close = lambda *a, **k: None
+    return _Silent()
+
+
+def _snapshot(body, head):
+    return [{k: v.detach().clone() for k, v in m.state_dict().items()} for m in (body, head)]
+
+
+def _restore(snapshot, body, head):
+    for m, sd in zip((body, head), snapshot):
+        m.load_state_dict(sd)
+
+
+def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
+    """Rescales the gradients to global norm max_norm if it is larger, as torch.nn.utils.clip_grad_norm_, which
+    multiplies every gradient by min(1, max_norm / norm) even when that is 1 (to spare a device sync). The loop syncs
+    on the loss values anyway, so here gradients are touched only when clipping happens. Returns the norm."""
+    grads = [p.grad for p in params if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm(grads)
+    if norm > max_norm:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    return norm
+
+
+def head_parameters(head: nn.Module, body: nn.Module) -> list[nn.Parameter]:
+    """Parameters of a head that are not body parameters (a tied decoder weight belongs to the body)."""
+    body_ids = {id(p) for p in body.parameters()}
+    return [p for p in head.parameters() if id(p) not in body_ids]
+
+
+@contextlib.contextmanager
+def _buffers_kept(body: nn.Module):
+    """Restores the body's buffers (e.g. BatchNorm running statistics) after a forward pass on dev rows."""
+    saved = [(b, b.clone()) for b in body.buffers()]
+    yield
+    with torch.no_grad():
+        for b, value in saved:
+            b.copy_(value)
+
+
+def _flat(params, grads) -> torch.Tensor:
+    """Per-parameter gradients -> one (P,) vector; a parameter the loss does not reach contributes zeros."""
+    return torch.cat([torch.zeros(p.numel(), device=p.device) if g is None else g.reshape(-1)
+                      for p, g in zip(params, grads)])
+
+
+def _take_body_grad(params, out: torch.Tensor, add: bool = False):
+    """Flatten the body's accumulated .grad into `out` (P,) (add=True: add it to `out`) and clear it, so the next
+    task starts from zero."""
+    flat = [torch.zeros(p.numel(), device=out.device) if p.grad is None else p.grad.reshape(-1) for p in params]
+    if add:
+        out += torch.cat(flat)
+    else:
+        torch.cat(flat, out=out)
+    for p in params:
+        p.grad = None
