@@ -338,11 +338,11 @@ def train(body: nn.Module, end: Task | None, aux: list[Task], cfg: TrainConfig, 
     else:
         state = MTWeighting(body, len(tasks), cfg.weights, cfg.grad_accum)
     names = [t.name for t in tasks]
-    history, tokens = [], dict.fromkeys(names, 0)
-    losses_since, cos_since, val_since, fit_since = [], [], [], []
-    trace = {"weights": [], "cosines": [], "grad_norms": [], "meta_val_loss": []}  # one entry per optimizer step
+    # log: every optimizer step's info (losses, alpha; for META also cosines, val_loss, grad_norms, head_fit), the one
+    # record of the steps; the history's averages and the trace are read from it
+    log, history, tokens, evaluated = [], [], dict.fromkeys(names, 0), 0
     analysis_seconds = 0.0  # time spent scoring the test split for the history (eval_test), not part of training
-    best, best_state, best_weights, since_best = -math.inf, None, None, 0
+    best, best_state, best_alpha, since_best = -math.inf, None, None, 0
     amp = autocast(device, cfg.bf16)
     bar = _progress(total, cfg.progress, "train")
     t0 = time.perf_counter()
@@ -352,57 +352,33 @@ def train(body: nn.Module, end: Task | None, aux: list[Task], cfg: TrainConfig, 
     step = 0
     for step in range(1, total + 1):
         info = step_fn(body, tasks, streams, state, cfg, amp, tokens)
+        norm = clip_grad_norm(body_params + [p for h in heads for p in h], cfg.grad_clip)
         # a diverged run must never become a result: stop before the optimizer applies the step
-        where = f"at optimizer step {step} of {total}"
-        for name, loss in zip(names, info["losses"]):
-            _finite(loss, f"the loss of task '{name}'", where, "learning rate too high?")
-        if "val_loss" in info:
-            _finite(info["val_loss"], f"META's validation loss of task '{names[0]}' (for g_meta, on B*_val)", where)
-            for name, c in zip(names, info["cosines"]):
-                _finite(c, f"cos(g_meta, g_k) of task '{name}'", where, "a gradient turned NaN or infinite")
-        params = body_params + [p for h in heads for p in h]
-        norm = clip_grad_norm(params, cfg.grad_clip) if cfg.grad_clip > 0 else \
-            torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-        _finite(float(norm), f"the gradient norm of tasks {names}", where, "learning rate too high?")
+        _check_step(info, float(norm), names, f"at optimizer step {step} of {total}")
         for o in (opt_body, opt_heads):
             o.step()
             o.zero_grad(set_to_none=True)
         for s in scheds:
             s.step()
-        losses_since.append(info["losses"])
-        trace["weights"].append(info["alpha"])
-        if "cosines" in info:
-            cos_since.append(info["cosines"])
-            val_since.append(info["val_loss"])
-            trace["cosines"].append(info["cosines"])
-            trace["grad_norms"].append(info["grad_norms"])
-            trace["meta_val_loss"].append(info["val_loss"])
-        if info.get("head_fit"):
-            fit_since.append(info["head_fit"])
+        log.append(info)
         if end is None or cfg.eval_every < 0 or (step % eval_every and step != total):
             bar.update(1)
             continue
         dev = evaluate(body, end.head, end.dev, cfg.eval_batch_size, cfg.bf16)
         _finite(dev["loss"], f"the dev loss of task '{end.name}'", f"at the evaluation after optimizer step {step}",
                 "a diverged model, or a NaN in the dev data")
-        alpha = info["alpha"]
         if cfg.eval_test and end.test is not None:  # for learning curves only: nothing below reads it
             t_test = time.perf_counter()
             test = evaluate(body, end.head, end.test, cfg.eval_batch_size, cfg.bf16)
             analysis_seconds += time.perf_counter() - t_test
-        history.append({"step": step, "weights": dict(zip(names, alpha)),
-                        "losses": dict(zip(names, np.mean(losses_since, axis=0).tolist())),
-                        "cosines": dict(zip(names, np.mean(cos_since, axis=0).tolist())) if cos_since else None,
-                        "meta_val_loss": float(np.mean(val_since)) if val_since else None,
-                        # phi*'s training loss at its first and last fitting step, averaged over the steps
-                        "meta_head_fit_loss": np.mean(fit_since, axis=0).tolist() if fit_since else None,
+        history.append({"step": step, "alpha": dict(zip(names, info["alpha"])), **_averages(log[evaluated:], names),
                         "dev": dev, "seconds": time.perf_counter() - t0,
                         **({"test": test, "analysis_seconds": analysis_seconds} if cfg.eval_test else {})})
-        losses_since, cos_since, val_since, fit_since = [], [], [], []
+        evaluated = len(log)
         score = dev[end.metric]
         if score > best:
             best, since_best = score, 0
-            best_state, best_weights = _snapshot(body, end.head), dict(zip(names, alpha))
+            best_state, best_alpha = _snapshot(body, end.head), history[-1]["alpha"]
         else:
             since_best += 1
         bar.set_postfix({f"dev_{end.metric}": f"{score:.4f}", "best": f"{best:.4f}"})
@@ -412,15 +388,30 @@ def train(body: nn.Module, end: Task | None, aux: list[Task], cfg: TrainConfig, 
     bar.close()
     if best_state is not None:
         _restore(best_state, body, end.head)
-    # final_weights: alpha at the last step; best_weights: alpha at the evaluation of the restored (best-dev) model;
+    # final_alpha: alpha at the last step; best_alpha: alpha at the evaluation of the restored (best-dev) model;
     # trace: per task, alpha (and for META cos(g_meta, g_k) and the body-gradient norm |g_k|) at every optimizer
     # step, step s at index s - 1
-    per_task = lambda rows: {n: [r[k] for r in rows] for k, n in enumerate(names)} if rows else None  # noqa: E731
+    per_task = lambda key: {n: list(v) for n, v in zip(names, zip(*_column(log, key)))} or None  # noqa: E731
     return {"history": history, "steps": step, "best_dev": best if best_state is not None else None,
-            "tokens": tokens, "seconds": time.perf_counter() - t0, "final_weights": dict(zip(names, info["alpha"])),
-            "best_weights": best_weights,
-            "trace": {"weights": per_task(trace["weights"]), "cosines": per_task(trace["cosines"]),
-                      "grad_norms": per_task(trace["grad_norms"]), "meta_val_loss": trace["meta_val_loss"] or None}}
+            "tokens": tokens, "seconds": time.perf_counter() - t0, "final_alpha": dict(zip(names, info["alpha"])),
+            "best_alpha": best_alpha, "trace": {"alpha": per_task("alpha"), "cosines": per_task("cosines"),
+                                                "grad_norms": per_task("grad_norms"),
+                                                "meta_val_loss": _column(log, "val_loss") or None}}
+
+
+def _column(log: list[dict], key: str) -> list:
+    """One value of the per-step log over its steps, where the step has it (META's keys: only META steps)."""
+    return [info[key] for info in log if info.get(key) is not None]
+
+
+def _averages(log: list[dict], names: list[str]) -> dict:
+    """A history entry's per-step values, averaged over the steps since the evaluation before: task losses, and for
+    META cos(g_meta, g_k), the validation loss on B*_val and phi*'s training loss at its first and last fitting step."""
+    cos, val, fit = (_column(log, key) for key in ("cosines", "val_loss", "head_fit"))
+    return {"losses": dict(zip(names, np.mean(_column(log, "losses"), axis=0).tolist())),
+            "cosines": dict(zip(names, np.mean(cos, axis=0).tolist())) if cos else None,
+            "meta_val_loss": float(np.mean(val)) if val else None,
+            "meta_head_fit_loss": np.mean(fit, axis=0).tolist() if fit else None}
 
 
 def _budget(end: Task | None, tasks: list[Task], cfg: TrainConfig) -> tuple[int, int]:
@@ -838,7 +829,7 @@ def run_end_task(body, end: Task, aux: list[Task], mode: str, cfg: TrainConfig |
     only if dev improves, then the test set, once, on the selected model. `pretrain` runs Eq. 1 on each auxiliary
     task in order (DAPT then TAPT for DAPT+TAPT) and then Eq. 2.
     Returns dev and test metrics; from the main stage (mt/meta, else the Eq. 2 stage) its history (per evaluation),
-    final_weights (alpha after the last step), best_weights (alpha at the selected evaluation) and trace (per step);
+    final_alpha (alpha after the last step), best_alpha (alpha at the selected evaluation) and trace (per step);
     and every stage's own result under "stages"."""
     if mode not in ("finetune", "pretrain", "mt", "meta"):
         raise ValueError(f"unknown mode '{mode}' (finetune, pretrain, mt, meta)")
@@ -873,7 +864,7 @@ def run_end_task(body, end: Task, aux: list[Task], mode: str, cfg: TrainConfig |
     out["test_predictions"] = out["test"].pop("predictions")  # the predicted class of every test example, in order
     out["metric"] = end.metric
     main = next(s for s in reversed(out["stages"]) if s["stage"] in ("mt", "meta", "finetune"))
-    out.update({k: main[k] for k in ("history", "final_weights", "best_weights", "trace")})
+    out.update({k: main[k] for k in ("history", "final_alpha", "best_alpha", "trace")})
     return out
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -1354,6 +1345,17 @@ def _finite(value: float, what: str, where: str, hint: str = ""):
     if not math.isfinite(value):
         raise DivergedError(f"{what} is {value} {where}{f' ({hint})' if hint else ''}; the run is stopped")
 
+
+def _check_step(info: dict, norm: float, names: list[str], where: str):
+    """A DivergedError if a step's task loss, META's validation loss or cosine, or the gradient norm is not finite."""
+    for name, loss in zip(names, info["losses"]):
+        _finite(loss, f"the loss of task '{name}'", where, "learning rate too high?")
+    if "val_loss" in info:
+        _finite(info["val_loss"], f"META's validation loss of task '{names[0]}' (for g_meta, on B*_val)", where)
+        for name, c in zip(names, info["cosines"]):
+            _finite(c, f"cos(g_meta, g_k) of task '{name}'", where, "a gradient turned NaN or infinite")
+    _finite(norm, f"the gradient norm of tasks {names}", where, "learning rate too high?")
+
 # ----------------------------------------------------------------------------------------------------------------------
 # C. Plumbing: devices, autocast, the progress bar, snapshots, clipping, head parameters.
 
@@ -1414,7 +1416,7 @@ def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
     on the loss values anyway, so here gradients are touched only when clipping happens. Returns the norm."""
     grads = [p.grad for p in params if p.grad is not None]
     norm = torch.nn.utils.get_total_norm(grads)
-    if norm > max_norm:
+    if 0 < max_norm < norm:  # max_norm 0: no clipping, the norm only
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
     return norm
 

@@ -189,7 +189,7 @@ def test_classification_task_builder(tok, task_dir, tmp_path):
         before = [p.clone() for p in aux.head.parameters()]
         cfg = small_config(train is tartan.train_meta, max_steps=3, final_finetune=None)
         out = train(body, end, [aux], cfg)
-        assert set(out["final_weights"]) == {"toy", "cls"} and out["tokens"]["cls"] > 0
+        assert set(out["final_alpha"]) == {"toy", "cls"} and out["tokens"]["cls"] > 0
         assert all(not torch.equal(a, b) for a, b in zip(before, aux.head.parameters()))
 
 
@@ -645,7 +645,7 @@ def _meta_run(tok, folder, same_head, seed, steps=60):
                             final_finetune=None)
     torch.manual_seed(seed)
     out = tartan.train_meta(body, end, aux, cfg)
-    return out["final_weights"]["toy"], out["history"][-1]["cosines"]  # cosines: mean over the steps
+    return out["final_alpha"]["toy"], out["history"][-1]["cosines"]  # cosines: mean over the steps
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -760,7 +760,7 @@ def test_a_foreign_loop_with_gradient_accumulation_gets_tartans_weights(tok, tas
     torch.manual_seed(0)
     own = tartan.train(body, end, aux, small_config(meta, grad_accum=2, max_steps=steps, eval_every=-1,
                                                     final_finetune=None))
-    trace = own["trace"]["weights"]
+    trace = own["trace"]["alpha"]
     assert weighting.steps == steps and len(alphas) == steps
     for s in range(steps):
         assert alphas[s] == pytest.approx([trace[n][s] for n in ("toy", "aux0", "aux1")], abs=1e-7), s
@@ -810,7 +810,7 @@ def test_mt_accepts_a_meta_config(tok, task_dir):
         return tartan.run_end_task(body, end, aux, "mt", cfg)
     meta_cfg = small_config(True, final_finetune=None, meta_batch_size=64)  # > batch_size: a META-only contract
     got, want = run(meta_cfg), run(small_config(False, final_finetune=None))
-    assert got["trace"]["weights"] == {"toy": [0.5] * 12, "aux0": [0.5] * 12} and got["trace"]["cosines"] is None
+    assert got["trace"]["alpha"] == {"toy": [0.5] * 12, "aux0": [0.5] * 12} and got["trace"]["cosines"] is None
     assert got["dev"] == want["dev"] and got["test"] == want["test"]
 
 
@@ -868,13 +868,13 @@ def test_every_mode_end_to_end(tok, task_dir, mode, n_aux, extra):
     elif mode in ("mt", "meta"):
         assert stages == [mode, "final_finetune"]
         h = out["history"][-1]
-        assert set(h["weights"]) == {"toy", "aux0", "aux1"} and abs(sum(h["weights"].values()) - 1) < 1e-6
+        assert set(h["alpha"]) == {"toy", "aux0", "aux1"} and abs(sum(h["alpha"].values()) - 1) < 1e-6
         assert (h["cosines"] is not None) == (mode == "meta")
         # the selected model is the best-dev one: the reported dev score is the best seen (or the kept fine-tune)
         best = max(x["dev"]["macro_f1"] for x in out["history"])
         assert out["dev"]["macro_f1"] >= best - 1e-9
     if mode == "mt":
-        assert out["history"][-1]["weights"] == {"toy": 1 / 3, "aux0": 1 / 3, "aux1": 1 / 3}
+        assert out["history"][-1]["alpha"] == {"toy": 1 / 3, "aux0": 1 / 3, "aux1": 1 / 3}
 
 
 def test_run_end_task_defaults_and_stage_configs(tok, task_dir):
@@ -1011,22 +1011,22 @@ def test_per_step_trace_and_weights_at_the_top_of_the_result(tok, task_dir):
     torch.manual_seed(0)
     out = tartan.run_end_task(body, end, aux, "meta", small_config(True, final_finetune=None))
     trace, names = out["trace"], ["toy", "aux0", "aux1"]
-    assert list(trace["weights"]) == names and all(len(trace["weights"][n]) == out["stages"][0]["steps"] == 12
+    assert list(trace["alpha"]) == names and all(len(trace["alpha"][n]) == out["stages"][0]["steps"] == 12
                                                    for n in names)
     assert all(len(trace["cosines"][n]) == 12 for n in names) and len(trace["meta_val_loss"]) == 12
     for s in range(12):  # alpha sums to 1 at every step; the first step moves it from 1/3 by eta * cos
-        assert sum(trace["weights"][n][s] for n in names) == pytest.approx(1)
+        assert sum(trace["alpha"][n][s] for n in names) == pytest.approx(1)
     w1 = torch.softmax(torch.tensor([1 / 3 + 1e-2 * trace["cosines"][n][0] for n in names], dtype=torch.float64), 0)
-    assert [trace["weights"][n][0] for n in names] == pytest.approx(w1.tolist())
+    assert [trace["alpha"][n][0] for n in names] == pytest.approx(w1.tolist())
     assert all(len(h["meta_head_fit_loss"]) == 2 for h in out["history"])  # phi*'s fit, first and last step
     for h in out["history"]:  # the evaluations see the very values of the trace at their step
-        assert h["weights"] == {n: trace["weights"][n][h["step"] - 1] for n in names}
+        assert h["alpha"] == {n: trace["alpha"][n][h["step"] - 1] for n in names}
         assert h["cosines"] == pytest.approx({n: np.mean(trace["cosines"][n][h["step"] - 4:h["step"]]) for n in names})
-    assert out["final_weights"] == {n: trace["weights"][n][-1] for n in names} == out["stages"][0]["final_weights"]
+    assert out["final_alpha"] == {n: trace["alpha"][n][-1] for n in names} == out["stages"][0]["final_alpha"]
     best = max(out["history"], key=lambda h: h["dev"]["macro_f1"])  # the first of the best (a tie is no improvement)
-    assert out["best_weights"] == best["weights"] == out["stages"][0]["best_weights"]
+    assert out["best_alpha"] == best["alpha"] == out["stages"][0]["best_alpha"]
     mt = tartan.run_end_task(*build(tok, task_dir, n_aux=1), "mt", tartan.TrainConfig(**SMALL, final_finetune=None))
-    assert mt["trace"]["weights"] == {"toy": [0.5] * 12, "aux0": [0.5] * 12} and mt["trace"]["cosines"] is None
+    assert mt["trace"]["alpha"] == {"toy": [0.5] * 12, "aux0": [0.5] * 12} and mt["trace"]["cosines"] is None
     json.dumps(out)  # the result stays JSON
 
 
@@ -1090,7 +1090,7 @@ def test_early_stopping_metric_and_patience(tok, task_dir, monkeypatch):
             assert len(out["history"]) == best_eval + patience  # stopped `patience` evaluations after the best
             assert out["steps"] == 4 * (best_eval + patience)
             assert out["best_dev"] == scores[best_eval - 1]
-            assert out["best_weights"] == out["history"][best_eval - 1]["weights"]
+            assert out["best_alpha"] == out["history"][best_eval - 1]["alpha"]
             restored = sum(float(p.detach().sum()) for p in end.head.parameters())
             assert restored == pytest.approx(fingerprints[best_eval - 1], abs=1e-6)
 
@@ -1120,7 +1120,7 @@ def test_test_scores_at_evaluations_are_recorded_but_never_select(tok, task_dir,
     assert with_test["steps"] == without["steps"] == 4 * (2 + 3) and with_test["best_dev"] == without["best_dev"] == 0.5
     assert [h["test"]["macro_f1"] for h in with_test["history"]] == test[:5]
     assert all("test" not in h for h in without["history"])
-    assert with_test["trace"]["weights"] == without["trace"]["weights"]
+    assert with_test["trace"]["alpha"] == without["trace"]["alpha"]
 
 
 def test_meta_head_fit_stops_when_its_loss_stops_falling():
@@ -1393,7 +1393,7 @@ def _pinned_run(tok, task_dir, mode):
     pre = [tartan.PretrainConfig(max_steps=6, aux_batch_size=8, grad_accum=1)]
     r = tartan.run_end_task(body, end, aux if mode != "finetune" else [], mode, cfg, pre)
     return {"dev_loss": r["dev"]["loss"], "test_loss": r["test"]["loss"], "test_macro": r["test"]["macro_f1"],
-            "losses": [list(h["losses"].values()) for h in r["history"]], "alpha": list(r["final_weights"].values())}
+            "losses": [list(h["losses"].values()) for h in r["history"]], "alpha": list(r["final_alpha"].values())}
 
 
 @pytest.mark.parametrize("mode", ["finetune", "pretrain", "mt", "meta"])

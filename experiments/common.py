@@ -153,6 +153,12 @@ def min_seeds(alpha: float = 0.05) -> int:
     return n
 
 
+def alpha_of(entry: dict) -> dict | None:
+    """alpha (task name -> weight) of a history entry or a trace; result files written before issue 18 call it
+    "weights" (the history and trace keys) and keep reading so."""
+    return entry["alpha"] if "alpha" in entry else entry.get("weights")
+
+
 def fmt(mean_std) -> str:
     """(mean, std) as a table cell."""
     return f"{mean_std[0]:.2f} ± {mean_std[1]:.2f}"

@@ -276,11 +276,11 @@ def demo_run_one(method: str, seed: int, s: DemoSettings, prepared: dict) -> dic
               "test_seen": seen["macro_f1"], "test_unseen": unseen["macro_f1"],
               "steps": sum(st["steps"] for st in out["stages"]), "seconds": time.perf_counter() - t0}
     if method == "meta":
-        names = list(out["final_weights"])
-        record["final_weights"] = out["final_weights"]  # alpha = softmax(w) after the last step
-        record["best_weights"] = out["best_weights"]  # alpha at the selected (best-dev) evaluation
+        names = list(out["final_alpha"])
+        record["final_alpha"] = out["final_alpha"]  # alpha = softmax(w) after the last step
+        record["best_alpha"] = out["best_alpha"]  # alpha at the selected (best-dev) evaluation
         start = {"step": 0, **{n: 1.0 / len(names) for n in names}}  # Algorithm 1 starts from equal weights
-        record["trajectory"] = [start] + [{"step": h["step"], **h["weights"]} for h in out["history"]]
+        record["trajectory"] = [start] + [{"step": h["step"], **h["alpha"]} for h in out["history"]]
     return record
 
 
@@ -309,13 +309,13 @@ def demo_summarize(records: list[dict]) -> dict:
 def demo_meta_weights(records: list[dict]) -> dict:
     """META-TARTAN's final weights: per seed, per task/corpus, and their means."""
     metas = [r for r in records if r["method"] == "meta"]
-    names = list(metas[0]["final_weights"])
-    by_task = {n: [r["final_weights"][n] for r in metas] for n in names}
+    names = list(metas[0]["final_alpha"])
+    by_task = {n: [r["final_alpha"][n] for r in metas] for n in names}
     # the time-average of each weight over training, averaged over seeds: the whole run's preference, not only its end
     average = {n: float(np.mean([np.mean([p[n] for p in r["trajectory"]]) for r in metas])) for n in names}
     return {"seeds": [r["seed"] for r in metas], "by_task": by_task,
             "mean": {n: float(np.mean(v)) for n, v in by_task.items()}, "average_over_training": average,
-            "best": {n: [(r["best_weights"] or {}).get(n) for r in metas] for n in names}}
+            "best": {n: [(r["best_alpha"] or {}).get(n) for r in metas] for n in names}}
 
 
 def _demo_verdict(test: dict) -> str:
@@ -422,7 +422,7 @@ def demo_plot_weights(records: list[dict], path: str) -> str | None:
     colors = {"end-task": "tab:blue", "helpful": "tab:green", "harmful": "tab:red"}
     for i, r in enumerate(r for r in records if r["method"] == "meta"):
         steps = [p["step"] for p in r["trajectory"]]
-        for name in r["final_weights"]:
+        for name in r["final_alpha"]:
             left.plot(steps, [p[name] for p in r["trajectory"]], color=colors.get(name), alpha=0.75,
                       label=name if i == 0 else None)
         right.plot(steps, [math.log(p["helpful"] / p["harmful"]) for p in r["trajectory"]], alpha=0.75,

@@ -8,7 +8,7 @@ import os
 
 import numpy as np
 
-from .common import ReproduceError
+from .common import ReproduceError, alpha_of
 
 COLUMNS = ("variant", "task", "steps", "cos(g_end, g_meta)", "cos(g_aux, g_meta)", "|g_aux| / |g_end|",
            "phi* on B*_val", "phi' on dev", "ratio", "phi* fit (first -> last)", "end-task alpha at the last step")
@@ -17,7 +17,7 @@ COLUMNS = ("variant", "task", "steps", "cos(g_end, g_meta)", "cos(g_aux, g_meta)
 def variant_row(variant: str, rec: dict) -> dict:
     """The diagnostics of one META result file: means over its steps (trace) and evaluations (history)."""
     stage = next(s for s in rec["stages"] if s["stage"] == "meta")
-    trace, names = stage["trace"], list(stage["trace"]["weights"])
+    trace, names = stage["trace"], list(alpha_of(stage["trace"]))
     end, aux = names[0], names[1:]
     if not trace.get("cosines") or not trace.get("grad_norms"):
         raise ReproduceError(f"{rec['key']}: no per-step cosines and gradient norms in its trace (a META run of this "
@@ -32,7 +32,7 @@ def variant_row(variant: str, rec: dict) -> dict:
     return {"variant": variant, "task": rec["key"]["task"], "steps": stage["steps"], "cos_end": cos[end],
             "cos_aux": float(np.mean([cos[a] for a in aux])), "norm_ratio": float(norm_ratio),
             "val_loss": float(val.mean()), "dev_loss": float(dev.mean()), "ratio": float(np.mean(val / dev)),
-            "fit": np.mean(fit, axis=0).tolist() if fit else None, "end_alpha": trace["weights"][end][-1]}
+            "fit": np.mean(fit, axis=0).tolist() if fit else None, "end_alpha": alpha_of(trace)[end][-1]}
 
 
 def collect(root: str) -> list[dict]:

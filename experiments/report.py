@@ -10,7 +10,7 @@ import numpy as np
 import tartan
 
 from . import analysis
-from .common import (ReproduceError, atomic_path, atomic_write_text, compare, fmt, markdown_table, min_seeds,
+from .common import (ReproduceError, alpha_of, atomic_path, atomic_write_text, compare, fmt, markdown_table, min_seeds,
                      seeds_str)
 from .own import default_baseline
 from .paper import FIGURES, N_PERMUTATIONS, PAPER, TABLES, TASKS, TEXT_MODES, VISION_MODES
@@ -148,11 +148,11 @@ def run_table(number: int, ws: Workspace, seeds=None, tasks=None, modes=None, da
 def meta_learned(record: dict) -> dict:
     """Task name -> (final weight, mean weight, mean cosine with the meta gradient) of one META run, from its
     history (one entry per dev evaluation, each averaged over the steps since the one before); the end-task first."""
-    history = [e for e in record.get("history") or [] if e.get("weights")]
+    history = [e for e in record.get("history") or [] if alpha_of(e)]
     out = {}
-    for name in (history[0]["weights"] if history else []):
+    for name in (alpha_of(history[0]) if history else []):
         cosines = [e["cosines"][name] for e in history if e.get("cosines")]
-        out[name] = (history[-1]["weights"][name], float(np.mean([e["weights"][name] for e in history])),
+        out[name] = (alpha_of(history[-1])[name], float(np.mean([alpha_of(e)[name] for e in history])),
                      float(np.mean(cosines)) if cosines else None)
     return out
 
@@ -282,8 +282,8 @@ def weight_curves(histories: list[list[dict]]) -> tuple[list[int], dict, dict]:
     """Task weights alpha per evaluation: (steps every seed reached, mean over seeds per task, per-seed (steps, values))."""
     n = min(len(h) for h in histories)
     steps = [e["step"] for e in histories[0][:n]]
-    names = list(histories[0][0]["weights"])
-    per_seed = {k: [([e["step"] for e in h], [e["weights"][k] for e in h]) for h in histories] for k in names}
+    names = list(alpha_of(histories[0][0]))
+    per_seed = {k: [([e["step"] for e in h], [alpha_of(e)[k] for e in h]) for h in histories] for k in names}
     mean = {k: np.mean([v[:n] for _, v in per_seed[k]], axis=0).tolist() for k in names}
     return steps, mean, per_seed
 

@@ -163,10 +163,10 @@ def _records(scores: dict, weights: list[tuple[float, float, float]]):
             r = {"method": m, "seed": seed, "test": x, "test_unseen": x / 2, "test_seen": 1.0, "dev": x}
             if m == "meta":
                 e, h, b = weights[seed]
-                r["final_weights"] = {"end-task": e, "helpful": h, "harmful": b}
-                r["best_weights"] = None
+                r["final_alpha"] = {"end-task": e, "helpful": h, "harmful": b}
+                r["best_alpha"] = None
                 r["trajectory"] = [{"step": 0, "end-task": 1 / 3, "helpful": 1 / 3, "harmful": 1 / 3},
-                                   {"step": 10, **r["final_weights"]}]
+                                   {"step": 10, **r["final_alpha"]}]
             recs.append(r)
     return recs
 
@@ -220,7 +220,7 @@ def test_the_default_demo_has_seeds_enough_for_p_below_005(monkeypatch, tmp_path
 def test_no_matplotlib_no_figure(tmp_path, monkeypatch, capsys):
     from experiments.demo import demo_plot_weights
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # makes the import fail as if not installed
-    recs = [{"method": "meta", "seed": 0, "final_weights": {"helpful": .5, "harmful": .5},
+    recs = [{"method": "meta", "seed": 0, "final_alpha": {"helpful": .5, "harmful": .5},
              "trajectory": [{"step": 0, "helpful": .5, "harmful": .5}]}]
     assert demo_plot_weights(recs, str(tmp_path / "w.png")) is None
     assert "matplotlib is not installed" in capsys.readouterr().out

@@ -59,10 +59,12 @@ def test_a_column_worse_than_its_baseline_gets_p_near_one_and_the_footer_names_t
 
 def test_meta_cells_say_what_meta_learned_per_task():
     cells, results = fake_results(4, {("aclarc", "MT"): [70.0, 71.0], ("aclarc", "META"): [72.0, 73.0]})
+    key = lambda seed: "alpha" if seed else "weights"  # noqa: E731
     for seed, run in enumerate(cells["aclarc", "META"]):  # two evaluations per run; the end-task loses weight
         results[run]["history"] = [
-            {"step": 10, "weights": {"aclarc": 0.5, "tapt": 0.5}, "cosines": {"aclarc": -0.1, "tapt": 0.2 + seed}},
-            {"step": 20, "weights": {"aclarc": 0.4 - 0.1 * seed, "tapt": 0.6 + 0.1 * seed},
+            # alpha's key: "weights" in files written before issue 18 (seed 0 here), "alpha" since
+            {"step": 10, key(seed): {"aclarc": 0.5, "tapt": 0.5}, "cosines": {"aclarc": -0.1, "tapt": 0.2 + seed}},
+            {"step": 20, key(seed): {"aclarc": 0.4 - 0.1 * seed, "tapt": 0.6 + 0.1 * seed},
              "cosines": {"aclarc": -0.3, "tapt": 0.4 + seed}, "meta_head_fit_loss": [1.8, 1.0 + seed],
              "meta_val_loss": 1.2, "dev": {"loss": 0.9 - seed}}]
     text = report.render_table(4, cells, results, [0, 1], "roberta-base", runs.Budget(), "10x")
@@ -108,5 +110,5 @@ def test_figure_3_is_drawn_from_stored_histories(tmp_path):
     png = os.path.join(out, "figure3.png")
     assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n" and os.path.getsize(png) > 10_000
     steps, mean, per_seed = report.weight_curves([[{"step": 1, "weights": {"a": 0.2}}, {"step": 2, "weights":
-                                                     {"a": 0.4}}], [{"step": 1, "weights": {"a": 0.4}}]])
+                                                     {"a": 0.4}}], [{"step": 1, "alpha": {"a": 0.4}}]])
     assert steps == [1] and mean["a"] == pytest.approx([0.3]) and per_seed["a"][0] == ([1, 2], [0.2, 0.4])

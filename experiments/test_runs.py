@@ -40,7 +40,7 @@ def test_smoke_one_mode_then_table_subprocess(model_dir, data_dir, tmp_path):
         assert rec["headline"] == {"metric": "macro_f1", "dev": rec["dev"]["macro_f1"],
                                    "test": rec["test"]["macro_f1"]}
         h = rec["history"][-1]
-        assert set(h["weights"]) == {"aclarc", "tapt"} and abs(sum(h["weights"].values()) - 1) < 1e-6
+        assert set(h["alpha"]) == {"aclarc", "tapt"} and abs(sum(h["alpha"].values()) - 1) < 1e-6
         assert h["cosines"] is not None and rec["steps"] >= 4 and rec["wall_seconds"] > 0
         assert rec["tokens"]["aclarc"] > 0 and rec["tokens"]["tapt"] > 0
         assert rec["device"].startswith("cpu") and rec["versions"]["torch"] == torch.__version__
@@ -138,7 +138,7 @@ def test_aux_file_adds_one_named_mlm_task(model_dir, data_dir, tmp_path):
     argv = ["--task", "aclarc", "--mode", "mt", "--seeds", "0", "--aux-file", str(extra)]
     assert reproduce.main(argv + cli_flags(model_dir, data_dir, out)) == 0
     rec = json.load(open(os.path.join(out, "aclarc", "mt__tapt+file-my_corpus__seed0.json")))
-    assert rec["history"][-1]["weights"] == {"aclarc": 1 / 3, "tapt": 1 / 3, "file-my_corpus": 1 / 3}  # 1/(1+n)
+    assert rec["history"][-1]["alpha"] == {"aclarc": 1 / 3, "tapt": 1 / 3, "file-my_corpus": 1 / 3}  # 1/(1+n)
     assert rec["data_sizes"]["aux:file-my_corpus"] == 20 and rec["tokens"]["file-my_corpus"] > 0
 
 

@@ -59,7 +59,7 @@ def test_vision_path_through_the_same_loops(tmp_path):
     rec = json.load(open(os.path.join(out, "mammals", "meta__cifar95__seed0.json")))
     assert rec["headline"]["metric"] == "accuracy" and rec["headline"]["test"] == rec["test"]["micro_f1"]
     assert rec["data_sizes"]["train"] == 24 and rec["data_sizes"]["dev"] == 6 and rec["data_sizes"]["test"] == 15
-    assert set(rec["history"][-1]["weights"]) == {"mammals", "cifar95"} and rec["history"][-1]["cosines"]
+    assert set(rec["history"][-1]["alpha"]) == {"mammals", "cifar95"} and rec["history"][-1]["cosines"]
     assert rec["config"]["train"]["meta_head_lr"] == 3e-2 and rec["config"]["body"].startswith("WideResNet-16-2")
 
     (tmp_path / "broken.tar.gz").write_bytes(b"not a tar")
