@@ -433,9 +433,7 @@ def make_optimizer(params: list[nn.Parameter], lr: float, weight_decay: float, c
 
 def _forward(body, task, stream, device, amp, tokens):
     """One micro-batch of a task: (loss, features, labels). Features are (B, T, H) or (B, H)."""
-    inputs, labels = next(stream)
-    tokens[task.name] += _n_tokens(inputs)
-    inputs, labels = to_device(inputs, labels, device)
+    inputs, labels = to_device(*_draw(stream, tokens, task.name), device)
     with amp:
         features = _features(body(**inputs))
         _, loss = task.head(features, labels)
@@ -628,7 +626,9 @@ class MetaWeighting(TaskWeighting):
     def _close(self):
         """Move the open task's body gradient into G[k] (added to what its earlier micro-batches left there)."""
         k, self._open = self._open, None
-        _take_body_grad(self.params, self.G[k], add=self._filled[k])
+        _flat_grad(self.params, [p.grad for p in self.params], self.G[k], add=self._filled[k])
+        for p in self.params:
+            p.grad = None  # the next task's backward starts from zero
         self._filled[k] = True
 
     def backward(self, losses, retain_graph: bool = False, head_data=None, val=None) -> dict | None:
@@ -744,7 +744,7 @@ def meta_gradient(body: nn.Module, head_star: nn.Module, val, params: list[nn.Pa
             with amp if amp is not None else autocast(params[0].device, False):
                 _, loss = head_star(_features(body(**inputs)), labels)
         grads = torch.autograd.grad(loss, params, allow_unused=True)
-    return _flat(params, grads), loss.item()
+    return _flat_grad(params, grads), loss.item()
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
@@ -765,27 +765,36 @@ def meta_step(body, tasks, streams, state: MetaState, cfg: MetaConfig, amp, toke
     """One iteration of Algorithm 1's loop for tasks = [end-task, T_1..T_n] through state.weighting. Updates w and
     leaves the update of the loop's last two lines in .grad (body: sum_k alpha_k g_k; heads: their own gradients)
     for the optimizers."""
-    device = state.weighting.G.device
-    # B*_tr ~ T*_train, B_i ~ T_i: each task's micro-batches in turn, one backward each
-    for k, (task, stream) in enumerate(zip(tasks, streams)):
-        for micro in range(state.weighting.grad_accum):
-            loss, features, labels = _forward(body, task, stream, device, amp, tokens)
-            state.weighting.task_backward(k, loss)
-            if k == 0 and micro == 0 and state.head_rows is None:  # phi*'s rows of B*_tr, from the pass above
-                head_data = features, labels
-    if state.head_rows is not None:  # meta_head_data="dev" (the release): phi* is fitted on dev rows of its own
-        inputs, labels = to_device(*next(state.head_rows), device)
-        with torch.no_grad(), amp, _buffers_kept(body):  # dev rows never move the model
-            head_data = _features(body(**inputs)).float(), labels
-        key = tasks[0].name + ":head_rows"
-        tokens[key] = tokens.get(key, 0) + _n_tokens(inputs)
-    val_batch = next(state.val)
-    key = tasks[0].name + ":val"  # the extra pass META pays for, counted apart from the training tokens
-    tokens[key] = tokens.get(key, 0) + _n_tokens(val_batch[0])
-    return state.weighting.step(head_data, val_batch)
+    # B*_tr ~ T*_train, B_i ~ T_i;  [g_k, g_phi^k] <- [grad_theta, grad_phi^k] L_Tk(theta, phi^k, B_k) for every k
+    b_tr = task_gradients(body, tasks, streams, state.weighting, amp, tokens)
+    # phi*'s data: B*_tr's features; with meta_head_data="dev" (the release), dev rows of their own
+    head_data = b_tr if state.head_rows is None else _dev_features(body, state, amp, tokens, tasks[0].name)
+    # B*_val ~ T*_val, counted apart from the training tokens: the extra pass META pays for
+    b_val = _draw(state.val, tokens, tasks[0].name + ":val")
+    # phi* <- estimate_meta_head(B*_tr); g_meta <- grad_theta L_T*(theta, phi*, B*_val); w_k += eta cos(g_meta, g_k);
+    # alpha = softmax(w); the body's .grad <- sum_k alpha_k g_k
+    return state.weighting.step(head_data, b_val)
 
-# ----------------------------------------------------------------------------------------------------------------------
-# 8. Entry points, one per row of the paper's tables: Eq. 1, Eq. 2, Eq. 3, Algorithm 1, and run_end_task.
+
+def task_gradients(body, tasks, streams, weighting: MetaWeighting, amp, tokens) -> tuple:
+    """Algorithm 1's "Get end-task grads" and "Get task grads": each task's grad_accum micro-batches in turn, one
+    backward each, through the weighting (which moves the body's part, g_k, into its buffer G). Returns B*_tr's
+    features and labels (its first micro-batch), which phi* is fitted on."""
+    b_tr = None
+    for k, (task, stream) in enumerate(zip(tasks, streams)):
+        for _ in range(weighting.grad_accum):
+            loss, features, labels = _forward(body, task, stream, weighting.G.device, amp, tokens)
+            weighting.task_backward(k, loss)
+            b_tr = b_tr or (features, labels)
+    return b_tr
+
+
+def _dev_features(body, state: MetaState, amp, tokens, end_name: str) -> tuple:
+    """meta_head_data="dev": features and labels of a dev batch of phi*'s own, without a graph; dev rows never move
+    the model."""
+    inputs, labels = to_device(*_draw(state.head_rows, tokens, end_name + ":head_rows"), state.weighting.G.device)
+    with torch.no_grad(), amp, _buffers_kept(body):
+        return _features(body(**inputs)).float(), labels
 
 
 
@@ -1387,8 +1396,13 @@ def _describe(x) -> str:
     return type(x).__name__ + ("" if shape is None else f" of shape {tuple(shape)}, dtype {getattr(x, 'dtype', '?')}")
 
 
-def _n_tokens(inputs: dict) -> int:
-    return int(inputs["attention_mask"].sum()) if "attention_mask" in inputs else len(next(iter(inputs.values())))
+def _draw(stream, tokens: dict, key: str) -> tuple:
+    """The next batch (inputs, labels) of a stream, its tokens (or rows, without an attention mask) counted under
+    `key` in `tokens` (a task's name, or one of META's extra passes); on the CPU, before the batch moves."""
+    inputs, labels = next(stream)
+    n = int(inputs["attention_mask"].sum()) if "attention_mask" in inputs else len(next(iter(inputs.values())))
+    tokens[key] = tokens.get(key, 0) + n
+    return inputs, labels
 
 
 def _progress(total, enabled, desc):
@@ -1437,19 +1451,14 @@ def _buffers_kept(body: nn.Module):
             b.copy_(value)
 
 
-def _flat(params, grads) -> torch.Tensor:
-    """Per-parameter gradients -> one (P,) vector; a parameter the loss does not reach contributes zeros."""
-    return torch.cat([torch.zeros(p.numel(), device=p.device) if g is None else g.reshape(-1)
-                      for p, g in zip(params, grads)])
-
-
-def _take_body_grad(params, out: torch.Tensor, add: bool = False):
-    """Flatten the body's accumulated .grad into `out` (P,) (add=True: add it to `out`) and clear it, so the next
-    task starts from zero."""
-    flat = [torch.zeros(p.numel(), device=out.device) if p.grad is None else p.grad.reshape(-1) for p in params]
+def _flat_grad(params, grads, out: torch.Tensor | None = None, add: bool = False) -> torch.Tensor:
+    """Per-parameter gradients -> one (P,) vector, a parameter without one (the loss does not reach it) contributing
+    zeros: returned as a new tensor, or written into `out` (add=True: added to it)."""
+    flat = [torch.zeros(p.numel(), device=p.device) if g is None else g.reshape(-1) for p, g in zip(params, grads)]
+    if out is None:
+        return torch.cat(flat)
     if add:
         out += torch.cat(flat)
     else:
         torch.cat(flat, out=out)
-    for p in params:
-        p.grad = None
+    return out
