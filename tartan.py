@@ -1018,16 +1018,23 @@ def read_lines(path: str) -> list[str]:
 def read_end_task(folder: str) -> dict:
     """{train,dev,test}.jsonl of one end-task -> texts, integer labels and the label vocabulary (from train)."""
     splits = {s: read_jsonl(os.path.join(folder, f"{s}.jsonl")) for s in ("train", "dev", "test")}
-    vocab = sorted(set(splits["train"][1]))
+    vocab, ids = _label_ids({s: labels for s, (_, labels, _) in splits.items()}, "train.jsonl",
+                           lambda s, i: f"{os.path.join(folder, s + '.jsonl')}, line {splits[s][2][i]}")
+    return {"labels": vocab, **{s: (splits[s][0], ids[s]) for s in splits}}
+
+
+def _label_ids(splits: dict[str, list], train: str = "train", where=None) -> tuple[list, dict[str, list[int]]]:
+    """The one numbering of labels (strings or integers) as class ids 0..C-1, in sorted order of the labels of
+    splits["train"]: (that vocabulary, each split's ids). A label that train lacks is a DataError naming where it
+    stands, where(split, index) (default: the split and the example's index), and `train`."""
+    vocab = sorted(set(splits["train"]))
     index = {label: i for i, label in enumerate(vocab)}
-    out = {"labels": vocab}
-    for split, (texts, labels, lines) in splits.items():
-        for label, lineno in zip(labels, lines):
+    for split, labels in splits.items():
+        for i, label in enumerate(labels):
             if label not in index:
-                raise DataError(f"{os.path.join(folder, split + '.jsonl')}, line {lineno}: label '{label}' "
-                                f"never appears in train.jsonl (train labels: {', '.join(vocab)})")
-        out[split] = (texts, [index[label] for label in labels])
-    return out
+                raise DataError(f"{where(split, i) if where else f'{split} split, example {i}'}: label {label!r} "
+                                f"never appears in {train} (train labels: {', '.join(map(str, vocab))})")
+    return vocab, {split: [index[label] for label in labels] for split, labels in splits.items()}
 
 
 def check_tokenizer(tokenizer, what: str, first_position: bool = True) -> None:
@@ -1148,14 +1155,9 @@ def end_task(name: str, data, tokenizer, hidden_size: int, max_length: int = 512
             return Task(name, ClassificationHead(hidden_size, C, dropout), kept(tensors["train"]),
                         dev=kept(tensors["dev"]), test=kept(tensors["test"]), num_labels=C, metric=metric)
         pairs = {s: _text_pairs(f"end-task '{name}', {s} split", data[s]) for s in ("train", "dev", "test")}
-        vocab = sorted(set(pairs["train"][1]))
-        splits = {"labels": vocab}
-        for s, (texts, labels) in pairs.items():
-            unseen = [x for x in labels if x not in set(vocab)]
-            if unseen:
-                raise DataError(f"end-task '{name}': its {s} split has label {unseen[0]!r}, which never appears in "
-                                f"train (train labels: {', '.join(map(str, vocab))})")
-            splits[s] = (texts, [vocab.index(x) for x in labels])
+        vocab, ids = _label_ids({s: labels for s, (_, labels) in pairs.items()}, "train",
+                               lambda s, i: f"end-task '{name}', {s} split, example {i}")
+        splits = {"labels": vocab, **{s: (pairs[s][0], ids[s]) for s in pairs}}
     else:
         raise TypeError(f"end-task '{name}': data must be a folder of {{train,dev,test}}.jsonl or a dict with keys "
                         f"'train', 'dev', 'test' of (texts, labels) or (x, labels), not {_describe(data)}"
@@ -1198,10 +1200,9 @@ def classification_task(name: str, data, tokenizer, hidden_size: int, max_length
     else:
         texts, labels = _text_pairs(f"classification task '{name}'", data)
     check_tokenizer(tokenizer, f"classification task '{name}'")
-    vocab = sorted(set(labels))
-    index = {label: i for i, label in enumerate(vocab)}
+    vocab, ids = _label_ids({"train": labels})
     keep = subset(len(texts), limit)
-    train = TextData(tokenize(tokenizer, [texts[i] for i in keep], max_length), [index[labels[i]] for i in keep],
+    train = TextData(tokenize(tokenizer, [texts[i] for i in keep], max_length), [ids["train"][i] for i in keep],
                      tokenizer.pad_token_id)
     return Task(name, ClassificationHead(hidden_size, len(vocab), dropout), train, num_labels=len(vocab))
 

@@ -317,7 +317,7 @@ def test_in_memory_end_tasks_match_the_folder(tok, task_dir):
     assert t.train.x.dtype == torch.float32 and t.head.mlp[1].in_features == 4
     out = tartan.run_end_task(Lin(), t, [], "finetune", tartan.FinetuneConfig(batch_size=4, max_steps=2))
     assert out["test"]["n"] == 6
-    with pytest.raises(tartan.DataError, match="end-task 'toy': its dev split has label 'new', which never appears"):
+    with pytest.raises(tartan.DataError, match="end-task 'toy', dev split, example 0: label 'new' never appears in train"):
         tartan.end_task("toy", {**pairs, "dev": (["w1"], ["new"])}, tok, 32)
     with pytest.raises(TypeError, match="a dict with keys 'train', 'dev', 'test' .* with keys \\['dev', 'train'\\]"):
         tartan.end_task("toy", {"train": pairs["train"], "dev": pairs["dev"]}, tok, 32)
