@@ -344,7 +344,7 @@ def train(body: nn.Module, end: Task | None, aux: list[Task], cfg: TrainConfig, 
     analysis_seconds = 0.0  # time spent scoring the test split for the history (eval_test), not part of training
     best, best_state, best_alpha, since_best = -math.inf, None, None, 0
     amp = autocast(device, cfg.bf16)
-    bar = _progress(total, cfg.progress, "train")
+    bar = progress_bar(total, cfg.progress, "train", leave=False)
     t0 = time.perf_counter()
     body.train()
     for t in tasks:
@@ -923,7 +923,8 @@ def permutation_test(a, b, n_permutations: int = 10_000, seed: int = 0) -> dict:
     """H0: the scores of a and b come from one distribution. Statistic: mean(a) - mean(b). Enumerates every split
     of the pooled scores when there are at most n_permutations of them (exact), else draws n_permutations random
     splits (numpy Generator seeded by `seed`). p-values: two-sided, 'greater' (H1: a > b) and 'less' (H1: a < b),
-    each counting the splits at least as extreme as the observed one (the observed split is among them)."""
+    each counting the splits at least as extreme as the observed one (the observed split is among them); and
+    min_p_greater, min_p_two_sided: the smallest p that this many scores a side can give."""
     a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
     if len(a) < 1 or len(b) < 1:
         raise ValueError("permutation_test needs at least one score on each side")
@@ -946,13 +947,10 @@ def permutation_test(a, b, n_permutations: int = 10_000, seed: int = 0) -> dict:
     return {"diff": float(observed), "p_two_sided": p(np.abs(diffs) >= abs(observed) - tol),
             "p_greater": p(diffs >= observed - tol), "p_less": p(diffs <= observed + tol),
             "n_permutations": int(len(diffs)), "exact": exact,
+            # the smallest p these sample sizes can give: of one split alone (exact; two-sided, with equal sizes, a
+            # split and its mirror), or of the observed split alone (sampled)
+            "min_p_greater": 1 / (len(diffs) + (0 if exact else 1)),
             "min_p_two_sided": (2 if n == len(b) else 1) / n_splits if exact else 1 / (n_permutations + 1)}
-
-
-def mean_std(x, ddof: int = 1) -> tuple[float, float]:
-    """Mean and standard deviation of per-seed scores (ddof=1: the sample standard deviation)."""
-    x = np.asarray(x, dtype=float)
-    return float(x.mean()), float(x.std(ddof=ddof)) if len(x) > ddof else 0.0
 
 # ======================================================================================================================
 # APPENDIX: what the method needs but the paper does not describe. (A) reading files and building tasks,
@@ -1406,13 +1404,14 @@ def _draw(stream, tokens: dict, key: str) -> tuple:
     return inputs, labels
 
 
-def _progress(total, enabled, desc):
+def progress_bar(total, enabled: bool, desc: str, **tqdm_args):
+    """A tqdm bar (tqdm_args passed on), or, not enabled, an object with the same methods that shows nothing."""
     if enabled:
         from tqdm.auto import tqdm
-        return tqdm(total=total, desc=desc, dynamic_ncols=True, leave=False)
+        return tqdm(total=total, desc=desc, dynamic_ncols=True, **tqdm_args)
 
     class _Silent:
-        update = set_postfix = close = lambda *a, **k: None
+        update = set_description = set_postfix = close = lambda *a, **k: None
     return _Silent()
 
 

@@ -1304,6 +1304,8 @@ def test_permutation_test_equals_exact_enumeration(a, b):
     mc = tartan.permutation_test(a, b, n_permutations=r["n_permutations"] - 1, seed=1)
     assert not mc["exact"]
     assert mc["n_permutations"] == r["n_permutations"] - 1
+    # the smallest attainable p: one split of those enumerated; sampled, the observed split alone
+    assert r["min_p_greater"] == 1 / r["n_permutations"] and mc["min_p_greater"] == 1 / (mc["n_permutations"] + 1)
 
 
 def test_permutation_test_monte_carlo_and_known_difference():
@@ -1323,11 +1325,6 @@ def test_permutation_test_monte_carlo_and_known_difference():
     assert not mc["exact"]
     draws = np.mean([tartan.permutation_test(x, y, n_permutations=69, seed=s)["p_two_sided"] for s in range(60)])
     assert abs(draws - exact["p_two_sided"]) < 0.02
-
-
-def test_mean_std_uses_sample_std():
-    assert tartan.mean_std([1.0, 2.0, 3.0]) == pytest.approx((2.0, 1.0))
-    assert tartan.mean_std([1.0, 2.0, 3.0], ddof=0)[1] == pytest.approx(math.sqrt(2 / 3))
 
 
 def test_evaluate_returns_the_predictions_its_metrics_are_computed_from():

@@ -59,14 +59,8 @@ def atomic_write_text(path: str, text: str) -> None:
 
 
 def progress_bar(total, enabled: bool, desc: str, unit: str = "it"):
-    """A tqdm bar, or an object with the same methods that shows nothing."""
-    if enabled:
-        from tqdm.auto import tqdm
-        return tqdm(total=total, desc=desc, unit=unit, unit_scale=unit == "B", dynamic_ncols=True)
-
-    class _Silent:
-        update = set_description = set_postfix = close = lambda *a, **k: None
-    return _Silent()
+    """tartan.progress_bar counting `unit` (bytes scaled to kB, MB, ...)."""
+    return tartan.progress_bar(total, enabled, desc, unit=unit, unit_scale=unit == "B")
 
 
 def set_seed(seed: int) -> None:
@@ -138,11 +132,9 @@ class PeakMemory:
 
 
 def compare(a, b, n_permutations: int = 10_000, seed: int = 0) -> dict:
-    """tartan.permutation_test of per-seed scores a against b, plus "min_p_greater": the smallest one-sided p
-    (H1: a > b) that this many seeds can give, i.e. the p of a single split out of those the test counted."""
-    test = tartan.permutation_test(list(a), list(b), n_permutations, seed)
-    test["min_p_greater"] = 1 / (test["n_permutations"] + (0 if test["exact"] else 1))  # sampled: + the observed one
-    return test
+    """tartan.permutation_test of per-seed scores a against b; its "min_p_greater" is the smallest one-sided p
+    (H1: a > b) that this many seeds can give."""
+    return tartan.permutation_test(list(a), list(b), n_permutations, seed)
 
 
 def min_seeds(alpha: float = 0.05) -> int:
@@ -157,6 +149,12 @@ def alpha_of(entry: dict) -> dict | None:
     """alpha (task name -> weight) of a history entry or a trace; result files written before issue 18 call it
     "weights" (the history and trace keys) and keep reading so."""
     return entry["alpha"] if "alpha" in entry else entry.get("weights")
+
+
+def mean_std(x, ddof: int = 1) -> tuple[float, float]:
+    """Mean and standard deviation of per-seed scores (ddof=1: the sample standard deviation)."""
+    x = np.asarray(x, dtype=float)
+    return float(x.mean()), float(x.std(ddof=ddof)) if len(x) > ddof else 0.0
 
 
 def fmt(mean_std) -> str:

@@ -41,7 +41,7 @@ import torch
 
 import tartan
 
-from .common import atomic_path, atomic_write_json, compare, markdown_table, min_seeds, progress_bar, set_seed
+from .common import atomic_path, atomic_write_json, compare, markdown_table, mean_std, min_seeds, progress_bar, set_seed
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -298,8 +298,8 @@ def demo_summarize(records: list[dict]) -> dict:
         entry = {"seeds": [r["seed"] for r in rs]}
         for key in ("test", "test_unseen", "test_seen", "dev"):
             entry[key] = [r[key] for r in rs]
-        entry["mean"], entry["std"] = tartan.mean_std(entry["test"], ddof=1)
-        entry["unseen_mean"], entry["unseen_std"] = tartan.mean_std(entry["test_unseen"], ddof=1)
+        entry["mean"], entry["std"] = mean_std(entry["test"], ddof=1)
+        entry["unseen_mean"], entry["unseen_std"] = mean_std(entry["test_unseen"], ddof=1)
         if m != "pretrain":
             entry["vs_pretrain"] = compare(entry["test"], base)
         out[m] = entry
@@ -363,7 +363,7 @@ def demo_report(summary: dict, weights: dict, claims: dict, seeds, seconds: floa
     any_test = summary["mt"]["vs_pretrain"]
     lines = [f"TARTAN offline demo: test macro-F1 x100, mean ± std over {n} seed(s) {', '.join(map(str, seeds))} "
              f"(std: sample, ddof=1)", ""]
-    cell = lambda x: "{:.1f} ± {:.1f}".format(*(100 * v for v in tartan.mean_std(x, ddof=1)))  # noqa: E731
+    cell = lambda x: "{:.1f} ± {:.1f}".format(*(100 * v for v in mean_std(x, ddof=1)))  # noqa: E731
     rows = [[DEMO_LABELS[m], cell(summary[m]["test"]), cell(summary[m]["test_unseen"]), cell(summary[m]["test_seen"]),
              "(baseline)" if m == "pretrain" else f"{summary[m]['vs_pretrain']['p_greater']:.3f}"]
             for m in DEMO_METHODS]

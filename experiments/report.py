@@ -10,8 +10,8 @@ import numpy as np
 import tartan
 
 from . import analysis
-from .common import (ReproduceError, alpha_of, atomic_path, atomic_write_text, compare, fmt, markdown_table, min_seeds,
-                     seeds_str)
+from .common import (ReproduceError, alpha_of, atomic_path, atomic_write_text, compare, fmt, markdown_table, mean_std,
+                     min_seeds, seeds_str)
 from .own import default_baseline
 from .paper import FIGURES, N_PERMUTATIONS, PAPER, TABLES, TASKS, TEXT_MODES, VISION_MODES
 from .runs import META_MODES, Budget, Run, Workspace, execute_all, make_run
@@ -55,7 +55,7 @@ def render_table(number: int, cells: dict, results: dict, seeds, model: str, bud
         for c in cols:
             paper = PAPER.get((number, task, c.label))
             x = scores[c.label]
-            ours = "not run" if not x else fmt(tartan.mean_std(x)) + (f" (n={len(x)})" if len(x) != len(seeds) else "")
+            ours = "not run" if not x else fmt(mean_std(x)) + (f" (n={len(x)})" if len(x) != len(seeds) else "")
             row.append(ours + (f" [{fmt(paper)}]" if paper else ""))
             if c.label in tested:
                 pp = "" if not paper or paper[2] is None else f" [{paper[2]:.3f}]"
@@ -245,7 +245,7 @@ def own_table(task: str, folder: str, metric: str, cells: dict, results: dict, b
             test = compare(scores[mode], base, N_PERMUTATIONS)
             p = f"{test['p_greater']:.3f} ({test['p_two_sided']:.3f})"
         wall = [results[r]["wall_seconds"] for r in done]
-        rows.append([mode, done[0].aux_label, f"{fmt(tartan.mean_std(scores[mode]))}{n}", fmt(tartan.mean_std(dev)),
+        rows.append([mode, done[0].aux_label, f"{fmt(mean_std(scores[mode]))}{n}", fmt(mean_std(dev)),
                      p, f"{np.mean(wall):.1f} s"])
     report = meta_report(task, {m: runs for m, runs in cells.items() if m in META_MODES}, results)
     return "\n".join(lines + markdown_table(columns, rows) + [""] + report) + "\n"
@@ -307,7 +307,7 @@ def run_figure(number: int, ws: Workspace, seeds=None, tasks=None) -> str:
         if number == 2:
             for label in ("DAPT", "META-TARTAN"):
                 pts = [(n, cell_scores(results, cells[(panel[0], label, n)])) for n in ("1x", "10x")]
-                pts = [(float(n[:-1]), tartan.mean_std(x)) for n, x in pts if x]
+                pts = [(float(n[:-1]), mean_std(x)) for n, x in pts if x]
                 if pts:
                     ax.errorbar([p[0] for p in pts], [p[1][0] for p in pts], yerr=[p[1][1] for p in pts],
                                 marker="o", capsize=3, label=label)
@@ -371,8 +371,8 @@ def run_family(ws: Workspace, tasks, modes, seeds=None, aux: str | None = None, 
             if x:
                 dev = [100 * results[r]["headline"]["dev"] for r in x]
                 print(f"{task} {mode} ({x[0].aux_label}): test {TASKS[task]['metric']} x100 = "
-                      f"{fmt(tartan.mean_std(cell_scores(results, x)))} over {len(x)} seed(s) (ddof=1); "
-                      f"dev {fmt(tartan.mean_std(dev))}")
+                      f"{fmt(mean_std(cell_scores(results, x)))} over {len(x)} seed(s) (ddof=1); "
+                      f"dev {fmt(mean_std(dev))}")
                 learned = meta_summary(mode, TASKS[task]["title"], task, x, results) if mode in META_MODES else None
                 if learned:
                     print(f"  {learned}")

@@ -10,7 +10,7 @@ import pytest
 import reproduce
 import tartan
 from experiments import demo as demo_module
-from experiments.common import compare, min_seeds
+from experiments.common import compare, mean_std, min_seeds
 
 
 
@@ -199,6 +199,11 @@ def test_claims_follow_the_numbers():
     three = {m: v[:3] for m, v in good.items()}
     c = _claims(three, [(.2, .6, .2)] * 3)
     assert "out of reach" in c["claim1_end_task_aware_beats_pretraining"]["meta"]["verdict"]
+
+
+def test_mean_std_uses_sample_std():
+    assert mean_std([1.0, 2.0, 3.0]) == pytest.approx((2.0, 1.0))
+    assert mean_std([1.0, 2.0, 3.0], ddof=0)[1] == pytest.approx(math.sqrt(2 / 3))
 
 
 def test_min_seeds_matches_permutation_test():

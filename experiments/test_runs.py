@@ -60,7 +60,7 @@ def test_smoke_one_mode_then_table_subprocess(model_dir, data_dir, tmp_path):
     score = lambda mode, aux: [100 * json.load(open(os.path.join(out, "aclarc", f"{mode}__{aux}__seed{s}.json")))  # noqa
                                ["headline"]["test"] for s in (0, 1)]
     meta, tapt = score("meta", "tapt"), score("tapt", "tapt")
-    assert common.fmt(tartan.mean_std(meta)) + " [70.08" in table
+    assert common.fmt(common.mean_std(meta)) + " [70.08" in table
     test = tartan.permutation_test(meta, tapt, 10_000, seed=0)
     assert f"[70.08 ± 4.70] | {test['p_greater']:.3f} (two-sided {test['p_two_sided']:.3f}) [0.069] |" in table
     assert "Warning:** with 2 and 2 seeds the smallest one-sided p-value this test can give is 0.167" in table
