@@ -309,7 +309,7 @@ def train(body: nn.Module, end: Task | None, aux: list[Task], cfg: TrainConfig, 
     paper's Sec. 3.1 speaks of monitoring the validation loss, which the history records too.
     A loss that turns NaN or infinite (training, META's validation, dev) stops the run with a DivergedError.
     The test split is not touched here (see run_end_task)."""
-    check_tasks(end, aux, cfg)
+    check_tasks(end, aux, cfg, meta=True if step_fn is meta_step else None)
     step_fn = step_fn or (meta_step if isinstance(cfg, MetaConfig) else multitask_step)  # as the config says
     tasks = ([end] if end is not None else []) + list(aux)
     device = next(body.parameters()).device
@@ -824,12 +824,7 @@ def _mt_config(cfg: TrainConfig) -> TrainConfig:
 
 def train_meta(body, end: Task, aux: list[Task], cfg: MetaConfig | None = None) -> dict:
     """META-TARTAN (Algorithm 1); cfg.same_head=True gives the Eq. 6 ablation."""
-    cfg = cfg or MetaConfig()
-    if not isinstance(cfg, MetaConfig):
-        raise TypeError(f"train_meta needs a MetaConfig, not {type(cfg).__name__}")
-    if cfg.weights is not None:
-        raise ValueError("META-TARTAN starts from equal weights (Algorithm 1); leave weights=None")
-    return train(body, end, aux, cfg, meta_step)
+    return train(body, end, aux, cfg or MetaConfig(), meta_step)
 
 
 def run_end_task(body, end: Task, aux: list[Task], mode: str, cfg: TrainConfig | None = None,
@@ -844,7 +839,7 @@ def run_end_task(body, end: Task, aux: list[Task], mode: str, cfg: TrainConfig |
         raise ValueError(f"unknown mode '{mode}' (finetune, pretrain, mt, meta)")
     cfg = cfg or {"meta": MetaConfig, "mt": TrainConfig}.get(mode, FinetuneConfig)()
     cfg = _mt_config(cfg) if mode == "mt" else cfg  # MT with a MetaConfig: its META fields are unused
-    check_tasks(end, aux if mode in ("mt", "meta") else [], cfg)  # before any stage runs, pre-training included
+    check_tasks(end, aux if mode in ("mt", "meta") else [], cfg, meta=True if mode == "meta" else None)  # before any stage runs, pre-training included
     seeded = lambda c: replace(c, seed=cfg.seed)  # sub-stages follow the run's seed  # noqa: E731
     out = {"mode": mode, "stages": []}
     if mode == "pretrain":
@@ -1292,9 +1287,15 @@ def warm_mlm_head(body: nn.Module, head: MLMHead, task: "Task", steps: int, lr: 
 
 
 
-def check_tasks(end: Task | None, aux: list[Task], cfg: TrainConfig) -> None:
+def check_tasks(end: Task | None, aux: list[Task], cfg: TrainConfig, meta: bool | None = None) -> None:
     """The contracts the loops rely on, checked before the first step: a broken one is a ValueError naming the task
-    and what is wrong (rather than an IndexError deep in a step, or tasks silently merged)."""
+    and what is wrong (rather than an IndexError deep in a step, or tasks silently merged). meta: whether META-TARTAN
+    runs (None: whether cfg is a MetaConfig)."""
+    meta = isinstance(cfg, MetaConfig) if meta is None else meta
+    if meta and not isinstance(cfg, MetaConfig):
+        raise TypeError(f"META-TARTAN (train_meta) needs a MetaConfig, not {type(cfg).__name__}")
+    if meta and cfg.weights is not None:
+        raise ValueError("META-TARTAN starts from equal weights (Algorithm 1); leave weights=None")
     tasks = ([end] if end is not None else []) + list(aux)
     names, heads = set(), {}
     for t in tasks:
@@ -1323,7 +1324,6 @@ def check_tasks(end: Task | None, aux: list[Task], cfg: TrainConfig) -> None:
         raise ValueError(f"weights has {len(cfg.weights)} entries for {len(tasks)} tasks ({[t.name for t in tasks]})")
     if end is None:
         return
-    meta = isinstance(cfg, MetaConfig)
     if end.dev is None and (cfg.eval_every >= 0 or meta):
         raise ValueError(f"end-task '{end.name}' has no dev split: model selection needs one"
                          + (", and META-TARTAN draws B*_val from it" if meta else ""))
