@@ -53,6 +53,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+
 # ----------------------------------------------------------------------------------------------------------------------
 # 1. Body and heads (Sec. 2: theta = [theta_body; phi^1..phi^n, phi']; Sec. 4 "Model details").
 
@@ -134,6 +135,7 @@ def new_mlm_head(template: MLMHead, body: nn.Module, init: str = "checkpoint") -
                 p.zero_()  # a loose bias, e.g. the vocabulary bias of the (tied) decoder
     return head
 
+
 # ----------------------------------------------------------------------------------------------------------------------
 # 2. Masking (Devlin et al. 2018): 15% of the non-special, non-pad tokens are chosen; of those 80% become the mask
 #    token, 10% a random token, 10% stay unchanged; labels are -100 everywhere else.
@@ -171,6 +173,7 @@ def mask_tokens(input_ids, attention_mask, masking: Masking, generator: torch.Ge
     corrupted = torch.where(to_random, random_ids, corrupted)
     return corrupted, labels
 
+
 # ----------------------------------------------------------------------------------------------------------------------
 # 3. Tasks: T = (loss, data) (Sec. 2). A task owns its head and its training data; the end-task also has dev/test.
 
@@ -201,6 +204,7 @@ def batches(task: Task, batch_size: int, generator: torch.Generator):
                 inputs["input_ids"], labels = mask_tokens(inputs["input_ids"], inputs["attention_mask"],
                                                           task.masking, generator)
             yield inputs, labels
+
 
 # ----------------------------------------------------------------------------------------------------------------------
 # 4. Configs hold the paper's values (Sec. 4) and, where the paper is silent, those of the authors'
@@ -295,6 +299,7 @@ class MetaConfig(TrainConfig):
     #                                   meta_head_steps steps (Sec. 4)
     same_head: bool = False           # True: meta gradient through phi' itself (Eq. 6), the ablation of Fig. 3
     cos_eps: float = 1e-8             # epsilon in cos(a, b) = a.b / (|a||b| + eps)
+
 
 # ----------------------------------------------------------------------------------------------------------------------
 # 5. The training loop, one for every mode: Eq. 1 (no end-task), Eq. 2 (no auxiliary task), Eq. 3 and Algorithm 1.
@@ -439,6 +444,7 @@ def _forward(body, task, stream, device, amp, tokens):
         _, loss = task.head(features, labels)
     return loss, features, labels
 
+
 # ----------------------------------------------------------------------------------------------------------------------
 # 6. MT-TARTAN (Eq. 3): theta <- theta - beta * grad( w* L_T* + sum_i w_i L_Ti ), static w; the gradient of the
 #    weighted sum is accumulated one task micro-batch at a time. With the end-task alone this is fine-tuning (Eq. 2);
@@ -565,6 +571,7 @@ def multitask_step(body, tasks, streams, weighting: MTWeighting, cfg, amp, token
             loss, _, _ = _forward(body, task, stream, device, amp, tokens)
             weighting.task_backward(k, loss)
     return weighting.step()
+
 
 # ----------------------------------------------------------------------------------------------------------------------
 # 7. META-TARTAN (Eq. 6-7, Sec. 3.3, Algorithm 1 of A.3). Per step, in Algorithm 1's order:
@@ -839,7 +846,8 @@ def run_end_task(body, end: Task, aux: list[Task], mode: str, cfg: TrainConfig |
         raise ValueError(f"unknown mode '{mode}' (finetune, pretrain, mt, meta)")
     cfg = cfg or {"meta": MetaConfig, "mt": TrainConfig}.get(mode, FinetuneConfig)()
     cfg = _mt_config(cfg) if mode == "mt" else cfg  # MT with a MetaConfig: its META fields are unused
-    check_tasks(end, aux if mode in ("mt", "meta") else [], cfg, meta=True if mode == "meta" else None)  # before any stage runs, pre-training included
+    # before any stage runs, pre-training included
+    check_tasks(end, aux if mode in ("mt", "meta") else [], cfg, meta=True if mode == "meta" else None)
     seeded = lambda c: replace(c, seed=cfg.seed)  # sub-stages follow the run's seed  # noqa: E731
     out = {"mode": mode, "stages": []}
     if mode == "pretrain":
@@ -870,6 +878,7 @@ def run_end_task(body, end: Task, aux: list[Task], mode: str, cfg: TrainConfig |
     main = next(s for s in reversed(out["stages"]) if s["stage"] in ("mt", "meta", "finetune"))
     out.update({k: main[k] for k in ("history", "final_alpha", "best_alpha", "trace")})
     return out
+
 
 # ----------------------------------------------------------------------------------------------------------------------
 # 9. Evaluation: macro-F1 and micro-F1 always both (micro-F1 = accuracy for single-label classification).
@@ -909,6 +918,7 @@ def evaluate(body, head, data, batch_size: int = 64, bf16: bool = False, predict
     return {**f1_scores(gold, preds), "loss": total_loss / len(data),
             **({"predictions": preds.tolist()} if predictions else {})}
 
+
 # ----------------------------------------------------------------------------------------------------------------------
 # 10. Significance (A.2): unpaired two-sample permutation test of per-seed scores.
 
@@ -946,6 +956,7 @@ def permutation_test(a, b, n_permutations: int = 10_000, seed: int = 0) -> dict:
             # split and its mirror), or of the observed split alone (sampled)
             "min_p_greater": 1 / (len(diffs) + (0 if exact else 1)),
             "min_p_two_sided": (2 if n == len(b) else 1) / n_splits if exact else 1 / (n_permutations + 1)}
+
 
 # ======================================================================================================================
 # APPENDIX: what the method needs but the paper does not describe. (A) reading files and building tasks,
@@ -1282,6 +1293,7 @@ def warm_mlm_head(body: nn.Module, head: MLMHead, task: "Task", steps: int, lr: 
     body.train(modes)
     return {"loss_before": before, "loss_after": held_out(), "steps": steps}
 
+
 # ----------------------------------------------------------------------------------------------------------------------
 # B. Contracts and divergence: checked before the first step, and at every step.
 
@@ -1363,6 +1375,7 @@ def _check_step(info: dict, norm: float, names: list[str], where: str):
         for name, c in zip(names, info["cosines"]):
             _finite(c, f"cos(g_meta, g_k) of task '{name}'", where, "a gradient turned NaN or infinite")
     _finite(norm, f"the gradient norm of tasks {names}", where, "learning rate too high?")
+
 
 # ----------------------------------------------------------------------------------------------------------------------
 # C. Plumbing: devices, autocast, the progress bar, snapshots, clipping, head parameters.

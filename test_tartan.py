@@ -1168,50 +1168,63 @@ def test_config_defaults_are_the_papers():
     assert (f.lr, f.batch_size, f.epochs, f.patience, f.final_finetune) == (2e-5, 16, 10, 3, None)
 
 
-def test_task_contracts_are_checked_when_training_starts(tok, task_dir):
+# what is broken: (end-task fields set, auxiliary tasks given, config fields set, how it runs, the ValueError or None)
+CONTRACTS = {
+    "no class count, META": ({"num_labels": 0}, None, {}, "meta",
+                             "end-task 'toy' has num_labels=0: META-TARTAN fits its meta head"),
+    "no class count, run_end_task": ({"num_labels": 0}, None, {}, "run meta", "end-task 'toy' has num_labels=0"),
+    "no class count, MT needs none": ({"num_labels": 0}, None, {}, "mt", None),
+    "no class count, Eq. 6 needs none": ({"num_labels": 0}, None, {"same_head": True}, "meta", None),
+    "a repeated name, META": ({}, lambda aux: [aux[0], _renamed(aux[1], "aux0")], {}, "meta",
+                              "two tasks are named 'aux0': task names must be unique"),
+    "a repeated name, run_end_task": ({}, lambda aux: [aux[0], _renamed(aux[1], "aux0")], {}, "run mt",
+                                      "two tasks are named 'aux0': task names must be unique"),
+    "the end-task's name again": ({}, lambda aux: [aux[0], _renamed(aux[1], "toy")], {}, "mt",
+                                  "two tasks are named 'toy'"),
+    "a shared head": ({}, lambda aux: [aux[0], tartan.Task("again", aux[0].head, aux[0].train,
+                                                           masking=aux[0].masking)], {}, "mt",
+                      "tasks 'aux0' and 'again' share one head object"),
+    "no labels, no masking": ({}, lambda aux: [tartan.Task("nolabels", aux[0].head, aux[0].train)], {}, "mt",
+                              "task 'nolabels': its training data has no labels and the task has no masking"),
+    "a label out of range": ({"num_labels": 2}, None, {}, "mt",
+                             "task 'toy': its train split has label 2, outside 0..1 \\(num_labels=2\\)"),
+    "head and class count differ": ({"head": 4}, None, {}, "meta",
+                                    "end-task 'toy': its head predicts 4 classes but num_labels=3"),
+    "no dev split": ({"dev": None}, None, {}, "meta",
+                     "end-task 'toy' has no dev split: model selection needs one, and META"),
+    "weights of the wrong length": ({}, None, {"weights": (0.5, 0.5)}, "mt", "weights has 2 entries for 3 tasks"),
+    "phi*'s rows beyond B*_tr": ({}, None, {"meta_batch_size": 16}, "meta",
+                                 "meta_batch_size=16 > batch_size=8: phi\\* is fitted on rows of the "),
+    "no phi* in Eq. 6, so no limit": ({}, None, {"meta_batch_size": 16, "same_head": True}, "meta", None),
+}
+
+
+def _renamed(task, name):
+    task.name = name
+    return task
+
+
+@pytest.mark.parametrize("end_fields, given, cfg_fields, run, error", CONTRACTS.values(), ids=list(CONTRACTS))
+def test_task_contracts_are_checked_when_training_starts(tok, task_dir, end_fields, given, cfg_fields, run, error):
     body, end, aux = build(tok, task_dir, n_aux=2)
+    for name, value in end_fields.items():
+        setattr(end, name, tartan.ClassificationHead(body.hidden_size, value) if name == "head" else value)
+    aux = given(aux) if given else aux
+    cfg = dataclasses.replace(small_config(run.endswith("meta"), max_steps=1, final_finetune=None), **cfg_fields)
+    start = {"meta": lambda: tartan.train_meta(body, end, aux, cfg),
+             "mt": lambda: tartan.train_multitask(body, end, aux, cfg),
+             "run meta": lambda: tartan.run_end_task(body, end, aux, "meta", cfg),
+             "run mt": lambda: tartan.run_end_task(body, end, aux, "mt", cfg)}[run]
+    if error is None:
+        start()
+    else:
+        with pytest.raises(ValueError, match=error):
+            start()
+
+
+def test_the_size_of_b_val_is_meta_batch_size_unless_given(tok, task_dir):
+    body, end, aux = build(tok, task_dir, n_aux=0)
     cfg = small_config(True, max_steps=1, final_finetune=None)
-    mt = small_config(False, max_steps=1, final_finetune=None)
-    end.num_labels = 0  # a hand-built end-task without its class count
-    with pytest.raises(ValueError, match="end-task 'toy' has num_labels=0: META-TARTAN fits its meta head"):
-        tartan.train_meta(body, end, aux, cfg)
-    with pytest.raises(ValueError, match="end-task 'toy' has num_labels=0"):
-        tartan.run_end_task(body, end, aux, "meta", cfg)
-    tartan.train_multitask(body, end, aux, mt)  # MT and the Eq. 6 ablation need no class count
-    tartan.train_meta(body, end, aux, dataclasses.replace(cfg, same_head=True))
-    end.num_labels = 3
-
-    aux[1].name = "aux0"
-    for run in (lambda: tartan.train_meta(body, end, aux, cfg), lambda: tartan.run_end_task(body, end, aux, "mt", mt)):
-        with pytest.raises(ValueError, match="two tasks are named 'aux0': task names must be unique"):
-            run()
-    aux[1].name = "toy"
-    with pytest.raises(ValueError, match="two tasks are named 'toy'"):
-        tartan.train_multitask(body, end, aux, mt)
-    aux[1].name = "aux1"
-
-    shared = tartan.Task("again", aux[0].head, aux[0].train, masking=aux[0].masking)
-    with pytest.raises(ValueError, match="tasks 'aux0' and 'again' share one head object"):
-        tartan.train_multitask(body, end, [aux[0], shared], mt)
-    with pytest.raises(ValueError, match="task 'nolabels': its training data has no labels and the task has no "
-                                         "masking"):
-        tartan.train_multitask(body, end, [tartan.Task("nolabels", aux[0].head, aux[0].train)], mt)
-    end.num_labels = 2
-    with pytest.raises(ValueError, match="task 'toy': its train split has label 2, outside 0..1 \\(num_labels=2\\)"):
-        tartan.train_multitask(body, end, aux, mt)
-    end.num_labels = 3
-    end.head = tartan.ClassificationHead(body.hidden_size, 4)
-    with pytest.raises(ValueError, match="end-task 'toy': its head predicts 4 classes but num_labels=3"):
-        tartan.train_meta(body, end, aux, cfg)
-    end.head, dev, end.dev = tartan.ClassificationHead(body.hidden_size, 3), end.dev, None
-    with pytest.raises(ValueError, match="end-task 'toy' has no dev split: model selection needs one, and META"):
-        tartan.train_meta(body, end, aux, cfg)
-    end.dev = dev
-    with pytest.raises(ValueError, match="weights has 2 entries for 3 tasks"):
-        tartan.train_multitask(body, end, aux, dataclasses.replace(mt, weights=(0.5, 0.5)))
-    with pytest.raises(ValueError, match="meta_batch_size=16 > batch_size=8: phi\\* is fitted on rows of the "):
-        tartan.train_meta(body, end, aux, dataclasses.replace(cfg, meta_batch_size=16))
-    tartan.train_meta(body, end, aux, dataclasses.replace(cfg, meta_batch_size=16, same_head=True))  # no phi*
     for val_size, rows in ((0, 8), (12, 12)):  # |B*_val|: meta_batch_size unless meta_val_batch_size is given
         state = tartan.meta_state(body, [end], dataclasses.replace(cfg, meta_batch_size=8,
                                                                     meta_val_batch_size=val_size))
