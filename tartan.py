@@ -25,9 +25,11 @@ Contents, in the paper's order, the method first:
   10. Significance (A.2)         permutation test of per-seed scores
 Appendix:
   A. Reading files, building tasks   JSONL end-tasks, line-per-example corpora, tokenisation, dynamic padding,
-                                 end_task / classification_task / mlm_task, from_pretrained, warm_mlm_head
-  B. Contracts and divergence    check_tasks, DataError, DivergedError
-  C. Plumbing                    device, autocast, progress bar, snapshots, clipping, head parameters
+                                 end_task / classification_task / mlm_task / new_mlm_head, from_pretrained,
+                                 warm_mlm_head
+  B. Contracts and divergence    check_tasks, the weightings' argument checks, DataError, DivergedError
+  C. Plumbing                    device, autocast, progress bar, snapshots, clipping, head parameters,
+                                 optimizers and the step budget
 
 Shapes: B batch, T tokens, H hidden size, C classes, V vocabulary, M masked positions, P body parameters,
 K = n + 1 tasks (end-task first).
@@ -56,7 +58,6 @@ import torch.nn.functional as F
 
 # ----------------------------------------------------------------------------------------------------------------------
 # 1. Body and heads (Sec. 2: theta = [theta_body; phi^1..phi^n, phi']; Sec. 4 "Model details").
-
 
 
 class HFBody(nn.Module):
@@ -109,37 +110,9 @@ class MLMHead(nn.Module):
         return logits, F.cross_entropy(logits.float(), labels[masked])
 
 
-def new_mlm_head(template: MLMHead, body: nn.Module, init: str = "checkpoint") -> MLMHead:
-    """A separate MLM head phi^i per auxiliary task, copied from `template` (the checkpoint's head); weights shared
-    with the body (the tied decoder) stay shared rather than being copied.
-    init="checkpoint" keeps the checkpoint's trained weights; init="random" re-initialises every weight the head owns
-    (torch's default layer initialisation, biases without a layer zero) from torch's global generator, as Algorithm 1
-    says ("randomly initialize phi^i"). The tied decoder weight is the body's input embedding and is left alone."""
-    if init not in ("checkpoint", "random"):
-        raise ValueError(f"init must be 'checkpoint' or 'random', not '{init}'")
-    head = copy.deepcopy(template, {id(p): p for p in body.parameters()})
-    if init == "random":
-        body_ids, done = {id(p) for p in body.parameters()}, set()
-        for m in head.modules():  # a layer that holds a body weight (the tied decoder) is not reset
-            own = list(m.parameters(recurse=False))
-            if own and hasattr(m, "reset_parameters") and not any(id(p) in body_ids for p in own):
-                m.reset_parameters()
-                done |= {id(p) for p in own}
-        with torch.no_grad():
-            for name, p in head.named_parameters():  # left over: parameters outside any resettable layer
-                if id(p) in body_ids or id(p) in done:
-                    continue
-                if p.dim() > 1:
-                    raise ValueError(f"cannot re-initialise the MLM head weight '{name}': it is in no layer with "
-                                     f"reset_parameters")
-                p.zero_()  # a loose bias, e.g. the vocabulary bias of the (tied) decoder
-    return head
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # 2. Masking (Devlin et al. 2018): 15% of the non-special, non-pad tokens are chosen; of those 80% become the mask
 #    token, 10% a random token, 10% stay unchanged; labels are -100 everywhere else.
-
 
 
 @dataclass
@@ -178,7 +151,6 @@ def mask_tokens(input_ids, attention_mask, masking: Masking, generator: torch.Ge
 # 3. Tasks: T = (loss, data) (Sec. 2). A task owns its head and its training data; the end-task also has dev/test.
 
 
-
 @dataclass
 class Task:
     name: str
@@ -209,7 +181,6 @@ def batches(task: Task, batch_size: int, generator: torch.Generator):
 # ----------------------------------------------------------------------------------------------------------------------
 # 4. Configs hold the paper's values (Sec. 4) and, where the paper is silent, those of the authors'
 #    launch scripts (ldery/TARTAN run_{mt,meta}_multiple.sh) or of Gururangan et al. (2020), App. B.
-
 
 
 @dataclass
@@ -303,7 +274,6 @@ class MetaConfig(TrainConfig):
 
 # ----------------------------------------------------------------------------------------------------------------------
 # 5. The training loop, one for every mode: Eq. 1 (no end-task), Eq. 2 (no auxiliary task), Eq. 3 and Algorithm 1.
-
 
 
 def train(body: nn.Module, end: Task | None, aux: list[Task], cfg: TrainConfig, step_fn=None) -> dict:
@@ -419,23 +389,6 @@ def _averages(log: list[dict], names: list[str]) -> dict:
             "meta_head_fit_loss": np.mean(fit, axis=0).tolist() if fit else None}
 
 
-def _budget(end: Task | None, tasks: list[Task], cfg: TrainConfig) -> tuple[int, int]:
-    """(total optimizer steps, steps per epoch); an epoch is a pass over the task with the most batches."""
-    sizes = [math.ceil(len(t.train) / (cfg.batch_size if t is end else cfg.aux_batch_size)) for t in tasks]
-    per_epoch = max(1, math.ceil(max(sizes) / cfg.grad_accum))
-    return (cfg.max_steps or max(1, math.ceil(cfg.epochs * per_epoch))), per_epoch
-
-
-def make_optimizer(params: list[nn.Parameter], lr: float, weight_decay: float, cfg: TrainConfig):
-    decay = [p for p in params if p.dim() >= 2]  # biases and LayerNorm/BatchNorm weights get no decay
-    no_decay = [p for p in params if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    try:  # the fused kernel: the same update in one pass over the parameters rather than a loop over them
-        return torch.optim.AdamW(groups, lr=lr, betas=cfg.betas, eps=cfg.adam_eps, fused=True)
-    except (RuntimeError, ValueError):  # a device or dtype without a fused kernel
-        return torch.optim.AdamW(groups, lr=lr, betas=cfg.betas, eps=cfg.adam_eps)
-
-
 def _forward(body, task, stream, device, amp, tokens):
     """One micro-batch of a task: (loss, features, labels). Features are (B, T, H) or (B, H)."""
     inputs, labels = to_device(*_draw(stream, tokens, task.name), device)
@@ -460,21 +413,15 @@ def _forward(body, task, stream, device, amp, tokens):
 #    gradient through the ordinary backward. It refuses a body gradient it did not put there.
 
 
-
 class TaskWeighting:
     """What MTWeighting and MetaWeighting share: the body parameters whose .grad they fill, the count of the task
     micro-batches of the current optimizer step (gradient accumulation over grad_accum micro-batches per task), the
     per-task losses of the step, and the check that no gradient they did not put there sits in the body."""
 
     def __init__(self, body: nn.Module, n_tasks: int, grad_accum: int = 1):
-        if not isinstance(body, nn.Module):
-            raise TypeError(f"body must be the shared torch module (nn.Module), not {type(body).__name__}")
-        if n_tasks < 1 or grad_accum < 1:
-            raise ValueError(f"n_tasks={n_tasks} and grad_accum={grad_accum} must both be at least 1")
+        _check_weighting(body, n_tasks, grad_accum)
         self.body = body
         self.params = [p for p in body.parameters() if p.requires_grad]  # theta_body: the parameters weighted here
-        if not self.params:
-            raise ValueError("body has no parameter that requires a gradient: there is nothing to weight")
         self.n_tasks, self.grad_accum = n_tasks, grad_accum
         self.steps = 0  # completed optimizer steps
         self._new_step()
@@ -486,16 +433,7 @@ class TaskWeighting:
     def task_backward(self, k: int, loss: torch.Tensor, retain_graph: bool = False) -> None:
         """One micro-batch of task k (0 = end-task): backward of its mean loss (unscaled; the weighting divides by
         grad_accum) right away, so that only this task's activations need be alive."""
-        if not isinstance(loss, torch.Tensor) or loss.dim() != 0 or not loss.requires_grad:
-            raise TypeError(f"the loss of task {k} must be a scalar tensor with a graph (the mean loss of its "
-                            f"micro-batch, not detached, not .item()), not {_describe(loss)}")
-        if not 0 <= k < self.n_tasks:
-            raise IndexError(f"task index {k}: this weighting has {self.n_tasks} tasks (0 = end-task)")
-        if self._micro[k] >= self.grad_accum:
-            raise ValueError(f"task {k} gave more than grad_accum={self.grad_accum} micro-batches in one optimizer "
-                             f"step: call step() (or let backward() call it) before the next one")
-        if self._expect_clean():
-            self._check_clean()
+        _check_task_backward(self, k, loss)
         self._backward(k, loss, retain_graph)
         self._micro[k] += 1
         self._losses[k] += loss.item() / self.grad_accum  # synchronises anyway: the loop checks it for NaN
@@ -512,30 +450,11 @@ class TaskWeighting:
 
     def _finish(self) -> list[float]:
         """The checks and bookkeeping at the end of a step; returns the step's per-task losses."""
-        short = [k for k, m in enumerate(self._micro) if m != self.grad_accum]
-        if short:
-            raise ValueError(f"step() with tasks {short} short of grad_accum={self.grad_accum} micro-batches "
-                             f"(got {[self._micro[k] for k in short]}): every task gives each step grad_accum "
-                             f"micro-batches")
+        _check_step_complete(self)
         losses = self._losses
         self.steps += 1
         self._new_step()
         return losses
-
-    def _expect_clean(self) -> bool:
-        return not any(self._micro)  # the first backward of a step
-
-    def _check_clean(self):
-        """Refuse a body gradient that this weighting did not put there (a backward of your own, or the gradient of
-        the last step not yet cleared): it would be mixed silently into the weighted sum. A gradient of zeros (from
-        zero_grad(set_to_none=False)) is fine; only then is the device synchronised to look."""
-        held = [p.grad for p in self.params if p.grad is not None]
-        if held and bool(torch.stack([g.ne(0).any() for g in held]).any()):
-            raise ValueError(
-                f"the body's .grad already holds a gradient that this {type(self).__name__} did not put there "
-                f"(step {self.steps + 1}): clear gradients after each optimizer step (optimizer.zero_grad()), "
-                f"backward nothing into the body yourself, and for gradient accumulation give the weighting "
-                f"grad_accum=N and call it once per micro-batch with unscaled losses")
 
 
 class MTWeighting(TaskWeighting):
@@ -586,7 +505,6 @@ def multitask_step(body, tasks, streams, weighting: MTWeighting, cfg, amp, token
 #    not by re-running the body 10 times.
 
 
-
 class MetaWeighting(TaskWeighting):
     """Algorithm 1 as an object, one call per optimizer step inside any loop. It carries w (task-weight logits,
     Algorithm 1's "Initialize": equal), the (K, P) buffer G of this step's per-task body gradients, the step count
@@ -606,11 +524,7 @@ class MetaWeighting(TaskWeighting):
                  end_head: nn.Module | None = None, amp=None):
         cfg = cfg or MetaConfig()
         super().__init__(body, n_tasks, cfg.grad_accum)
-        if cfg.same_head and end_head is None:
-            raise ValueError("cfg.same_head=True takes g_meta through the end-task head phi' (Eq. 6): give end_head")
-        if not cfg.same_head and num_labels < 1:
-            raise ValueError(f"num_labels={num_labels}: phi* has one output per end-task class, so give "
-                             f"num_labels=C (the end-task's number of classes)")
+        _check_meta_head(cfg, num_labels, end_head)
         self.cfg, self.num_labels, self.end_head, self.amp = cfg, num_labels, end_head, amp
         self.w = torch.full((n_tasks,), 1.0 / n_tasks, dtype=torch.float64)  # w*, w_i = 1/(n+1); float64, CPU
         self.G = torch.empty(n_tasks, sum(p.numel() for p in self.params), device=self.params[0].device)  # (K, P)
@@ -647,9 +561,7 @@ class MetaWeighting(TaskWeighting):
 
     def _rows(self, features, labels):
         """The first meta_batch_size rows of a batch's first-position features (B, H), detached."""
-        if not isinstance(features, torch.Tensor) or not isinstance(labels, torch.Tensor):
-            raise TypeError(f"head_data must be (features, labels) tensors, not ({_describe(features)}, "
-                            f"{_describe(labels)})")
+        _check_head_data(features, labels)
         x = features[:, 0] if features.dim() == 3 else features  # (B, H)
         m = self.cfg.meta_batch_size
         return x[:m].detach(), labels[:m]
@@ -658,13 +570,8 @@ class MetaWeighting(TaskWeighting):
         """Algorithm 1's update for this step; see the class docstring."""
         if self._open is not None:
             self._close()
-        if val is None:
-            raise ValueError("META's step needs val: a batch (inputs, labels) of end-task dev data B*_val, or a "
-                             "callable val(head) -> the end-task validation loss through head")
         fit_data = self._rows(*head_data) if head_data is not None else self._head_data
-        if fit_data is None and not self.cfg.same_head:
-            raise ValueError("META's step needs head_data=(features, labels): end-task features of B*_tr (or of "
-                             "another labelled end-task batch) and their labels, to fit phi*")
+        _check_meta_step(val, fit_data, self.cfg)
         losses = self._finish()
         # phi* <- estimate_meta_head(B*_tr), a new head every step; the Eq. 6 ablation (same_head) uses phi' itself
         head_star, fit = (self.end_head, None) if self.cfg.same_head else \
@@ -804,7 +711,6 @@ def _dev_features(body, state: MetaState, amp, tokens, end_name: str) -> tuple:
         return _features(body(**inputs)).float(), labels
 
 
-
 def pretrain(body, aux: list[Task], cfg: PretrainConfig | None = None) -> dict:
     """Eq. 1: theta_0 = argmin sum_i L_Ti, end-task agnostic (TAPT, DAPT; call twice, in order, for DAPT+TAPT)."""
     cfg = cfg or PretrainConfig()
@@ -884,7 +790,6 @@ def run_end_task(body, end: Task, aux: list[Task], mode: str, cfg: TrainConfig |
 # 9. Evaluation: macro-F1 and micro-F1 always both (micro-F1 = accuracy for single-label classification).
 
 
-
 def f1_scores(y_true, y_pred) -> dict:
     """Macro-F1 over the classes present in gold or predictions (as scikit-learn), and micro-F1 (= accuracy)."""
     y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
@@ -921,7 +826,6 @@ def evaluate(body, head, data, batch_size: int = 64, bf16: bool = False, predict
 
 # ----------------------------------------------------------------------------------------------------------------------
 # 10. Significance (A.2): unpaired two-sample permutation test of per-seed scores.
-
 
 
 def permutation_test(a, b, n_permutations: int = 10_000, seed: int = 0) -> dict:
@@ -966,7 +870,6 @@ def permutation_test(a, b, n_permutations: int = 10_000, seed: int = 0) -> dict:
 # ----------------------------------------------------------------------------------------------------------------------
 # A. Reading files and building tasks: the "Don't Stop Pretraining" JSONL format ({"text", "label", ...} per
 #    line), plain line files, tokenisation, and the task builders.
-
 
 
 def read_jsonl(path: str) -> tuple[list[str], list[str], list[int]]:
@@ -1228,6 +1131,33 @@ def mlm_task(name: str, texts_or_path, tokenizer, body: nn.Module, mlm_head: MLM
                 masking=Masking.for_tokenizer(tokenizer))
 
 
+def new_mlm_head(template: MLMHead, body: nn.Module, init: str = "checkpoint") -> MLMHead:
+    """A separate MLM head phi^i per auxiliary task, copied from `template` (the checkpoint's head); weights shared
+    with the body (the tied decoder) stay shared rather than being copied.
+    init="checkpoint" keeps the checkpoint's trained weights; init="random" re-initialises every weight the head owns
+    (torch's default layer initialisation, biases without a layer zero) from torch's global generator, as Algorithm 1
+    says ("randomly initialize phi^i"). The tied decoder weight is the body's input embedding and is left alone."""
+    if init not in ("checkpoint", "random"):
+        raise ValueError(f"init must be 'checkpoint' or 'random', not '{init}'")
+    head = copy.deepcopy(template, {id(p): p for p in body.parameters()})
+    if init == "random":
+        body_ids, done = {id(p) for p in body.parameters()}, set()
+        for m in head.modules():  # a layer that holds a body weight (the tied decoder) is not reset
+            own = list(m.parameters(recurse=False))
+            if own and hasattr(m, "reset_parameters") and not any(id(p) in body_ids for p in own):
+                m.reset_parameters()
+                done |= {id(p) for p in own}
+        with torch.no_grad():
+            for name, p in head.named_parameters():  # left over: parameters outside any resettable layer
+                if id(p) in body_ids or id(p) in done:
+                    continue
+                if p.dim() > 1:
+                    raise ValueError(f"cannot re-initialise the MLM head weight '{name}': it is in no layer with "
+                                     f"reset_parameters")
+                p.zero_()  # a loose bias, e.g. the vocabulary bias of the (tied) decoder
+    return head
+
+
 def from_pretrained(name_or_path: str):
     """(body, MLM head, tokenizer) from a hub id or a local directory. The MLM head is the checkpoint's pretrained
     LM head when it has one; when it has none (e.g. a sentence-embedding checkpoint) transformers initialises it
@@ -1296,7 +1226,6 @@ def warm_mlm_head(body: nn.Module, head: MLMHead, task: "Task", steps: int, lr: 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # B. Contracts and divergence: checked before the first step, and at every step.
-
 
 
 def check_tasks(end: Task | None, aux: list[Task], cfg: TrainConfig, meta: bool | None = None) -> None:
@@ -1377,9 +1306,82 @@ def _check_step(info: dict, norm: float, names: list[str], where: str):
     _finite(norm, f"the gradient norm of tasks {names}", where, "learning rate too high?")
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# C. Plumbing: devices, autocast, the progress bar, snapshots, clipping, head parameters.
+def _check_weighting(body, n_tasks: int, grad_accum: int):
+    """TaskWeighting's arguments: a torch module with a parameter to weight, at least one task and micro-batch."""
+    if not isinstance(body, nn.Module):
+        raise TypeError(f"body must be the shared torch module (nn.Module), not {type(body).__name__}")
+    if n_tasks < 1 or grad_accum < 1:
+        raise ValueError(f"n_tasks={n_tasks} and grad_accum={grad_accum} must both be at least 1")
+    if not any(p.requires_grad for p in body.parameters()):
+        raise ValueError("body has no parameter that requires a gradient: there is nothing to weight")
 
+
+def _check_task_backward(weighting, k: int, loss):
+    """A micro-batch's loss as task_backward needs it: a scalar with a graph, of a task the weighting has, that has
+    not yet given its grad_accum micro-batches this step; and, at a step's first backward, no body gradient that the
+    weighting did not put there."""
+    if not isinstance(loss, torch.Tensor) or loss.dim() != 0 or not loss.requires_grad:
+        raise TypeError(f"the loss of task {k} must be a scalar tensor with a graph (the mean loss of its "
+                        f"micro-batch, not detached, not .item()), not {_describe(loss)}")
+    if not 0 <= k < weighting.n_tasks:
+        raise IndexError(f"task index {k}: this weighting has {weighting.n_tasks} tasks (0 = end-task)")
+    if weighting._micro[k] >= weighting.grad_accum:
+        raise ValueError(f"task {k} gave more than grad_accum={weighting.grad_accum} micro-batches in one optimizer "
+                         f"step: call step() (or let backward() call it) before the next one")
+    if not any(weighting._micro):  # the first backward of a step
+        _refuse_foreign_grad(weighting)
+
+
+def _refuse_foreign_grad(weighting):
+    """Refuse a body gradient that the weighting did not put there (a backward of your own, or the gradient of the
+    last step not yet cleared): it would be mixed silently into the weighted sum. A gradient of zeros (from
+    zero_grad(set_to_none=False)) is fine; only then is the device synchronised to look."""
+    held = [p.grad for p in weighting.params if p.grad is not None]
+    if held and bool(torch.stack([g.ne(0).any() for g in held]).any()):
+        raise ValueError(
+            f"the body's .grad already holds a gradient that this {type(weighting).__name__} did not put there "
+            f"(step {weighting.steps + 1}): clear gradients after each optimizer step (optimizer.zero_grad()), "
+            f"backward nothing into the body yourself, and for gradient accumulation give the weighting "
+            f"grad_accum=N and call it once per micro-batch with unscaled losses")
+
+
+def _check_step_complete(weighting):
+    """Every task gave the step its grad_accum micro-batches."""
+    short = [k for k, m in enumerate(weighting._micro) if m != weighting.grad_accum]
+    if short:
+        raise ValueError(f"step() with tasks {short} short of grad_accum={weighting.grad_accum} micro-batches "
+                         f"(got {[weighting._micro[k] for k in short]}): every task gives each step grad_accum "
+                         f"micro-batches")
+
+
+def _check_meta_head(cfg: MetaConfig, num_labels: int, end_head):
+    """What MetaWeighting needs for its meta head: phi*'s width C, or phi' itself for the Eq. 6 ablation."""
+    if cfg.same_head and end_head is None:
+        raise ValueError("cfg.same_head=True takes g_meta through the end-task head phi' (Eq. 6): give end_head")
+    if not cfg.same_head and num_labels < 1:
+        raise ValueError(f"num_labels={num_labels}: phi* has one output per end-task class, so give "
+                         f"num_labels=C (the end-task's number of classes)")
+
+
+def _check_head_data(features, labels):
+    if not isinstance(features, torch.Tensor) or not isinstance(labels, torch.Tensor):
+        raise TypeError(f"head_data must be (features, labels) tensors, not ({_describe(features)}, "
+                        f"{_describe(labels)})")
+
+
+def _check_meta_step(val, fit_data, cfg: MetaConfig):
+    """What MetaWeighting.step needs: B*_val, and phi*'s data unless the Eq. 6 ablation uses phi'."""
+    if val is None:
+        raise ValueError("META's step needs val: a batch (inputs, labels) of end-task dev data B*_val, or a "
+                         "callable val(head) -> the end-task validation loss through head")
+    if fit_data is None and not cfg.same_head:
+        raise ValueError("META's step needs head_data=(features, labels): end-task features of B*_tr (or of "
+                         "another labelled end-task batch) and their labels, to fit phi*")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# C. Plumbing: devices, autocast, token counts, the progress bar, snapshots, clipping, head parameters, the flat
+#    gradient, the optimizers and the step budget.
 
 
 def to_device(inputs: dict, labels, device):
@@ -1475,3 +1477,20 @@ def _flat_grad(params, grads, out: torch.Tensor | None = None, add: bool = False
     else:
         torch.cat(flat, out=out)
     return out
+
+
+def make_optimizer(params: list[nn.Parameter], lr: float, weight_decay: float, cfg: TrainConfig):
+    decay = [p for p in params if p.dim() >= 2]  # biases and LayerNorm/BatchNorm weights get no decay
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    try:  # the fused kernel: the same update in one pass over the parameters rather than a loop over them
+        return torch.optim.AdamW(groups, lr=lr, betas=cfg.betas, eps=cfg.adam_eps, fused=True)
+    except (RuntimeError, ValueError):  # a device or dtype without a fused kernel
+        return torch.optim.AdamW(groups, lr=lr, betas=cfg.betas, eps=cfg.adam_eps)
+
+
+def _budget(end: Task | None, tasks: list[Task], cfg: TrainConfig) -> tuple[int, int]:
+    """(total optimizer steps, steps per epoch); an epoch is a pass over the task with the most batches."""
+    sizes = [math.ceil(len(t.train) / (cfg.batch_size if t is end else cfg.aux_batch_size)) for t in tasks]
+    per_epoch = max(1, math.ceil(max(sizes) / cfg.grad_accum))
+    return (cfg.max_steps or max(1, math.ceil(cfg.epochs * per_epoch))), per_epoch
