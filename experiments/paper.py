@@ -122,8 +122,8 @@ QUICK = {"max_length": 64, "limit": 64,
          "final": dict(max_steps=2, eval_every=1, patience=1, batch_size=8, grad_accum=1, eval_batch_size=32)}
 # Named reduced budgets (--budget). cpu: a small pretrained body (all-MiniLM-L6-v2 size) on a CPU. Every end-task stage
 # stops early on dev within its step cap; "eq2" holds the learning rates of the Eq. 2 stages (finetune, and the
-# fine-tuning after TAPT/DAPT), chosen on dev (README); "final": None = no final fine-tuning after MT/META. Flags given
-# beside --budget override single values.
+# fine-tuning after TAPT/DAPT), chosen on dev (experiments/results/README.md, "How each column's budget was chosen");
+# "final": None = no final fine-tuning after MT/META. Flags given beside --budget override single values.
 BUDGETS = {"cpu": {"max_length": 64,
                    "train": dict(batch_size=16, aux_batch_size=16, grad_accum=1, max_steps=400, eval_every=50,
                                  patience=4, meta_batch_size=16, eval_batch_size=64),
