@@ -34,17 +34,16 @@ from experiments.data import DATA_URL
 from experiments.demo import DEMO_SEEDS, run_demo
 from experiments.launch import Finished, parse_shard, shard_device
 from experiments.own import default_baseline, own_tasks
-from experiments.paper import (BUDGETS, DAPT_FILES, FIGURES, PAPER_BODY, PAPER_MAX_LENGTH, PAPER_WARM_HEAD, QUICK,
-                               TABLES, TASKS, TEXT_MODES, VISION_META, VISION_MODES)
+from experiments.paper import (BUDGETS, DAPT_FILES, FIGURES, META_MODES, PAPER_BODY, PAPER_MAX_LENGTH, PAPER_WARM_HEAD,
+                               PRETRAIN_MODES, PRETRAIN_TEXT_MODES, QUICK, TABLES, TARTAN_MODES, TASKS, TEXT_MODES,
+                               VISION_META, VISION_MODES, WITH_AUX)
 from experiments.report import run_family, run_figure, run_table
-from experiments.runs import FLAGS, META_MODES, TARTAN_MODES, Budget, Settings, Workspace, describe_budget
+from experiments.runs import FLAGS, Budget, Settings, Workspace, describe_budget
 
 # What a flag applies to: commands (runs = --task/--mode, table, figure, demo, bench) and, for the training commands,
 # the modes it changes something in (None: every mode).
 RUNS, TABLE, FIGURE, DEMO, BENCH, DIAGNOSE = "runs", "table", "figure", "demo", "bench", "diagnostics"
 TRAINING = (RUNS, TABLE, FIGURE)
-WITH_AUX = ("tapt", "dapt", "dapt+tapt", "pretrain") + TARTAN_MODES
-PRETRAIN_MODES = ("tapt", "dapt", "dapt+tapt", "pretrain")
 FINAL_FLAGS = ("final_epochs", "final_steps", "final_lr", "final_head_lr", "no_final_finetune")
 TEXT_ONLY = ("model", "checkpoint_dir", "baselines", "max_length", "dapt_corpus", "aux", "aux_file",
              "warm_head_steps")
@@ -135,7 +134,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     add(where, "--model", default="roberta-base", commands=TRAINING,
         help="body theta_body: Hugging Face hub id or local directory of a masked-LM checkpoint (default "
              "%(default)s, Sec. 4)")
-    add(where, "--baselines", choices=("released", "retrain"), commands=TRAINING, modes=("tapt", "dapt", "dapt+tapt"),
+    add(where, "--baselines", choices=("released", "retrain"), commands=TRAINING, modes=PRETRAIN_TEXT_MODES,
         help=f"released: tapt, dapt (full corpus) and dapt+tapt fine-tune Gururangan et al.'s released {PAPER_BODY} "
              f"checkpoints from the Hub, as the paper did (Sec. 4; an error where there is none); retrain: run "
              f"Eq. 1 here. Default: the released ones where they exist with --model {PAPER_BODY} and no "

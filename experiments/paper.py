@@ -13,8 +13,16 @@ TASKS = {  # name -> upstream folder, display name, domain, headline metric (Tab
     "hyperpartisan": dict(folder="hyperpartisan", title="HYPERPARTISAN", domain="NEWS", metric="macro_f1"),
     "mammals": dict(folder="cifar-100", title="Medium-Sized Mammals", domain="CIFAR-100", metric="accuracy"),
 }
-TEXT_MODES = ("finetune", "tapt", "dapt", "dapt+tapt", "mt", "meta", "meta-samehead")
-VISION_MODES = ("finetune", "pretrain", "mt", "meta", "meta-samehead")
+# The modes (--mode) and what each runs. finetune: Eq. 2 alone. Eq. 1 on auxiliary data, then Eq. 2: tapt, dapt and
+# dapt+tapt on the task's / domain text, pretrain on CIFAR-100's other 95 classes. TARTAN: mt (Eq. 3), meta
+# (Algorithm 1, meta head phi*) and meta-samehead (the end-task head phi', Eq. 6, Fig. 3).
+PRETRAIN_TEXT_MODES = ("tapt", "dapt", "dapt+tapt")
+PRETRAIN_MODES = PRETRAIN_TEXT_MODES + ("pretrain",)
+META_MODES = ("meta", "meta-samehead")
+TARTAN_MODES = ("mt",) + META_MODES
+WITH_AUX = PRETRAIN_MODES + TARTAN_MODES  # every mode that trains on auxiliary data
+TEXT_MODES = ("finetune",) + PRETRAIN_TEXT_MODES + TARTAN_MODES
+VISION_MODES = ("finetune", "pretrain") + TARTAN_MODES
 DAPT_FILES = {"1x": "domain.1xTAPT.txt", "10x": "domain.10xTAPT.txt", "full": "domain.full.txt"}
 
 
@@ -154,3 +162,9 @@ def metric_field(metric: str) -> str:
     """The key of a task's headline metric in tartan.evaluate's scores: App. A.4's accuracy is micro-F1 there (one
     label per example)."""
     return "micro_f1" if metric == "accuracy" else metric
+
+
+def tartan_mode(mode: str) -> str:
+    """The mode of tartan.run_end_task that runs a --mode: the Eq. 1 modes are its "pretrain", meta-samehead is
+    "meta" (the head is a setting of MetaConfig)."""
+    return "pretrain" if mode in PRETRAIN_MODES else "meta" if mode in META_MODES else mode

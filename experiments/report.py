@@ -13,8 +13,8 @@ from . import analysis
 from .common import (ReproduceError, atomic_path, atomic_write_text, compare, fmt, markdown_table, min_seeds,
                      seeds_str)
 from .own import default_baseline
-from .paper import FIGURES, N_PERMUTATIONS, PAPER, TABLES, TASKS, TEXT_MODES, VISION_MODES
-from .runs import META_MODES, Budget, Run, Workspace, execute_all, make_run
+from .paper import FIGURES, META_MODES, N_PERMUTATIONS, PAPER, TABLES, TASKS, TEXT_MODES, VISION_MODES
+from .runs import Budget, Run, Workspace, execute_all, make_run
 
 # Tables: mean and sample std (ddof=1) over seeds of the test headline metric x100, the paper's number beside it, and
 # the one-sided unpaired permutation test (App. A.2; H1: the column beats the baseline column), two-sided beside it.

@@ -28,7 +28,8 @@ from .data import CIFAR_MD5, CIFAR_URL, DATA_URL, corpus_file, download, ensure_
 from .keep import predictions_path, save_model_atomic, write_predictions
 from .launch import Finished, Shard
 from .own import own_corpus_file
-from .paper import BUDGETS, PAPER_MAX_LENGTH, PAPER_WARM_HEAD, QUICK, RELEASED, TASKS, VISION, VISION_META
+from .paper import (BUDGETS, PAPER_MAX_LENGTH, PAPER_WARM_HEAD, PRETRAIN_TEXT_MODES, QUICK, RELEASED, TARTAN_MODES,
+                    TASKS, VISION, VISION_META, tartan_mode)
 from .vision import MAMMALS, WideResNet, mammals_tasks, read_cifar100
 
 FLAGS = {  # budget flag -> (config field, stages it sets)
@@ -47,8 +48,6 @@ FLAGS = {  # budget flag -> (config field, stages it sets)
     "final_epochs": ("epochs", ("final",)), "final_steps": ("max_steps", ("final",)),
     "final_lr": ("lr", ("final",)), "final_head_lr": ("head_lr", ("final",)),
 }
-META_MODES = ("meta", "meta-samehead")
-TARTAN_MODES = ("mt",) + META_MODES
 
 
 @dataclass(frozen=True)
@@ -174,10 +173,6 @@ def make_configs(budget: Budget, task: str, mode: str, seed: int, n_pretrain: in
     return cfg, [pre] * n_pretrain
 
 
-def tartan_mode(mode: str) -> str:
-    return {"tapt": "pretrain", "dapt": "pretrain", "dapt+tapt": "pretrain", "meta-samehead": "meta"}.get(mode, mode)
-
-
 @dataclass(frozen=True)
 class Run:
     task: str
@@ -205,11 +200,11 @@ def make_run(task: str, mode: str, aux: str | None, seed: int, dapt: str, aux_fi
     them), --aux for MT/META (default TAPT, Table 1), then the --aux-file corpora."""
     if task == "mammals":
         return Run(task, mode, () if mode == "finetune" else ("cifar95",), seed)
-    spec = {"tapt": "tapt", "dapt": "dapt", "dapt+tapt": "dapt+tapt"}.get(mode)
+    spec = mode if mode in PRETRAIN_TEXT_MODES else None  # each Eq. 1 mode is named after its corpora
     if mode in TARTAN_MODES:
         spec = aux or "tapt"
     names = [] if spec in (None, "none") else [f"dapt{dapt}" if s == "dapt" else s for s in spec.split("+")]
-    if mode in ("tapt", "dapt", "dapt+tapt"):
+    if mode in PRETRAIN_TEXT_MODES:
         names = list(aux_files) + names  # extra corpora are further Eq. 1 stages, before the mode's own
     else:
         names += list(aux_files)
@@ -264,7 +259,7 @@ class Workspace:
         if self.settings.baselines == "retrain":
             return None
         ckpt = RELEASED.get((run.task, run.mode, run.aux))
-        if ckpt is None and self.settings.baselines == "released" and run.mode in ("tapt", "dapt", "dapt+tapt"):
+        if ckpt is None and self.settings.baselines == "released" and run.mode in PRETRAIN_TEXT_MODES:
             raise ReproduceError(f"--baselines released: there is no released checkpoint for {run} (there are for "
                                  f"TAPT, and for DAPT and DAPT+TAPT on the full domain corpus, --dapt-corpus full, "
                                  f"without --aux-file); use --baselines retrain")
