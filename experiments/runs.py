@@ -29,7 +29,7 @@ from .keep import predictions_path, save_model_atomic, write_predictions
 from .launch import Finished, Shard
 from .own import own_corpus_file
 from .paper import (BUDGETS, PAPER_MAX_LENGTH, PAPER_WARM_HEAD, PRETRAIN_TEXT_MODES, QUICK, RELEASED, TARTAN_MODES,
-                    TASKS, VISION, VISION_META, tartan_mode)
+                    TASKS, VISION, VISION_META, metric_field, tartan_mode)
 from .vision import MAMMALS, WideResNet, mammals_tasks, read_cifar100
 
 FLAGS = {  # budget flag -> (config field, stages it sets)
@@ -420,8 +420,8 @@ class Workspace:
                         if n in warm["state"]:
                             p.copy_(warm["state"][n])
             folder = os.path.dirname(self.file(f"{self.task_folder(run.task)}/train.jsonl"))
-            metric = "micro_f1" if self.task_metric(run.task) == "micro_f1" else "macro_f1"
-            end = tartan.end_task(run.task, folder, tokenizer, body.hidden_size, self.max_length, metric,
+            end = tartan.end_task(run.task, folder, tokenizer, body.hidden_size, self.max_length,
+                                  metric_field(self.task_metric(run.task)),
                                   limit=self.limit)
             mode, corpora = self.stages(run)
             chained = mode == "pretrain"  # DAPT+TAPT continues one model, LM head included
@@ -498,7 +498,6 @@ class Workspace:
         body, end, aux, sizes = self.build(run)
         out = tartan.run_end_task(body, end, aux, mode, cfg, pre)
         metric = self.task_metric(run.task)
-        field_ = "micro_f1" if metric == "accuracy" else metric
         tokens = {}
         for stage in out["stages"]:
             for name, n in stage.get("tokens", {}).items():
@@ -506,7 +505,8 @@ class Workspace:
         record = {
             "complete": True, "key": run.key, "config": self.config(run),
             "dev": out["dev"], "test": out["test"],
-            "headline": {"metric": metric, "dev": out["dev"][field_], "test": out["test"][field_]},
+            "headline": {"metric": metric, "dev": out["dev"][metric_field(metric)],
+                         "test": out["test"][metric_field(metric)]},
             "history": out["history"], "stages": out["stages"],
             "steps": sum(s["steps"] for s in out["stages"]), "wall_seconds": time.perf_counter() - t0,
             "cpu_seconds": time.process_time() - cpu0, "threads": torch.get_num_threads(),
