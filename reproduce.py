@@ -16,8 +16,8 @@ number of seeds, so a command is the paper's experiment. The budget flags (--max
 file is complete, so a killed sweep resumes where it stopped. A flag that does not apply to what is run is an error.
 
 This file is the command line only: it turns the flags into settings once and hands values to the programs of the
-experiments/ package (paper: the experiments as data; data: downloads; vision: App. A.4; runs: configs, result
-files, resume; report: tables and figures; demo; bench).
+experiments/ package (paper: the experiments as data; data: downloads; vision: App. A.4; store: data files and
+checkpoints; runs: configs, result files, resume; report: tables and figures; demo; bench).
 """
 from __future__ import annotations
 

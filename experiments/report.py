@@ -134,7 +134,7 @@ def run_table(number: int, ws: Workspace, seeds=None, tasks=None, modes=None, da
     if not cells:
         raise ReproduceError(f"Table {number} has no cell for --task {tasks} --mode {modes}")
     results = execute_all(ws, [r for runs in cells.values() for r in runs])
-    text = render_table(number, cells, results, seeds, ws.identity(), ws.settings.budget, dapt)
+    text = render_table(number, cells, results, seeds, ws.models.identity(), ws.settings.budget, dapt)
     text += protocol_analysis(number, cells, results, ws.settings.out)
     path = os.path.join(ws.settings.out, f"table{number}.md")
     atomic_write_text(path, text)

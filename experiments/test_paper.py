@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 import tartan
-from experiments.paper import PAPER, TABLES, TASKS, TEXT_MODES, VISION_MODES, WITH_AUX, metric_field, tartan_mode
+from experiments.paper import (PAPER, TABLES, TASKS, TEXT_MODES, VISION_MODES, WITH_AUX, metric_field,
+                               tartan_mode)
 
 CASES = [((1, "aclarc", "MT-TARTAN"), (1, "aclarc", "TAPT")), ((1, "aclarc", "META-TARTAN"), (1, "aclarc", "TAPT")),
          ((1, "scierc", "MT-TARTAN"), (1, "scierc", "TAPT")), ((1, "scierc", "META-TARTAN"), (1, "scierc", "TAPT")),
