@@ -10,7 +10,7 @@ import os
 
 import numpy as np
 
-from .common import atomic_path
+from .common import atomic_path, compare
 from .keep import predictions_path
 from .paper import metric_field
 
@@ -123,8 +123,6 @@ def verdict(d: float, p: float, diff_ci, micro_d: float, nll_d: float, pooled_sd
 
 def sweep_report(title: str, columns: dict, baseline: str, png: str | None = None) -> str:
     """The protocol's tables for one task. columns: label -> list of (result path, record), one per seed."""
-    from .common import compare  # the unpaired permutation test the tables print
-
     seeds = {label: [rec["key"]["seed"] for _, rec in runs] for label, runs in columns.items()}
     field = metric_field(columns[baseline][0][1]["headline"]["metric"])
     main = {label: np.array([100 * rec["test"][field] for _, rec in runs]) for label, runs in columns.items()}
