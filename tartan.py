@@ -14,8 +14,10 @@ Contents, in the paper's order:
   2. Body and heads (Sec. 2, 4)  any Hugging Face encoder or torch module; MLP classification head; MLM head
   3. Masking                     BERT masking (15%; 80/10/10) with an explicit generator
   4. Training loop               one loop for Eq. 1 (pre-training), Eq. 2 (fine-tuning), Eq. 3 and Alg. 1
-  5. MT-TARTAN step (Eq. 3)      one backward of the weighted sum of task losses
-  6. META-TARTAN step (Eq. 6-7, Sec. 3.3, Alg. 1)   per-task gradients, meta head, cosine weight update
+  5. MT-TARTAN step (Eq. 3)      the weighted sum of task gradients; MTWeighting, the weighting as an object
+                                 that any training loop calls once per step (tartan's own loop included)
+  6. META-TARTAN step (Eq. 6-7, Sec. 3.3, Alg. 1)   per-task gradients, meta head, cosine weight update;
+                                 MetaWeighting, the same for any loop
   7. Evaluation                  macro-F1 and micro-F1 (= accuracy for single-label classification)
   8. Significance (A.2)          permutation test of per-seed scores
 
@@ -36,7 +38,7 @@ import math
 import os
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
 import torch
@@ -120,6 +122,23 @@ def read_end_task(folder: str) -> dict:
     return out
 
 
+def check_tokenizer(tokenizer, what: str, first_position: bool = True) -> None:
+    """A tokenizer tartan can batch with: it has a pad token, and (first_position: for a ClassificationHead, which
+    reads the first position) it puts a CLS/BOS token first; otherwise a ValueError naming `what` and the fix."""
+    name = type(tokenizer).__name__
+    if tokenizer.pad_token_id is None:
+        raise ValueError(f"{what}: tokenizer {name} has no pad token, and batches are padded with it: set one before "
+                         f"building the task, e.g. tokenizer.pad_token = tokenizer.eos_token (or unk_token)")
+    if first_position:
+        first = tokenizer("a")["input_ids"][:1]
+        starts = {tokenizer.cls_token_id, tokenizer.bos_token_id} - {None}
+        if not first or first[0] not in starts:
+            raise ValueError(f"{what}: tokenizer {name} puts no CLS/BOS token first (its first token is "
+                             f"{tokenizer.convert_ids_to_tokens(first)}), and a ClassificationHead reads the first "
+                             f"position, which would be the first word: use a tokenizer whose post-processor adds "
+                             f"one (BERT, RoBERTa), or a body that pools its features to (B, H)")
+
+
 def tokenize(tokenizer, texts: list[str], max_length: int, chunk: int = 2048) -> list[list[int]]:
     """Token ids with special tokens, truncated to max_length (no padding: batches are padded dynamically)."""
     ids = []
@@ -151,9 +170,26 @@ class TextData:
 
 @dataclass
 class TensorData:
-    """Examples already in a tensor (e.g. images) for a plain torch module body called as body(x=...)."""
+    """Examples already in a tensor (e.g. images) for a plain torch module body called as body(x=...).
+    x and labels may also be numpy arrays or lists: they are converted (x from numpy/lists in float64 to torch's
+    default float dtype). labels are class ids 0..C-1: any integer dtype, or whole-number floats, become int64 (what
+    cross-entropy needs); anything else is a TypeError naming the argument."""
     x: torch.Tensor
     labels: torch.Tensor
+
+    def __post_init__(self):
+        x = _as_tensor(self.x, "TensorData x", "the examples, one row each")
+        if not isinstance(self.x, torch.Tensor) and x.dtype == torch.float64:
+            x = x.to(torch.get_default_dtype())  # numpy's and Python's float64 -> the dtype torch modules have
+        labels = _as_tensor(self.labels, "TensorData labels", "integer class ids 0..C-1")
+        if labels.dtype == torch.bool or labels.is_complex() or (
+                labels.is_floating_point() and not torch.equal(labels, labels.round())):
+            raise TypeError(f"TensorData labels must be integer class ids 0..C-1, not {_describe(self.labels)} "
+                            f"(map each class to an integer first, e.g. with sorted(set(labels)))")
+        if labels.dim() != 1 or len(labels) != len(x):
+            raise ValueError(f"TensorData labels must be one class id per row of x: labels {tuple(labels.shape)}, "
+                             f"x {tuple(x.shape)}")
+        self.x, self.labels = x, labels.long()
 
     def __len__(self):
         return len(self.x)
@@ -161,6 +197,17 @@ class TensorData:
     def batch(self, idx) -> tuple[dict, torch.Tensor]:
         idx = torch.as_tensor(idx)
         return {"x": self.x[idx]}, self.labels[idx]
+
+
+def _as_tensor(value, name: str, what: str) -> torch.Tensor:
+    """A tensor from a tensor, numpy array or (nested) list of numbers; a TypeError naming `name` otherwise."""
+    if isinstance(value, torch.Tensor):
+        return value
+    try:
+        return torch.as_tensor(np.asarray(value))
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"{name} must be numbers ({what}) as a tensor, numpy array or list, not "
+                        f"{_describe(value)}") from None
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -192,6 +239,10 @@ class ClassificationHead(nn.Module):
 
     def forward(self, features, labels=None):
         x = features[:, 0] if features.dim() == 3 else features  # (B, H)
+        if x.shape[-1] != self.mlp[1].in_features:  # a shape, no device work: a clear error, not a matmul's
+            raise ValueError(f"a ClassificationHead built for hidden_size={self.mlp[1].in_features} got body features "
+                             f"{tuple(features.shape)}: build it with hidden_size={x.shape[-1]}, the width of the "
+                             f"body's output (body.hidden_size for tartan.HFBody)")
         logits = self.mlp(x)  # (B, C)
         loss = None if labels is None else F.cross_entropy(logits.float(), labels)
         return logits, loss
@@ -387,20 +438,65 @@ def subset(n: int, limit: int | None) -> list[int]:
     return sorted(np.random.default_rng(0).choice(n, limit, replace=False).tolist())
 
 
-def end_task(name: str, folder: str, tokenizer, hidden_size: int, max_length: int = 512,
+def end_task(name: str, data, tokenizer, hidden_size: int, max_length: int = 512,
              metric: str = "macro_f1", dropout: float = 0.1, limit: int | None = None) -> Task:
-    """The end-task T* of a JSONL folder, with a new classification head phi'. `limit` keeps a fixed random subset
-    of at most that many examples per split."""
+    """The end-task T* with a new classification head phi'. `data` is a folder of {train,dev,test}.jsonl, or, in
+    memory, a dict {"train": ..., "dev": ..., "test": ...} of either (texts, labels) pairs (labels strings or
+    integers, numbered in sorted order of train's labels, as for a folder) or (x, labels) pairs of tensors, numpy
+    arrays or lists for a body called as body(x=...) (tartan.TensorData; labels are class ids 0..C-1, C = the
+    largest + 1; the tokenizer is not used and may be None). `limit` keeps a fixed random subset of at most that
+    many examples per split."""
     if metric not in ("macro_f1", "micro_f1"):
         raise ValueError(f"metric must be 'macro_f1' or 'micro_f1', not '{metric}'")
-    data = read_end_task(folder)
+    if isinstance(data, str):
+        splits = read_end_task(data)
+    elif isinstance(data, dict) and sorted(data) == ["dev", "test", "train"]:
+        if not isinstance(data["train"][0], (list, tuple)) or not all(isinstance(t, str) for t in data["train"][0]):
+            tensors = {s: TensorData(*data[s]) for s in ("train", "dev", "test")}  # (x, labels), checked there
+            C = 1 + max(int(d.labels.max()) for d in tensors.values() if len(d))  # classes: ids 0..C-1
+
+            def kept(d):
+                idx = torch.tensor(subset(len(d), limit), dtype=torch.long)
+                return TensorData(d.x[idx], d.labels[idx])
+            return Task(name, ClassificationHead(hidden_size, C, dropout), kept(tensors["train"]),
+                        dev=kept(tensors["dev"]), test=kept(tensors["test"]), num_labels=C, metric=metric)
+        pairs = {s: _text_pairs(f"end-task '{name}', {s} split", data[s]) for s in ("train", "dev", "test")}
+        vocab = sorted(set(pairs["train"][1]))
+        splits = {"labels": vocab}
+        for s, (texts, labels) in pairs.items():
+            unseen = [x for x in labels if x not in set(vocab)]
+            if unseen:
+                raise DataError(f"end-task '{name}': its {s} split has label {unseen[0]!r}, which never appears in "
+                                f"train (train labels: {', '.join(map(str, vocab))})")
+            splits[s] = (texts, [vocab.index(x) for x in labels])
+    else:
+        raise TypeError(f"end-task '{name}': data must be a folder of {{train,dev,test}}.jsonl or a dict with keys "
+                        f"'train', 'dev', 'test' of (texts, labels) or (x, labels), not {_describe(data)}"
+                        + (f" with keys {sorted(data)}" if isinstance(data, dict) else ""))
+    check_tokenizer(tokenizer, f"end-task '{name}'")
 
     def split(s):
-        keep = subset(len(data[s][0]), limit)
-        return TextData(tokenize(tokenizer, [data[s][0][i] for i in keep], max_length), [data[s][1][i] for i in keep],
-                        tokenizer.pad_token_id)
-    return Task(name, ClassificationHead(hidden_size, len(data["labels"]), dropout), split("train"),
-                dev=split("dev"), test=split("test"), num_labels=len(data["labels"]), metric=metric)
+        keep = subset(len(splits[s][0]), limit)
+        return TextData(tokenize(tokenizer, [splits[s][0][i] for i in keep], max_length),
+                        [splits[s][1][i] for i in keep], tokenizer.pad_token_id)
+    return Task(name, ClassificationHead(hidden_size, len(splits["labels"]), dropout), split("train"),
+                dev=split("dev"), test=split("test"), num_labels=len(splits["labels"]), metric=metric)
+
+
+def _text_pairs(what: str, data) -> tuple[list[str], list]:
+    """(texts, labels) given in memory, checked: as many labels as texts, at least one, texts strings, labels all
+    strings or all integers."""
+    texts, labels = (list(x) for x in data)
+    if len(texts) != len(labels):
+        raise DataError(f"{what}: {len(texts)} texts but {len(labels)} labels")
+    if not texts:
+        raise DataError(f"{what} has no examples")
+    bad = [x for x in labels if isinstance(x, bool) or not isinstance(x, (str, int, np.integer))]
+    if bad or len({isinstance(x, str) for x in labels}) > 1:
+        raise DataError(f"{what}: labels must be all strings or all integers" + (f", not {bad[0]!r}" if bad else ""))
+    if not all(isinstance(t, str) for t in texts):
+        raise DataError(f"{what}: every text must be a string")
+    return texts, [x if isinstance(x, str) else int(x) for x in labels]
 
 
 def classification_task(name: str, data, tokenizer, hidden_size: int, max_length: int = 512, dropout: float = 0.1,
@@ -413,17 +509,8 @@ def classification_task(name: str, data, tokenizer, hidden_size: int, max_length
         path = os.path.join(data, "train.jsonl") if os.path.isdir(data) else data
         texts, labels, _ = read_jsonl(path)
     else:
-        texts, labels = (list(x) for x in data)
-        if len(texts) != len(labels):
-            raise DataError(f"classification task '{name}': {len(texts)} texts but {len(labels)} labels")
-        if not texts:
-            raise DataError(f"classification task '{name}' has no examples")
-        bad = [x for x in labels if isinstance(x, bool) or not isinstance(x, (str, int))]
-        if bad or len({type(x) for x in labels}) > 1:
-            raise DataError(f"classification task '{name}': labels must be all strings or all integers"
-                            + (f", not {bad[0]!r}" if bad else ""))
-        if not all(isinstance(t, str) for t in texts):
-            raise DataError(f"classification task '{name}': every text must be a string")
+        texts, labels = _text_pairs(f"classification task '{name}'", data)
+    check_tokenizer(tokenizer, f"classification task '{name}'")
     vocab = sorted(set(labels))
     index = {label: i for i, label in enumerate(vocab)}
     keep = subset(len(texts), limit)
@@ -436,6 +523,7 @@ def mlm_task(name: str, texts_or_path, tokenizer, body: nn.Module, mlm_head: MLM
              limit: int | None = None, head_init: str = "checkpoint") -> Task:
     """An auxiliary MLM task T_i on a corpus (a path to a line file, or a list of texts), with its own head phi^i.
     `limit` keeps a fixed random subset of at most that many lines. head_init: see below and new_mlm_head."""
+    check_tokenizer(tokenizer, f"MLM task '{name}'", first_position=False)
     texts = read_lines(texts_or_path) if isinstance(texts_or_path, str) else list(texts_or_path)
     texts = [texts[i] for i in subset(len(texts), limit)]
     if not texts:
@@ -455,6 +543,23 @@ def to_device(inputs: dict, labels, device):
 def autocast(device: torch.device, bf16: bool):
     """bf16 autocast on CUDA when asked, for training and evaluation alike; a disabled context elsewhere (fp32)."""
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16 and device.type == "cuda")
+
+
+def _features(out) -> torch.Tensor:
+    """The body's output, which must be the features tensor itself (B, T, H) or (B, H); a TypeError saying what to
+    return otherwise (a tuple, or a Hugging Face ModelOutput)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    fix = "return outputs.last_hidden_state (tartan.HFBody wraps a Hugging Face encoder so)" \
+        if hasattr(out, "last_hidden_state") else "return the features tensor alone (e.g. outputs[0])"
+    raise TypeError(f"the body returned {_describe(out)}, but tartan's heads take one features tensor (B, T, H) or "
+                    f"(B, H): make the body's forward {fix}")
+
+
+def _describe(x) -> str:
+    """A value's type, and its shape and dtype for a tensor or array, for error messages."""
+    shape = getattr(x, "shape", None)
+    return type(x).__name__ + ("" if shape is None else f" of shape {tuple(shape)}, dtype {getattr(x, 'dtype', '?')}")
 
 
 def _n_tokens(inputs: dict) -> int:
@@ -600,13 +705,17 @@ def check_tasks(end: Task | None, aux: list[Task], cfg: TrainConfig) -> None:
         if t.masking is None and t.train.labels is None:
             raise ValueError(f"task '{t.name}': its training data has no labels and the task has no masking (an MLM "
                              f"task needs Masking; tartan.mlm_task sets it)")
+        # classes C: num_labels, else the width of a ClassificationHead (a task built by hand may not set it)
+        C = t.num_labels or (t.head.mlp[-1].out_features if isinstance(t.head, ClassificationHead) else 0)
         for split, data in (("train", t.train), ("dev", t.dev), ("test", t.test)):
-            if t.num_labels > 0 and data is not None and data.labels is not None and len(data):
+            if C > 0 and data is not None and data.labels is not None and len(data):
                 labels = torch.as_tensor(data.labels)
-                bad = labels[(labels < 0) | (labels >= t.num_labels)]
+                bad = labels[(labels < 0) | (labels >= C)]
                 if len(bad):
                     raise ValueError(f"task '{t.name}': its {split} split has label {bad[0].item()}, outside "
-                                     f"0..{t.num_labels - 1} (num_labels={t.num_labels})")
+                                     f"0..{C - 1} (" + (f"num_labels={C}" if t.num_labels else
+                                                        f"its head predicts {C} classes; num_labels is not set")
+                                     + ")")
     if cfg.weights is not None and len(cfg.weights) != len(tasks):
         raise ValueError(f"weights has {len(cfg.weights)} entries for {len(tasks)} tasks ({[t.name for t in tasks]})")
     if end is None:
@@ -638,7 +747,7 @@ def train(body: nn.Module, end: Task | None, aux: list[Task], cfg: TrainConfig, 
     A loss that turns NaN or infinite (training, META's validation, dev) stops the run with a DivergedError.
     The test split is not touched here (see run_end_task)."""
     check_tasks(end, aux, cfg)
-    step_fn = step_fn or multitask_step
+    step_fn = step_fn or (meta_step if isinstance(cfg, MetaConfig) else multitask_step)  # as the config says
     tasks = ([end] if end is not None else []) + list(aux)
     device = next(body.parameters()).device
     for t in tasks:
@@ -658,14 +767,13 @@ def train(body: nn.Module, end: Task | None, aux: list[Task], cfg: TrainConfig, 
     schedule = lambda s: min((s + 1) / warmup, max(0.0, (total - s) / max(1, total - warmup)))  # noqa: E731
     scheds = [torch.optim.lr_scheduler.LambdaLR(o, schedule) for o in (opt_body, opt_heads)]
 
-    # what the step carries from step to step, built here before the loop: META-TARTAN's MetaState (Algorithm 1,
-    # "Initialize"), or the static weights w of Eq. 3 (uniform 1/(n+1) unless given)
-    K = len(tasks)
+    # what the step carries from step to step, built here before the loop: the public weighting object that any
+    # other loop would use too. META-TARTAN's MetaState (Algorithm 1, "Initialize": the MetaWeighting and its dev
+    # batches), or the MTWeighting of Eq. 3 (static weights, uniform 1/(n+1) unless given)
     if isinstance(cfg, MetaConfig):
         state = meta_state(body, tasks, cfg)
     else:
-        state = torch.full((K,), 1.0 / K, dtype=torch.float64) if cfg.weights is None else \
-            torch.tensor(cfg.weights, dtype=torch.float64)
+        state = MTWeighting(body, len(tasks), cfg.weights, cfg.grad_accum)
     names = [t.name for t in tasks]
     history, tokens = [], dict.fromkeys(names, 0)
     losses_since, cos_since, val_since, fit_since = [], [], [], []
@@ -782,7 +890,7 @@ def _forward(body, task, stream, device, amp, tokens):
     tokens[task.name] += _n_tokens(inputs)
     inputs, labels = to_device(inputs, labels, device)
     with amp:
-        features = body(**inputs)
+        features = _features(body(**inputs))
         _, loss = task.head(features, labels)
     return loss, features, labels
 
@@ -791,22 +899,127 @@ def _forward(body, task, stream, device, amp, tokens):
 # 5. MT-TARTAN (Eq. 3): theta <- theta - beta * grad( w* L_T* + sum_i w_i L_Ti ), static w; the gradient of the
 #    weighted sum is accumulated one task micro-batch at a time. With the end-task alone this is fine-tuning (Eq. 2);
 #    without it, Eq. 1.
+#
+#    The weighting is a public object, one call per optimizer step inside any training loop (yours or tartan.train):
+#      weighting.backward(losses, ...)  every micro-batch: per-task losses in the order (end-task, T_1..T_n); returns
+#                                       the step's info once the step's gradient is complete (every grad_accum-th
+#                                       call), None before: step your optimizer when it returns something
+#    or, one task micro-batch at a time (what tartan.train does, to hold one task's activations at a time):
+#      weighting.task_backward(k, loss) ... weighting.step(...)
+#    It writes the body's gradient into .grad (MT: sum_k w_k g_k; META: sum_k alpha_k g_k) and each head's own
+#    gradient through the ordinary backward. It refuses a body gradient it did not put there.
 
 
-def multitask_step(body, tasks, streams, w: torch.Tensor, cfg, amp, tokens) -> dict:
-    """One step of Eq. 3 with static weights w (K,): leaves grad(sum_k w_k L_Tk) in .grad for the loop's optimizers."""
-    # grad(sum_k w_k L_k) = sum_k grad(w_k L_k): one backward per task micro-batch, right after its forward, so that
-    # only one task's activations are alive at a time (a single backward of the weighted sum holds all K graphs: the
-    # same gradient and the same FLOPs, at K times the activation memory, which on CPU also costs page faults).
+class TaskWeighting:
+    """What MTWeighting and MetaWeighting share: the body parameters whose .grad they fill, the count of the task
+    micro-batches of the current optimizer step (gradient accumulation over grad_accum micro-batches per task), the
+    per-task losses of the step, and the check that no gradient they did not put there sits in the body."""
+
+    def __init__(self, body: nn.Module, n_tasks: int, grad_accum: int = 1):
+        if not isinstance(body, nn.Module):
+            raise TypeError(f"body must be the shared torch module (nn.Module), not {type(body).__name__}")
+        if n_tasks < 1 or grad_accum < 1:
+            raise ValueError(f"n_tasks={n_tasks} and grad_accum={grad_accum} must both be at least 1")
+        self.body = body
+        self.params = [p for p in body.parameters() if p.requires_grad]  # theta_body: the parameters weighted here
+        if not self.params:
+            raise ValueError("body has no parameter that requires a gradient: there is nothing to weight")
+        self.n_tasks, self.grad_accum = n_tasks, grad_accum
+        self.steps = 0  # completed optimizer steps
+        self._new_step()
+
+    def _new_step(self):
+        self._micro = [0] * self.n_tasks      # micro-batches each task has given in this optimizer step
+        self._losses = [0.0] * self.n_tasks   # each task's mean loss over them
+
+    def task_backward(self, k: int, loss: torch.Tensor, retain_graph: bool = False) -> None:
+        """One micro-batch of task k (0 = end-task): backward of its mean loss (unscaled; the weighting divides by
+        grad_accum) right away, so that only this task's activations need be alive."""
+        if not isinstance(loss, torch.Tensor) or loss.dim() != 0 or not loss.requires_grad:
+            raise TypeError(f"the loss of task {k} must be a scalar tensor with a graph (the mean loss of its "
+                            f"micro-batch, not detached, not .item()), not {_describe(loss)}")
+        if not 0 <= k < self.n_tasks:
+            raise IndexError(f"task index {k}: this weighting has {self.n_tasks} tasks (0 = end-task)")
+        if self._micro[k] >= self.grad_accum:
+            raise ValueError(f"task {k} gave more than grad_accum={self.grad_accum} micro-batches in one optimizer "
+                             f"step: call step() (or let backward() call it) before the next one")
+        if self._expect_clean():
+            self._check_clean()
+        self._backward(k, loss, retain_graph)
+        self._micro[k] += 1
+        self._losses[k] += loss.item() / self.grad_accum  # synchronises anyway: the loop checks it for NaN
+
+    def backward(self, losses, retain_graph: bool = False, **step_inputs) -> dict | None:
+        """One micro-batch of every task: losses[k] of task k (end-task first), each the mean loss of its own
+        micro-batch, unscaled. Returns step(**step_inputs) at the grad_accum-th call of an optimizer step, else None.
+        retain_graph=True when the losses share one forward pass (e.g. several heads on one batch)."""
+        if len(losses) != self.n_tasks:
+            raise ValueError(f"{len(losses)} losses for a weighting of {self.n_tasks} tasks (end-task first)")
+        for k, loss in enumerate(losses):
+            self.task_backward(k, loss, retain_graph and k < self.n_tasks - 1)
+        return self.step(**step_inputs) if self._micro[0] == self.grad_accum else None
+
+    def _finish(self) -> list[float]:
+        """The checks and bookkeeping at the end of a step; returns the step's per-task losses."""
+        short = [k for k, m in enumerate(self._micro) if m != self.grad_accum]
+        if short:
+            raise ValueError(f"step() with tasks {short} short of grad_accum={self.grad_accum} micro-batches "
+                             f"(got {[self._micro[k] for k in short]}): every task gives each step grad_accum "
+                             f"micro-batches")
+        losses = self._losses
+        self.steps += 1
+        self._new_step()
+        return losses
+
+    def _expect_clean(self) -> bool:
+        return not any(self._micro)  # the first backward of a step
+
+    def _check_clean(self):
+        """Refuse a body gradient that this weighting did not put there (a backward of your own, or the gradient of
+        the last step not yet cleared): it would be mixed silently into the weighted sum. A gradient of zeros (from
+        zero_grad(set_to_none=False)) is fine; only then is the device synchronised to look."""
+        held = [p.grad for p in self.params if p.grad is not None]
+        if held and bool(torch.stack([g.ne(0).any() for g in held]).any()):
+            raise ValueError(
+                f"the body's .grad already holds a gradient that this {type(self).__name__} did not put there "
+                f"(step {self.steps + 1}): clear gradients after each optimizer step (optimizer.zero_grad()), "
+                f"backward nothing into the body yourself, and for gradient accumulation give the weighting "
+                f"grad_accum=N and call it once per micro-batch with unscaled losses")
+
+
+class MTWeighting(TaskWeighting):
+    """Eq. 3 with static weights w = (w*, w_1..w_n) (default uniform 1/(n+1), Sec. 4): each task micro-batch adds
+    grad(w_k L_Tk) / grad_accum to .grad, body and heads alike (one backward per task micro-batch, as Eq. 3's gradient
+    is linear in the losses). step() returns {"losses", "alpha"} with alpha = w."""
+
+    def __init__(self, body: nn.Module, n_tasks: int, weights=None, grad_accum: int = 1):
+        super().__init__(body, n_tasks, grad_accum)
+        if weights is not None and len(weights) != n_tasks:
+            raise ValueError(f"weights has {len(weights)} entries for {n_tasks} tasks")
+        self.w = torch.full((n_tasks,), 1.0 / n_tasks, dtype=torch.float64) if weights is None else \
+            torch.tensor(weights, dtype=torch.float64)
+        self._w = self.w.tolist()  # python floats: scaling a loss by one needs no device work
+
+    def _backward(self, k, loss, retain_graph):
+        # grad(sum_k w_k L_k) = sum_k grad(w_k L_k): one backward per task micro-batch, right after its forward, so
+        # that only one task's activations are alive at a time (a single backward of the weighted sum holds all K
+        # graphs: the same gradient and the same FLOPs, at K times the activation memory)
+        (self._w[k] / self.grad_accum * loss).backward(retain_graph=retain_graph)
+
+    def step(self) -> dict:
+        """The step's gradient is complete in .grad; returns {"losses": per-task mean losses, "alpha": w}."""
+        return {"losses": self._finish(), "alpha": list(self._w)}
+
+
+def multitask_step(body, tasks, streams, weighting: MTWeighting, cfg, amp, tokens) -> dict:
+    """One step of Eq. 3 for tasks = [end-task, T_1..T_n] through `weighting`: leaves grad(sum_k w_k L_Tk) in .grad
+    for the loop's optimizers."""
     device = next(body.parameters()).device
-    w = w.tolist()
-    losses = [0.0] * len(tasks)
-    for _ in range(cfg.grad_accum):
+    for _ in range(weighting.grad_accum):
         for k, (task, stream) in enumerate(zip(tasks, streams)):
             loss, _, _ = _forward(body, task, stream, device, amp, tokens)
-            (w[k] / cfg.grad_accum * loss).backward()
-            losses[k] += loss.item() / cfg.grad_accum
-    return {"losses": losses, "alpha": w}
+            weighting.task_backward(k, loss)
+    return weighting.step()
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -822,29 +1035,123 @@ def multitask_step(body, tasks, streams, w: torch.Tensor, cfg, amp, tokens) -> d
 #    not by re-running the body 10 times.
 
 
+class MetaWeighting(TaskWeighting):
+    """Algorithm 1 as an object, one call per optimizer step inside any loop. It carries w (task-weight logits,
+    Algorithm 1's "Initialize": equal), the (K, P) buffer G of this step's per-task body gradients, the step count
+    and phi*'s settings (cfg: meta_lr eta, meta_head_steps/lr/wd, meta_batch_size, cos_eps, same_head, grad_accum).
+    Per step, after every task's micro-batches have gone through task_backward (or backward):
+      step(head_data=(features, labels), val=...)
+    fits phi* on head_data (the end-task features and labels of B*_tr by default, its first meta_batch_size rows;
+    any other labelled end-task batch of features the caller gives), takes g_meta through phi* on `val`, updates
+    w, and writes sum_k alpha_k g_k into the body's .grad; each head keeps its own, unweighted gradient. (tartan.train
+    gives B*_tr's features, or with cfg.meta_head_data="dev" the features of dev rows of their own, as the release.)
+    `val` is a batch (inputs, labels) of end-task dev data, run as head(body(**inputs), labels) under `amp`, or a
+    callable val(head) -> the end-task validation loss through `head`, for a body called any other way.
+    num_labels: the end-task's classes C (phi*'s width); end_head: phi', needed only for the Eq. 6 ablation
+    (cfg.same_head). Returns {"losses", "alpha", "cosines", "val_loss", "grad_norms" (|g_k|), "head_fit"}."""
+
+    def __init__(self, body: nn.Module, n_tasks: int, num_labels: int = 0, cfg: MetaConfig | None = None,
+                 end_head: nn.Module | None = None, amp=None):
+        cfg = cfg or MetaConfig()
+        super().__init__(body, n_tasks, cfg.grad_accum)
+        if cfg.same_head and end_head is None:
+            raise ValueError("cfg.same_head=True takes g_meta through the end-task head phi' (Eq. 6): give end_head")
+        if not cfg.same_head and num_labels < 1:
+            raise ValueError(f"num_labels={num_labels}: phi* has one output per end-task class, so give "
+                             f"num_labels=C (the end-task's number of classes)")
+        self.cfg, self.num_labels, self.end_head, self.amp = cfg, num_labels, end_head, amp
+        self.w = torch.full((n_tasks,), 1.0 / n_tasks, dtype=torch.float64)  # w*, w_i = 1/(n+1); float64, CPU
+        self.G = torch.empty(n_tasks, sum(p.numel() for p in self.params), device=self.params[0].device)  # (K, P)
+        self._open = None  # the task whose gradient the body's .grad holds now (not yet moved into G)
+
+    def _new_step(self):
+        super()._new_step()
+        self._head_data = None  # phi*'s fitting data, the first given in this step
+        self._filled = [False] * self.n_tasks  # whether G[k] holds a gradient of this step yet
+
+    def _backward(self, k, loss, retain_graph):
+        # [g_k, g_phi] <- [grad_theta, grad_phi] L_Tk. Each head keeps its own gradient in .grad; the body's is
+        # moved into G[k] when another task's backward comes (or the step ends). The tied MLM decoder weight is the
+        # body's input embedding: its gradient through the decoder is part of that MLM task's g_k.
+        if self._open is not None and self._open != k:
+            self._close()
+        (loss / self.grad_accum).backward(retain_graph=retain_graph)
+        self._open = k
+
+    def _close(self):
+        """Move the open task's body gradient into G[k] (added to what its earlier micro-batches left there)."""
+        k, self._open = self._open, None
+        _take_body_grad(self.params, self.G[k], add=self._filled[k])
+        self._filled[k] = True
+
+    def backward(self, losses, retain_graph: bool = False, head_data=None, val=None) -> dict | None:
+        """One micro-batch of every task (see TaskWeighting.backward); head_data is kept from the first call of a
+        step that gives it, val is used by the call that completes the step."""
+        if head_data is not None and self._head_data is None:
+            self._head_data = self._rows(*head_data)
+        return super().backward(losses, retain_graph, val=val)
+
+    def _rows(self, features, labels):
+        """The first meta_batch_size rows of a batch's first-position features (B, H), detached."""
+        if not isinstance(features, torch.Tensor) or not isinstance(labels, torch.Tensor):
+            raise TypeError(f"head_data must be (features, labels) tensors, not ({_describe(features)}, "
+                            f"{_describe(labels)})")
+        x = features[:, 0] if features.dim() == 3 else features  # (B, H)
+        m = self.cfg.meta_batch_size
+        return x[:m].detach(), labels[:m]
+
+    def step(self, head_data=None, val=None) -> dict:
+        """Algorithm 1's update for this step; see the class docstring."""
+        if self._open is not None:
+            self._close()
+        if val is None:
+            raise ValueError("META's step needs val: a batch (inputs, labels) of end-task dev data B*_val, or a "
+                             "callable val(head) -> the end-task validation loss through head")
+        fit_data = self._rows(*head_data) if head_data is not None else self._head_data
+        if fit_data is None and not self.cfg.same_head:
+            raise ValueError("META's step needs head_data=(features, labels): end-task features of B*_tr (or of "
+                             "another labelled end-task batch) and their labels, to fit phi*")
+        losses = self._finish()
+        # phi* <- estimate_meta_head(B*_tr), a new head every step; the Eq. 6 ablation (same_head) uses phi' itself
+        head_star, fit = (self.end_head, None) if self.cfg.same_head else \
+            estimate_meta_head(*fit_data, self.num_labels, self.cfg)
+        # g_meta <- grad_theta L_T*(theta, phi*, B*_val), B*_val ~ T*_val (Eq. 7; Eq. 6 with phi')
+        g_meta, val_loss = meta_gradient(self.body, head_star, val, self.params, self.amp)
+        # w_k <- w_k + eta * cos(g_meta, g_k); alpha = softmax(w)
+        self.w, alpha, cos = update_task_weights(self.w, self.G, g_meta, self.cfg.meta_lr, self.cfg.cos_eps)
+        norms = self.G.norm(dim=-1)  # |g_k|, recorded beside the cosine: which task dominates the body's gradient
+        # theta_body's gradient: sum_k alpha_k g_k (views into one buffer); the heads' gradients are already in place
+        combined = alpha.to(self.G.device, self.G.dtype) @ self.G  # (P,)
+        for p, g in zip(self.params, combined.split([p.numel() for p in self.params])):
+            p.grad = g.view_as(p)
+        return {"losses": losses, "alpha": alpha.tolist(), "cosines": cos.tolist(), "val_loss": val_loss,
+                "grad_norms": norms.tolist(),
+                "head_fit": None if fit is None else fit.tolist()}  # read after g_meta's pass has synchronised
+
+
 @dataclass
 class MetaState:
-    """What META-TARTAN carries from step to step, built once before the loop by meta_state (Algorithm 1's
-    "Initialize") and handed to every meta_step."""
-    w: torch.Tensor                     # (K,) task-weight logits (w*, w_1..w_n), float64 on the CPU; alpha = softmax(w)
-    G: torch.Tensor                     # (K, P) buffer for this step's per-task body gradients g_k
+    """What tartan.train's META step carries from step to step, built once before the loop by meta_state
+    (Algorithm 1's "Initialize") and handed to every meta_step: the weighting and the dev batches it draws."""
+    weighting: MetaWeighting            # w, G, the step count, phi*'s settings
     val: Iterator                       # endless batches B*_val ~ D_val of the end-task (tartan.batches)
     head_rows: Iterator | None = None   # meta_head_data="dev": endless dev batches that phi* is fitted on
 
 
 def meta_state(body: nn.Module, tasks: list[Task], cfg: MetaConfig) -> MetaState:
-    """Algorithm 1's "Initialize" for tasks = [end-task, T_1..T_n]: equal weights w*, w_i = 1/(n+1), the gradient
-    buffer G, and the stream of validation batches (its own generator, seeded by cfg.seed)."""
-    params = [p for p in body.parameters() if p.requires_grad]
-    K, P = len(tasks), sum(p.numel() for p in params)
+    """Algorithm 1's "Initialize" for tasks = [end-task, T_1..T_n]: the weighting (equal weights w*, w_i = 1/(n+1),
+    the gradient buffer G), the stream of validation batches and, with meta_head_data="dev", the stream of dev rows
+    that phi* is fitted on (their own generators, seeded by cfg.seed)."""
     end = tasks[0]
+    device = next(body.parameters()).device
+    weighting = MetaWeighting(body, len(tasks), end.num_labels, cfg, end_head=end.head,
+                              amp=autocast(device, cfg.bf16))
     val = batches(Task(end.name + ":val", end.head, train=end.dev), cfg.meta_val_batch_size or cfg.meta_batch_size,
                   torch.Generator().manual_seed(cfg.seed * 1009 + 1000))
     head_rows = None if cfg.meta_head_data == "train" or cfg.same_head else \
         batches(Task(end.name + ":val", end.head, train=end.dev), cfg.meta_batch_size,
                 torch.Generator().manual_seed(cfg.seed * 1009 + 2000))  # its own order, apart from B*_val's
-    return MetaState(w=torch.full((K,), 1.0 / K, dtype=torch.float64),
-                     G=torch.empty(K, P, device=params[0].device), val=val, head_rows=head_rows)
+    return MetaState(weighting, val, head_rows)
 
 
 def estimate_meta_head(features: torch.Tensor, labels: torch.Tensor, num_labels: int, cfg: MetaConfig):
@@ -875,15 +1182,20 @@ def estimate_meta_head(features: torch.Tensor, labels: torch.Tensor, num_labels:
     return head, None if first is None else torch.stack([first, loss.detach()])
 
 
-def meta_gradient(body: nn.Module, head_star: nn.Module, val_batch, params: list[nn.Parameter], amp=None):
+def meta_gradient(body: nn.Module, head_star: nn.Module, val, params: list[nn.Parameter], amp=None):
     """g_meta = grad_theta_body L_T*(theta_body, phi*, B*_val) as one flat (P,) vector, and the loss (a float).
+    val: a batch (inputs, labels), run as head_star(body(**inputs), labels) under amp, or a callable
+    val(head_star) -> that loss (a body called any other way).
     Like the task gradients, it is taken in train mode (dropout on); the paper does not say, and this keeps the two
     comparable. It leaves no trace: no .grad is touched, and body buffers (e.g. BatchNorm running statistics) are
     restored, so dev batches never move the model."""
-    inputs, labels = to_device(*val_batch, params[0].device)
     with _buffers_kept(body):  # restored after the backward pass, which may read them
-        with amp if amp is not None else autocast(params[0].device, False):
-            _, loss = head_star(body(**inputs), labels)
+        if callable(val):
+            loss = val(head_star)
+        else:
+            inputs, labels = to_device(*val, params[0].device)
+            with amp if amp is not None else autocast(params[0].device, False):
+                _, loss = head_star(_features(body(**inputs)), labels)
         grads = torch.autograd.grad(loss, params, allow_unused=True)
     return _flat(params, grads), loss.item()
 
@@ -904,10 +1216,14 @@ def _flat(params, grads) -> torch.Tensor:
                       for p, g in zip(params, grads)])
 
 
-def _take_body_grad(params, out: torch.Tensor):
-    """Flatten the body's accumulated .grad into `out` (P,) and clear it, so the next task starts from zero."""
-    torch.cat([torch.zeros(p.numel(), device=out.device) if p.grad is None else p.grad.reshape(-1)
-               for p in params], out=out)
+def _take_body_grad(params, out: torch.Tensor, add: bool = False):
+    """Flatten the body's accumulated .grad into `out` (P,) (add=True: add it to `out`) and clear it, so the next
+    task starts from zero."""
+    flat = [torch.zeros(p.numel(), device=out.device) if p.grad is None else p.grad.reshape(-1) for p in params]
+    if add:
+        out += torch.cat(flat)
+    else:
+        torch.cat(flat, out=out)
     for p in params:
         p.grad = None
 
@@ -927,48 +1243,27 @@ def update_task_weights(w: torch.Tensor, task_grads: torch.Tensor, meta_grad: to
 
 
 def meta_step(body, tasks, streams, state: MetaState, cfg: MetaConfig, amp, tokens) -> dict:
-    """One iteration of Algorithm 1's loop for tasks = [end-task, T_1..T_n]. Updates state.w and leaves the update
-    of the loop's last two lines in .grad (body: sum_k alpha_k g_k; heads: their own gradients) for the optimizers."""
-    device = state.G.device
-    params = [p for p in body.parameters() if p.requires_grad]
-    losses = [0.0] * len(tasks)
-    # B*_tr ~ T*_train, B_i ~ T_i; [g_k, g_phi] <- [grad_theta, grad_phi] L_Tk. Each head keeps its own gradient in
-    # .grad; the body's is moved into G[k]. The tied MLM decoder weight is the body's input embedding: its gradient
-    # through the decoder is part of that MLM task's g_k (and of the cosine, numerator and norms alike).
+    """One iteration of Algorithm 1's loop for tasks = [end-task, T_1..T_n] through state.weighting. Updates w and
+    leaves the update of the loop's last two lines in .grad (body: sum_k alpha_k g_k; heads: their own gradients)
+    for the optimizers."""
+    device = state.weighting.G.device
+    # B*_tr ~ T*_train, B_i ~ T_i: each task's micro-batches in turn, one backward each
     for k, (task, stream) in enumerate(zip(tasks, streams)):
-        for micro in range(cfg.grad_accum):
+        for micro in range(state.weighting.grad_accum):
             loss, features, labels = _forward(body, task, stream, device, amp, tokens)
-            (loss / cfg.grad_accum).backward()
-            losses[k] += loss.item() / cfg.grad_accum
-            if k == 0 and micro == 0 and state.head_rows is None:  # phi*'s rows of B*_tr, from this pass
-                feats = features[:, 0] if features.dim() == 3 else features  # (B, H)
-                meta_x, meta_y = feats[:cfg.meta_batch_size].detach(), labels[:cfg.meta_batch_size]
-        _take_body_grad(params, state.G[k])
+            state.weighting.task_backward(k, loss)
+            if k == 0 and micro == 0 and state.head_rows is None:  # phi*'s rows of B*_tr, from the pass above
+                head_data = features, labels
     if state.head_rows is not None:  # meta_head_data="dev" (the release): phi* is fitted on dev rows of its own
-        inputs, meta_y = to_device(*next(state.head_rows), device)
+        inputs, labels = to_device(*next(state.head_rows), device)
         with torch.no_grad(), amp, _buffers_kept(body):  # dev rows never move the model
-            feats = body(**inputs)
-        meta_x = (feats[:, 0] if feats.dim() == 3 else feats).float()
+            head_data = _features(body(**inputs)).float(), labels
         key = tasks[0].name + ":head_rows"
         tokens[key] = tokens.get(key, 0) + _n_tokens(inputs)
-    # phi* <- estimate_meta_head(B*_tr), a new head every step; the Eq. 6 ablation (same_head) uses phi' itself
-    head_star, fit = (tasks[0].head, None) if cfg.same_head else \
-        estimate_meta_head(meta_x, meta_y, tasks[0].num_labels, cfg)
-    # g_meta <- grad_theta L_T*(theta, phi*, B*_val), B*_val ~ T*_val (Eq. 7; Eq. 6 with phi')
     val_batch = next(state.val)
     key = tasks[0].name + ":val"  # the extra pass META pays for, counted apart from the training tokens
     tokens[key] = tokens.get(key, 0) + _n_tokens(val_batch[0])
-    g_meta, val_loss = meta_gradient(body, head_star, val_batch, params, amp)
-    # w_k <- w_k + eta * cos(g_meta, g_k); alpha = softmax(w)
-    state.w, alpha, cos = update_task_weights(state.w, state.G, g_meta, cfg.meta_lr, cfg.cos_eps)
-    norms = state.G.norm(dim=-1)  # |g_k|, recorded beside the cosine: which task dominates the body's gradient
-    # theta_body's gradient: sum_k alpha_k g_k (views into one buffer); the heads' gradients are already in place
-    combined = alpha.to(device, state.G.dtype) @ state.G  # (P,)
-    for p, g in zip(params, combined.split([p.numel() for p in params])):
-        p.grad = g.view_as(p)
-    return {"losses": losses, "alpha": alpha.tolist(), "cosines": cos.tolist(), "val_loss": val_loss,
-            "grad_norms": norms.tolist(),
-            "head_fit": None if fit is None else fit.tolist()}  # read after g_meta's pass has synchronised anyway
+    return state.weighting.step(head_data, val_batch)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -987,8 +1282,16 @@ def finetune(body, end: Task, cfg: FinetuneConfig | None = None) -> dict:
 
 
 def train_multitask(body, end: Task, aux: list[Task], cfg: TrainConfig | None = None) -> dict:
-    """MT-TARTAN (Eq. 3) with static weights (default uniform)."""
-    return train(body, end, aux, cfg or TrainConfig(), multitask_step)
+    """MT-TARTAN (Eq. 3) with static weights (default uniform). A MetaConfig is accepted: its TrainConfig fields are
+    used and its META fields (meta_lr, phi*'s settings, the meta batch sizes, same_head) are ignored."""
+    return train(body, end, aux, _mt_config(cfg or TrainConfig()), multitask_step)
+
+
+def _mt_config(cfg: TrainConfig) -> TrainConfig:
+    """The TrainConfig part of a MetaConfig (MT-TARTAN ignores the META fields); any other config as it is."""
+    if not isinstance(cfg, MetaConfig):
+        return cfg
+    return TrainConfig(**{f.name: getattr(cfg, f.name) for f in fields(TrainConfig)})
 
 
 def train_meta(body, end: Task, aux: list[Task], cfg: MetaConfig | None = None) -> dict:
@@ -1012,6 +1315,7 @@ def run_end_task(body, end: Task, aux: list[Task], mode: str, cfg: TrainConfig |
     if mode not in ("finetune", "pretrain", "mt", "meta"):
         raise ValueError(f"unknown mode '{mode}' (finetune, pretrain, mt, meta)")
     cfg = cfg or {"meta": MetaConfig, "mt": TrainConfig}.get(mode, FinetuneConfig)()
+    cfg = _mt_config(cfg) if mode == "mt" else cfg  # MT with a MetaConfig: its META fields are unused
     check_tasks(end, aux if mode in ("mt", "meta") else [], cfg)  # before any stage runs, pre-training included
     seeded = lambda c: replace(c, seed=cfg.seed)  # sub-stages follow the run's seed  # noqa: E731
     out = {"mode": mode, "stages": []}
@@ -1073,7 +1377,7 @@ def evaluate(body, head, data, batch_size: int = 64, bf16: bool = False, predict
     for i in range(0, len(data), batch_size):
         inputs, labels = to_device(*data.batch(list(range(i, min(i + batch_size, len(data))))), device)
         with autocast(device, bf16):
-            logits, loss = head(body(**inputs), labels)
+            logits, loss = head(_features(body(**inputs)), labels)
         preds.append(logits.argmax(-1).cpu())
         total_loss += loss.float().item() * len(labels)
     body.train(modes[0]), head.train(modes[1])

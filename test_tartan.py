@@ -193,6 +193,136 @@ def test_classification_task_builder(tok, task_dir, tmp_path):
         assert all(not torch.equal(a, b) for a, b in zip(before, aux.head.parameters()))
 
 
+def _no_cls_tokenizer():
+    """A word-level tokenizer with a pad token whose post-processing adds nothing: the first position is a word."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]"] + WORDS)}
+    raw = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=raw, pad_token="[PAD]", unk_token="[UNK]",
+                                                cls_token="[CLS]")
+
+
+class Lin(nn.Module):
+    """A plain torch body called as body(x=...) (as TensorData's batches are), features (B, H)."""
+
+    def __init__(self, h_in=4, h_out=4):
+        super().__init__()
+        self.lin = nn.Linear(h_in, h_out)
+
+    def forward(self, x):
+        return self.lin(x)
+
+
+def _train_plain(body, end, aux=()):
+    """One MT step of a plain torch body on TensorData tasks (where a body or head misuse shows)."""
+    tartan.train_multitask(body, end, list(aux), tartan.TrainConfig(batch_size=4, aux_batch_size=4, grad_accum=1,
+                                                                     max_steps=1, eval_every=-1, final_finetune=None))
+
+
+def _misuse(case, tok, task_dir):
+    """Builds what `case` names, the wrong way."""
+    x, y = torch.randn(8, 4), torch.arange(8) % 2
+    data = tartan.TensorData(x, y)
+    end = lambda head=None: tartan.Task("end", head or tartan.ClassificationHead(4, 2), data, dev=data,  # noqa
+                                        num_labels=2)
+
+    class Returns(nn.Module):  # a body whose forward returns `kind` instead of the features tensor
+        def __init__(self, kind):
+            super().__init__()
+            self.lin, self.kind = nn.Linear(4, 4), kind
+
+        def forward(self, x):
+            h = self.lin(x)
+            return (h,) if self.kind == "tuple" else transformers.modeling_outputs.BaseModelOutput(last_hidden_state=h)
+    if case == "numpy strings as x":
+        tartan.TensorData(np.array(["a", "b"]), np.array([0, 1]))
+    elif case == "fractional labels":
+        tartan.TensorData(x, torch.linspace(0, 1, 8))
+    elif case == "string labels":
+        tartan.TensorData(x, ["cat"] * 8)
+    elif case == "labels of another length":
+        tartan.TensorData(x, y[:5])
+    elif case in ("tuple", "ModelOutput"):
+        _train_plain(Returns(case), end())
+    elif case == "head narrower than the body":
+        _train_plain(Lin(), end(tartan.ClassificationHead(3, 2)))
+    elif case == "no pad token":
+        no_pad = make_tokenizer()
+        no_pad.pad_token = None
+        tartan.end_task("toy", task_dir, no_pad, 32)
+    elif case == "no CLS/BOS token":
+        tartan.classification_task("cls", (["w1 w2", "w3"], [0, 1]), _no_cls_tokenizer(), 32)
+    elif case in ("aux labels out of range", "aux labels out of range, no num_labels"):
+        aux = tartan.Task("aux", tartan.ClassificationHead(4, 3), tartan.TensorData(x, torch.arange(8)),
+                          num_labels=3 if "no num_labels" not in case else 0)
+        _train_plain(Lin(), end(), [aux])
+
+
+@pytest.mark.parametrize("case, error, message", [
+    ("numpy strings as x", TypeError, r"TensorData x must be numbers \(the examples.*not ndarray"),
+    ("fractional labels", TypeError, r"TensorData labels must be integer class ids 0..C-1, not Tensor"),
+    ("string labels", TypeError, r"TensorData labels must be numbers \(integer class ids"),
+    ("labels of another length", ValueError, r"one class id per row of x: labels \(5,\), x \(8, 4\)"),
+    ("tuple", TypeError, r"the body returned tuple, .*make the body's forward return the features tensor alone"),
+    ("ModelOutput", TypeError, r"returned BaseModelOutput, .*return outputs.last_hidden_state"),
+    ("head narrower than the body", ValueError, r"ClassificationHead built for hidden_size=3 got body features "
+                                                r"\(4, 4\): build it with hidden_size=4"),
+    ("no pad token", ValueError, r"end-task 'toy': tokenizer BertTokenizer has no pad token.*tokenizer.pad_token ="),
+    ("no CLS/BOS token", ValueError, r"classification task 'cls': tokenizer \w+ puts no CLS/BOS "
+                                     r"token first \(its first token is \['\[UNK\]'\]\).*reads the first position"),
+    ("aux labels out of range", ValueError, r"task 'aux': its train split has label 3, outside 0..2 \(num_labels=3"),
+    ("aux labels out of range, no num_labels", ValueError, r"task 'aux': its train split has label 3, outside 0..2 "
+                                                           r"\(its head predicts 3 classes; num_labels is not set"),
+])
+def test_every_misuse_gets_one_message_naming_the_argument_and_the_fix(tok, task_dir, case, error, message):
+    with pytest.raises(error, match=message):
+        _misuse(case, tok, task_dir)
+
+
+def test_tensor_data_converts_numpy_lists_and_integer_like_labels():
+    g = np.random.default_rng(0)
+    x = g.normal(size=(6, 4))  # float64, as numpy makes it
+    for labels in (np.arange(6, dtype=np.int32) % 2, [0, 1, 0, 1, 0, 1], np.array([0., 1., 0., 1., 0., 1.]),
+                   torch.tensor([0, 1, 0, 1, 0, 1], dtype=torch.int32)):
+        d = tartan.TensorData(x, labels)
+        assert d.x.dtype == torch.float32 and d.labels.dtype == torch.long and d.labels.tolist() == [0, 1] * 3
+    d = tartan.TensorData(x.tolist(), [0, 1] * 3)
+    assert d.x.shape == (6, 4) and d.x.dtype == torch.float32
+    keep = torch.randn(6, 4, dtype=torch.float64)
+    assert tartan.TensorData(keep, [0] * 6).x is keep  # a tensor stays as given
+    _, loss = tartan.ClassificationHead(4, 2)(nn.Linear(4, 4)(d.x), d.labels)  # trains as it stands
+    assert torch.isfinite(loss)
+
+
+def test_in_memory_end_tasks_match_the_folder(tok, task_dir):
+    """end_task from (texts, labels) per split gives the very task the JSONL folder gives; from tensors, a TensorData
+    task with num_labels = the largest class id + 1. Unseen dev labels and a missing split are clear errors."""
+    data = tartan.read_end_task(task_dir)
+    names = data["labels"]
+    pairs = {s: (data[s][0], [names[i] for i in data[s][1]]) for s in ("train", "dev", "test")}
+    from_folder = tartan.end_task("toy", task_dir, tok, 32, max_length=32)
+    from_memory = tartan.end_task("toy", pairs, tok, 32, max_length=32)
+    for s in ("train", "dev", "test"):
+        a, b = getattr(from_folder, s), getattr(from_memory, s)
+        assert a.ids == b.ids and a.labels == b.labels
+    assert from_memory.num_labels == 3 and from_memory.head.mlp[-1].out_features == 3
+    ints = tartan.end_task("toy", {s: (t, [20 - int(y[1]) * 10 for y in ys]) for s, (t, ys) in pairs.items()}, tok,
+                           32)  # c0, c1, c2 -> 20, 10, 0, which come first in train in that order: numbered sorted
+    assert ints.train.labels == [2 - y for y in from_folder.train.labels]  # 0 < 10 < 20 -> 0, 1, 2
+    g = np.random.default_rng(0)
+    arrays = {s: (g.normal(size=(n, 4)), np.arange(n) % 3) for s, n in (("train", 12), ("dev", 6), ("test", 6))}
+    t = tartan.end_task("img", arrays, None, 4, limit=9)
+    assert isinstance(t.train, tartan.TensorData) and len(t.train) == 9 and len(t.dev) == 6 and t.num_labels == 3
+    assert t.train.x.dtype == torch.float32 and t.head.mlp[1].in_features == 4
+    out = tartan.run_end_task(Lin(), t, [], "finetune", tartan.FinetuneConfig(batch_size=4, max_steps=2))
+    assert out["test"]["n"] == 6
+    with pytest.raises(tartan.DataError, match="end-task 'toy': its dev split has label 'new', which never appears"):
+        tartan.end_task("toy", {**pairs, "dev": (["w1"], ["new"])}, tok, 32)
+    with pytest.raises(TypeError, match="a dict with keys 'train', 'dev', 'test' .* with keys \\['dev', 'train'\\]"):
+        tartan.end_task("toy", {"train": pairs["train"], "dev": pairs["dev"]}, tok, 32)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # 2. heads and parameters
 
@@ -307,7 +437,8 @@ def test_mt_step_gradient_equals_weighted_sum_of_task_gradients(tok, task_dir, g
     cfg = tartan.TrainConfig(batch_size=8, aux_batch_size=8, grad_accum=grad_accum, weights=w)
     streams = lambda: [tartan.batches(t, 8, torch.Generator().manual_seed(k)) for k, t in enumerate(tasks)]  # noqa
     tokens = dict.fromkeys([t.name for t in tasks], 0)
-    tartan.multitask_step(body, tasks, streams(), torch.tensor(w), cfg, torch.autocast("cpu", enabled=False), tokens)
+    weighting = tartan.MTWeighting(body, len(tasks), w, grad_accum)
+    tartan.multitask_step(body, tasks, streams(), weighting, cfg, torch.autocast("cpu", enabled=False), tokens)
     params = list(body.parameters())
     combined = [p.grad.clone() for p in params]
     expected = [torch.zeros_like(p) for p in params]
@@ -396,7 +527,7 @@ def test_meta_step_matches_an_independent_computation(tok, task_dir, same_head, 
     streams = lambda: [tartan.batches(t, 8, torch.Generator().manual_seed(k)) for k, t in enumerate(tasks)]  # noqa
     w0 = torch.tensor([0.2, -0.1, 0.3], dtype=torch.float64)
     state = tartan.meta_state(body, tasks, cfg)
-    state.w = w0.clone()
+    state.weighting.w = w0.clone()
     torch.manual_seed(5)  # phi* initialisation and dropout
     info = tartan.meta_step(body, tasks, streams(), state, cfg, torch.autocast("cpu", enabled=False),
                             dict.fromkeys([t.name for t in tasks], 0))
@@ -539,13 +670,13 @@ def test_meta_state_is_built_once_before_the_loop(tok, task_dir):
     seen = []
 
     def spy(body_, tasks, streams, state, cfg, *rest):
-        seen.append((state, state.w.clone(), state.G.data_ptr()))
+        seen.append((state, state.weighting.w.clone(), state.weighting.G.data_ptr()))
         return tartan.meta_step(body_, tasks, streams, state, cfg, *rest)
     cfg = small_config(True, max_steps=3, final_finetune=None)
     tartan.train(body, end, aux, cfg, spy)
     state = seen[0][0]
     assert isinstance(state, tartan.MetaState) and all(s is state for s, _, _ in seen)
-    assert state.G.shape == (3, sum(p.numel() for p in body.parameters()))
+    assert state.weighting.G.shape == (3, sum(p.numel() for p in body.parameters()))
     assert len({ptr for _, _, ptr in seen}) == 1  # one buffer, allocated once
     torch.testing.assert_close(seen[0][1], torch.full((3,), 1 / 3, dtype=torch.float64))  # w*, w_i = 1/(n+1)
     assert not torch.equal(seen[1][1], seen[0][1])  # w moves
@@ -569,10 +700,144 @@ def test_meta_head_is_new_at_every_step():
     try:
         for _ in range(3):
             tartan.meta_step(body, [end], stream, state, cfg, torch.autocast("cpu", enabled=False), {"end": 0})
+            body.zero_grad()  # as the loop's optimizer does: a gradient left in the body would be refused
     finally:
         tartan.ClassificationHead.__init__ = real
     assert len(made) == 3 and len({id(m) for m in made}) == 3  # three steps, three new heads
     assert all(not torch.equal(a.mlp[1].weight, b.mlp[1].weight) for a, b in itertools.combinations(made, 2))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the public weighting inside a foreign training loop
+
+
+def _foreign_loop(tok, task_dir, meta, steps, grad_accum):
+    """tartan's weighting driven the way another codebase would: its own loop over micro-batches (all tasks per
+    micro-batch, unlike tartan.train's task by task), one weighting.backward per micro-batch with unscaled losses, the
+    optimizer stepped when it returns. Data, optimizers and schedule are built as tartan.train builds them, so that
+    the two loops can be compared number for number. Returns the alpha of every step."""
+    body, end, aux = build(tok, task_dir, n_aux=2, dropout=0.0)
+    tasks, cfg = [end] + aux, small_config(meta, grad_accum=grad_accum, max_steps=steps, eval_every=-1,
+                                           final_finetune=None)
+    streams = [tartan.batches(t, 8, torch.Generator().manual_seed(k)) for k, t in enumerate(tasks)]
+    val = tartan.batches(tartan.Task("v", end.head, end.dev), 32, torch.Generator().manual_seed(1000))
+    weighting = tartan.MetaWeighting(body, 3, 3, cfg) if meta else tartan.MTWeighting(body, 3, grad_accum=grad_accum)
+    heads = [p for t in tasks for p in tartan.head_parameters(t.head, body)]
+    opts = [tartan.make_optimizer(list(body.parameters()), cfg.lr, cfg.weight_decay, cfg),
+            tartan.make_optimizer(heads, cfg.head_lr, cfg.head_weight_decay, cfg)]
+    warm = max(1, int(cfg.warmup_frac * steps))
+    scheds = [torch.optim.lr_scheduler.LambdaLR(o, lambda s: min((s + 1) / warm, max(0.0, (steps - s) / max(
+        1, steps - warm)))) for o in opts]
+    alphas = []
+
+    def val_loss(head):  # g_meta's loss through phi*, called once per step: one dev batch B*_val per step
+        inputs, labels = next(val)
+        return head(body(**inputs), labels)[1]
+    torch.manual_seed(0)  # phi*'s initialisations
+    while len(alphas) < steps:
+        batch = [next(s) for s in streams]
+        outs = [t.head(body(**inputs), labels) + (labels,) for t, (inputs, labels) in zip(tasks, batch)]
+        losses = [loss for _, loss, _ in outs]
+        features = body(**batch[0][0])  # phi*'s data: the end-task batch's features (another pass, as a user might)
+        info = weighting.backward(losses, head_data=(features, batch[0][1]), val=val_loss) if meta else \
+            weighting.backward(losses)
+        if info is not None:
+            tartan.clip_grad_norm(list(body.parameters()) + heads, cfg.grad_clip)
+            for o, s in zip(opts, scheds):
+                o.step(), s.step(), o.zero_grad()
+            alphas.append(info["alpha"])
+    return alphas, weighting
+
+
+@pytest.mark.parametrize("meta", [True, False])
+def test_a_foreign_loop_with_gradient_accumulation_gets_tartans_weights(tok, task_dir, meta):
+    """Gradient accumulation over 2 micro-batches in a foreign loop (micro-batch by micro-batch, every task each
+    time) gives the very weights of tartan.train (task by task) at every step: g_k is the mean over the task's
+    micro-batches in both, phi* is fitted on the first micro-batch's end-task rows, one weight update per step."""
+    steps = 4
+    alphas, weighting = _foreign_loop(tok, task_dir, meta, steps, grad_accum=2)
+    body, end, aux = build(tok, task_dir, n_aux=2, dropout=0.0)
+    torch.manual_seed(0)
+    own = tartan.train(body, end, aux, small_config(meta, grad_accum=2, max_steps=steps, eval_every=-1,
+                                                    final_finetune=None))
+    trace = own["trace"]["weights"]
+    assert weighting.steps == steps and len(alphas) == steps
+    for s in range(steps):
+        assert alphas[s] == pytest.approx([trace[n][s] for n in ("toy", "aux0", "aux1")], abs=1e-7), s
+    if meta:  # the weights moved, and differently from a loop that updated w at every micro-batch
+        assert len({tuple(a) for a in alphas}) == steps and alphas[0] != pytest.approx([1 / 3] * 3, abs=1e-6)
+
+
+@pytest.mark.parametrize("meta", [True, False])
+def test_the_weighting_refuses_a_gradient_it_did_not_put_there(meta):
+    torch.manual_seed(0)
+    body, head = Scale(4), tartan.ClassificationHead(4, 2)
+    x, y = torch.randn(8, 4), torch.arange(8) % 2
+    make = lambda: tartan.MetaWeighting(body, 2, 2, tartan.MetaConfig(meta_batch_size=8, grad_accum=1)) if meta \
+        else tartan.MTWeighting(body, 2)  # noqa: E731
+    kwargs = lambda: {"head_data": (body(x), y), "val": (({"x": x}, y))} if meta else {}  # noqa: E731
+    losses = lambda: [head(body(x), y)[1], body(x).pow(2).mean()]  # noqa: E731
+    weighting = make()
+    body(x).sum().backward()  # a backward of the user's own into the shared body
+    with pytest.raises(ValueError, match="already holds a gradient that this (MT|Meta)Weighting did not put there"):
+        weighting.backward(losses(), **kwargs())
+    body.zero_grad(), head.zero_grad()
+    weighting = make()
+    assert weighting.backward(losses(), **kwargs())["alpha"]
+    with pytest.raises(ValueError, match="did not put there \\(step 2\\): clear gradients after each optimizer step"):
+        weighting.backward(losses(), **kwargs())  # the last step's gradient not cleared
+    body.zero_grad(set_to_none=False)  # zeros are no foreign gradient
+    assert weighting.backward(losses(), **kwargs())["alpha"]
+    assert weighting.steps == 2
+    body.zero_grad()
+    with pytest.raises(ValueError, match="2 losses for a weighting of|1 losses for a weighting of 2 tasks"):
+        weighting.backward(losses()[:1], **kwargs())
+    with pytest.raises(TypeError, match="must be a scalar tensor with a graph"):
+        weighting.backward([losses()[0].item(), losses()[1]], **kwargs())
+    body.zero_grad()
+    acc = tartan.MTWeighting(body, 2, grad_accum=2)
+    acc.task_backward(0, losses()[0])
+    with pytest.raises(ValueError, match="tasks \\[0, 1\\] short of grad_accum=2"):
+        acc.step()
+
+
+def test_mt_accepts_a_meta_config(tok, task_dir):
+    """run_end_task(..., "mt", MetaConfig()) failed with "'MetaState' object has no attribute 'tolist'": MT now takes a
+    MetaConfig's TrainConfig fields (the META fields are unused) and runs exactly as with that TrainConfig."""
+    def run(cfg):
+        body, end, aux = build(tok, task_dir, n_aux=1)
+        torch.manual_seed(0)
+        return tartan.run_end_task(body, end, aux, "mt", cfg)
+    meta_cfg = small_config(True, final_finetune=None, meta_batch_size=64)  # > batch_size: a META-only contract
+    got, want = run(meta_cfg), run(small_config(False, final_finetune=None))
+    assert got["trace"]["weights"] == {"toy": [0.5] * 12, "aux0": [0.5] * 12} and got["trace"]["cosines"] is None
+    assert got["dev"] == want["dev"] and got["test"] == want["test"]
+
+
+def test_the_readme_own_loop_example_runs_from_a_folder_holding_only_tartan_py(tmp_path):
+    """README "Using TARTAN's weighting in your own training loop": its code block, as shown, in a folder holding only
+    a copy of tartan.py (no repository on the path), prints the line the README says it printed."""
+    import re
+    import shutil
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.abspath(__file__))
+    with open(os.path.join(root, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    section = readme[readme.index("### Using TARTAN's weighting in your own training loop"):]
+    start = section.index("```python\n") + len("```python\n")
+    code = section[start:section.index("```", start)]
+    shutil.copy(os.path.join(root, "tartan.py"), tmp_path / "tartan.py")
+    (tmp_path / "example.py").write_text(code)
+    assert sorted(os.listdir(tmp_path)) == ["example.py", "tartan.py"]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    run = subprocess.run([sys.executable, "example.py"], cwd=tmp_path, env={**env, "OMP_NUM_THREADS": "1"},
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    printed = run.stdout.strip()
+    alpha = [float(a) for a in re.fullmatch(r"step 100: alpha \[(.*)\] cos \[.*\]", printed).group(1).split(",")]
+    assert sum(alpha) == pytest.approx(1, abs=2e-3) and alpha != [0.5, 0.5]
+    assert f"It printed `{printed}`" in section  # the README shows what it prints
 
 
 # ---------------------------------------------------------------------------------------------------------------------

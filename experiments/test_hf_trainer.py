@@ -1,0 +1,87 @@
+"""experiments/hf_trainer.py: TARTAN's weighting inside a Hugging Face Trainer, with a tiny BERT from a config."""
+import random
+
+import pytest
+import torch
+
+import tartan
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("accelerate")  # the Trainer needs it (experiments/requirements-test.txt)
+
+from experiments.hf_trainer import MultiTaskModel, TartanTrainer  # noqa: E402
+
+WORDS = [f"w{i}" for i in range(30)]
+
+
+def _setup(n_train=32):
+    """A tiny BERT body, an end-task whose label is a sentence's word group, one MLM auxiliary task."""
+    tok = transformers.BertTokenizer(vocab={t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]",
+                                                                         "[MASK]"] + WORDS)})
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0,
+                                  attention_probs_dropout_prob=0.0)
+    body, mlm = tartan.split_masked_lm(transformers.AutoModelForMaskedLM.from_config(cfg))
+    rng = random.Random(0)
+    texts = [" ".join(rng.choice(WORDS[(i % 3) * 10:(i % 3 + 1) * 10]) for _ in range(6)) for i in range(n_train + 16)]
+    labels = [i % 3 for i in range(n_train + 16)]
+    end = tartan.end_task("toy", {"train": (texts[:n_train], labels[:n_train]), "dev": (texts[n_train:], labels[
+        n_train:]), "test": (texts[n_train:], labels[n_train:])}, tok, 32, max_length=16)
+    aux = tartan.mlm_task("tapt", texts, tok, body, mlm, max_length=16)
+    rows = []  # the Trainer's dataset: every row padded to 16, so that the default collator stacks them
+    for ids, y in zip(end.train.ids, end.train.labels):
+        pad = 16 - len(ids)
+        rows.append({"input_ids": torch.tensor(ids + [tok.pad_token_id] * pad),
+                     "attention_mask": torch.tensor([1] * len(ids) + [0] * pad), "labels": y})
+    model = MultiTaskModel(body, [end.head, aux.head])
+    streams = dict(aux=[tartan.batches(aux, 8, torch.Generator().manual_seed(1))],
+                   dev=tartan.batches(tartan.Task("dev", end.head, end.dev), 8, torch.Generator().manual_seed(2)))
+    return model, rows, streams
+
+
+def _args(tmp_path, steps, accum):
+    return transformers.TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=8, max_steps=steps,
+                                          gradient_accumulation_steps=accum, learning_rate=1e-3, report_to=[],
+                                          save_strategy="no", logging_steps=1, use_cpu=True, seed=0,
+                                          remove_unused_columns=False, disable_tqdm=True)
+
+
+@pytest.mark.parametrize("meta", [True, False])
+def test_trainer_subclass_trains_every_task_with_tartans_weights(tmp_path, meta):
+    model, rows, streams = _setup()
+    cfg = tartan.MetaConfig(meta_batch_size=8, grad_accum=2, meta_lr=0.1)
+    weighting = tartan.MetaWeighting(model.body, 2, 3, cfg) if meta else tartan.MTWeighting(model.body, 2,
+                                                                                          grad_accum=2)
+    heads_before = [p.detach().clone() for p in model.heads.parameters()]
+    body_before = [p.detach().clone() for p in model.body.parameters()]
+    trainer = TartanTrainer(model=model, args=_args(tmp_path, 4, 2), train_dataset=rows, weighting=weighting,
+                            aux=streams["aux"], dev=streams["dev"] if meta else None)
+    trainer.train()
+    assert trainer.state.global_step == 4 and weighting.steps == 4 and len(trainer.history) == 4
+    for info in trainer.history:
+        assert sum(info["alpha"]) == pytest.approx(1)
+    if meta:  # w moved by eta * cos at each of the 4 steps: alpha follows from the recorded cosines
+        w = torch.full((2,), 0.5, dtype=torch.float64)
+        for info in trainer.history:
+            w = w + 0.1 * torch.tensor(info["cosines"], dtype=torch.float64)
+            assert info["alpha"] == pytest.approx(torch.softmax(w, 0).tolist())
+        assert trainer.history[-1]["alpha"] != pytest.approx([0.5, 0.5], abs=1e-4)
+    else:
+        assert all(info["alpha"] == [0.5, 0.5] for info in trainer.history)
+    # every head trained (the auxiliary MLM head too), and the body
+    assert all(not torch.equal(a, b) for a, b in zip(heads_before, model.heads.parameters()))
+    assert sum(not torch.equal(a, b) for a, b in zip(body_before, model.body.parameters())) > 0
+
+
+def test_trainer_subclass_refuses_mismatched_accumulation(tmp_path):
+    model, rows, streams = _setup(n_train=24)  # 3 batches of 8 per epoch: the second step of an epoch is partial
+    weighting = tartan.MTWeighting(model.body, 2, grad_accum=2)
+    with pytest.raises(ValueError, match="grad_accum=2 micro-batches but the Trainer over "
+                                         "gradient_accumulation_steps=1"):
+        TartanTrainer(model=model, args=_args(tmp_path, 2, 1), train_dataset=rows, weighting=weighting,
+                      aux=streams["aux"])
+    trainer = TartanTrainer(model=model, args=_args(tmp_path, 4, 2), train_dataset=rows, weighting=weighting,
+                            aux=streams["aux"])
+    with pytest.raises(ValueError, match="an epoch ended after 1 of 2 accumulated micro-batches"):
+        trainer.train()
