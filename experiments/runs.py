@@ -441,7 +441,7 @@ class Workspace:
         command = [self.models.identity() if a == self.settings.model else a for a in sys.argv]  # no local path
         record = result_record(run, self.config(run), out, metric, sizes, files, self.warm_head(run), self.device,
                                started, peak, command)
-        if run.task == "mammals":  # examples by index, labels the CIFAR-100 classes
+        if run.task == "mammals":  # examples by index, labels the five CIFAR-100 fine-label numbers
             labels, lines = list(MAMMALS), None
         else:
             folder = self.settings.task_folder(run.task)
