@@ -16,8 +16,8 @@ number of seeds, so a command is the paper's experiment. The budget flags (--max
 file is complete, so a killed sweep resumes where it stopped. A flag that does not apply to what is run is an error.
 
 This file is the command line only: it turns the flags into settings once and hands values to the programs of the
-experiments/ package (paper: the experiments as data; data: downloads; vision: App. A.4; runs: configs, result
-files, resume; report: tables and figures; demo; bench).
+experiments/ package (paper: the experiments as data; data: downloads; vision: App. A.4; store: data files and
+checkpoints; runs: configs, result files, resume; report: tables and figures; demo; bench).
 """
 from __future__ import annotations
 
@@ -34,17 +34,16 @@ from experiments.data import DATA_URL
 from experiments.demo import DEMO_SEEDS, run_demo
 from experiments.launch import Finished, parse_shard, shard_device
 from experiments.own import default_baseline, own_tasks
-from experiments.paper import (BUDGETS, DAPT_FILES, FIGURES, PAPER_BODY, PAPER_MAX_LENGTH, PAPER_WARM_HEAD, QUICK,
-                               TABLES, TASKS, TEXT_MODES, VISION_META, VISION_MODES)
+from experiments.paper import (BUDGETS, DAPT_FILES, FIGURES, META_MODES, PAPER_BODY, PAPER_MAX_LENGTH, PAPER_WARM_HEAD,
+                               PRETRAIN_MODES, PRETRAIN_TEXT_MODES, QUICK, TABLES, TARTAN_MODES, TASKS, TEXT_MODES,
+                               VISION_META, VISION_MODES, WITH_AUX)
 from experiments.report import run_family, run_figure, run_table
-from experiments.runs import FLAGS, META_MODES, TARTAN_MODES, Budget, Settings, Workspace, describe_budget
+from experiments.runs import FLAGS, Budget, Settings, Workspace, describe_budget
 
 # What a flag applies to: commands (runs = --task/--mode, table, figure, demo, bench) and, for the training commands,
 # the modes it changes something in (None: every mode).
 RUNS, TABLE, FIGURE, DEMO, BENCH, DIAGNOSE = "runs", "table", "figure", "demo", "bench", "diagnostics"
 TRAINING = (RUNS, TABLE, FIGURE)
-WITH_AUX = ("tapt", "dapt", "dapt+tapt", "pretrain") + TARTAN_MODES
-PRETRAIN_MODES = ("tapt", "dapt", "dapt+tapt", "pretrain")
 FINAL_FLAGS = ("final_epochs", "final_steps", "final_lr", "final_head_lr", "no_final_finetune")
 TEXT_ONLY = ("model", "checkpoint_dir", "baselines", "max_length", "dapt_corpus", "aux", "aux_file",
              "warm_head_steps")
@@ -135,7 +134,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     add(where, "--model", default="roberta-base", commands=TRAINING,
         help="body theta_body: Hugging Face hub id or local directory of a masked-LM checkpoint (default "
              "%(default)s, Sec. 4)")
-    add(where, "--baselines", choices=("released", "retrain"), commands=TRAINING, modes=("tapt", "dapt", "dapt+tapt"),
+    add(where, "--baselines", choices=("released", "retrain"), commands=TRAINING, modes=PRETRAIN_TEXT_MODES,
         help=f"released: tapt, dapt (full corpus) and dapt+tapt fine-tune Gururangan et al.'s released {PAPER_BODY} "
              f"checkpoints from the Hub, as the paper did (Sec. 4; an error where there is none); retrain: run "
              f"Eq. 1 here. Default: the released ones where they exist with --model {PAPER_BODY} and no "
@@ -189,29 +188,37 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
         help=f"|B_i|, auxiliary micro-batch, Eq. 1 and MT/META ({_paper('aux_batch_size', mt=mt, eq1=eq1)})")
     add(budget, "--grad-accum", type=int, commands=TRAINING,
         help=f"micro-batches per optimizer step, every stage ({_paper('grad_accum', mt=mt, eq1=eq1, eq2=eq2)})")
-    add(budget, "--epochs", type=float, commands=TRAINING,
-        help=f"end-task stage: passes over the largest training set ({_paper('epochs', mt=mt, eq2=eq2)}; with "
-             f"early stopping)")
-    add(budget, "--steps", type=int, commands=TRAINING, help="end-task stage: optimizer steps (overrides --epochs)")
-    add(budget, "--lr", type=float, commands=TRAINING,
-        help=f"beta_1, body learning rate of the end-task stage ({_paper('lr', mt=mt, eq2=eq2)})")
-    add(budget, "--head-lr", type=float, commands=TRAINING,
-        help=f"beta_2, head learning rate of the end-task stage ({_paper('head_lr', mt=mt, eq2=eq2)})")
+    # Every training stage takes the same four flags (runs.FLAGS: the end-task stage's, pretrain_*, final_*), each with
+    # the help "<stage>: <what> (<the paper's value in each config of the stage>)".
+    for prefix, stage, modes, paper, epochs, (body, head) in (
+            ("", "end-task stage", None, dict(mt=mt, eq2=eq2),
+             "passes over the largest training set, with early stopping", ("beta_1, body", "beta_2, head")),
+            ("pretrain-", "Eq. 1", PRETRAIN_MODES, dict(eq1=eq1),
+             "passes over the corpus, TAPT's number, used for DAPT too", ("body", "MLM head")),
+            ("final-", "final Eq. 2 after MT/META", TARTAN_MODES, dict(final=final),
+             "passes over the end-task's training set", ("body", "head"))):
+        for name, kind, field_, what in (("epochs", float, "epochs", epochs), ("steps", int, None, "optimizer steps"),
+                                         ("lr", float, "lr", f"{body} learning rate"),
+                                         ("head-lr", float, "head_lr", f"{head} learning rate")):
+            value = _paper(field_, **paper) if field_ else f"overrides --{prefix}epochs"  # steps: no paper value
+            add(budget, f"--{prefix}{name}", type=kind, commands=TRAINING, modes=modes,
+                help=f"{stage}: {what} ({value})")
     add(budget, "--eval-every", type=int, commands=TRAINING,
         help=f"end-task stage: evaluate dev every this many steps, 0 = once per epoch "
              f"({_paper('eval_every', mt=mt, eq2=eq2)})")
     add(budget, "--patience", type=int, commands=TRAINING,
         help=f"end-task stage: stop after this many evaluations without a new best dev score "
              f"({_paper('patience', mt=mt, eq2=eq2)})")
-    add(budget, "--meta-lr", type=float, commands=TRAINING, modes=META_MODES,
-        help=f"eta, task-weight step size of META ({_paper('meta_lr', meta=meta)}; vision {VISION_META['meta_lr']:g})")
-    add(budget, "--meta-batch-size", type=int, commands=TRAINING + (BENCH,), modes=META_MODES,
-        help=f"|B*_tr| = |B*_val| for the meta head phi* ({_paper('meta_batch_size', meta=meta)}; vision "
-             f"{VISION_META['meta_batch_size']})")
-    add(budget, "--meta-head-steps", type=int, commands=TRAINING, modes=META_MODES,
-        help=f"steps to fit phi* from a fresh init ({_paper('meta_head_steps', meta=meta)})")
-    add(budget, "--meta-head-lr", type=float, commands=TRAINING, modes=META_MODES,
-        help=f"phi* learning rate ({_paper('meta_head_lr', meta=meta)}; vision {VISION_META['meta_head_lr']:g})")
+    # META's step sizes and batches: "<what> (<the paper's value>; <the vision experiment's, where it differs>)".
+    for field_, kind, commands, what in (
+            ("meta_lr", float, TRAINING, "eta, task-weight step size of META"),
+            ("meta_batch_size", int, TRAINING + (BENCH,), "|B*_tr| = |B*_val| for the meta head phi*"),
+            ("meta_head_steps", int, TRAINING, "steps to fit phi* from a fresh init"),
+            ("meta_head_lr", float, TRAINING, "phi* learning rate")):
+        vision = VISION_META.get(field_, getattr(meta, field_))
+        value = _paper(field_, meta=meta) + (f"; vision {vision:g}" if vision != getattr(meta, field_) else "")
+        add(budget, f"--{field_.replace('_', '-')}", type=kind, commands=commands, modes=META_MODES,
+            help=f"{what} ({value})")
     add(budget, "--meta-head-data", choices=("train", "dev"), commands=TRAINING, modes=("meta",),
         help=f"rows phi* is fitted on: train = the first --meta-batch-size rows of the end-task batch B*_tr (Sec. "
              f"3.3, A.1), dev = a dev batch of their own (the released code) (default {meta.meta_head_data})")
@@ -220,22 +227,6 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
              f"steps (Sec. 3.3's 'to convergence'); default {meta.meta_head_tol:g} = always --meta-head-steps")
     add(budget, "--meta-val-batch-size", type=int, commands=TRAINING, modes=META_MODES,
         help="|B*_val|, the dev rows of the meta gradient (the paper gives none; default = --meta-batch-size)")
-    add(budget, "--pretrain-epochs", type=float, commands=TRAINING, modes=PRETRAIN_MODES,
-        help=f"Eq. 1: passes over the corpus ({_paper('epochs', eq1=eq1)}, TAPT's; used for DAPT too)")
-    add(budget, "--pretrain-steps", type=int, commands=TRAINING, modes=PRETRAIN_MODES,
-        help="Eq. 1: optimizer steps (overrides --pretrain-epochs)")
-    add(budget, "--pretrain-lr", type=float, commands=TRAINING, modes=PRETRAIN_MODES,
-        help=f"Eq. 1: body learning rate ({_paper('lr', eq1=eq1)})")
-    add(budget, "--pretrain-head-lr", type=float, commands=TRAINING, modes=PRETRAIN_MODES,
-        help=f"Eq. 1: MLM head learning rate ({_paper('head_lr', eq1=eq1)})")
-    add(budget, "--final-epochs", type=float, commands=TRAINING, modes=TARTAN_MODES,
-        help=f"final Eq. 2 after MT/META: epochs ({_paper('epochs', final=final)})")
-    add(budget, "--final-steps", type=int, commands=TRAINING, modes=TARTAN_MODES,
-        help="final Eq. 2 after MT/META: steps (overrides --final-epochs)")
-    add(budget, "--final-lr", type=float, commands=TRAINING, modes=TARTAN_MODES,
-        help=f"final Eq. 2 after MT/META: body learning rate ({_paper('lr', final=final)})")
-    add(budget, "--final-head-lr", type=float, commands=TRAINING, modes=TARTAN_MODES,
-        help=f"final Eq. 2 after MT/META: head learning rate ({_paper('head_lr', final=final)})")
     add(budget, "--warm-head-steps", type=int, commands=TRAINING, modes=WITH_AUX,
         help=f"a checkpoint without an LM head gets one fitted on the task's text, body frozen, before TAPT/MT/META "
              f"use it: this many steps (default {PAPER_WARM_HEAD['steps']} with the paper's settings, the named "

@@ -10,8 +10,9 @@ import os
 
 import numpy as np
 
-from .common import atomic_path
+from .common import atomic_path, compare
 from .keep import predictions_path
+from .paper import metric_field
 
 N_BOOTSTRAP = 10_000
 LEVEL = 0.90      # the intervals: 5th to 95th percentile
@@ -77,7 +78,7 @@ def read_predictions(paths: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
 def curve(rec: dict) -> list[tuple[float, float, float | None]]:
     """(cumulative training seconds, dev score, test score) at every end-task evaluation of a run, in order: Eq. 1
     stages and earlier end-task stages add their seconds; time spent scoring test for the curve is left out."""
-    field = "micro_f1" if rec["headline"]["metric"] in ("micro_f1", "accuracy") else "macro_f1"
+    field = metric_field(rec["headline"]["metric"])
     points, offset = [], 0.0
     for stage in rec["stages"]:
         for h in stage.get("history", []):
@@ -122,10 +123,8 @@ def verdict(d: float, p: float, diff_ci, micro_d: float, nll_d: float, pooled_sd
 
 def sweep_report(title: str, columns: dict, baseline: str, png: str | None = None) -> str:
     """The protocol's tables for one task. columns: label -> list of (result path, record), one per seed."""
-    from .common import compare  # the unpaired permutation test the tables print
-
     seeds = {label: [rec["key"]["seed"] for _, rec in runs] for label, runs in columns.items()}
-    field = "micro_f1" if columns[baseline][0][1]["headline"]["metric"] in ("micro_f1", "accuracy") else "macro_f1"
+    field = metric_field(columns[baseline][0][1]["headline"]["metric"])
     main = {label: np.array([100 * rec["test"][field] for _, rec in runs]) for label, runs in columns.items()}
     micro = {label: np.array([100 * rec["test"]["micro_f1"] for _, rec in runs]) for label, runs in columns.items()}
     nll = {label: np.array([rec["test"]["loss"] for _, rec in runs]) for label, runs in columns.items()}

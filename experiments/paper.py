@@ -13,8 +13,16 @@ TASKS = {  # name -> upstream folder, display name, domain, headline metric (Tab
     "hyperpartisan": dict(folder="hyperpartisan", title="HYPERPARTISAN", domain="NEWS", metric="macro_f1"),
     "mammals": dict(folder="cifar-100", title="Medium-Sized Mammals", domain="CIFAR-100", metric="accuracy"),
 }
-TEXT_MODES = ("finetune", "tapt", "dapt", "dapt+tapt", "mt", "meta", "meta-samehead")
-VISION_MODES = ("finetune", "pretrain", "mt", "meta", "meta-samehead")
+# The modes (--mode) and what each runs. finetune: Eq. 2 alone. Eq. 1 on auxiliary data, then Eq. 2: tapt, dapt and
+# dapt+tapt on the task's / domain text, pretrain on CIFAR-100's other 95 classes. TARTAN: mt (Eq. 3), meta
+# (Algorithm 1, meta head phi*) and meta-samehead (the end-task head phi', Eq. 6, Fig. 3).
+PRETRAIN_TEXT_MODES = ("tapt", "dapt", "dapt+tapt")
+PRETRAIN_MODES = PRETRAIN_TEXT_MODES + ("pretrain",)
+META_MODES = ("meta", "meta-samehead")
+TARTAN_MODES = ("mt",) + META_MODES
+WITH_AUX = PRETRAIN_MODES + TARTAN_MODES  # every mode that trains on auxiliary data
+TEXT_MODES = ("finetune",) + PRETRAIN_TEXT_MODES + TARTAN_MODES
+VISION_MODES = ("finetune", "pretrain") + TARTAN_MODES
 DAPT_FILES = {"1x": "domain.1xTAPT.txt", "10x": "domain.10xTAPT.txt", "full": "domain.full.txt"}
 
 
@@ -122,8 +130,8 @@ QUICK = {"max_length": 64, "limit": 64,
          "final": dict(max_steps=2, eval_every=1, patience=1, batch_size=8, grad_accum=1, eval_batch_size=32)}
 # Named reduced budgets (--budget). cpu: a small pretrained body (all-MiniLM-L6-v2 size) on a CPU. Every end-task stage
 # stops early on dev within its step cap; "eq2" holds the learning rates of the Eq. 2 stages (finetune, and the
-# fine-tuning after TAPT/DAPT), chosen on dev (README); "final": None = no final fine-tuning after MT/META. Flags given
-# beside --budget override single values.
+# fine-tuning after TAPT/DAPT), chosen on dev (experiments/results/README.md, "How each column's budget was chosen");
+# "final": None = no final fine-tuning after MT/META. Flags given beside --budget override single values.
 BUDGETS = {"cpu": {"max_length": 64,
                    "train": dict(batch_size=16, aux_batch_size=16, grad_accum=1, max_steps=400, eval_every=50,
                                  patience=4, meta_batch_size=16, eval_batch_size=64),
@@ -154,3 +162,9 @@ def metric_field(metric: str) -> str:
     """The key of a task's headline metric in tartan.evaluate's scores: App. A.4's accuracy is micro-F1 there (one
     label per example)."""
     return "micro_f1" if metric == "accuracy" else metric
+
+
+def tartan_mode(mode: str) -> str:
+    """The mode of tartan.run_end_task that runs a --mode: the Eq. 1 modes are its "pretrain", meta-samehead is
+    "meta" (the head is a setting of MetaConfig)."""
+    return "pretrain" if mode in PRETRAIN_MODES else "meta" if mode in META_MODES else mode

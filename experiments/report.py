@@ -13,8 +13,8 @@ from . import analysis
 from .common import (ReproduceError, alpha_of, atomic_path, atomic_write_text, compare, fmt, markdown_table, mean_std,
                      min_seeds, seeds_str)
 from .own import default_baseline
-from .paper import FIGURES, N_PERMUTATIONS, PAPER, TABLES, TASKS, TEXT_MODES, VISION_MODES
-from .runs import META_MODES, Budget, Run, Workspace, execute_all, make_run
+from .paper import FIGURES, META_MODES, N_PERMUTATIONS, PAPER, TABLES, TASKS, TEXT_MODES, VISION_MODES
+from .runs import Budget, Run, Workspace, execute_all, make_run
 
 # Tables: mean and sample std (ddof=1) over seeds of the test headline metric x100, the paper's number beside it, and
 # the one-sided unpaired permutation test (App. A.2; H1: the column beats the baseline column), two-sided beside it.
@@ -134,7 +134,7 @@ def run_table(number: int, ws: Workspace, seeds=None, tasks=None, modes=None, da
     if not cells:
         raise ReproduceError(f"Table {number} has no cell for --task {tasks} --mode {modes}")
     results = execute_all(ws, [r for runs in cells.values() for r in runs])
-    text = render_table(number, cells, results, seeds, ws.identity(), ws.settings.budget, dapt)
+    text = render_table(number, cells, results, seeds, ws.models.identity(), ws.settings.budget, dapt)
     text += protocol_analysis(number, cells, results, ws.settings.out)
     path = os.path.join(ws.settings.out, f"table{number}.md")
     atomic_write_text(path, text)

@@ -1,17 +1,16 @@
-"""Runs: the budget a run is made under, its configs, its identity and result file, and resume.
+"""Runs: the budget a run is made under, what the settings decide for it, its configs, its identity, building its
+tasks, its result file, and resume. What the runs of a command share (data files, checkpoints) is in store.py.
 
-A run is one (task, mode, auxiliary corpora, seed). Its config (Workspace.config) is everything that determines its
-result; it is stored in the result file and compared on resume, so a result is never mixed in from other settings.
+A run is one (task, mode, auxiliary corpora, seed). Its config (run_config) is everything that determines its result;
+it is stored in the result file and compared on resume, so a result is never mixed in from other settings.
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
 import gc
-import hashlib
 import json
 import os
-import pickle
 import platform
 import sys
 import time
@@ -22,14 +21,15 @@ import torch
 
 import tartan
 
-from .common import (PeakMemory, ReproduceError, atomic_path, atomic_write_json, describe_device, progress_bar,
-                     set_seed, warn)
-from .data import CIFAR_MD5, CIFAR_URL, DATA_URL, corpus_file, download, ensure_file, file_digest, model_identity
+from .common import PeakMemory, ReproduceError, atomic_write_json, describe_device, progress_bar, set_seed, warn
+from .data import DATA_URL, corpus_file, file_digest
 from .keep import predictions_path, save_model_atomic, write_predictions
 from .launch import Finished, Shard
 from .own import own_corpus_file
-from .paper import BUDGETS, PAPER_MAX_LENGTH, PAPER_WARM_HEAD, QUICK, RELEASED, TASKS, VISION, VISION_META
-from .vision import MAMMALS, WideResNet, mammals_tasks, read_cifar100
+from .paper import (BUDGETS, PAPER_MAX_LENGTH, PAPER_WARM_HEAD, PRETRAIN_TEXT_MODES, QUICK, RELEASED, TARTAN_MODES,
+                    TASKS, VISION, VISION_META, metric_field, tartan_mode)
+from .store import Checkpoints, DataFiles
+from .vision import MAMMALS, WideResNet, mammals_tasks
 
 FLAGS = {  # budget flag -> (config field, stages it sets)
     "batch_size": ("batch_size", ("train", "final")),
@@ -47,8 +47,6 @@ FLAGS = {  # budget flag -> (config field, stages it sets)
     "final_epochs": ("epochs", ("final",)), "final_steps": ("max_steps", ("final",)),
     "final_lr": ("lr", ("final",)), "final_head_lr": ("head_lr", ("final",)),
 }
-META_MODES = ("meta", "meta-samehead")
-TARTAN_MODES = ("mt",) + META_MODES
 
 
 @dataclass(frozen=True)
@@ -149,6 +147,53 @@ class Settings:
     shard: Shard = Shard(0, 1)  # this process's share of the run list (--shard, torchrun, SLURM array)
     download_only: bool = False  # fetch and check what the runs need, train nothing
 
+    # What the settings decide for one run, before anything is fetched or loaded.
+
+    def task_folder(self, task: str) -> str:
+        """The end-task's folder: relative to the data folder for the paper's tasks, absolute for a user's."""
+        return self.own_tasks.get(task) or TASKS[task]["folder"]
+
+    def task_metric(self, task: str) -> str:
+        return self.metric if task in self.own_tasks else TASKS[task]["metric"]
+
+    def corpus(self, task: str, name: str) -> str:
+        """The file of one auxiliary corpus of a task (see data.corpus_file and own.own_corpus_file)."""
+        if task in self.own_tasks:
+            return own_corpus_file(self.own_tasks[task], name, self.extra_corpora)
+        return corpus_file(task, name, self.extra_corpora)
+
+    def released(self, run: Run) -> str | None:
+        """The Hub id of the released checkpoint that stands for this run's Eq. 1 stages (Sec. 4), if it uses one."""
+        if self.baselines == "retrain":
+            return None
+        ckpt = RELEASED.get((run.task, run.mode, run.aux))
+        if ckpt is None and self.baselines == "released" and run.mode in PRETRAIN_TEXT_MODES:
+            raise ReproduceError(f"--baselines released: there is no released checkpoint for {run} (there are for "
+                                 f"TAPT, and for DAPT and DAPT+TAPT on the full domain corpus, --dapt-corpus full, "
+                                 f"without --aux-file); use --baselines retrain")
+        return ckpt
+
+    def stages(self, run: Run) -> tuple[str, tuple[str, ...]]:
+        """(tartan mode, auxiliary corpora actually trained on): a released checkpoint replaces the Eq. 1 stages."""
+        return ("finetune", ()) if self.released(run) else (tartan_mode(run.mode), run.aux)
+
+    def warm_head_plan(self, run: Run) -> dict | None:
+        """The warmed-LM-head settings of a run (Budget.warm_head, fitted on the task's TAPT text), or None: the
+        mode trains no MLM head or the budget fits none. They act only where the checkpoint has no LM head (see
+        Workspace.warm_head); the plan does not depend on that, so that a config is known without loading the model."""
+        plan = self.budget.warm_head
+        if plan is None or run.task == "mammals" or not self.stages(run)[1]:
+            return None
+        return {**plan, "corpus": self.corpus(run.task, "tapt")}
+
+    def run_files(self, run: Run) -> list[str]:
+        """The data files a run reads (relative to the data folder, or a user's absolute paths)."""
+        if run.task == "mammals":
+            return ["cifar-100/cifar-100-python.tar.gz"]
+        folder = self.task_folder(run.task)
+        return [f"{folder}/{s}.jsonl" for s in ("train", "dev", "test")] + [self.corpus(run.task, n)
+                                                                     for n in self.stages(run)[1]]
+
 
 def _with(cfg, values: dict):
     names = {f.name for f in dataclasses.fields(cfg)}
@@ -172,10 +217,6 @@ def make_configs(budget: Budget, task: str, mode: str, seed: int, n_pretrain: in
     pre = _with(tartan.PretrainConfig(), {**(VISION if vision else {}), "eval_every": -1,
                                            **budget.stage_values("pretrain"), **common})
     return cfg, [pre] * n_pretrain
-
-
-def tartan_mode(mode: str) -> str:
-    return {"tapt": "pretrain", "dapt": "pretrain", "dapt+tapt": "pretrain", "meta-samehead": "meta"}.get(mode, mode)
 
 
 @dataclass(frozen=True)
@@ -205,11 +246,11 @@ def make_run(task: str, mode: str, aux: str | None, seed: int, dapt: str, aux_fi
     them), --aux for MT/META (default TAPT, Table 1), then the --aux-file corpora."""
     if task == "mammals":
         return Run(task, mode, () if mode == "finetune" else ("cifar95",), seed)
-    spec = {"tapt": "tapt", "dapt": "dapt", "dapt+tapt": "dapt+tapt"}.get(mode)
+    spec = mode if mode in PRETRAIN_TEXT_MODES else None  # each Eq. 1 mode is named after its corpora
     if mode in TARTAN_MODES:
         spec = aux or "tapt"
     names = [] if spec in (None, "none") else [f"dapt{dapt}" if s == "dapt" else s for s in spec.split("+")]
-    if mode in ("tapt", "dapt", "dapt+tapt"):
+    if mode in PRETRAIN_TEXT_MODES:
         names = list(aux_files) + names  # extra corpora are further Eq. 1 stages, before the mode's own
     else:
         names += list(aux_files)
@@ -248,252 +289,145 @@ def versions() -> dict:
             "numpy": np.__version__, "platform": platform.platform(), "tartan.py_sha256": TARTAN_SHA256}
 
 
+def run_config(settings: Settings, models: Checkpoints, run: Run) -> dict:
+    """Everything that determines a run's result (compared on resume); JSON-normalised."""
+    mode, corpora = settings.stages(run)
+    cfg, pre = make_configs(settings.budget, run.task, run.mode, run.seed, len(corpora))
+    strip = lambda c: {k: v for k, v in dataclasses.asdict(c).items()  # noqa: E731
+                       if k != "progress" and (k not in LATER_FIELDS or v != LATER_FIELDS[k])} if c else None
+    out = {**run.key, "aux": list(run.aux), "tartan_mode": mode, "limit": settings.budget.examples,
+           "train": strip(cfg), "pretrain": [strip(p) for p in pre] if mode == "pretrain" else []}
+    if settings.released(run):
+        out["released_checkpoint"] = settings.released(run)
+    if settings.warm_head_plan(run):
+        out["warm_mlm_head"] = settings.warm_head_plan(run)
+    if out["train"] and out["train"].get("final_finetune"):
+        out["train"]["final_finetune"].pop("progress", None)
+    if run.task == "mammals":
+        out.update(body="WideResNet-16-2 (dropout 0.1)", split=dict(n_train=200, dev_frac=0.2, dev_cap=65,
+                                                                     n_test=200, classes=MAMMALS))
+    else:
+        out.update(model=models.identity(), max_length=settings.budget.length, metric=settings.task_metric(run.task),
+                   corpora={n: settings.corpus(run.task, n) for n in corpora})
+        if run.task in settings.own_tasks:
+            out["task_dir"] = settings.own_tasks[run.task]
+    return json.loads(json.dumps(out))
+
+
+def vision_run(cifar: dict, run: Run, limit: int | None):
+    """(body, end-task, auxiliary tasks, data sizes) of a mammals run (App. A.4): a fresh WideResNet-16-2."""
+    mean, std = cifar["stats"]
+    body = WideResNet(16, 2, dropout=0.1, mean=mean, std=std)
+    end, aux, sizes = mammals_tasks(cifar, run.seed, limit)
+    return body, end, [aux] if run.aux else [], sizes
+
+
+def text_run(settings: Settings, data: DataFiles, checkpoint: tuple, warm: dict | None, run: Run):
+    """(body, end-task, auxiliary tasks, data sizes) of a text run: a deep copy of the checkpoint, its LM head set to
+    the warmed one if there is one, the end-task and one MLM task per auxiliary corpus."""
+    body0, mlm0, tokenizer, _ = checkpoint
+    body, mlm = copy.deepcopy((body0, mlm0))  # one deepcopy keeps the tied decoder weight shared
+    if warm is not None:  # every MLM task of every arm starts from this one fitted head
+        with torch.no_grad():
+            for n, p in mlm.named_parameters():
+                if n in warm["state"]:
+                    p.copy_(warm["state"][n])
+    length, limit = settings.budget.length, settings.budget.examples
+    end = tartan.end_task(run.task, data.end_task_dir(settings.task_folder(run.task)), tokenizer, body.hidden_size,
+                          length, metric_field(settings.task_metric(run.task)), limit=limit)
+    mode, corpora = settings.stages(run)
+    chained = mode == "pretrain"  # DAPT+TAPT continues one model, LM head included
+    aux = []
+    for name in corpora:
+        path = data.file(settings.corpus(run.task, name))
+        texts = tartan.read_jsonl(path)[0] if path.endswith(".jsonl") else path  # a user's task: its texts
+        task = tartan.mlm_task(name, texts, tokenizer, body, mlm, length, limit=limit)
+        aux.append(dataclasses.replace(task, head=mlm) if chained else task)
+    sizes = {"train": len(end.train), "dev": len(end.dev), "test": len(end.test),
+             **{f"aux:{t.name}": len(t.train) for t in aux}}
+    return body, end, aux, sizes
+
+
+def result_record(run: Run, config: dict, out: dict, metric: str, sizes: dict, data_files: dict, warm: dict | None,
+                  device: torch.device, started: tuple[float, float], peak: PeakMemory, command: list[str]) -> dict:
+    """The result file of a run: its key and config, tartan.run_end_task's scores, history and stages, the headline
+    metric, cost (steps, time, memory, tokens), the data files' digests, the warmed head, device and versions."""
+    tokens = {}
+    for stage in out["stages"]:
+        for name, n in stage.get("tokens", {}).items():
+            tokens[name] = tokens.get(name, 0) + n
+    return {
+        "complete": True, "key": run.key, "config": config,
+        "dev": out["dev"], "test": out["test"],
+        "headline": {"metric": metric, "dev": out["dev"][metric_field(metric)],
+                     "test": out["test"][metric_field(metric)]},
+        "history": out["history"], "stages": out["stages"],
+        "steps": sum(s["steps"] for s in out["stages"]), "wall_seconds": time.perf_counter() - started[0],
+        "cpu_seconds": time.process_time() - started[1], "threads": torch.get_num_threads(),
+        "peak_memory_mb": peak.read_mb() if device.type == "cuda" else None,
+        "peak_rss_mb_process": PeakMemory.process_peak_rss_mb(), "tokens": tokens, "data_sizes": sizes,
+        "data_files": data_files, "warm_mlm_head": (warm or {}).get("info"),
+        "device": describe_device(device), "versions": versions(), "command": command,
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
 class Workspace:
-    """What every run of one command shares: the loaded checkpoint (a deep copy per run), the data files and their
-    checksums, CIFAR-100."""
+    """What every run of one command shares (the settings, the data files, the loaded checkpoints, the device), and
+    the steps of one run: its config, fetching what it needs, building its tasks, training it and writing its files."""
 
     def __init__(self, settings: Settings, device: torch.device):
         self.settings, self.device = settings, device
-        self.max_length, self.limit = settings.budget.length, settings.budget.examples
-        self._models, self._checked, self._cifar, self.files = {}, set(), None, {}
-        self._identity, self._warm = {}, {}  # model -> model_identity; (model, task) -> warmed LM head
+        self.data = DataFiles(settings.data_dir, settings.data_url, settings.progress)
+        self.models = Checkpoints(settings.model, settings.checkpoint_dir, device)
         self.save_dirs = {}  # run -> folder of its saved model (--save-model), set by execute_all
 
-    def released(self, run: Run) -> str | None:
-        """The Hub id of the released checkpoint that stands for this run's Eq. 1 stages (Sec. 4), if it uses one."""
-        if self.settings.baselines == "retrain":
-            return None
-        ckpt = RELEASED.get((run.task, run.mode, run.aux))
-        if ckpt is None and self.settings.baselines == "released" and run.mode in ("tapt", "dapt", "dapt+tapt"):
-            raise ReproduceError(f"--baselines released: there is no released checkpoint for {run} (there are for "
-                                 f"TAPT, and for DAPT and DAPT+TAPT on the full domain corpus, --dapt-corpus full, "
-                                 f"without --aux-file); use --baselines retrain")
-        return ckpt
-
-    def stages(self, run: Run) -> tuple[str, tuple[str, ...]]:
-        """(tartan mode, auxiliary corpora actually trained on): a released checkpoint replaces the Eq. 1 stages."""
-        return ("finetune", ()) if self.released(run) else (tartan_mode(run.mode), run.aux)
-
-    def file(self, rel: str) -> str:
-        """A data file, fetched on first use; its SHA-256 is recorded in the result files."""
-        if rel not in self.files:
-            if os.path.isabs(rel):
-                if not os.path.isfile(rel):
-                    raise ReproduceError(f"{rel}: no such file")
-                path = rel
-            else:
-                path = ensure_file(self.settings.data_dir, rel, self.settings.data_url,
-                                   progress=self.settings.progress)
-            self.files[rel] = (path, file_digest(path))
-        return self.files[rel][0]
-
-    def task_folder(self, task: str) -> str:
-        """The end-task's folder: relative to the data folder for the paper's tasks, absolute for a user's."""
-        return self.settings.own_tasks.get(task) or TASKS[task]["folder"]
-
-    def task_metric(self, task: str) -> str:
-        return self.settings.metric if task in self.settings.own_tasks else TASKS[task]["metric"]
-
-    def corpus(self, task: str, name: str) -> str:
-        """The file of one auxiliary corpus of a task (see data.corpus_file and own.own_corpus_file)."""
-        if task in self.settings.own_tasks:
-            return own_corpus_file(self.settings.own_tasks[task], name, self.settings.extra_corpora)
-        return corpus_file(task, name, self.settings.extra_corpora)
-
-    def model(self, name: str | None = None):
-        """(body, MLM head, tokenizer, missing weights) of --model, or of another checkpoint (a released baseline);
-        a Hub id is looked up under --checkpoint-dir first."""
-        name = name or self.settings.model
-        if name not in self._models:
-            local = os.path.join(self.settings.checkpoint_dir or "", name)
-            set_seed(0)  # newly initialised checkpoint weights (e.g. a missing MLM head) are the same for every run
-            body, mlm, tokenizer, missing = tartan.from_pretrained(
-                local if self.settings.checkpoint_dir and os.path.isdir(local) else name)
-            if missing:
-                print(f"note: {name} has no weights for {len(missing)} tensors (e.g. {missing[0]}); "
-                      f"they are newly initialised, the same for every seed")
-            self._models[name] = (body, mlm, tokenizer, missing)
-        return self._models[name]
-
-    def identity(self, name: str | None = None) -> str:
-        """What names the model in result files (data.model_identity), computed once per model."""
-        name = name or self.settings.model
-        if name not in self._identity:
-            self._identity[name] = model_identity(name)
-        return self._identity[name]
-
-    def warm_head_plan(self, run: Run) -> dict | None:
-        """The warmed-LM-head settings of a run (Budget.warm_head, fitted on the task's TAPT text), or None: the
-        mode trains no MLM head or the budget fits none. They act only where the checkpoint has no LM head (see
-        warm_head); the plan does not depend on that, so that a config is known without loading the model."""
-        plan = self.settings.budget.warm_head
-        if plan is None or run.task == "mammals" or not self.stages(run)[1]:
-            return None
-        return {**plan, "corpus": self.corpus(run.task, "tapt")}
+    def config(self, run: Run) -> dict:
+        return run_config(self.settings, self.models, run)
 
     def warm_head(self, run: Run) -> dict | None:
-        """{"state": the warmed head's own tensors, "info": its MLM loss before/after and digest} for a run whose
-        plan has one: fitted once per (model, task) with the body frozen, cached on disk (TARTAN_CACHE, default
-        ~/.cache/tartan) under a key of everything that determines it, and loaded by every arm."""
-        plan = self.warm_head_plan(run)
-        name = self.released(run) or self.settings.model
-        if plan is None or not self.model(name)[3]:  # no plan, or the checkpoint has its own LM head
+        """The warmed LM head of a run whose plan has one and whose checkpoint has no LM head (Checkpoints.warm_head),
+        else None."""
+        plan = self.settings.warm_head_plan(run)
+        name = self.settings.released(run) or self.settings.model
+        if plan is None or not self.models.load(name)[3]:  # no plan, or the checkpoint has its own LM head
             return None
-        corpus = self.file(plan["corpus"])
-        key_fields = {"model": self.identity(name), "corpus_sha256": self.files[plan["corpus"]][1],
-                      "max_length": self.max_length, "limit": self.limit, "torch": str(torch.__version__),
-                      **{k: v for k, v in plan.items() if k != "corpus"}}
-        key = hashlib.sha256(json.dumps(key_fields, sort_keys=True).encode()).hexdigest()[:24]
-        if key not in self._warm:
-            cache = os.path.join(os.environ.get("TARTAN_CACHE", os.path.expanduser("~/.cache/tartan")),
-                                 "warm-mlm-heads", f"{key}.pt")
-            try:
-                self._warm[key] = torch.load(cache, weights_only=True)
-            except (OSError, RuntimeError, EOFError, pickle.UnpicklingError):  # none yet, or unreadable: fit it
-                self._warm[key] = self._fit_warm_head(name, corpus, plan, key_fields)
-                try:
-                    with atomic_path(cache) as tmp:
-                        torch.save(self._warm[key], tmp)
-                except OSError as e:
-                    warn(f"could not cache the warmed LM head in {cache} ({e}); it is fitted again next time")
-        return self._warm[key]
+        corpus = self.data.file(plan["corpus"])
+        return self.models.warm_head(name, plan, corpus, self.data.sha256(plan["corpus"]), self.settings.budget.length,
+                                     self.settings.budget.examples)
 
-    def _fit_warm_head(self, name: str, corpus: str, plan: dict, key_fields: dict) -> dict:
-        body0, mlm0, tokenizer, _ = self.model(name)
-        body, mlm = copy.deepcopy((body0, mlm0))
-        body.to(self.device), mlm.to(self.device)
-        texts = tartan.read_jsonl(corpus)[0] if corpus.endswith(".jsonl") else corpus
-        task = tartan.mlm_task("warm", texts, tokenizer, body, mlm, self.max_length, limit=self.limit)
-        task = dataclasses.replace(task, head=mlm)
-        print(f"fitting an LM head for {name} on {plan['corpus']} ({plan['steps']} steps, body frozen) ...",
-              flush=True)
-        info = tartan.warm_mlm_head(body, mlm, task, plan["steps"], plan["lr"], plan["batch_size"])
-        state = {n: p.detach().cpu().clone() for n, p in mlm.named_parameters()
-                 if id(p) in {id(q) for q in tartan.head_parameters(mlm, body)}}
-        digest = hashlib.sha256(b"".join(state[n].numpy().tobytes() for n in sorted(state))).hexdigest()
-        print(f"  MLM loss {info['loss_before']:.3f} -> {info['loss_after']:.3f}", flush=True)
-        return {"state": state, "info": {**info, "sha256": digest, "key": key_fields}}
-
-    def prepare(self, run: Run):
+    def prepare(self, run: Run) -> None:
         """Fetch and read everything a run needs, before any training (so that bad input fails early)."""
         if run.task == "mammals":
-            return self.cifar()
-        self.model(self.released(run))
-        folder = self.task_folder(run.task)
-        if run.task not in self._checked:
-            for split in ("train", "dev", "test"):
-                self.file(f"{folder}/{split}.jsonl")
-            tartan.read_end_task(os.path.join(self.settings.data_dir, folder))
-            self._checked.add(run.task)
-        for name in self.stages(run)[1]:
-            rel = self.corpus(run.task, name)
-            if rel not in self._checked:
-                tartan.read_lines(self.file(rel))
-                self._checked.add(rel)
+            self.data.cifar()
+            return
+        self.models.load(self.settings.released(run))
+        self.data.check_end_task(self.settings.task_folder(run.task))
+        for name in self.settings.stages(run)[1]:
+            self.data.check_corpus(self.settings.corpus(run.task, name))
         self.warm_head(run)
-
-    def cifar(self) -> dict:
-        if self._cifar is None:
-            path = os.path.join(self.settings.data_dir, "cifar-100", "cifar-100-python.tar.gz")
-            if not os.path.isfile(path):
-                download(CIFAR_URL, path, md5=CIFAR_MD5, timeout=120, progress=self.settings.progress)
-            elif file_digest(path, "md5") != CIFAR_MD5:
-                warn(f"{path} differs from the official archive (MD5 {CIFAR_MD5}); using it as it is")
-            self.files["cifar-100/cifar-100-python.tar.gz"] = (path, file_digest(path))
-            self._cifar = read_cifar100(path)
-            x = self._cifar["train"][0]  # channel mean and std of the training images, in [0, 1]
-            self._cifar["stats"] = tuple(zip(*[(float(c.mean()), float(c.std()))
-                                               for c in (x[:, i].astype(np.float32) / 255.0 for i in range(3))]))
-        return self._cifar
 
     def build(self, run: Run):
         """(body, end-task, auxiliary tasks, data sizes) for one run, on the device, after seeding the run."""
         set_seed(run.seed)
         if run.task == "mammals":
-            cifar = self.cifar()
-            mean, std = cifar["stats"]
-            body = WideResNet(16, 2, dropout=0.1, mean=mean, std=std)
-            end, aux, sizes = mammals_tasks(cifar, run.seed, self.limit)
-            aux = [aux] if run.aux else []
+            body, end, aux, sizes = vision_run(self.data.cifar(), run, self.settings.budget.examples)
         else:
-            body0, mlm0, tokenizer, _ = self.model(self.released(run))
-            body, mlm = copy.deepcopy((body0, mlm0))  # one deepcopy keeps the tied decoder weight shared
-            warm = self.warm_head(run)
-            if warm is not None:  # every MLM task of every arm starts from this one fitted head
-                with torch.no_grad():
-                    for n, p in mlm.named_parameters():
-                        if n in warm["state"]:
-                            p.copy_(warm["state"][n])
-            folder = os.path.dirname(self.file(f"{self.task_folder(run.task)}/train.jsonl"))
-            metric = "micro_f1" if self.task_metric(run.task) == "micro_f1" else "macro_f1"
-            end = tartan.end_task(run.task, folder, tokenizer, body.hidden_size, self.max_length, metric,
-                                  limit=self.limit)
-            mode, corpora = self.stages(run)
-            chained = mode == "pretrain"  # DAPT+TAPT continues one model, LM head included
-            aux = []
-            for name in corpora:
-                path = self.file(self.corpus(run.task, name))
-                texts = tartan.read_jsonl(path)[0] if path.endswith(".jsonl") else path  # a user's task: its texts
-                task = tartan.mlm_task(name, texts, tokenizer, body, mlm, self.max_length, limit=self.limit)
-                aux.append(dataclasses.replace(task, head=mlm) if chained else task)
-            sizes = {"train": len(end.train), "dev": len(end.dev), "test": len(end.test),
-                     **{f"aux:{t.name}": len(t.train) for t in aux}}
+            checkpoint = self.models.load(self.settings.released(run))
+            body, end, aux, sizes = text_run(self.settings, self.data, checkpoint, self.warm_head(run), run)
         body.to(self.device)
         for t in [end] + aux:
             t.head.to(self.device)
         return body, end, aux, sizes
 
-    def run_files(self, run: Run) -> list[str]:
-        if run.task == "mammals":
-            return ["cifar-100/cifar-100-python.tar.gz"]
-        folder = self.task_folder(run.task)
-        return [f"{folder}/{s}.jsonl" for s in ("train", "dev", "test")] + [self.corpus(run.task, n)
-                                                                     for n in self.stages(run)[1]]
-
-    def labels(self, run: Run) -> list[str]:
-        """The end-task's label names, in the order of the head's outputs."""
-        if run.task == "mammals":
-            return list(MAMMALS)
-        return tartan.read_end_task(os.path.dirname(self.file(f"{self.task_folder(run.task)}/train.jsonl")))["labels"]
-
-    def test_lines(self, run: Run) -> list[int] | None:
-        """The line in test.jsonl of each test example the run evaluates (None for mammals: examples by index)."""
-        if run.task == "mammals":
-            return None
-        lines = tartan.read_jsonl(self.file(f"{self.task_folder(run.task)}/test.jsonl"))[2]
-        return [lines[i] for i in tartan.subset(len(lines), self.limit)]  # the subset tartan.end_task keeps
-
-    def config(self, run: Run) -> dict:
-        """Everything that determines a run's result (compared on resume); JSON-normalised."""
-        mode, corpora = self.stages(run)
-        cfg, pre = make_configs(self.settings.budget, run.task, run.mode, run.seed, len(corpora))
-        strip = lambda c: {k: v for k, v in dataclasses.asdict(c).items()  # noqa: E731
-                           if k != "progress" and (k not in LATER_FIELDS or v != LATER_FIELDS[k])} if c else None
-        out = {**run.key, "aux": list(run.aux), "tartan_mode": mode, "limit": self.limit,
-               "train": strip(cfg), "pretrain": [strip(p) for p in pre] if mode == "pretrain" else []}
-        if self.released(run):
-            out["released_checkpoint"] = self.released(run)
-        if self.warm_head_plan(run):
-            out["warm_mlm_head"] = self.warm_head_plan(run)
-        if out["train"] and out["train"].get("final_finetune"):
-            out["train"]["final_finetune"].pop("progress", None)
-        if run.task == "mammals":
-            out.update(body="WideResNet-16-2 (dropout 0.1)", split=dict(n_train=200, dev_frac=0.2, dev_cap=65,
-                                                                         n_test=200, classes=MAMMALS))
-        else:
-            out.update(model=self.identity(), max_length=self.max_length, metric=self.task_metric(run.task),
-                       corpora={n: self.corpus(run.task, n) for n in corpora})
-            if run.task in self.settings.own_tasks:
-                out["task_dir"] = self.settings.own_tasks[run.task]
-        return json.loads(json.dumps(out))
-
     def execute(self, run: Run) -> dict:
         """Train and evaluate one run and write its result file, its test predictions beside it and (--save-model,
         into self.save_dirs[run]) its selected model; nothing is written unless it completes, the result file last."""
-        t0, cpu0 = time.perf_counter(), time.process_time()
-        if os.path.exists(run.path(self.settings.out)):  # --rerun: the old result goes first, so that no new
-            os.remove(run.path(self.settings.out))       # predictions or model ever sit beside it
-        mode, corpora = self.stages(run)
+        started = time.perf_counter(), time.process_time()
+        path = run.path(self.settings.out)
+        if os.path.exists(path):  # --rerun: the old result goes first, so that no new predictions or model ever sit
+            os.remove(path)       # beside it
+        mode, corpora = self.settings.stages(run)
         cfg, pre = make_configs(self.settings.budget, run.task, run.mode, run.seed, len(corpora),
                                 self.settings.progress)
         self.prepare(run)
@@ -502,36 +436,22 @@ class Workspace:
             peak.reset()
         body, end, aux, sizes = self.build(run)
         out = tartan.run_end_task(body, end, aux, mode, cfg, pre)
-        metric = self.task_metric(run.task)
-        field_ = "micro_f1" if metric == "accuracy" else metric
-        tokens = {}
-        for stage in out["stages"]:
-            for name, n in stage.get("tokens", {}).items():
-                tokens[name] = tokens.get(name, 0) + n
-        record = {
-            "complete": True, "key": run.key, "config": self.config(run),
-            "dev": out["dev"], "test": out["test"],
-            "headline": {"metric": metric, "dev": out["dev"][field_], "test": out["test"][field_]},
-            "history": out["history"], "stages": out["stages"],
-            "steps": sum(s["steps"] for s in out["stages"]), "wall_seconds": time.perf_counter() - t0,
-            "cpu_seconds": time.process_time() - cpu0, "threads": torch.get_num_threads(),
-            "peak_memory_mb": peak.read_mb() if self.device.type == "cuda" else None,
-            "peak_rss_mb_process": PeakMemory.process_peak_rss_mb(), "tokens": tokens, "data_sizes": sizes,
-            "data_files": {rel: {"sha256": h} for rel, (p, h) in self.files.items()
-                           if rel in self.run_files(run)},
-            "warm_mlm_head": (self.warm_head(run) or {}).get("info"),
-            "device": describe_device(self.device), "versions": versions(),
-            "command": [self.identity() if a == self.settings.model else a for a in sys.argv],  # no local path
-            "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        }
-        labels = self.labels(run)
-        write_predictions(predictions_path(run.path(self.settings.out)), end, out["test_predictions"],
-                          self.test_lines(run), labels)
+        metric = self.settings.task_metric(run.task)
+        files = {rel: {"sha256": h} for rel, (_, h) in self.data.files.items() if rel in self.settings.run_files(run)}
+        command = [self.models.identity() if a == self.settings.model else a for a in sys.argv]  # no local path
+        record = result_record(run, self.config(run), out, metric, sizes, files, self.warm_head(run), self.device,
+                               started, peak, command)
+        if run.task == "mammals":  # examples by index, labels the five CIFAR-100 fine-label numbers
+            labels, lines = list(MAMMALS), None
+        else:
+            folder = self.settings.task_folder(run.task)
+            labels, lines = self.data.labels(folder), self.data.test_lines(folder, self.settings.budget.examples)
+        write_predictions(predictions_path(path), end, out["test_predictions"], lines, labels)
         if self.save_dirs.get(run):
-            save_model_atomic(self.save_dirs[run], body, end.head,
-                              self.model(self.released(run))[2] if run.task != "mammals" else None,
+            tokenizer = self.models.load(self.settings.released(run))[2] if run.task != "mammals" else None
+            save_model_atomic(self.save_dirs[run], body, end.head, tokenizer,
                               {"task": run.task, "labels": labels, "metric": metric, "key": run.key})
-        atomic_write_json(run.path(self.settings.out), record)
+        atomic_write_json(path, record)
         del body, end, aux
         gc.collect()
         return record
@@ -594,11 +514,11 @@ def fetch_all(ws: Workspace, runs: list[Run]):
     shard), then stop."""
     for run in runs:
         ws.prepare(run)
-    names = sorted({rel for run in runs for rel in ws.run_files(run)})
-    models = sorted({ws.released(r) or ws.settings.model for r in runs if r.task != "mammals"})
+    names = sorted({rel for run in runs for rel in ws.settings.run_files(run)})
+    models = sorted({ws.settings.released(r) or ws.settings.model for r in runs if r.task != "mammals"})
     model = f"model(s) {', '.join(models)} and " if models else ""
     raise Finished(f"--download-only: {model}{len(names)} data file(s) of {len(runs)} run(s) are in place and "
-                   f"readable:\n" + "\n".join(f"  {ws.files[n][0] if n in ws.files else n}" for n in names))
+                   f"readable:\n" + "\n".join(f"  {ws.data.files[n][0] if n in ws.data.files else n}" for n in names))
 
 
 def shard_summary(shard: Shard, runs: list[Run], results: dict, todo: list[Run]) -> str:

@@ -8,7 +8,7 @@ import torch
 
 import reproduce
 import tartan
-from experiments import runs
+from experiments import paper, runs
 
 # The committed result files of the CPU sweep (experiments/results/README.md), each with the flags that made
 # it. Today's runner must build the very config stored in each file (the one compared on resume), or --report-only
@@ -78,4 +78,17 @@ def test_help_shows_the_paper_defaults_read_from_tartans_configs(capsys):
     assert f"(MT/META {mt.lr:g}, Eq. 2 {eq2.lr:g})" in text
     assert f"(paper {meta.meta_lr:g}; vision" in text
     assert f"final Eq. 2 after MT/META: body learning rate (final {tartan.tartan_finetune().lr:g})" in text
+    assert f"Eq. 1: MLM head learning rate (Eq. 1 {tartan.PretrainConfig().head_lr:g})" in text
     assert "benchmark (--bench;" in text and "--bench-steps" in text and "--default-malloc" in text
+
+
+def test_every_budget_flag_is_on_the_command_line_and_applies_to_the_modes_that_run_its_stage():
+    _, scope = reproduce.build_parser()
+    only = {("pretrain",): paper.PRETRAIN_MODES, ("final",): paper.TARTAN_MODES}  # a stage that not every mode runs
+    for flag, (_, stages) in runs.FLAGS.items():
+        option, _, _, modes = scope[flag]
+        assert option == "--" + flag.replace("_", "-")
+        assert modes == only.get(stages, modes)
+    assert [f for f, (_, stages) in runs.FLAGS.items() if stages in only] == [
+        "pretrain_epochs", "pretrain_steps", "pretrain_lr", "pretrain_head_lr",
+        "final_epochs", "final_steps", "final_lr", "final_head_lr"]

@@ -1,11 +1,13 @@
-"""The paper's numbers as data: the p-values of Tables 6 and 8 fit a one-sided permutation test."""
+"""The paper's experiments as data: the p-values of Tables 6 and 8 fit a one-sided permutation test; the modes and
+the metric names mean what tartan runs and computes."""
 from statistics import NormalDist
 
 import numpy as np
 import pytest
 
 import tartan
-from experiments.paper import PAPER, TASKS, metric_field
+from experiments.paper import (PAPER, TABLES, TASKS, TEXT_MODES, VISION_MODES, WITH_AUX, metric_field,
+                               tartan_mode)
 
 CASES = [((1, "aclarc", "MT-TARTAN"), (1, "aclarc", "TAPT")), ((1, "aclarc", "META-TARTAN"), (1, "aclarc", "TAPT")),
          ((1, "scierc", "MT-TARTAN"), (1, "scierc", "TAPT")), ((1, "scierc", "META-TARTAN"), (1, "scierc", "TAPT")),
@@ -43,3 +45,11 @@ def test_every_tasks_headline_metric_names_a_score_tartan_computes():
     scores = tartan.f1_scores([0, 1, 1], [0, 1, 0])
     assert {t: metric_field(TASKS[t]["metric"]) in scores for t in TASKS} == {t: True for t in TASKS}
     assert metric_field("accuracy") == "micro_f1"  # App. A.4 reports accuracy; one label per example: micro-F1
+
+
+def test_every_mode_is_one_of_tartans_and_every_column_names_a_mode():
+    assert {m: tartan_mode(m) for m in TEXT_MODES + VISION_MODES} == {
+        "finetune": "finetune", "tapt": "pretrain", "dapt": "pretrain", "dapt+tapt": "pretrain", "pretrain": "pretrain",
+        "mt": "mt", "meta": "meta", "meta-samehead": "meta"}  # the modes tartan.run_end_task accepts
+    assert {c.mode for table in TABLES.values() for c in table.columns} <= set(TEXT_MODES + VISION_MODES)
+    assert set(WITH_AUX) == set(TEXT_MODES + VISION_MODES) - {"finetune"}  # only fine-tuning uses no auxiliary data

@@ -270,7 +270,7 @@ def test_one_warmed_lm_head_for_every_arm(tmp_path, data_dir, monkeypatch):
         params = dict(aux[0].head.named_parameters())
         heads.append({n: params[n].detach().clone() for n in warm["state"]})
     assert warm["state"] and all(torch.equal(h[n], warm["state"][n]) for h in heads for n in warm["state"])
-    raw = dict(ws.model()[1].named_parameters())  # the checkpoint's newly initialised head, before the fit
+    raw = dict(ws.models.load()[1].named_parameters())  # the checkpoint's newly initialised head, before the fit
     assert not all(torch.equal(raw[n], warm["state"][n]) for n in warm["state"])
     assert warm["info"]["loss_after"] < warm["info"]["loss_before"]
     assert "cls.predictions.decoder.weight" not in warm["state"]  # the tied decoder is the body's embedding
