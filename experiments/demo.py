@@ -481,12 +481,12 @@ def run_demo(seeds=DEMO_SEEDS, out_dir: str = "results", quick: bool = False, pr
     result = {"task": "demo", "quick": quick, "seeds": seeds, "settings": dataclasses.asdict(s),
               "metric": "test macro-F1", "std_ddof": 1,
               "methods": {m: {"label": DEMO_LABELS[m], **summary[m]} for m in DEMO_METHODS},
-              "meta_final_weights": {"per_seed": {str(sd): {n: v[i] for n, v in weights["by_task"].items()}
+              "meta_final_alpha": {"per_seed": {str(sd): {n: v[i] for n, v in weights["by_task"].items()}
                                                   for i, sd in enumerate(weights["seeds"])},
                                      "mean": weights["mean"],
                                      "average_over_training": weights["average_over_training"]},
-              "meta_best_weights": weights["best"],
-              "meta_weight_trajectories": {str(r["seed"]): r["trajectory"] for r in records if r["method"] == "meta"},
+              "meta_best_alpha": weights["best"],
+              "meta_alpha_trajectories": {str(r["seed"]): r["trajectory"] for r in records if r["method"] == "meta"},
               "claims": claims, "runs": [{k: v for k, v in r.items() if k != "trajectory"} for r in records],
               "figure": figure, "seconds": seconds, "threads": s.threads,
               "versions": {"torch": torch.__version__, "transformers": transformers.__version__}}

@@ -100,7 +100,7 @@ def test_reduced_demo_meta_downweights_harmful_corpus(demo):
     """Sec. 3.2/5.3 on the demo. Robustness checked before relying on it: with the quick settings, seeds 0-9 all
     ended with harmful < helpful (helpful/harmful ratio 1.08 to 2.93); the full settings, seeds 0-2, likewise."""
     result, _ = demo
-    final = result["meta_final_weights"]["per_seed"]["0"]
+    final = result["meta_final_alpha"]["per_seed"]["0"]
     assert set(final) == {"end-task", "helpful", "harmful"}
     assert abs(sum(final.values()) - 1) < 1e-5
     assert final["harmful"] < final["helpful"]
@@ -124,8 +124,8 @@ def test_reduced_demo_json(demo):
         entry = on_disk["methods"][m]
         assert entry["seeds"] == [0] and len(entry["test"]) == 1 and 0 <= entry["test"][0] <= 1
         assert entry["mean"] == pytest.approx(entry["test"][0])
-    assert on_disk["meta_final_weights"] == result["meta_final_weights"]
-    traj = on_disk["meta_weight_trajectories"]["0"]
+    assert on_disk["meta_final_alpha"] == result["meta_final_alpha"]
+    traj = on_disk["meta_alpha_trajectories"]["0"]
     assert traj[0]["step"] == 0 and traj[0]["harmful"] == pytest.approx(1 / 3)
     assert traj[-1]["step"] == quick_settings().steps
     assert not [f for f in os.listdir(out) if f.endswith(".tmp")]  # atomic write left nothing behind
@@ -143,8 +143,8 @@ def test_reduced_demo_prints_table(demo, capsys):
     # the table was printed when the fixture ran; check its rows through a second, cheap rendering instead
     result, _ = demo
     from experiments.demo import demo_report
-    weights = {"seeds": [0], "by_task": {n: [v] for n, v in result["meta_final_weights"]["per_seed"]["0"].items()},
-               "mean": result["meta_final_weights"]["mean"]}
+    weights = {"seeds": [0], "by_task": {n: [v] for n, v in result["meta_final_alpha"]["per_seed"]["0"].items()},
+               "mean": result["meta_final_alpha"]["mean"]}
     summary = {m: result["methods"][m] for m in ("finetune", "pretrain", "mt", "meta")}
     text = demo_report(summary, weights, result["claims"], [0], 1.0)
     for row in ("fine-tune only", "pretrain->finetune", "MT-TARTAN", "META-TARTAN", "p vs pretrain", "ddof=1"):
