@@ -892,7 +892,7 @@ def read_jsonl(path: str) -> tuple[list[str], list[str], list[int]]:
         if not isinstance(obj["text"], str):
             raise DataError(f"{path}, line {lineno}: 'text' must be a string")
         label = obj["label"]
-        if isinstance(label, bool) or not isinstance(label, (str, int)):
+        if not _is_label(label):
             raise DataError(f"{path}, line {lineno}: 'label' must be a string or an integer, not {label!r}")
         texts.append(obj["text"])
         labels.append(str(label))
@@ -928,6 +928,11 @@ def read_end_task(folder: str) -> dict:
     vocab, ids = _label_ids({s: labels for s, (_, labels, _) in splits.items()}, "train.jsonl",
                            lambda s, i: f"{os.path.join(folder, s + '.jsonl')}, line {splits[s][2][i]}")
     return {"labels": vocab, **{s: (splits[s][0], ids[s]) for s in splits}}
+
+
+def _is_label(x) -> bool:
+    """A class label as tartan takes it, from a file or in memory: a string or an integer (a bool is neither)."""
+    return isinstance(x, (str, int, np.integer)) and not isinstance(x, bool)
 
 
 def _label_ids(splits: dict[str, list], train: str = "train", where=None) -> tuple[list, dict[str, list[int]]]:
@@ -1087,7 +1092,7 @@ def _text_pairs(what: str, data) -> tuple[list[str], list]:
         raise DataError(f"{what}: {len(texts)} texts but {len(labels)} labels")
     if not texts:
         raise DataError(f"{what} has no examples")
-    bad = [x for x in labels if isinstance(x, bool) or not isinstance(x, (str, int, np.integer))]
+    bad = [x for x in labels if not _is_label(x)]
     if bad or len({isinstance(x, str) for x in labels}) > 1:
         raise DataError(f"{what}: labels must be all strings or all integers" + (f", not {bad[0]!r}" if bad else ""))
     if not all(isinstance(t, str) for t in texts):
