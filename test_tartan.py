@@ -4,7 +4,6 @@ import itertools
 import json
 import math
 import os
-import platform
 import random
 
 import numpy as np

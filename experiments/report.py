@@ -7,8 +7,6 @@ import os
 
 import numpy as np
 
-import tartan
-
 from . import analysis
 from .common import (ReproduceError, alpha_of, atomic_path, atomic_write_text, compare, fmt, markdown_table, mean_std,
                      min_seeds, seeds_str)
