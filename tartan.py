@@ -9,27 +9,15 @@ end-task T* together with the auxiliary objectives T_1..T_n:
   META-TARTAN (Eq. 7, Alg. 1)    task weights meta-learned online from cos(g_meta, g_i), where g_meta is the
                                  end-task validation gradient through a freshly fitted meta head phi* (Sec. 3.3).
 
-Contents, in the paper's order, the method first:
-  1. Body and heads (Sec. 2, 4)  any Hugging Face encoder or torch module; MLP classification head; MLM head
-  2. Masking                     BERT masking (15%; 80/10/10) with an explicit generator
-  3. Tasks                       T = (loss, data): a head and its data; endless shuffled batches
-  4. Configs (Sec. 4)            the paper's values, and the release's where the paper is silent
-  5. Training loop               one loop for Eq. 1 (pre-training), Eq. 2 (fine-tuning), Eq. 3 and Alg. 1
-  6. MT-TARTAN (Eq. 3)           the weighted sum of task gradients; MTWeighting, the weighting as an object
-                                 that any training loop calls once per step (tartan's own loop included)
-  7. META-TARTAN (Eq. 6-7, Sec. 3.3, Alg. 1)   per-task gradients, meta head, cosine weight update;
-                                 MetaWeighting, the same for any loop
-  8. Entry points                pretrain (Eq. 1), finetune (Eq. 2), train_multitask (Eq. 3), train_meta (Alg. 1),
-                                 run_end_task (one row of a table)
-  9. Evaluation                  macro-F1 and micro-F1 (= accuracy for single-label classification)
-  10. Significance (A.2)         permutation test of per-seed scores
-Appendix:
-  A. Reading files, building tasks   JSONL end-tasks, line-per-example corpora, tokenisation, dynamic padding,
-                                 end_task / classification_task / mlm_task / new_mlm_head, from_pretrained,
-                                 warm_mlm_head
-  B. Contracts and divergence    check_tasks, the weightings' argument checks, DataError, DivergedError
-  C. Plumbing                    device, autocast, progress bar, snapshots, clipping, head parameters,
-                                 optimizers and the step budget
+Contents, the method first, in the paper's order:
+  1. Body and heads (Sec. 2, 4)   2. Masking (BERT, 15%; 80/10/10)   3. Tasks T = (loss, data) and their batches
+  4. Configs (Sec. 4; the release where the paper is silent)   5. The training loop of Eq. 1, 2, 3 and Alg. 1
+  6. MT-TARTAN (Eq. 3)   7. META-TARTAN (Eq. 6-7, Sec. 3.3, Alg. 1): MTWeighting and MetaWeighting are the weightings
+     as objects that any training loop (tartan's own included) calls once per step
+  8. Entry points: pretrain (Eq. 1), finetune (Eq. 2), train_multitask (Eq. 3), train_meta (Alg. 1), run_end_task
+  9. Evaluation (macro-F1, micro-F1)   10. Significance: the permutation test (A.2)
+Appendix: A. reading files and building tasks; B. contracts and divergence; C. plumbing (device, autocast, progress
+bar, snapshots, clipping, head parameters, optimizers, the step budget).
 
 Shapes: B batch, T tokens, H hidden size, C classes, V vocabulary, M masked positions, P body parameters,
 K = n + 1 tasks (end-task first).
@@ -159,14 +147,13 @@ class Task:
     masking: Masking | None = None             # set for MLM tasks: batches are corrupted by mask_tokens
     dev: TextData | TensorData | None = None   # end-task only
     test: TextData | TensorData | None = None  # end-task only; touched once, for the selected model
-    num_labels: int = 0                        # classes C of a classification task (end_task and
-    #                                            classification_task set it); META's phi* needs it for the end-task
+    num_labels: int = 0                        # classes C (the task builders set it); META's phi* needs it
     metric: str = "macro_f1"                   # headline metric: "macro_f1" or "micro_f1" (Table 1)
 
 
 def batches(task: Task, batch_size: int, generator: torch.Generator):
     """Endless shuffled epochs of (inputs, labels) from a task's training data; MLM tasks are masked here. The last
-    partial batch of an epoch is dropped (unless the data is smaller than one batch), so every step sees full batches."""
+    partial batch of an epoch is dropped (unless the data is smaller than one batch): every step sees full batches."""
     while True:
         order = torch.randperm(len(task.train), generator=generator).tolist()
         last = len(order) - batch_size + 1 if len(order) >= batch_size else 1
@@ -179,38 +166,38 @@ def batches(task: Task, batch_size: int, generator: torch.Generator):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# 4. Configs hold the paper's values (Sec. 4) and, where the paper is silent, those of the authors'
-#    launch scripts (ldery/TARTAN run_{mt,meta}_multiple.sh) or of Gururangan et al. (2020), App. B.
+# 4. Configs hold the paper's values (Sec. 4) and, where the paper is silent, those of the authors' launch scripts
+#    ("release": ldery/TARTAN run_{mt,meta}_multiple.sh) or of Gururangan et al. (2020), App. B.
 
 
 @dataclass
 class TrainConfig:
     """MT-TARTAN (Eq. 3). Also the base of the other configs."""
-    lr: float = 1e-4                  # beta_1, body learning rate (AdamW; released launch scripts)
+    lr: float = 1e-4                  # beta_1, body learning rate (AdamW; release)
     head_lr: float = 1e-3             # beta_2, head learning rate (Sec. 4 grid {1e-3, 1e-4, 1e-5})
-    weight_decay: float = 0.01        # body AdamW decay, none on biases and norm weights (released launch scripts)
-    head_weight_decay: float = 0.1    # heads (released launch scripts)
-    betas: tuple[float, float] = (0.9, 0.98)  # AdamW (released launch scripts)
-    adam_eps: float = 1e-6            # AdamW (released launch scripts)
-    warmup_frac: float = 0.06         # linear warm-up over 6% of the steps, then linear decay to 0 (released scripts)
-    grad_clip: float = 1.0            # max global gradient norm, 0 = off (released launch scripts)
-    batch_size: int = 64              # |B*_tr|, end-task micro-batch (released launch scripts)
-    aux_batch_size: int = 64          # |B_i|, auxiliary micro-batch (released launch scripts)
+    weight_decay: float = 0.01        # body AdamW decay, none on biases and norm weights (release)
+    head_weight_decay: float = 0.1    # heads (release)
+    betas: tuple[float, float] = (0.9, 0.98)  # AdamW (release)
+    adam_eps: float = 1e-6            # AdamW (release)
+    warmup_frac: float = 0.06         # linear warm-up over 6% of the steps, then linear decay to 0 (release)
+    grad_clip: float = 1.0            # max global gradient norm, 0 = off (release)
+    batch_size: int = 64              # |B*_tr|, end-task micro-batch (release)
+    aux_batch_size: int = 64          # |B_i|, auxiliary micro-batch (release)
     grad_accum: int = 2               # micro-batches per optimizer step (64 x 2 = the paper's end-task batch 128)
-    epochs: float = 150               # budget in passes over the largest training set among the tasks (released
-    #                                   launch scripts: num_train_epochs 150; early stopping usually ends sooner)
+    epochs: float = 150               # budget in passes over the largest training set (release; early stopping
+    #                                   usually ends sooner)
     max_steps: int = 0                # optimizer steps; 0 = derived from epochs
-    eval_every: int = 30              # evaluate end-task dev every this many steps; 0 = once per epoch; -1 = never
-    #                                   (released launch scripts: 30)
-    patience: int = 20                # early stop when the last `patience` evaluations bring no strictly better
-    #                                   dev score, a tie is not an improvement (released launch scripts: 20)
+    eval_every: int = 30              # evaluate end-task dev every this many steps (release); 0 = once per epoch;
+    #                                   -1 = never
+    patience: int = 20                # early stop after this many evaluations without a strictly better dev score,
+    #                                   a tie is no improvement (release)
     eval_batch_size: int = 64
     weights: tuple[float, ...] | None = None  # w = (w*, w_1..w_n) of Eq. 3; None = uniform 1/(n+1) (Sec. 4)
     seed: int = 0                     # data order and masking
     bf16: bool = True                 # bf16 autocast, on CUDA only
     progress: bool = False            # tqdm progress bar
-    eval_test: bool = False           # also score the test split at every evaluation, recorded in the history for
-    #                                   analysis only (learning curves): selection and early stopping never read it
+    eval_test: bool = False           # also score test at every evaluation, in the history for learning curves
+    #                                   only: selection and early stopping never read it
     final_finetune: "FinetuneConfig | None" = field(default_factory=lambda: tartan_finetune())
 
 
@@ -230,8 +217,8 @@ class FinetuneConfig(TrainConfig):
 
 
 def tartan_finetune() -> FinetuneConfig:
-    """The optional end-task-only stage after MT/META-TARTAN (released scripts: lr 5e-6, batch 64, <=10 epochs,
-    patience 3); it is kept only if it improves end-task dev."""
+    """The optional end-task-only stage after MT/META-TARTAN (release: lr 5e-6, batch 64, <=10 epochs, patience 3),
+    kept only if it improves end-task dev."""
     return FinetuneConfig(lr=5e-6, head_lr=5e-6, batch_size=64)
 
 
@@ -252,22 +239,18 @@ class PretrainConfig(TrainConfig):
 @dataclass
 class MetaConfig(TrainConfig):
     """META-TARTAN (Eq. 7, Sec. 3.3, Algorithm 1)."""
-    meta_lr: float = 1e-2             # eta, task-weight step size (Sec. 4 grid {1e-1, 5e-2, 3e-2, 1e-2}; released
-    #                                   launch scripts: 1e-2)
-    meta_head_steps: int = 10         # phi* is trained this many full-batch steps (Sec. 4: "after 10 gradient
-    #                                   descent steps"), from a new random init at every step (Sec. 3.3; see
-    #                                   estimate_meta_head for the reading of Algorithm 1)
+    meta_lr: float = 1e-2             # eta, task-weight step size (Sec. 4 grid {1e-1, 5e-2, 3e-2, 1e-2}; release 1e-2)
+    meta_head_steps: int = 10         # phi*'s full-batch steps (Sec. 4: "after 10 gradient descent steps"), from a
+    #                                   new random init at every step (Sec. 3.3; see estimate_meta_head)
     meta_head_lr: float = 1e-3        # phi* AdamW learning rate (Sec. 4)
     meta_head_wd: float = 0.1         # phi* l2 weight decay (Sec. 4)
     meta_batch_size: int = 32         # rows that fit phi* (Sec. 4: {16, 32}); with meta_head_data="train" at most
     #                                   batch_size, the end-task micro-batch B*_tr they are taken from
     meta_val_batch_size: int = 0      # |B*_val|; 0 = meta_batch_size (the paper gives no size for B*_val)
-    meta_head_data: str = "train"     # where phi*'s rows come from: "train" = the first rows of B*_tr (Sec. 3.3, A.1:
-    #                                   "a subset of the end-task training data"); "dev" = a batch of its own drawn
-    #                                   from the end-task dev split (the released code), apart from B*_val
-    meta_head_tol: float = 0.0        # > 0: phi*'s fit stops before meta_head_steps once 10 steps lower its training
-    #                                   loss by less than this fraction ("to convergence", Sec. 3.3); 0 = always
-    #                                   meta_head_steps steps (Sec. 4)
+    meta_head_data: str = "train"     # phi*'s rows: "train" = the first rows of B*_tr (Sec. 3.3, A.1: "a subset of
+    #                                   the end-task training data"); "dev" = a dev batch of their own (the release)
+    meta_head_tol: float = 0.0        # > 0: phi*'s fit stops early once 10 steps lower its loss by less than this
+    #                                   fraction ("to convergence", Sec. 3.3); 0 = always meta_head_steps (Sec. 4)
     same_head: bool = False           # True: meta gradient through phi' itself (Eq. 6), the ablation of Fig. 3
     cos_eps: float = 1e-8             # epsilon in cos(a, b) = a.b / (|a||b| + eps)
 
@@ -278,66 +261,57 @@ class MetaConfig(TrainConfig):
 
 def train(body: nn.Module, end: Task | None, aux: list[Task], cfg: TrainConfig, step_fn=None) -> dict:
     """The loop shared by every mode: Eq. 1 (end=None), Eq. 2 (aux=[]), Eq. 3 (multitask_step) and Algorithm 1
-    (meta_step). Evaluates end-task dev every cfg.eval_every steps, keeps the best-dev body and head, stops early
-    after cfg.patience evaluations without a new best, restores the best, and returns the history.
-    Model selection and early stopping use the end-task dev metric (end.metric), as the released code does; the
-    paper's Sec. 3.1 speaks of monitoring the validation loss, which the history records too.
-    A loss that turns NaN or infinite (training, META's validation, dev) stops the run with a DivergedError.
-    The test split is not touched here (see run_end_task)."""
+    (meta_step). Evaluates end-task dev every cfg.eval_every steps, keeps the best-dev body and head, stops after
+    cfg.patience evaluations without a new best, restores the best and returns the history. Selection uses the dev
+    metric (end.metric), as the release does; the paper's Sec. 3.1 monitors the validation loss, recorded too.
+    A NaN or infinite loss (training, META's validation, dev) stops the run with a DivergedError. The test split is
+    run_end_task's."""
     check_tasks(end, aux, cfg, meta=True if step_fn is meta_step else None)
     step_fn = step_fn or (meta_step if isinstance(cfg, MetaConfig) else multitask_step)  # as the config says
     tasks = ([end] if end is not None else []) + list(aux)
     device = next(body.parameters()).device
+    body.train()
     for t in tasks:
-        t.head.to(device)
+        t.head.to(device).train()
     # one generator per task (data order and masking), so the end-task's batches do not depend on the other tasks
     streams = [batches(t, cfg.batch_size if t is end else cfg.aux_batch_size,
                        torch.Generator().manual_seed(cfg.seed * 1009 + k)) for k, t in enumerate(tasks)]
     total, per_epoch = _budget(end, tasks, cfg)
     eval_every = per_epoch if cfg.eval_every == 0 else cfg.eval_every
 
-    body_params = list(body.parameters())
-    heads = [head_parameters(t.head, body) for t in tasks]
+    body_params, head_params = list(body.parameters()), [p for t in tasks for p in head_parameters(t.head, body)]
     opt_body = make_optimizer(body_params, cfg.lr, cfg.weight_decay, cfg)
-    opt_heads = make_optimizer([p for h in heads for p in h], cfg.head_lr, cfg.head_weight_decay, cfg)
+    opt_heads = make_optimizer(head_params, cfg.head_lr, cfg.head_weight_decay, cfg)
     warmup = max(1, int(cfg.warmup_frac * total))
     # linear warm-up to the full rate at step `warmup`, then linear decay to 0 after the last step
     schedule = lambda s: min((s + 1) / warmup, max(0.0, (total - s) / max(1, total - warmup)))  # noqa: E731
     scheds = [torch.optim.lr_scheduler.LambdaLR(o, schedule) for o in (opt_body, opt_heads)]
 
-    # what the step carries from step to step, built here before the loop: the public weighting object that any
-    # other loop would use too. META-TARTAN's MetaState (Algorithm 1, "Initialize": the MetaWeighting and its dev
-    # batches), or the MTWeighting of Eq. 3 (static weights, uniform 1/(n+1) unless given)
-    if isinstance(cfg, MetaConfig):
-        state = meta_state(body, tasks, cfg)
-    else:
-        state = MTWeighting(body, len(tasks), cfg.weights, cfg.grad_accum)
+    # what the step carries from step to step, built before the loop: the public weighting object any loop would use
+    # (META: a MetaState, Algorithm 1's "Initialize"; MT: the static weights of Eq. 3, uniform unless given)
+    state = meta_state(body, tasks, cfg) if isinstance(cfg, MetaConfig) else \
+        MTWeighting(body, len(tasks), cfg.weights, cfg.grad_accum)
     names = [t.name for t in tasks]
-    # log: every optimizer step's info (losses, alpha; for META also cosines, val_loss, grad_norms, head_fit), the one
-    # record of the steps; the history's averages and the trace are read from it
+    # log: each optimizer step's info (losses, alpha; META: cosines, val_loss, grad_norms, head_fit), the one record
+    # of the steps, from which the history's averages and the trace are read
     log, history, tokens, evaluated = [], [], dict.fromkeys(names, 0), 0
     analysis_seconds = 0.0  # time spent scoring the test split for the history (eval_test), not part of training
     best, best_state, best_alpha, since_best = -math.inf, None, None, 0
     amp = autocast(device, cfg.bf16)
     bar = progress_bar(total, cfg.progress, "train", leave=False)
     t0 = time.perf_counter()
-    body.train()
-    for t in tasks:
-        t.head.train()
-    step = 0
     for step in range(1, total + 1):
         info = step_fn(body, tasks, streams, state, cfg, amp, tokens)
-        norm = clip_grad_norm(body_params + [p for h in heads for p in h], cfg.grad_clip)
+        norm = clip_grad_norm(body_params + head_params, cfg.grad_clip)
         # a diverged run must never become a result: stop before the optimizer applies the step
         _check_step(info, float(norm), names, f"at optimizer step {step} of {total}")
-        for o in (opt_body, opt_heads):
+        for o, s in zip((opt_body, opt_heads), scheds):
             o.step()
             o.zero_grad(set_to_none=True)
-        for s in scheds:
             s.step()
         log.append(info)
+        bar.update(1)
         if end is None or cfg.eval_every < 0 or (step % eval_every and step != total):
-            bar.update(1)
             continue
         dev = evaluate(body, end.head, end.dev, cfg.eval_batch_size, cfg.bf16)
         _finite(dev["loss"], f"the dev loss of task '{end.name}'", f"at the evaluation after optimizer step {step}",
@@ -357,15 +331,13 @@ def train(body: nn.Module, end: Task | None, aux: list[Task], cfg: TrainConfig, 
         else:
             since_best += 1
         bar.set_postfix({f"dev_{end.metric}": f"{score:.4f}", "best": f"{best:.4f}"})
-        bar.update(1)
         if since_best >= cfg.patience:
             break
     bar.close()
     if best_state is not None:
         _restore(best_state, body, end.head)
-    # final_alpha: alpha at the last step; best_alpha: alpha at the evaluation of the restored (best-dev) model;
-    # trace: per task, alpha (and for META cos(g_meta, g_k) and the body-gradient norm |g_k|) at every optimizer
-    # step, step s at index s - 1
+    # final_alpha: alpha at the last step; best_alpha: at the evaluation of the restored (best-dev) model; trace: per
+    # task, alpha (META: also cos(g_meta, g_k) and |g_k|) at every optimizer step, step s at index s - 1
     per_task = lambda key: {n: list(v) for n, v in zip(names, zip(*_column(log, key)))} or None  # noqa: E731
     return {"history": history, "steps": step, "best_dev": best if best_state is not None else None,
             "tokens": tokens, "seconds": time.perf_counter() - t0, "final_alpha": dict(zip(names, info["alpha"])),
@@ -380,8 +352,8 @@ def _column(log: list[dict], key: str) -> list:
 
 
 def _averages(log: list[dict], names: list[str]) -> dict:
-    """A history entry's per-step values, averaged over the steps since the evaluation before: task losses, and for
-    META cos(g_meta, g_k), the validation loss on B*_val and phi*'s training loss at its first and last fitting step."""
+    """A history entry's per-step values averaged since the evaluation before: task losses; META: cos(g_meta, g_k),
+    the loss on B*_val, and phi*'s training loss at its first and last fitting step."""
     cos, val, fit = (_column(log, key) for key in ("cosines", "val_loss", "head_fit"))
     return {"losses": dict(zip(names, np.mean(_column(log, "losses"), axis=0).tolist())),
             "cosines": dict(zip(names, np.mean(cos, axis=0).tolist())) if cos else None,
