@@ -372,23 +372,20 @@ def _forward(body, task, stream, device, amp, tokens):
 
 # ----------------------------------------------------------------------------------------------------------------------
 # 6. MT-TARTAN (Eq. 3): theta <- theta - beta * grad( w* L_T* + sum_i w_i L_Ti ), static w; the gradient of the
-#    weighted sum is accumulated one task micro-batch at a time. With the end-task alone this is fine-tuning (Eq. 2);
-#    without it, Eq. 1.
-#
-#    The weighting is a public object, one call per optimizer step inside any training loop (yours or tartan.train):
-#      weighting.backward(losses, ...)  every micro-batch: per-task losses in the order (end-task, T_1..T_n); returns
-#                                       the step's info once the step's gradient is complete (every grad_accum-th
-#                                       call), None before: step your optimizer when it returns something
-#    or, one task micro-batch at a time (what tartan.train does, to hold one task's activations at a time):
-#      weighting.task_backward(k, loss) ... weighting.step(...)
-#    It writes the body's gradient into .grad (MT: sum_k w_k g_k; META: sum_k alpha_k g_k) and each head's own
-#    gradient through the ordinary backward. It refuses a body gradient it did not put there.
+#    weighted sum is accumulated one task micro-batch at a time. The end-task alone: Eq. 2; no end-task: Eq. 1.
+#    A weighting is a public object that any training loop (yours or tartan.train) calls once per micro-batch:
+#      weighting.backward(losses, ...)  per-task losses (end-task, T_1..T_n); returns the step's info at the step's
+#                                       grad_accum-th call, None before: step your optimizer when it returns something
+#      or weighting.task_backward(k, loss) for one task micro-batch at a time (tartan.train: one task's activations
+#      alive at a time), then weighting.step(...).
+#    It writes the body's gradient into .grad (MT: sum_k w_k g_k; META: sum_k alpha_k g_k), each head's own gradient
+#    through the ordinary backward, and refuses a body gradient it did not put there.
 
 
 class TaskWeighting:
-    """What MTWeighting and MetaWeighting share: the body parameters whose .grad they fill, the count of the task
-    micro-batches of the current optimizer step (gradient accumulation over grad_accum micro-batches per task), the
-    per-task losses of the step, and the check that no gradient they did not put there sits in the body."""
+    """What MTWeighting and MetaWeighting share: the body parameters whose .grad they fill, each task's count of
+    micro-batches in this optimizer step (grad_accum per task), the step's per-task losses, the check that no
+    gradient they did not put there sits in the body."""
 
     def __init__(self, body: nn.Module, n_tasks: int, grad_accum: int = 1):
         _check_weighting(body, n_tasks, grad_accum)
@@ -403,7 +400,7 @@ class TaskWeighting:
         self._losses = [0.0] * self.n_tasks   # each task's mean loss over them
 
     def task_backward(self, k: int, loss: torch.Tensor, retain_graph: bool = False) -> None:
-        """One micro-batch of task k (0 = end-task): backward of its mean loss (unscaled; the weighting divides by
+        """One micro-batch of task k (0 = end-task): backward of its mean loss (unscaled: the weighting divides by
         grad_accum) right away, so that only this task's activations need be alive."""
         _check_task_backward(self, k, loss)
         self._backward(k, loss, retain_graph)
@@ -411,9 +408,9 @@ class TaskWeighting:
         self._losses[k] += loss.item() / self.grad_accum  # synchronises anyway: the loop checks it for NaN
 
     def backward(self, losses, retain_graph: bool = False, **step_inputs) -> dict | None:
-        """One micro-batch of every task: losses[k] of task k (end-task first), each the mean loss of its own
-        micro-batch, unscaled. Returns step(**step_inputs) at the grad_accum-th call of an optimizer step, else None.
-        retain_graph=True when the losses share one forward pass (e.g. several heads on one batch)."""
+        """One micro-batch of every task, losses[k] the unscaled mean loss of task k (end-task first). Returns
+        step(**step_inputs) at the grad_accum-th call of a step, else None. retain_graph=True when the losses share one
+        forward pass (e.g. several heads on one batch)."""
         if len(losses) != self.n_tasks:
             raise ValueError(f"{len(losses)} losses for a weighting of {self.n_tasks} tasks (end-task first)")
         for k, loss in enumerate(losses):
@@ -421,7 +418,7 @@ class TaskWeighting:
         return self.step(**step_inputs) if self._micro[0] == self.grad_accum else None
 
     def _finish(self) -> list[float]:
-        """The checks and bookkeeping at the end of a step; returns the step's per-task losses."""
+        """The end of a step: checks that every task gave it grad_accum micro-batches; returns its per-task losses."""
         _check_step_complete(self)
         losses = self._losses
         self.steps += 1
@@ -431,21 +428,18 @@ class TaskWeighting:
 
 class MTWeighting(TaskWeighting):
     """Eq. 3 with static weights w = (w*, w_1..w_n) (default uniform 1/(n+1), Sec. 4): each task micro-batch adds
-    grad(w_k L_Tk) / grad_accum to .grad, body and heads alike (one backward per task micro-batch, as Eq. 3's gradient
-    is linear in the losses). step() returns {"losses", "alpha"} with alpha = w."""
+    grad(w_k L_Tk) / grad_accum to .grad, body and heads alike. step() returns {"losses", "alpha"} with alpha = w."""
 
     def __init__(self, body: nn.Module, n_tasks: int, weights=None, grad_accum: int = 1):
         super().__init__(body, n_tasks, grad_accum)
         if weights is not None and len(weights) != n_tasks:
             raise ValueError(f"weights has {len(weights)} entries for {n_tasks} tasks")
-        self.w = torch.full((n_tasks,), 1.0 / n_tasks, dtype=torch.float64) if weights is None else \
-            torch.tensor(weights, dtype=torch.float64)
+        self.w = torch.tensor([1.0 / n_tasks] * n_tasks if weights is None else weights, dtype=torch.float64)
         self._w = self.w.tolist()  # python floats: scaling a loss by one needs no device work
 
     def _backward(self, k, loss, retain_graph):
-        # grad(sum_k w_k L_k) = sum_k grad(w_k L_k): one backward per task micro-batch, right after its forward, so
-        # that only one task's activations are alive at a time (a single backward of the weighted sum holds all K
-        # graphs: the same gradient and the same FLOPs, at K times the activation memory)
+        # grad(sum_k w_k L_k) = sum_k grad(w_k L_k): one backward per task micro-batch, right after its forward, holds
+        # one task's activations at a time (one backward of the weighted sum: same gradient, K times the memory)
         (self._w[k] / self.grad_accum * loss).backward(retain_graph=retain_graph)
 
     def step(self) -> dict:
@@ -454,13 +448,11 @@ class MTWeighting(TaskWeighting):
 
 
 def multitask_step(body, tasks, streams, weighting: MTWeighting, cfg, amp, tokens) -> dict:
-    """One step of Eq. 3 for tasks = [end-task, T_1..T_n] through `weighting`: leaves grad(sum_k w_k L_Tk) in .grad
-    for the loop's optimizers."""
+    """One step of Eq. 3 for tasks = [end-task, T_1..T_n]: leaves grad(sum_k w_k L_Tk) in .grad for the optimizers."""
     device = next(body.parameters()).device
     for _ in range(weighting.grad_accum):
         for k, (task, stream) in enumerate(zip(tasks, streams)):
-            loss, _, _ = _forward(body, task, stream, device, amp, tokens)
-            weighting.task_backward(k, loss)
+            weighting.task_backward(k, _forward(body, task, stream, device, amp, tokens)[0])
     return weighting.step()
 
 
@@ -478,19 +470,16 @@ def multitask_step(body, tasks, streams, weighting: MTWeighting, cfg, amp, token
 
 
 class MetaWeighting(TaskWeighting):
-    """Algorithm 1 as an object, one call per optimizer step inside any loop. It carries w (task-weight logits,
-    Algorithm 1's "Initialize": equal), the (K, P) buffer G of this step's per-task body gradients, the step count
-    and phi*'s settings (cfg: meta_lr eta, meta_head_steps/lr/wd, meta_batch_size, cos_eps, same_head, grad_accum).
-    Per step, after every task's micro-batches have gone through task_backward (or backward):
-      step(head_data=(features, labels), val=...)
-    fits phi* on head_data (the end-task features and labels of B*_tr by default, its first meta_batch_size rows;
-    any other labelled end-task batch of features the caller gives), takes g_meta through phi* on `val`, updates
-    w, and writes sum_k alpha_k g_k into the body's .grad; each head keeps its own, unweighted gradient. (tartan.train
-    gives B*_tr's features, or with cfg.meta_head_data="dev" the features of dev rows of their own, as the release.)
-    `val` is a batch (inputs, labels) of end-task dev data, run as head(body(**inputs), labels) under `amp`, or a
-    callable val(head) -> the end-task validation loss through `head`, for a body called any other way.
-    num_labels: the end-task's classes C (phi*'s width); end_head: phi', needed only for the Eq. 6 ablation
-    (cfg.same_head). Returns {"losses", "alpha", "cosines", "val_loss", "grad_norms" (|g_k|), "head_fit"}."""
+    """Algorithm 1 as an object, one call per step inside any loop. It carries w (task-weight logits, "Initialize":
+    equal), the (K, P) buffer G of this step's per-task body gradients, the step count and cfg (eta = meta_lr, phi*'s
+    settings, meta_batch_size, cos_eps, same_head, grad_accum). Once every task's micro-batches have gone through
+    task_backward (or backward), step(head_data=(features, labels), val=...) fits phi* on the first meta_batch_size
+    rows of head_data (tartan.train gives B*_tr's features, or with meta_head_data="dev" a dev batch's, as the
+    release; any labelled end-task batch will do), takes g_meta through phi* on `val`, updates w, and writes
+    sum_k alpha_k g_k into the body's .grad; each head keeps its own, unweighted gradient. `val` is an end-task dev
+    batch (inputs, labels), run as head(body(**inputs), labels) under `amp`, or a callable val(head) -> the
+    validation loss through `head`. num_labels: phi*'s width C; end_head: phi', for the Eq. 6 ablation (same_head).
+    Returns {"losses", "alpha", "cosines", "val_loss", "grad_norms" (|g_k|), "head_fit"}."""
 
     def __init__(self, body: nn.Module, n_tasks: int, num_labels: int = 0, cfg: MetaConfig | None = None,
                  end_head: nn.Module | None = None, amp=None):
@@ -508,9 +497,9 @@ class MetaWeighting(TaskWeighting):
         self._filled = [False] * self.n_tasks  # whether G[k] holds a gradient of this step yet
 
     def _backward(self, k, loss, retain_graph):
-        # [g_k, g_phi] <- [grad_theta, grad_phi] L_Tk. Each head keeps its own gradient in .grad; the body's is
-        # moved into G[k] when another task's backward comes (or the step ends). The tied MLM decoder weight is the
-        # body's input embedding: its gradient through the decoder is part of that MLM task's g_k.
+        # [g_k, g_phi] <- [grad_theta, grad_phi] L_Tk. Heads keep their gradient in .grad; the body's moves into G[k]
+        # when another task's backward comes (or the step ends). The tied MLM decoder weight is the body's input
+        # embedding: its gradient through the decoder is part of that MLM task's g_k.
         if self._open is not None and self._open != k:
             self._close()
         (loss / self.grad_accum).backward(retain_graph=retain_graph)
@@ -525,8 +514,8 @@ class MetaWeighting(TaskWeighting):
         self._filled[k] = True
 
     def backward(self, losses, retain_graph: bool = False, head_data=None, val=None) -> dict | None:
-        """One micro-batch of every task (see TaskWeighting.backward); head_data is kept from the first call of a
-        step that gives it, val is used by the call that completes the step."""
+        """As TaskWeighting.backward; head_data is kept from the first call of a step that gives it, val is used by
+        the call that completes the step."""
         if head_data is not None and self._head_data is None:
             self._head_data = self._rows(*head_data)
         return super().backward(losses, retain_graph, val=val)
@@ -535,8 +524,7 @@ class MetaWeighting(TaskWeighting):
         """The first meta_batch_size rows of a batch's first-position features (B, H), detached."""
         _check_head_data(features, labels)
         x = features[:, 0] if features.dim() == 3 else features  # (B, H)
-        m = self.cfg.meta_batch_size
-        return x[:m].detach(), labels[:m]
+        return x[:self.cfg.meta_batch_size].detach(), labels[:self.cfg.meta_batch_size]
 
     def step(self, head_data=None, val=None) -> dict:
         """Algorithm 1's update for this step; see the class docstring."""
@@ -564,38 +552,33 @@ class MetaWeighting(TaskWeighting):
 
 @dataclass
 class MetaState:
-    """What tartan.train's META step carries from step to step, built once before the loop by meta_state
-    (Algorithm 1's "Initialize") and handed to every meta_step: the weighting and the dev batches it draws."""
+    """What tartan.train's META step carries from step to step, built once before the loop by meta_state."""
     weighting: MetaWeighting            # w, G, the step count, phi*'s settings
     val: Iterator                       # endless batches B*_val ~ D_val of the end-task (tartan.batches)
     head_rows: Iterator | None = None   # meta_head_data="dev": endless dev batches that phi* is fitted on
 
 
 def meta_state(body: nn.Module, tasks: list[Task], cfg: MetaConfig) -> MetaState:
-    """Algorithm 1's "Initialize" for tasks = [end-task, T_1..T_n]: the weighting (equal weights w*, w_i = 1/(n+1),
-    the gradient buffer G), the stream of validation batches and, with meta_head_data="dev", the stream of dev rows
-    that phi* is fitted on (their own generators, seeded by cfg.seed)."""
-    end = tasks[0]
-    device = next(body.parameters()).device
-    weighting = MetaWeighting(body, len(tasks), end.num_labels, cfg, end_head=end.head,
-                              amp=autocast(device, cfg.bf16))
-    val = batches(Task(end.name + ":val", end.head, train=end.dev), cfg.meta_val_batch_size or cfg.meta_batch_size,
+    """Algorithm 1's "Initialize" for tasks = [end-task, T_1..T_n]: the weighting (equal weights, the buffer G), the
+    B*_val stream and, with meta_head_data="dev", phi*'s dev rows (their own generators, seeded by cfg.seed)."""
+    end, device = tasks[0], next(body.parameters()).device
+    weighting = MetaWeighting(body, len(tasks), end.num_labels, cfg, end_head=end.head, amp=autocast(device, cfg.bf16))
+    dev = Task(end.name + ":val", end.head, train=end.dev)
+    val = batches(dev, cfg.meta_val_batch_size or cfg.meta_batch_size,
                   torch.Generator().manual_seed(cfg.seed * 1009 + 1000))
     head_rows = None if cfg.meta_head_data == "train" or cfg.same_head else \
-        batches(Task(end.name + ":val", end.head, train=end.dev), cfg.meta_batch_size,
-                torch.Generator().manual_seed(cfg.seed * 1009 + 2000))  # its own order, apart from B*_val's
+        batches(dev, cfg.meta_batch_size, torch.Generator().manual_seed(cfg.seed * 1009 + 2000))  # apart from B*_val
     return MetaState(weighting, val, head_rows)
 
 
 def estimate_meta_head(features: torch.Tensor, labels: torch.Tensor, num_labels: int, cfg: MetaConfig):
     """phi*: a new, randomly initialised classification head trained cfg.meta_head_steps full-batch AdamW steps on
-    fixed body features of end-task training examples (the body is held fixed: the features carry no graph).
-    A new phi* at every step is what Sec. 3.3 says ("training the randomly initialized head phi* to convergence on a
-    subset of the end-task training data. We do this every time we wish to estimate" the meta-gradient), what A.1
-    argues for (phi* stands in for a head fitted to the current body) and what the released code does. Algorithm 1
-    can be read as a warm start instead (it initialises phi* once, before the loop, and passes it to
-    estimate_meta_head); that reading is not followed, as the text of Sec. 3.3 is explicit where the pseudo-code is
-    not. Returns (phi*, its training loss at the first and at the last step as a (2,) tensor, None with no steps)."""
+    fixed body features (no graph) of end-task training examples. A new phi* at every step is what Sec. 3.3 says
+    ("training the randomly initialized head phi* to convergence on a subset of the end-task training data. We do this
+    every time we wish to estimate" the meta-gradient), what A.1 argues for and what the release does. Algorithm 1 can
+    be read as a warm start (it initialises phi* once, before the loop); that reading is not followed, as Sec. 3.3 is
+    explicit where the pseudo-code is not. Returns (phi*, its training loss at the first and last step as a (2,)
+    tensor, None with no steps)."""
     features = features.detach().float()
     head = ClassificationHead(features.shape[-1], num_labels).to(features.device)
     opt = torch.optim.AdamW(head.parameters(), lr=cfg.meta_head_lr, weight_decay=cfg.meta_head_wd)
@@ -610,18 +593,14 @@ def estimate_meta_head(features: torch.Tensor, labels: torch.Tensor, num_labels:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    # phi*'s training loss at its first and its last step: how far the fit went (Sec. 3.3 asks for convergence); a
-    # tensor, so that reading it waits for no device work here
+    # a tensor, so that reading it waits for no device work here
     return head, None if first is None else torch.stack([first, loss.detach()])
 
 
 def meta_gradient(body: nn.Module, head_star: nn.Module, val, params: list[nn.Parameter], amp=None):
-    """g_meta = grad_theta_body L_T*(theta_body, phi*, B*_val) as one flat (P,) vector, and the loss (a float).
-    val: a batch (inputs, labels), run as head_star(body(**inputs), labels) under amp, or a callable
-    val(head_star) -> that loss (a body called any other way).
-    Like the task gradients, it is taken in train mode (dropout on); the paper does not say, and this keeps the two
-    comparable. It leaves no trace: no .grad is touched, and body buffers (e.g. BatchNorm running statistics) are
-    restored, so dev batches never move the model."""
+    """g_meta = grad_theta_body L_T*(theta_body, phi*, B*_val) as one flat (P,) vector, and the loss (a float); val
+    as for MetaWeighting. Like the task gradients, it is taken in train mode (dropout on; the paper does not say). It
+    leaves no trace: no .grad is touched and body buffers (BatchNorm statistics) are restored."""
     with _buffers_kept(body):  # restored after the backward pass, which may read them
         if callable(val):
             loss = val(head_star)
@@ -648,9 +627,8 @@ def update_task_weights(w: torch.Tensor, task_grads: torch.Tensor, meta_grad: to
 
 
 def meta_step(body, tasks, streams, state: MetaState, cfg: MetaConfig, amp, tokens) -> dict:
-    """One iteration of Algorithm 1's loop for tasks = [end-task, T_1..T_n] through state.weighting. Updates w and
-    leaves the update of the loop's last two lines in .grad (body: sum_k alpha_k g_k; heads: their own gradients)
-    for the optimizers."""
+    """One iteration of Algorithm 1's loop for tasks = [end-task, T_1..T_n]: updates w and leaves the loop's last two
+    lines in .grad (body: sum_k alpha_k g_k; heads: their own gradients) for the optimizers."""
     # B*_tr ~ T*_train, B_i ~ T_i;  [g_k, g_phi^k] <- [grad_theta, grad_phi^k] L_Tk(theta, phi^k, B_k) for every k
     b_tr = task_gradients(body, tasks, streams, state.weighting, amp, tokens)
     # phi*'s data: B*_tr's features; with meta_head_data="dev" (the release), dev rows of their own
@@ -664,8 +642,8 @@ def meta_step(body, tasks, streams, state: MetaState, cfg: MetaConfig, amp, toke
 
 def task_gradients(body, tasks, streams, weighting: MetaWeighting, amp, tokens) -> tuple:
     """Algorithm 1's "Get end-task grads" and "Get task grads": each task's grad_accum micro-batches in turn, one
-    backward each, through the weighting (which moves the body's part, g_k, into its buffer G). Returns B*_tr's
-    features and labels (its first micro-batch), which phi* is fitted on."""
+    backward each, through the weighting (which moves g_k into G). Returns B*_tr's (first micro-batch's) features and
+    labels, which phi* is fitted on."""
     b_tr = None
     for k, (task, stream) in enumerate(zip(tasks, streams)):
         for _ in range(weighting.grad_accum):
@@ -676,11 +654,14 @@ def task_gradients(body, tasks, streams, weighting: MetaWeighting, amp, tokens) 
 
 
 def _dev_features(body, state: MetaState, amp, tokens, end_name: str) -> tuple:
-    """meta_head_data="dev": features and labels of a dev batch of phi*'s own, without a graph; dev rows never move
-    the model."""
+    """meta_head_data="dev": features and labels of a dev batch of phi*'s own, without a graph or a trace."""
     inputs, labels = to_device(*_draw(state.head_rows, tokens, end_name + ":head_rows"), state.weighting.G.device)
     with torch.no_grad(), amp, _buffers_kept(body):
         return _features(body(**inputs)).float(), labels
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# 8. Entry points: the paper's objectives, and one row of a table.
 
 
 def pretrain(body, aux: list[Task], cfg: PretrainConfig | None = None) -> dict:
