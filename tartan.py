@@ -827,8 +827,6 @@ def permutation_test(a, b, n_permutations: int = 10_000, seed: int = 0) -> dict:
 
 def read_jsonl(path: str) -> tuple[list[str], list[str], list[int]]:
     """Texts, labels and line numbers of a JSONL split. Blank lines are skipped; anything else malformed is an error."""
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: no such file")
     texts, labels, lines = [], [], []
     for lineno, line in _numbered_lines(path):
         if not line.strip():
@@ -839,16 +837,15 @@ def read_jsonl(path: str) -> tuple[list[str], list[str], list[int]]:
             raise DataError(f"{path}, line {lineno}: malformed JSON ({e.msg})") from None
         if not isinstance(obj, dict):
             raise DataError(f"{path}, line {lineno}: expected a JSON object with 'text' and 'label'")
-        for key in ("text", "label"):
-            if key not in obj:
-                raise DataError(f"{path}, line {lineno}: missing field '{key}'")
+        missing = [key for key in ("text", "label") if key not in obj]
+        if missing:
+            raise DataError(f"{path}, line {lineno}: missing field '{missing[0]}'")
         if not isinstance(obj["text"], str):
             raise DataError(f"{path}, line {lineno}: 'text' must be a string")
-        label = obj["label"]
-        if not _is_label(label):
-            raise DataError(f"{path}, line {lineno}: 'label' must be a string or an integer, not {label!r}")
+        if not _is_label(obj["label"]):
+            raise DataError(f"{path}, line {lineno}: 'label' must be a string or an integer, not {obj['label']!r}")
         texts.append(obj["text"])
-        labels.append(str(label))
+        labels.append(str(obj["label"]))
         lines.append(lineno)
     if not texts:
         raise DataError(f"{path}: empty file (no examples)")
@@ -856,7 +853,9 @@ def read_jsonl(path: str) -> tuple[list[str], list[str], list[int]]:
 
 
 def _numbered_lines(path: str):
-    """(line number, line) of a UTF-8 text file; a byte that is not UTF-8 is an error naming the line."""
+    """(line number, line) of a UTF-8 text file; a missing file, or a byte that is not UTF-8, is a DataError."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: no such file")
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
             try:
@@ -867,8 +866,6 @@ def _numbered_lines(path: str):
 
 def read_lines(path: str) -> list[str]:
     """One auxiliary MLM example per non-blank line (the TAPT/DAPT corpora)."""
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: no such file")
     lines = [line.strip() for _, line in _numbered_lines(path) if line.strip()]
     if not lines:
         raise DataError(f"{path}: empty file (no lines of text)")
@@ -878,9 +875,8 @@ def read_lines(path: str) -> list[str]:
 def read_end_task(folder: str) -> dict:
     """{train,dev,test}.jsonl of one end-task -> texts, integer labels and the label vocabulary (from train)."""
     splits = {s: read_jsonl(os.path.join(folder, f"{s}.jsonl")) for s in ("train", "dev", "test")}
-    vocab, ids = _label_ids({s: labels for s, (_, labels, _) in splits.items()}, "train.jsonl",
-                           lambda s, i: f"{os.path.join(folder, s + '.jsonl')}, line {splits[s][2][i]}")
-    return {"labels": vocab, **{s: (splits[s][0], ids[s]) for s in splits}}
+    return _numbered(splits, "train.jsonl",
+                     lambda s, i: f"{os.path.join(folder, s + '.jsonl')}, line {splits[s][2][i]}")
 
 
 def _is_label(x) -> bool:
@@ -902,6 +898,12 @@ def _label_ids(splits: dict[str, list], train: str = "train", where=None) -> tup
     return vocab, {split: [index[label] for label in labels] for split, labels in splits.items()}
 
 
+def _numbered(splits: dict, train: str, where) -> dict:
+    """{split: (texts, labels, ...)} -> {"labels": the vocabulary, split: (texts, class ids)} (see _label_ids)."""
+    vocab, ids = _label_ids({s: split[1] for s, split in splits.items()}, train, where)
+    return {"labels": vocab, **{s: (splits[s][0], ids[s]) for s in splits}}
+
+
 def check_tokenizer(tokenizer, what: str, first_position: bool = True) -> None:
     """A tokenizer tartan can batch with: it has a pad token, and (first_position: for a ClassificationHead, which
     reads the first position) it puts a CLS/BOS token first; otherwise a ValueError naming `what` and the fix."""
@@ -911,8 +913,7 @@ def check_tokenizer(tokenizer, what: str, first_position: bool = True) -> None:
                          f"building the task, e.g. tokenizer.pad_token = tokenizer.eos_token (or unk_token)")
     if first_position:
         first = tokenizer("a")["input_ids"][:1]
-        starts = {tokenizer.cls_token_id, tokenizer.bos_token_id} - {None}
-        if not first or first[0] not in starts:
+        if not first or first[0] not in {tokenizer.cls_token_id, tokenizer.bos_token_id} - {None}:
             raise ValueError(f"{what}: tokenizer {name} puts no CLS/BOS token first (its first token is "
                              f"{tokenizer.convert_ids_to_tokens(first)}), and a ClassificationHead reads the first "
                              f"position, which would be the first word: use a tokenizer whose post-processor adds "
@@ -948,12 +949,19 @@ class TextData:
         return {"input_ids": input_ids, "attention_mask": attention_mask}, labels
 
 
+def _text_data(tokenizer, texts: list[str], labels: list[int] | None, max_length: int, limit: int | None) -> TextData:
+    """A fixed random subset of at most `limit` examples (see subset), tokenised."""
+    keep = subset(len(texts), limit)
+    return TextData(tokenize(tokenizer, [texts[i] for i in keep], max_length),
+                    None if labels is None else [labels[i] for i in keep], tokenizer.pad_token_id)
+
+
 @dataclass
 class TensorData:
-    """Examples already in a tensor (e.g. images) for a plain torch module body called as body(x=...).
-    x and labels may also be numpy arrays or lists: they are converted (x from numpy/lists in float64 to torch's
-    default float dtype). labels are class ids 0..C-1: any integer dtype, or whole-number floats, become int64 (what
-    cross-entropy needs); anything else is a TypeError naming the argument."""
+    """Examples already in a tensor (e.g. images) for a plain torch module body called as body(x=...). x and labels
+    may also be numpy arrays or lists (x in float64 becomes torch's default float dtype). labels are class ids
+    0..C-1: any integer dtype, or whole-number floats, become int64 (what cross-entropy needs); anything else is a
+    TypeError naming the argument."""
     x: torch.Tensor
     labels: torch.Tensor
 
@@ -1007,34 +1015,27 @@ def end_task(name: str, data, tokenizer, hidden_size: int, max_length: int = 512
     many examples per split."""
     if metric not in ("macro_f1", "micro_f1"):
         raise ValueError(f"metric must be 'macro_f1' or 'micro_f1', not '{metric}'")
+    names = ("train", "dev", "test")
     if isinstance(data, str):
         splits = read_end_task(data)
     elif isinstance(data, dict) and sorted(data) == ["dev", "test", "train"]:
         if not isinstance(data["train"][0], (list, tuple)) or not all(isinstance(t, str) for t in data["train"][0]):
-            tensors = {s: TensorData(*data[s]) for s in ("train", "dev", "test")}  # (x, labels), checked there
-            C = 1 + max(int(d.labels.max()) for d in tensors.values() if len(d))  # classes: ids 0..C-1
-
-            def kept(d):
-                idx = torch.tensor(subset(len(d), limit), dtype=torch.long)
-                return TensorData(d.x[idx], d.labels[idx])
-            return Task(name, ClassificationHead(hidden_size, C, dropout), kept(tensors["train"]),
-                        dev=kept(tensors["dev"]), test=kept(tensors["test"]), num_labels=C, metric=metric)
-        pairs = {s: _text_pairs(f"end-task '{name}', {s} split", data[s]) for s in ("train", "dev", "test")}
-        vocab, ids = _label_ids({s: labels for s, (_, labels) in pairs.items()}, "train",
-                               lambda s, i: f"end-task '{name}', {s} split, example {i}")
-        splits = {"labels": vocab, **{s: (pairs[s][0], ids[s]) for s in pairs}}
+            tensors = [TensorData(*data[s]) for s in names]  # (x, labels), checked there
+            C = 1 + max(int(d.labels.max()) for d in tensors if len(d))  # classes: ids 0..C-1
+            kept = [(d, torch.tensor(subset(len(d), limit), dtype=torch.long)) for d in tensors]
+            train, dev, test = (TensorData(d.x[idx], d.labels[idx]) for d, idx in kept)
+            return Task(name, ClassificationHead(hidden_size, C, dropout), train, dev=dev, test=test, num_labels=C,
+                        metric=metric)
+        splits = _numbered({s: _text_pairs(f"end-task '{name}', {s} split", data[s]) for s in names}, "train",
+                           lambda s, i: f"end-task '{name}', {s} split, example {i}")
     else:
         raise TypeError(f"end-task '{name}': data must be a folder of {{train,dev,test}}.jsonl or a dict with keys "
                         f"'train', 'dev', 'test' of (texts, labels) or (x, labels), not {_describe(data)}"
                         + (f" with keys {sorted(data)}" if isinstance(data, dict) else ""))
     check_tokenizer(tokenizer, f"end-task '{name}'")
-
-    def split(s):
-        keep = subset(len(splits[s][0]), limit)
-        return TextData(tokenize(tokenizer, [splits[s][0][i] for i in keep], max_length),
-                        [splits[s][1][i] for i in keep], tokenizer.pad_token_id)
-    return Task(name, ClassificationHead(hidden_size, len(splits["labels"]), dropout), split("train"),
-                dev=split("dev"), test=split("test"), num_labels=len(splits["labels"]), metric=metric)
+    train, dev, test = (_text_data(tokenizer, *splits[s], max_length, limit) for s in names)
+    return Task(name, ClassificationHead(hidden_size, len(splits["labels"]), dropout), train, dev=dev, test=test,
+                num_labels=len(splits["labels"]), metric=metric)
 
 
 def _text_pairs(what: str, data) -> tuple[list[str], list]:
@@ -1060,16 +1061,13 @@ def classification_task(name: str, data, tokenizer, hidden_size: int, max_length
     strings or integers, numbered in sorted order (as end_task does). `limit` keeps a fixed random subset of at most
     that many examples."""
     if isinstance(data, str):
-        path = os.path.join(data, "train.jsonl") if os.path.isdir(data) else data
-        texts, labels, _ = read_jsonl(path)
+        texts, labels, _ = read_jsonl(os.path.join(data, "train.jsonl") if os.path.isdir(data) else data)
     else:
         texts, labels = _text_pairs(f"classification task '{name}'", data)
     check_tokenizer(tokenizer, f"classification task '{name}'")
     vocab, ids = _label_ids({"train": labels})
-    keep = subset(len(texts), limit)
-    train = TextData(tokenize(tokenizer, [texts[i] for i in keep], max_length), [ids["train"][i] for i in keep],
-                     tokenizer.pad_token_id)
-    return Task(name, ClassificationHead(hidden_size, len(vocab), dropout), train, num_labels=len(vocab))
+    return Task(name, ClassificationHead(hidden_size, len(vocab), dropout),
+                _text_data(tokenizer, texts, ids["train"], max_length, limit), num_labels=len(vocab))
 
 
 def mlm_task(name: str, texts_or_path, tokenizer, body: nn.Module, mlm_head: MLMHead, max_length: int = 512,
@@ -1078,14 +1076,12 @@ def mlm_task(name: str, texts_or_path, tokenizer, body: nn.Module, mlm_head: MLM
     `limit` keeps a fixed random subset of at most that many lines. head_init: see below and new_mlm_head."""
     check_tokenizer(tokenizer, f"MLM task '{name}'", first_position=False)
     texts = read_lines(texts_or_path) if isinstance(texts_or_path, str) else list(texts_or_path)
-    texts = [texts[i] for i in subset(len(texts), limit)]
     if not texts:
         raise DataError(f"auxiliary corpus '{name}' is empty")
     # Departure from Algorithm 1 ("randomly initialize phi^i"): by default phi^i starts from the checkpoint's LM head,
     # the better start when the checkpoint has one: the MLM loss starts where pre-training left it, not at chance, so
     # the first gradients into the shared body come through a fitted head. head_init="random" follows Algorithm 1.
-    return Task(name, new_mlm_head(mlm_head, body, head_init), TextData(tokenize(tokenizer, texts, max_length), None,
-                                                                        tokenizer.pad_token_id),
+    return Task(name, new_mlm_head(mlm_head, body, head_init), _text_data(tokenizer, texts, None, max_length, limit),
                 masking=Masking.for_tokenizer(tokenizer))
 
 
