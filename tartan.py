@@ -1087,10 +1087,10 @@ def mlm_task(name: str, texts_or_path, tokenizer, body: nn.Module, mlm_head: MLM
 
 def new_mlm_head(template: MLMHead, body: nn.Module, init: str = "checkpoint") -> MLMHead:
     """A separate MLM head phi^i per auxiliary task, copied from `template` (the checkpoint's head); weights shared
-    with the body (the tied decoder) stay shared rather than being copied.
-    init="checkpoint" keeps the checkpoint's trained weights; init="random" re-initialises every weight the head owns
-    (torch's default layer initialisation, biases without a layer zero) from torch's global generator, as Algorithm 1
-    says ("randomly initialize phi^i"). The tied decoder weight is the body's input embedding and is left alone."""
+    with the body (the tied decoder, the body's input embedding) stay shared and are never reset. init="checkpoint"
+    keeps the checkpoint's weights; init="random" re-initialises every weight the head owns (torch's default layer
+    initialisation, loose biases zero) from torch's global generator, as Algorithm 1 says ("randomly initialize
+    phi^i")."""
     if init not in ("checkpoint", "random"):
         raise ValueError(f"init must be 'checkpoint' or 'random', not '{init}'")
     head = copy.deepcopy(template, {id(p): p for p in body.parameters()})
@@ -1151,12 +1151,10 @@ def warm_mlm_head(body: nn.Module, head: MLMHead, task: "Task", steps: int, lr: 
     fitted head rather than each pushing a random head's gradient into the body. Only the head's own parameters train
     (the tied decoder is the body's embedding, left alone). Returns the mean MLM loss on `eval_batches` fixed masked
     batches before and after."""
-    device = next(body.parameters()).device
-    params = head_parameters(head, body)
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    device, modes = next(body.parameters()).device, body.training
+    opt = torch.optim.AdamW(head_parameters(head, body), lr=lr, weight_decay=0.01)
     fixed = list(itertools.islice(batches(task, batch_size, torch.Generator().manual_seed(seed + 1)), eval_batches))
     stream = batches(task, batch_size, torch.Generator().manual_seed(seed))
-    modes = body.training
     body.eval()  # frozen: no dropout in the features the head learns from
 
     def loss_of(inputs, labels):
@@ -1261,7 +1259,6 @@ def _check_step(info: dict, norm: float, names: list[str], where: str):
 
 
 def _check_weighting(body, n_tasks: int, grad_accum: int):
-    """TaskWeighting's arguments: a torch module with a parameter to weight, at least one task and micro-batch."""
     if not isinstance(body, nn.Module):
         raise TypeError(f"body must be the shared torch module (nn.Module), not {type(body).__name__}")
     if n_tasks < 1 or grad_accum < 1:
@@ -1272,8 +1269,7 @@ def _check_weighting(body, n_tasks: int, grad_accum: int):
 
 def _check_task_backward(weighting, k: int, loss):
     """A micro-batch's loss as task_backward needs it: a scalar with a graph, of a task the weighting has, that has
-    not yet given its grad_accum micro-batches this step; and, at a step's first backward, no body gradient that the
-    weighting did not put there."""
+    not yet given its grad_accum micro-batches this step; at a step's first backward, no foreign body gradient."""
     if not isinstance(loss, torch.Tensor) or loss.dim() != 0 or not loss.requires_grad:
         raise TypeError(f"the loss of task {k} must be a scalar tensor with a graph (the mean loss of its "
                         f"micro-batch, not detached, not .item()), not {_describe(loss)}")
@@ -1282,15 +1278,9 @@ def _check_task_backward(weighting, k: int, loss):
     if weighting._micro[k] >= weighting.grad_accum:
         raise ValueError(f"task {k} gave more than grad_accum={weighting.grad_accum} micro-batches in one optimizer "
                          f"step: call step() (or let backward() call it) before the next one")
-    if not any(weighting._micro):  # the first backward of a step
-        _refuse_foreign_grad(weighting)
-
-
-def _refuse_foreign_grad(weighting):
-    """Refuse a body gradient that the weighting did not put there (a backward of your own, or the gradient of the
-    last step not yet cleared): it would be mixed silently into the weighted sum. A gradient of zeros (from
-    zero_grad(set_to_none=False)) is fine; only then is the device synchronised to look."""
-    held = [p.grad for p in weighting.params if p.grad is not None]
+    # a body gradient the weighting did not put there (your own backward, or the last step's not cleared) would be
+    # mixed silently into the weighted sum; zeros (zero_grad(set_to_none=False)) are fine: only then is there a sync
+    held = [p.grad for p in weighting.params if p.grad is not None] if not any(weighting._micro) else []
     if held and bool(torch.stack([g.ne(0).any() for g in held]).any()):
         raise ValueError(
             f"the body's .grad already holds a gradient that this {type(weighting).__name__} did not put there "
@@ -1300,7 +1290,6 @@ def _refuse_foreign_grad(weighting):
 
 
 def _check_step_complete(weighting):
-    """Every task gave the step its grad_accum micro-batches."""
     short = [k for k, m in enumerate(weighting._micro) if m != weighting.grad_accum]
     if short:
         raise ValueError(f"step() with tasks {short} short of grad_accum={weighting.grad_accum} micro-batches "
@@ -1309,7 +1298,6 @@ def _check_step_complete(weighting):
 
 
 def _check_meta_head(cfg: MetaConfig, num_labels: int, end_head):
-    """What MetaWeighting needs for its meta head: phi*'s width C, or phi' itself for the Eq. 6 ablation."""
     if cfg.same_head and end_head is None:
         raise ValueError("cfg.same_head=True takes g_meta through the end-task head phi' (Eq. 6): give end_head")
     if not cfg.same_head and num_labels < 1:
@@ -1324,7 +1312,6 @@ def _check_head_data(features, labels):
 
 
 def _check_meta_step(val, fit_data, cfg: MetaConfig):
-    """What MetaWeighting.step needs: B*_val, and phi*'s data unless the Eq. 6 ablation uses phi'."""
     if val is None:
         raise ValueError("META's step needs val: a batch (inputs, labels) of end-task dev data B*_val, or a "
                          "callable val(head) -> the end-task validation loss through head")
