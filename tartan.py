@@ -1335,8 +1335,7 @@ def autocast(device: torch.device, bf16: bool):
 
 
 def _features(out) -> torch.Tensor:
-    """The body's output, which must be the features tensor itself (B, T, H) or (B, H); a TypeError saying what to
-    return otherwise (a tuple, or a Hugging Face ModelOutput)."""
+    """The body's output, which must be the features tensor itself (B, T, H) or (B, H), else a TypeError."""
     if isinstance(out, torch.Tensor):
         return out
     fix = "return outputs.last_hidden_state (tartan.HFBody wraps a Hugging Face encoder so)" \
@@ -1381,11 +1380,9 @@ def _restore(snapshot, body, head):
 
 
 def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
-    """Rescales the gradients to global norm max_norm if it is larger, as torch.nn.utils.clip_grad_norm_, which
-    multiplies every gradient by min(1, max_norm / norm) even when that is 1 (to spare a device sync). The loop syncs
-    on the loss values anyway, so here gradients are touched only when clipping happens. Returns the norm."""
-    grads = [p.grad for p in params if p.grad is not None]
-    norm = torch.nn.utils.get_total_norm(grads)
+    """torch.nn.utils.clip_grad_norm_, but gradients are touched only when clipping happens (torch multiplies them by
+    min(1, max_norm / norm) always, to spare a sync; the loop syncs on the losses anyway). Returns the norm."""
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
     if 0 < max_norm < norm:  # max_norm 0: no clipping, the norm only
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
     return norm
@@ -1408,22 +1405,18 @@ def _buffers_kept(body: nn.Module):
 
 
 def _flat_grad(params, grads, out: torch.Tensor | None = None, add: bool = False) -> torch.Tensor:
-    """Per-parameter gradients -> one (P,) vector, a parameter without one (the loss does not reach it) contributing
-    zeros: returned as a new tensor, or written into `out` (add=True: added to it)."""
+    """Per-parameter gradients -> one (P,) vector, zeros for a parameter without one: a new tensor, or written into
+    `out` (add=True: added to it)."""
     flat = [torch.zeros(p.numel(), device=p.device) if g is None else g.reshape(-1) for p, g in zip(params, grads)]
     if out is None:
         return torch.cat(flat)
-    if add:
-        out += torch.cat(flat)
-    else:
-        torch.cat(flat, out=out)
-    return out
+    return out.add_(torch.cat(flat)) if add else torch.cat(flat, out=out)
 
 
 def make_optimizer(params: list[nn.Parameter], lr: float, weight_decay: float, cfg: TrainConfig):
     decay = [p for p in params if p.dim() >= 2]  # biases and LayerNorm/BatchNorm weights get no decay
-    no_decay = [p for p in params if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     try:  # the fused kernel: the same update in one pass over the parameters rather than a loop over them
         return torch.optim.AdamW(groups, lr=lr, betas=cfg.betas, eps=cfg.adam_eps, fused=True)
     except (RuntimeError, ValueError):  # a device or dtype without a fused kernel
