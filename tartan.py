@@ -717,10 +717,9 @@ def run_end_task(body, end: Task, aux: list[Task], mode: str, cfg: TrainConfig |
             if i > 0 and isinstance(task.head, MLMHead) and isinstance(aux[i - 1].head, MLMHead):
                 task.head.load_state_dict(aux[i - 1].head.state_dict())  # DAPT+TAPT: TAPT continues DAPT's LM head
             out["stages"].append({"stage": f"pretrain:{task.name}", **pretrain(body, [task], seeded(pcfg))})
+    if mode in ("pretrain", "finetune"):
         out["stages"].append({"stage": "finetune", **finetune(body, end, cfg)})
-    elif mode == "finetune":
-        out["stages"].append({"stage": "finetune", **finetune(body, end, cfg)})
-    elif mode in ("mt", "meta"):
+    else:
         main = train_meta(body, end, aux, cfg) if mode == "meta" else train_multitask(body, end, aux, cfg)
         out["stages"].append({"stage": mode, **main})
         if cfg.final_finetune is not None:
@@ -794,24 +793,19 @@ def permutation_test(a, b, n_permutations: int = 10_000, seed: int = 0) -> dict:
     observed = a.mean() - b.mean()
     n_splits = math.comb(len(pooled), n)
     exact = n_splits <= n_permutations
-    if exact:
-        picks = np.array(list(itertools.combinations(range(len(pooled)), n)))  # (S, n)
-        in_a = np.zeros((len(picks), len(pooled)), dtype=bool)
-        np.put_along_axis(in_a, picks, True, axis=1)
-    else:
-        rng = np.random.default_rng(seed)
-        in_a = np.zeros((n_permutations, len(pooled)), dtype=bool)
-        perms = rng.permuted(np.tile(np.arange(len(pooled)), (n_permutations, 1)), axis=1)[:, :n]
-        np.put_along_axis(in_a, perms, True, axis=1)
+    picks = np.array(list(itertools.combinations(range(len(pooled)), n))) if exact else \
+        np.random.default_rng(seed).permuted(np.tile(np.arange(len(pooled)), (n_permutations, 1)), axis=1)[:, :n]
+    in_a = np.zeros((len(picks), len(pooled)), dtype=bool)  # (S, n + len(b)): the scores each split gives a
+    np.put_along_axis(in_a, picks, True, axis=1)
     diffs = (in_a @ pooled) / n - (~in_a @ pooled) / (len(pooled) - n)
-    tol = 1e-12 * max(1.0, abs(observed))
-    p = lambda hits: float((hits.sum() + (0 if exact else 1)) / (len(diffs) + (0 if exact else 1)))  # noqa: E731
+    tol, extra = 1e-12 * max(1.0, abs(observed)), int(not exact)  # sampled: the observed split counts once more
+    p = lambda hits: float((hits.sum() + extra) / (len(diffs) + extra))  # noqa: E731
     return {"diff": float(observed), "p_two_sided": p(np.abs(diffs) >= abs(observed) - tol),
             "p_greater": p(diffs >= observed - tol), "p_less": p(diffs <= observed + tol),
             "n_permutations": int(len(diffs)), "exact": exact,
             # the smallest p these sample sizes can give: of one split alone (exact; two-sided, with equal sizes, a
             # split and its mirror), or of the observed split alone (sampled)
-            "min_p_greater": 1 / (len(diffs) + (0 if exact else 1)),
+            "min_p_greater": 1 / (len(diffs) + extra),
             "min_p_two_sided": (2 if n == len(b) else 1) / n_splits if exact else 1 / (n_permutations + 1)}
 
 
