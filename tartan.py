@@ -17,7 +17,7 @@ Contents, the method first, in the paper's order:
   8. Entry points: pretrain (Eq. 1), finetune (Eq. 2), train_multitask (Eq. 3), train_meta (Alg. 1), run_end_task
   9. Evaluation (macro-F1, micro-F1)   10. Significance: the permutation test (A.2)
 Appendix: A. reading files and building tasks; B. contracts and divergence; C. plumbing (device, autocast, progress
-bar, snapshots, clipping, head parameters, optimizers, the step budget).
+bar, snapshots, clipping, head parameters, optimizers, the history's averages, the step budget).
 
 Shapes: B batch, T tokens, H hidden size, C classes, V vocabulary, M masked positions, P body parameters,
 K = n + 1 tasks (end-task first).
@@ -346,21 +346,6 @@ def train(body: nn.Module, end: Task | None, aux: list[Task], cfg: TrainConfig, 
                                                 "meta_val_loss": _column(log, "val_loss") or None}}
 
 
-def _column(log: list[dict], key: str) -> list:
-    """One value of the per-step log over its steps, where the step has it (META's keys: only META steps)."""
-    return [info[key] for info in log if info.get(key) is not None]
-
-
-def _averages(log: list[dict], names: list[str]) -> dict:
-    """A history entry's per-step values averaged since the evaluation before: task losses; META: cos(g_meta, g_k),
-    the loss on B*_val, and phi*'s training loss at its first and last fitting step."""
-    cos, val, fit = (_column(log, key) for key in ("cosines", "val_loss", "head_fit"))
-    return {"losses": dict(zip(names, np.mean(_column(log, "losses"), axis=0).tolist())),
-            "cosines": dict(zip(names, np.mean(cos, axis=0).tolist())) if cos else None,
-            "meta_val_loss": float(np.mean(val)) if val else None,
-            "meta_head_fit_loss": np.mean(fit, axis=0).tolist() if fit else None}
-
-
 def _forward(body, task, stream, device, amp, tokens):
     """One micro-batch of a task: (loss, features, labels). Features are (B, T, H) or (B, H)."""
     inputs, labels = to_device(*_draw(stream, tokens, task.name), device)
@@ -371,15 +356,13 @@ def _forward(body, task, stream, device, amp, tokens):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# 6. MT-TARTAN (Eq. 3): theta <- theta - beta * grad( w* L_T* + sum_i w_i L_Ti ), static w; the gradient of the
-#    weighted sum is accumulated one task micro-batch at a time. The end-task alone: Eq. 2; no end-task: Eq. 1.
-#    A weighting is a public object that any training loop (yours or tartan.train) calls once per micro-batch:
-#      weighting.backward(losses, ...)  per-task losses (end-task, T_1..T_n); returns the step's info at the step's
-#                                       grad_accum-th call, None before: step your optimizer when it returns something
-#      or weighting.task_backward(k, loss) for one task micro-batch at a time (tartan.train: one task's activations
-#      alive at a time), then weighting.step(...).
-#    It writes the body's gradient into .grad (MT: sum_k w_k g_k; META: sum_k alpha_k g_k), each head's own gradient
-#    through the ordinary backward, and refuses a body gradient it did not put there.
+# 6. MT-TARTAN (Eq. 3): theta <- theta - beta * grad( w* L_T* + sum_i w_i L_Ti ), static w, the gradient accumulated
+#    one task micro-batch at a time. The end-task alone: Eq. 2; no end-task: Eq. 1.
+#    A weighting is a public object that any training loop (yours, or tartan.train) calls per micro-batch:
+#    backward(losses) with every task's loss (end-task first), or task_backward(k, loss) one task at a time and then
+#    step(). It writes the body's gradient into .grad (MT: sum_k w_k g_k; META: sum_k alpha_k g_k) and each head's
+#    own through the ordinary backward, refuses a body gradient it did not put there, and returns the step's info
+#    once the step's gradient is complete (backward: None before): then step your optimizer.
 
 
 class TaskWeighting:
@@ -400,17 +383,16 @@ class TaskWeighting:
         self._losses = [0.0] * self.n_tasks   # each task's mean loss over them
 
     def task_backward(self, k: int, loss: torch.Tensor, retain_graph: bool = False) -> None:
-        """One micro-batch of task k (0 = end-task): backward of its mean loss (unscaled: the weighting divides by
-        grad_accum) right away, so that only this task's activations need be alive."""
+        """One micro-batch of task k (0 = end-task): backward of its unscaled mean loss right away (the weighting
+        divides by grad_accum), so that only this task's activations need be alive."""
         _check_task_backward(self, k, loss)
         self._backward(k, loss, retain_graph)
         self._micro[k] += 1
         self._losses[k] += loss.item() / self.grad_accum  # synchronises anyway: the loop checks it for NaN
 
     def backward(self, losses, retain_graph: bool = False, **step_inputs) -> dict | None:
-        """One micro-batch of every task, losses[k] the unscaled mean loss of task k (end-task first). Returns
-        step(**step_inputs) at the grad_accum-th call of a step, else None. retain_graph=True when the losses share one
-        forward pass (e.g. several heads on one batch)."""
+        """One micro-batch of every task, losses[k] the unscaled mean loss of task k; at a step's grad_accum-th call,
+        step(**step_inputs). retain_graph=True when the losses share a forward pass (several heads on one batch)."""
         if len(losses) != self.n_tasks:
             raise ValueError(f"{len(losses)} losses for a weighting of {self.n_tasks} tasks (end-task first)")
         for k, loss in enumerate(losses):
@@ -438,8 +420,8 @@ class MTWeighting(TaskWeighting):
         self._w = self.w.tolist()  # python floats: scaling a loss by one needs no device work
 
     def _backward(self, k, loss, retain_graph):
-        # grad(sum_k w_k L_k) = sum_k grad(w_k L_k): one backward per task micro-batch, right after its forward, holds
-        # one task's activations at a time (one backward of the weighted sum: same gradient, K times the memory)
+        # grad(sum_k w_k L_k) = sum_k grad(w_k L_k): one backward per task micro-batch (one backward of the weighted
+        # sum would give the same gradient at K times the activation memory)
         (self._w[k] / self.grad_accum * loss).backward(retain_graph=retain_graph)
 
     def step(self) -> dict:
@@ -1316,7 +1298,7 @@ def _check_meta_step(val, fit_data, cfg: MetaConfig):
 
 # ----------------------------------------------------------------------------------------------------------------------
 # C. Plumbing: devices, autocast, token counts, the progress bar, snapshots, clipping, head parameters, the flat
-#    gradient, the optimizers and the step budget.
+#    gradient, the optimizers, the per-step log's history averages, and the step budget.
 
 
 def to_device(inputs: dict, labels, device):
@@ -1415,6 +1397,21 @@ def make_optimizer(params: list[nn.Parameter], lr: float, weight_decay: float, c
         return torch.optim.AdamW(groups, lr=lr, betas=cfg.betas, eps=cfg.adam_eps, fused=True)
     except (RuntimeError, ValueError):  # a device or dtype without a fused kernel
         return torch.optim.AdamW(groups, lr=lr, betas=cfg.betas, eps=cfg.adam_eps)
+
+
+def _column(log: list[dict], key: str) -> list:
+    """One value of the per-step log over its steps, where the step has it (META's keys: only META steps)."""
+    return [info[key] for info in log if info.get(key) is not None]
+
+
+def _averages(log: list[dict], names: list[str]) -> dict:
+    """A history entry's per-step values averaged since the evaluation before: task losses; META: cos(g_meta, g_k),
+    the loss on B*_val, and phi*'s training loss at its first and last fitting step."""
+    cos, val, fit = (_column(log, key) for key in ("cosines", "val_loss", "head_fit"))
+    return {"losses": dict(zip(names, np.mean(_column(log, "losses"), axis=0).tolist())),
+            "cosines": dict(zip(names, np.mean(cos, axis=0).tolist())) if cos else None,
+            "meta_val_loss": float(np.mean(val)) if val else None,
+            "meta_head_fit_loss": np.mean(fit, axis=0).tolist() if fit else None}
 
 
 def _budget(end: Task | None, tasks: list[Task], cfg: TrainConfig) -> tuple[int, int]:
