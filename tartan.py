@@ -336,14 +336,10 @@ def train(body: nn.Module, end: Task | None, aux: list[Task], cfg: TrainConfig, 
     bar.close()
     if best_state is not None:
         _restore(best_state, body, end.head)
-    # final_alpha: alpha at the last step; best_alpha: at the evaluation of the restored (best-dev) model; trace: per
-    # task, alpha (META: also cos(g_meta, g_k) and |g_k|) at every optimizer step, step s at index s - 1
-    per_task = lambda key: {n: list(v) for n, v in zip(names, zip(*_column(log, key)))} or None  # noqa: E731
+    # final_alpha: alpha at the last step; best_alpha: at the evaluation of the restored (best-dev) model
     return {"history": history, "steps": step, "best_dev": best if best_state is not None else None,
             "tokens": tokens, "seconds": time.perf_counter() - t0, "final_alpha": dict(zip(names, info["alpha"])),
-            "best_alpha": best_alpha, "trace": {"alpha": per_task("alpha"), "cosines": per_task("cosines"),
-                                                "grad_norms": per_task("grad_norms"),
-                                                "meta_val_loss": _column(log, "val_loss") or None}}
+            "best_alpha": best_alpha, "trace": _trace(log, names)}
 
 
 def _forward(body, task, stream, device, amp, tokens):
@@ -1412,6 +1408,14 @@ def _averages(log: list[dict], names: list[str]) -> dict:
             "cosines": dict(zip(names, np.mean(cos, axis=0).tolist())) if cos else None,
             "meta_val_loss": float(np.mean(val)) if val else None,
             "meta_head_fit_loss": np.mean(fit, axis=0).tolist() if fit else None}
+
+
+def _trace(log: list[dict], names: list[str]) -> dict:
+    """Per task, alpha (META: also cos(g_meta, g_k) and |g_k|) at every optimizer step, step s at index s - 1; and
+    META's validation loss per step."""
+    per_task = lambda key: {n: list(v) for n, v in zip(names, zip(*_column(log, key)))} or None  # noqa: E731
+    return {"alpha": per_task("alpha"), "cosines": per_task("cosines"), "grad_norms": per_task("grad_norms"),
+            "meta_val_loss": _column(log, "val_loss") or None}
 
 
 def _budget(end: Task | None, tasks: list[Task], cfg: TrainConfig) -> tuple[int, int]:
