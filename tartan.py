@@ -54,8 +54,7 @@ class HFBody(nn.Module):
 
     def __init__(self, encoder: nn.Module):
         super().__init__()
-        self.encoder = encoder
-        self.hidden_size = encoder.config.hidden_size
+        self.encoder, self.hidden_size = encoder, encoder.config.hidden_size
 
     def forward(self, input_ids, attention_mask):
         return self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
@@ -660,10 +659,9 @@ def train_multitask(body, end: Task, aux: list[Task], cfg: TrainConfig | None = 
 
 
 def _mt_config(cfg: TrainConfig) -> TrainConfig:
-    """The TrainConfig part of a MetaConfig (MT-TARTAN ignores the META fields); any other config as it is."""
-    if not isinstance(cfg, MetaConfig):
-        return cfg
-    return TrainConfig(**{f.name: getattr(cfg, f.name) for f in fields(TrainConfig)})
+    """The TrainConfig part of a MetaConfig; any other config as it is."""
+    return TrainConfig(**{f.name: getattr(cfg, f.name) for f in fields(TrainConfig)}) if isinstance(cfg, MetaConfig) \
+        else cfg
 
 
 def train_meta(body, end: Task, aux: list[Task], cfg: MetaConfig | None = None) -> dict:
@@ -856,24 +854,19 @@ def _is_label(x) -> bool:
     return isinstance(x, (str, int, np.integer)) and not isinstance(x, bool)
 
 
-def _label_ids(splits: dict[str, list], train: str = "train", where=None) -> tuple[list, dict[str, list[int]]]:
-    """The one numbering of labels (strings or integers) as class ids 0..C-1, in sorted order of the labels of
-    splits["train"]: (that vocabulary, each split's ids). A label that train lacks is a DataError naming where it
-    stands, where(split, index) (default: the split and the example's index), and `train`."""
-    vocab = sorted(set(splits["train"]))
+def _numbered(splits: dict, train: str = "train", where=None) -> dict:
+    """{split: (texts, labels, ...)} -> {"labels": the vocabulary, split: (texts, class ids)}: the one numbering of
+    labels (strings or integers) as class ids 0..C-1, in sorted order of splits["train"]'s labels. A label that train
+    lacks is a DataError naming where it stands, where(split, index) (default: the split and the example's index),
+    and `train`."""
+    vocab = sorted(set(splits["train"][1]))
     index = {label: i for i, label in enumerate(vocab)}
-    for split, labels in splits.items():
+    for split, (_, labels, *_) in splits.items():
         for i, label in enumerate(labels):
             if label not in index:
                 raise DataError(f"{where(split, i) if where else f'{split} split, example {i}'}: label {label!r} "
                                 f"never appears in {train} (train labels: {', '.join(map(str, vocab))})")
-    return vocab, {split: [index[label] for label in labels] for split, labels in splits.items()}
-
-
-def _numbered(splits: dict, train: str, where) -> dict:
-    """{split: (texts, labels, ...)} -> {"labels": the vocabulary, split: (texts, class ids)} (see _label_ids)."""
-    vocab, ids = _label_ids({s: split[1] for s, split in splits.items()}, train, where)
-    return {"labels": vocab, **{s: (splits[s][0], ids[s]) for s in splits}}
+    return {"labels": vocab, **{s: (v[0], [index[label] for label in v[1]]) for s, v in splits.items()}}
 
 
 def check_tokenizer(tokenizer, what: str, first_position: bool = True) -> None:
@@ -1037,9 +1030,9 @@ def classification_task(name: str, data, tokenizer, hidden_size: int, max_length
     else:
         texts, labels = _text_pairs(f"classification task '{name}'", data)
     check_tokenizer(tokenizer, f"classification task '{name}'")
-    vocab, ids = _label_ids({"train": labels})
-    return Task(name, ClassificationHead(hidden_size, len(vocab), dropout),
-                _text_data(tokenizer, texts, ids["train"], max_length, limit), num_labels=len(vocab))
+    split = _numbered({"train": (texts, labels)})
+    return Task(name, ClassificationHead(hidden_size, len(split["labels"]), dropout),
+                _text_data(tokenizer, *split["train"], max_length, limit), num_labels=len(split["labels"]))
 
 
 def mlm_task(name: str, texts_or_path, tokenizer, body: nn.Module, mlm_head: MLMHead, max_length: int = 512,
