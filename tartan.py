@@ -122,8 +122,7 @@ def mask_tokens(input_ids, attention_mask, masking: Masking, generator: torch.Ge
     """(B, T) ids -> (corrupted ids, labels). Random replacements are any vocabulary id (as in BERT). Driven only by
     `generator`, so reproducible."""
     special = torch.isin(input_ids, torch.tensor(masking.special_ids)) | (attention_mask == 0)
-    u = torch.rand(input_ids.shape, generator=generator)
-    chosen = (u < masking.prob) & ~special
+    chosen = (torch.rand(input_ids.shape, generator=generator) < masking.prob) & ~special
     labels = torch.where(chosen, input_ids, torch.full_like(input_ids, -100))
     v = torch.rand(input_ids.shape, generator=generator)  # splits the chosen tokens 80/10/10
     to_mask = chosen & (v < masking.mask_frac)
@@ -286,13 +285,11 @@ def train(body: nn.Module, end: Task | None, aux: list[Task], cfg: TrainConfig, 
     schedule = lambda s: min((s + 1) / warmup, max(0.0, (total - s) / max(1, total - warmup)))  # noqa: E731
     scheds = [torch.optim.lr_scheduler.LambdaLR(o, schedule) for o in (opt_body, opt_heads)]
 
-    # what the step carries from step to step, built before the loop: the public weighting object any loop would use
-    # (META: a MetaState, Algorithm 1's "Initialize"; MT: the static weights of Eq. 3, uniform unless given)
+    # the weighting, built before the loop (META: a MetaState, Algorithm 1's "Initialize"; MT: the static w of Eq. 3)
     state = meta_state(body, tasks, cfg) if isinstance(cfg, MetaConfig) else \
         MTWeighting(body, len(tasks), cfg.weights, cfg.grad_accum)
     names = [t.name for t in tasks]
-    # log: each optimizer step's info (losses, alpha; META: cosines, val_loss, grad_norms, head_fit), the one record
-    # of the steps, from which the history's averages and the trace are read
+    # log: every optimizer step's info, the one record of the steps: the history's averages and the trace read it
     log, history, tokens, evaluated = [], [], dict.fromkeys(names, 0), 0
     analysis_seconds = 0.0  # time spent scoring the test split for the history (eval_test), not part of training
     best, best_state, best_alpha, since_best = -math.inf, None, None, 0
@@ -735,8 +732,7 @@ def evaluate(body, head, data, batch_size: int = 64, bf16: bool = False, predict
     """Metrics of body + head on a labelled split, in eval mode (no dropout), without autograd; bf16 autocast on CUDA
     when asked (train passes its cfg.bf16). Restores the previous train/eval mode. predictions=True adds the
     predicted class of every example, in order."""
-    device = next(body.parameters()).device
-    modes = body.training, head.training
+    device, modes = next(body.parameters()).device, (body.training, head.training)
     body.eval(), head.eval()
     preds, total_loss = [], 0.0
     for i in range(0, len(data), batch_size):
