@@ -183,8 +183,11 @@ def sweep_report(title: str, columns: dict, baseline: str, png: str | None = Non
                   + ("(TAPT saw at least as many MLM batches)" if min(pre_steps) >= max(mt_steps) else
                      "(**fewer than an MT run: the protocol's condition fails**)") + "."]
     if png:
-        figure(title, columns, baseline, png)
-        lines += ["", f"Figure: {os.path.basename(png)} (dev and test score against training wall-clock)."]
+        try:
+            figure(title, columns, baseline, png)
+            lines += ["", f"Figure: {os.path.basename(png)} (dev and test score against training wall-clock)."]
+        except ImportError:
+            lines += ["", "(no figure: it needs matplotlib, pip install matplotlib)"]
     return "\n".join(lines) + "\n"
 
 
