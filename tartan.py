@@ -549,10 +549,10 @@ def estimate_meta_head(features: torch.Tensor, labels: torch.Tensor, num_labels:
     """phi*: a new, randomly initialised classification head trained cfg.meta_head_steps full-batch AdamW steps on
     fixed body features (no graph) of end-task training examples. A new phi* at every step is what Sec. 3.3 says
     ("training the randomly initialized head phi* to convergence on a subset of the end-task training data. We do this
-    every time we wish to estimate" the meta-gradient), what A.1 argues for and what the release does. Algorithm 1 can
-    be read as a warm start (it initialises phi* once, before the loop); that reading is not followed, as Sec. 3.3 is
-    explicit where the pseudo-code is not. Returns (phi*, its training loss at the first and last step as a (2,)
-    tensor, None with no steps)."""
+    every time we wish to estimate" the meta-gradient), what A.1 argues for (phi* stands in for a head fitted to the
+    current body) and what the release does. Algorithm 1 can be read as a warm start (it initialises phi* once, before
+    the loop); that reading is not followed, as Sec. 3.3 is explicit where the pseudo-code is not. Returns (phi*, its
+    training loss at the first and last step as a (2,) tensor, None with no steps)."""
     features = features.detach().float()
     head = ClassificationHead(features.shape[-1], num_labels).to(features.device)
     opt = torch.optim.AdamW(head.parameters(), lr=cfg.meta_head_lr, weight_decay=cfg.meta_head_wd)
@@ -567,14 +567,15 @@ def estimate_meta_head(features: torch.Tensor, labels: torch.Tensor, num_labels:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    # a tensor, so that reading it waits for no device work here
+    # how far the fit went (Sec. 3.3 asks for convergence), as a tensor: reading it waits for no device work here
     return head, None if first is None else torch.stack([first, loss.detach()])
 
 
 def meta_gradient(body: nn.Module, head_star: nn.Module, val, params: list[nn.Parameter], amp=None):
     """g_meta = grad_theta_body L_T*(theta_body, phi*, B*_val) as one flat (P,) vector, and the loss (a float); val
-    as for MetaWeighting. Like the task gradients, it is taken in train mode (dropout on; the paper does not say). It
-    leaves no trace: no .grad is touched and body buffers (BatchNorm statistics) are restored."""
+    as for MetaWeighting. Like the task gradients, and so comparable with them, it is taken in train mode (dropout on;
+    the paper does not say). It leaves no trace: no .grad is touched and body buffers (BatchNorm statistics) are
+    restored, so dev batches never move the model."""
     with _buffers_kept(body):  # restored after the backward pass, which may read them
         if callable(val):
             loss = val(head_star)
