@@ -35,6 +35,24 @@ def test_sweep_config_and_path_are_unchanged(name):
     assert runs.Workspace(settings, torch.device("cpu")).config(run) == stored
 
 
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+ALL_FILES = sorted(os.path.relpath(os.path.join(root, f), RESULTS) for root, _, files in os.walk(RESULTS)
+                   for f in files if f.endswith(".json") and "__seed" in f)
+
+
+@pytest.mark.parametrize("name", ALL_FILES)
+def test_every_committed_result_is_the_config_its_recorded_command_builds(name):
+    """Every committed result file (every budget, the diagnostics and grids included), re-parsed from the command it
+    records: today's runner builds the very config stored, so each resumes and re-prints as it is."""
+    with open(os.path.join(RESULTS, name)) as f:
+        rec = json.load(f)
+    args = reproduce.build_parser()[0].parse_args(rec["command"][1:])
+    run = runs.make_run(rec["key"]["task"], rec["key"]["mode"], args.aux, rec["key"]["seed"], "10x")
+    assert run.path(os.path.dirname(os.path.dirname(name))) == name
+    settings = reproduce.make_settings(args, {})
+    assert runs.Workspace(settings, torch.device("cpu")).config(run) == rec["config"]
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--task", "aclarc", "--mode", "mt", "--meta-lr", "0.1"], "--meta-lr does not apply to --mode mt (it applies "
                                                                "to --mode meta, meta-samehead)"),
