@@ -161,6 +161,30 @@ def test_make_run_corpora_and_configs():
     assert reproduce.parse_seeds("0-2,7") == [0, 1, 2, 7]
 
 
+def test_the_cpu_es_budget_is_pinned():
+    """The pre-registered budget (experiments/results/cpu-es/PROTOCOL.md): every end-task stage early-stopped under a
+    4000-step schedule, dev every 50 steps with patience 8, test scored at evaluations for curves, the final fine-tune
+    on at the release's lr, 2000 TAPT steps, max length 128, a warmed LM head."""
+    budget = runs.Budget(name="cpu-es")
+    assert budget.length == 128 and budget.final_stage and budget.warm_head == dict(steps=300, lr=1e-3, batch_size=16)
+    stage = dict(batch_size=16, grad_accum=1, max_steps=4000, eval_every=50, patience=8, eval_test=True,
+                 warmup_frac=0.06)
+    for mode in ("mt", "meta", "finetune", "tapt"):
+        cfg, pre = runs.make_configs(budget, "scierc", mode, 3, 1)
+        assert {k: getattr(cfg, k) for k in stage} == stage and cfg.seed == 3
+        if mode in ("mt", "meta"):
+            assert (cfg.lr, cfg.head_lr, cfg.aux_batch_size) == (1e-4, 1e-3, 16)
+            final = cfg.final_finetune
+            assert {k: getattr(final, k) for k in stage} == stage and (final.lr, final.head_lr) == (5e-6, 5e-6)
+        else:  # the Eq. 2 stages: the learning rates chosen on dev for --budget cpu
+            assert type(cfg) is tartan.FinetuneConfig and (cfg.lr, cfg.head_lr) == (1e-4, 1e-3)
+        if mode == "meta":
+            assert (cfg.meta_lr, cfg.meta_batch_size, cfg.meta_head_steps, cfg.meta_head_lr, cfg.meta_head_data,
+                    cfg.meta_head_tol, cfg.meta_val_batch_size) == (1e-2, 16, 10, 1e-3, "train", 0.0, 0)
+        if mode == "tapt":
+            assert (pre[0].max_steps, pre[0].aux_batch_size, pre[0].grad_accum, pre[0].eval_every) == (2000, 16, 1, -1)
+
+
 def test_write_json_is_atomic_and_readable_by_others(tmp_path):
     path = tmp_path / "s.json"
     common.atomic_write_json(str(path), {"a": 1})
