@@ -312,13 +312,14 @@ def train(body: nn.Module, end: Task | None, aux: list[Task], cfg: TrainConfig, 
         dev = evaluate(body, end.head, end.dev, cfg.eval_batch_size, cfg.bf16)
         _finite(dev["loss"], f"the dev loss of task '{end.name}'", f"at the evaluation after optimizer step {step}",
                 "a diverged model, or a NaN in the dev data")
-        if cfg.eval_test and end.test is not None:  # for learning curves only: nothing below reads it
+        curve = {}  # eval_test: the test score for learning curves only; nothing below reads it
+        if cfg.eval_test and end.test is not None:
             t_test = time.perf_counter()
-            test = evaluate(body, end.head, end.test, cfg.eval_batch_size, cfg.bf16)
+            curve["test"] = evaluate(body, end.head, end.test, cfg.eval_batch_size, cfg.bf16)
             analysis_seconds += time.perf_counter() - t_test
+            curve["analysis_seconds"] = analysis_seconds
         history.append({"step": step, "alpha": dict(zip(names, info["alpha"])), **_averages(log[evaluated:], names),
-                        "dev": dev, "seconds": time.perf_counter() - t0,
-                        **({"test": test, "analysis_seconds": analysis_seconds} if cfg.eval_test else {})})
+                        "dev": dev, "seconds": time.perf_counter() - t0, **curve})
         evaluated = len(log)
         score = dev[end.metric]
         if score > best:

@@ -1120,6 +1120,11 @@ def test_test_scores_at_evaluations_are_recorded_but_never_select(tok, task_dir,
     assert [h["test"]["macro_f1"] for h in with_test["history"]] == test[:5]
     assert all("test" not in h for h in without["history"])
     assert with_test["trace"]["alpha"] == without["trace"]["alpha"]
+    body, end, aux = build(tok, task_dir)  # an end-task without a test split: eval_test has nothing to score
+    end.test = None
+    cfg = tartan.TrainConfig(**{**SMALL, "max_steps": 8, "eval_every": 4}, eval_test=True, final_finetune=None)
+    out = tartan.train(body, end, aux, cfg)
+    assert len(out["history"]) == 2 and all("test" not in h for h in out["history"])
 
 
 def test_meta_head_fit_stops_when_its_loss_stops_falling():
