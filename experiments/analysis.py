@@ -84,7 +84,7 @@ def curve(rec: dict) -> list[tuple[float, float, float | None]]:
         for h in stage.get("history", []):
             test = h.get("test", {}).get(field)
             points.append((offset + h["seconds"] - h.get("analysis_seconds", 0.0), h["dev"][field], test))
-        last = stage.get("history", [{}])[-1] if stage.get("history") else {}
+        last = (stage.get("history") or [{}])[-1]  # the stage's seconds include its test scoring
         offset += stage.get("seconds", 0.0) - last.get("analysis_seconds", 0.0)
     return points
 
@@ -111,7 +111,7 @@ def checks(rec: dict) -> list[str]:
     return issues
 
 
-def verdict(d: float, p: float, diff_ci, micro_d: float, nll_d: float, pooled_sd: float) -> str:
+def verdict(p: float, diff_ci, micro_d: float, nll_d: float, pooled_sd: float) -> str:
     """The protocol's decision rule."""
     if p < 0.05 and diff_ci[0] > 0:
         return "shown"
@@ -136,6 +136,7 @@ def sweep_report(title: str, columns: dict, baseline: str, png: str | None = Non
              f"| micro-F1 | test NLL | verdict |", "|" + "---|" * 10]
     for label, runs in columns.items():
         x, b = main[label], main[baseline]
+        p = compare(x, b)["p_greater"] if label != baseline else None
         row = [label, ",".join(map(str, seeds[label])), f"{x.mean():.2f} ± {x.std(ddof=1) if len(x) > 1 else 0:.2f}",
                "[{:.2f}, {:.2f}]".format(*boot[label]["score"])]
         if label == baseline:
@@ -145,13 +146,13 @@ def sweep_report(title: str, columns: dict, baseline: str, png: str | None = Non
             pa = [x[seeds[label].index(s)] for s in common_seeds]
             pb = [b[seeds[baseline].index(s)] for s in common_seeds]
             row += [f"{x.mean() - b.mean():+.2f} [{boot[label]['diff'][0]:+.2f}, {boot[label]['diff'][1]:+.2f}]",
-                    f"{compare(x, b)['p_greater']:.3f}", f"{paired_p(pa, pb):.3f}" if common_seeds else "—"]
+                    f"{p:.3f}", f"{paired_p(pa, pb):.3f}" if common_seeds else "—"]
         row += [f"{micro[label].mean():.2f}", f"{nll[label].mean():.3f}"]
         if label == baseline or label not in ("MT-TARTAN", "META-TARTAN"):
             row.append("—")
         else:
             pooled = float(np.sqrt((x.var(ddof=1) + b.var(ddof=1)) / 2)) if min(len(x), len(b)) > 1 else float("nan")
-            row.append(verdict(x.mean() - b.mean(), compare(x, b)["p_greater"], boot[label]["diff"],
+            row.append(verdict(p, boot[label]["diff"],
                                micro[label].mean() - micro[baseline].mean(), nll[label].mean() - nll[baseline].mean(),
                                pooled))
         lines.append("| " + " | ".join(row) + " |")

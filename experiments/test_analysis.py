@@ -47,11 +47,11 @@ def test_bootstrap_intervals_cover_no_difference_and_separate_a_real_one():
 
 
 def test_verdicts_follow_the_pre_registered_rule():
-    assert analysis.verdict(2.0, 0.01, (0.5, 3.0), 1.0, -0.1, 1.0) == "shown"
-    assert analysis.verdict(2.0, 0.01, (-0.5, 3.0), 1.0, -0.1, 1.0).startswith("inconclusive")  # interval has 0
-    assert analysis.verdict(2.0, 0.08, (0.5, 3.0), 1.0, -0.1, 1.0).startswith("inconclusive")  # p too large
-    assert analysis.verdict(-3.0, 0.99, (-5.0, -1.0), -1.0, 0.2, 1.0) == "refuted at this scale"
-    v = analysis.verdict(-3.0, 0.99, (-5.0, -1.0), 1.0, 0.2, 2.0)  # micro-F1 disagrees: not refuted
+    assert analysis.verdict(0.01, (0.5, 3.0), 1.0, -0.1, 1.0) == "shown"
+    assert analysis.verdict(0.01, (-0.5, 3.0), 1.0, -0.1, 1.0).startswith("inconclusive")  # interval has 0
+    assert analysis.verdict(0.08, (0.5, 3.0), 1.0, -0.1, 1.0).startswith("inconclusive")  # p too large
+    assert analysis.verdict(0.99, (-5.0, -1.0), -1.0, 0.2, 1.0) == "refuted at this scale"
+    v = analysis.verdict(0.99, (-5.0, -1.0), 1.0, 0.2, 2.0)  # micro-F1 disagrees: not refuted
     assert v.startswith("inconclusive") and "3.14 points" in v
 
 
