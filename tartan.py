@@ -17,7 +17,8 @@ Contents, the method first, in the paper's order:
   8. Entry points: pretrain (Eq. 1), finetune (Eq. 2), train_multitask (Eq. 3), train_meta (Alg. 1), run_end_task
   9. Evaluation (macro-F1, micro-F1)   10. Significance: the permutation test (A.2)
 Appendix: A. reading files and building tasks; B. contracts and divergence; C. plumbing (device, autocast, progress
-bar, snapshots, clipping, head parameters, optimizers, the history's averages, the step budget).
+bar, snapshots, checkpoints to resume from, clipping, head parameters, optimizers, the history's averages, the step
+budget).
 
 Shapes: B batch, T tokens, H hidden size, C classes, V vocabulary, M masked positions, P body parameters,
 K = n + 1 tasks (end-task first).
@@ -35,7 +36,6 @@ import json
 import math
 import os
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
@@ -163,6 +163,25 @@ def batches(task: Task, batch_size: int, generator: torch.Generator):
             yield inputs, labels
 
 
+class Stream:
+    """batches() that counts the batches it has given, so that a resumed run (Checkpoint) brings a new stream to the
+    same place, data order, masking and generator state alike, by drawing as many again."""
+
+    def __init__(self, task: Task, batch_size: int, seed: int):
+        self.drawn, self._batches = 0, batches(task, batch_size, torch.Generator().manual_seed(seed))
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        self.drawn += 1
+        return next(self._batches)
+
+    def replay(self, drawn: int):
+        while self.drawn < drawn:
+            next(self)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # 4. Configs hold the paper's values (Sec. 4) and, where the paper is silent, those of the authors' launch scripts
 #    ("release": ldery/TARTAN run_{mt,meta}_multiple.sh) or of Gururangan et al. (2020), App. B.
@@ -257,13 +276,15 @@ class MetaConfig(TrainConfig):
 # 5. The training loop, one for every mode: Eq. 1 (no end-task), Eq. 2 (no auxiliary task), Eq. 3 and Algorithm 1.
 
 
-def train(body: nn.Module, end: Task | None, aux: list[Task], cfg: TrainConfig, step_fn=None) -> dict:
+def train(body: nn.Module, end: Task | None, aux: list[Task], cfg: TrainConfig, step_fn=None,
+          checkpoint: Checkpoint | None = None) -> dict:
     """The loop shared by every mode: Eq. 1 (end=None), Eq. 2 (aux=[]), Eq. 3 (multitask_step) and Algorithm 1
     (meta_step). Evaluates end-task dev every cfg.eval_every steps, keeps the best-dev body and head, stops after
     cfg.patience evaluations without a new best, restores the best and returns the history. Selection uses the dev
     metric (end.metric), as the release does; the paper's Sec. 3.1 monitors the validation loss, recorded too.
     A NaN or infinite loss (training, META's validation, dev) stops the run with a DivergedError. The test split is
-    run_end_task's."""
+    run_end_task's. With a checkpoint, the loop saves its state there now and then and, if one is there already,
+    continues from it: the result is the uninterrupted run's."""
     check_tasks(end, aux, cfg, meta=True if step_fn is meta_step else None)
     step_fn = step_fn or (meta_step if isinstance(cfg, MetaConfig) else multitask_step)  # as the config says
     tasks = ([end] if end is not None else []) + list(aux)
@@ -272,8 +293,8 @@ def train(body: nn.Module, end: Task | None, aux: list[Task], cfg: TrainConfig, 
     for t in tasks:
         t.head.to(device).train()
     # one generator per task (data order and masking), so the end-task's batches do not depend on the other tasks
-    streams = [batches(t, cfg.batch_size if t is end else cfg.aux_batch_size,
-                       torch.Generator().manual_seed(cfg.seed * 1009 + k)) for k, t in enumerate(tasks)]
+    streams = [Stream(t, cfg.batch_size if t is end else cfg.aux_batch_size, cfg.seed * 1009 + k)
+               for k, t in enumerate(tasks)]
     total, per_epoch = _budget(end, tasks, cfg)
     eval_every = per_epoch if cfg.eval_every == 0 else cfg.eval_every
 
@@ -294,9 +315,22 @@ def train(body: nn.Module, end: Task | None, aux: list[Task], cfg: TrainConfig, 
     analysis_seconds = 0.0  # time spent scoring the test split for the history (eval_test), not part of training
     best, best_state, best_alpha, since_best = -math.inf, None, None, 0
     amp = autocast(device, cfg.bf16)
-    bar = progress_bar(total, cfg.progress, "train", leave=False)
-    t0 = time.perf_counter()
-    for step in range(1, total + 1):
+    t0, first = time.perf_counter(), 1
+    # everything the loop carries from step to step, for a checkpoint; a resumed loop takes it back
+    resumable = [body] + [t.head for t in tasks], [opt_body, opt_heads, *scheds], state, \
+        streams + ([s for s in (state.val, state.head_rows) if s is not None] if isinstance(state, MetaState) else [])
+    saved = checkpoint.load(repr((cfg, names))) if checkpoint is not None else None
+    if saved is not None:
+        _load_training(saved, *resumable)
+        step, log, history, tokens, evaluated, analysis_seconds, best, best_state, best_alpha, since_best, seconds = \
+            saved["loop"]
+        t0, first = time.perf_counter() - seconds, step + 1
+    bar = progress_bar(total, cfg.progress, "train", leave=False, initial=first - 1)
+    for step in range(first, total + 1):
+        if checkpoint is not None and checkpoint.due():  # the state after step - 1 and its evaluation
+            checkpoint.save(_training_state(*resumable), repr((cfg, names)),
+                            loop=(step - 1, log, history, tokens, evaluated, analysis_seconds, best, best_state,
+                                  best_alpha, since_best, time.perf_counter() - t0))
         info = step_fn(body, tasks, streams, state, cfg, amp, tokens)
         norm = clip_grad_norm(body_params + head_params, cfg.grad_clip)
         # a diverged run must never become a result: stop before the optimizer applies the step
@@ -529,8 +563,8 @@ class MetaWeighting(TaskWeighting):
 class MetaState:
     """What tartan.train's META step carries from step to step, built once before the loop by meta_state."""
     weighting: MetaWeighting            # w, G, the step count, phi*'s settings
-    val: Iterator                       # endless batches B*_val ~ D_val of the end-task (tartan.batches)
-    head_rows: Iterator | None = None   # meta_head_data="dev": endless dev batches that phi* is fitted on
+    val: Stream                         # endless batches B*_val ~ D_val of the end-task
+    head_rows: Stream | None = None     # meta_head_data="dev": endless dev batches that phi* is fitted on
 
 
 def meta_state(body: nn.Module, tasks: list[Task], cfg: MetaConfig) -> MetaState:
@@ -539,10 +573,9 @@ def meta_state(body: nn.Module, tasks: list[Task], cfg: MetaConfig) -> MetaState
     end, device = tasks[0], next(body.parameters()).device
     weighting = MetaWeighting(body, len(tasks), end.num_labels, cfg, end_head=end.head, amp=autocast(device, cfg.bf16))
     dev = Task(end.name + ":val", end.head, train=end.dev)
-    val = batches(dev, cfg.meta_val_batch_size or cfg.meta_batch_size,
-                  torch.Generator().manual_seed(cfg.seed * 1009 + 1000))
+    val = Stream(dev, cfg.meta_val_batch_size or cfg.meta_batch_size, cfg.seed * 1009 + 1000)
     head_rows = None if cfg.meta_head_data == "train" or cfg.same_head else \
-        batches(dev, cfg.meta_batch_size, torch.Generator().manual_seed(cfg.seed * 1009 + 2000))  # apart from B*_val
+        Stream(dev, cfg.meta_batch_size, cfg.seed * 1009 + 2000)  # apart from B*_val
     return MetaState(weighting, val, head_rows)
 
 
@@ -640,21 +673,21 @@ def _dev_features(body, state: MetaState, amp, tokens, end_name: str) -> tuple:
 # 8. Entry points: the paper's objectives, and one row of a table.
 
 
-def pretrain(body, aux: list[Task], cfg: PretrainConfig | None = None) -> dict:
+def pretrain(body, aux: list[Task], cfg: PretrainConfig | None = None, checkpoint=None) -> dict:
     """Eq. 1: theta_0 = argmin sum_i L_Ti, end-task agnostic (TAPT, DAPT; call twice, in order, for DAPT+TAPT)."""
     cfg = cfg or PretrainConfig()
-    return train(body, None, aux, replace(cfg, weights=cfg.weights or (1.0,) * len(aux)))
+    return train(body, None, aux, replace(cfg, weights=cfg.weights or (1.0,) * len(aux)), checkpoint=checkpoint)
 
 
-def finetune(body, end: Task, cfg: FinetuneConfig | None = None) -> dict:
+def finetune(body, end: Task, cfg: FinetuneConfig | None = None, checkpoint=None) -> dict:
     """Eq. 2: fine-tune body and end-task head on the end-task alone, early stopping on dev."""
-    return train(body, end, [], cfg or FinetuneConfig())
+    return train(body, end, [], cfg or FinetuneConfig(), checkpoint=checkpoint)
 
 
-def train_multitask(body, end: Task, aux: list[Task], cfg: TrainConfig | None = None) -> dict:
+def train_multitask(body, end: Task, aux: list[Task], cfg: TrainConfig | None = None, checkpoint=None) -> dict:
     """MT-TARTAN (Eq. 3) with static weights (default uniform). A MetaConfig is accepted: its TrainConfig fields are
     used and its META fields (meta_lr, phi*'s settings, the meta batch sizes, same_head) are ignored."""
-    return train(body, end, aux, _mt_config(cfg or TrainConfig()), multitask_step)
+    return train(body, end, aux, _mt_config(cfg or TrainConfig()), multitask_step, checkpoint)
 
 
 def _mt_config(cfg: TrainConfig) -> TrainConfig:
@@ -663,19 +696,23 @@ def _mt_config(cfg: TrainConfig) -> TrainConfig:
         else cfg
 
 
-def train_meta(body, end: Task, aux: list[Task], cfg: MetaConfig | None = None) -> dict:
+def train_meta(body, end: Task, aux: list[Task], cfg: MetaConfig | None = None, checkpoint=None) -> dict:
     """META-TARTAN (Algorithm 1); cfg.same_head=True gives the Eq. 6 ablation."""
-    return train(body, end, aux, cfg or MetaConfig(), meta_step)
+    return train(body, end, aux, cfg or MetaConfig(), meta_step, checkpoint)
 
 
 def run_end_task(body, end: Task, aux: list[Task], mode: str, cfg: TrainConfig | None = None,
-                 pretrain_cfgs: list[PretrainConfig] | None = None) -> dict:
+                 pretrain_cfgs: list[PretrainConfig] | None = None, checkpoint: str | None = None,
+                 checkpoint_every: float = 600.0) -> dict:
     """One row of a table: mode in {finetune, pretrain, mt, meta}, then (for mt/meta) the optional Eq. 2 stage kept
     only if dev improves, then the test set, once, on the selected model. `pretrain` runs Eq. 1 on each auxiliary
     task in order (DAPT then TAPT for DAPT+TAPT) and then Eq. 2.
     Returns dev and test metrics; from the main stage (mt/meta, else the Eq. 2 stage) its history (per evaluation),
     final_alpha (alpha after the last step), best_alpha (alpha at the selected evaluation) and trace (per step);
-    and every stage's own result under "stages"."""
+    and every stage's own result under "stages". checkpoint: a file path where the run saves its progress (at most
+    every checkpoint_every seconds, at each stage's end) and from which, if it is there, an interrupted call with the
+    same arguments continues, to the uninterrupted result ("resumed": the wall and CPU seconds the interrupted calls
+    spent up to their last save); the files go once the run is done."""
     if mode not in ("finetune", "pretrain", "mt", "meta"):
         raise ValueError(f"unknown mode '{mode}' (finetune, pretrain, mt, meta)")
     cfg = cfg or {"meta": MetaConfig, "mt": TrainConfig}.get(mode, FinetuneConfig)()
@@ -683,34 +720,47 @@ def run_end_task(body, end: Task, aux: list[Task], mode: str, cfg: TrainConfig |
     # before any stage runs, pre-training included
     check_tasks(end, aux if mode in ("mt", "meta") else [], cfg, meta=True if mode == "meta" else None)
     seeded = lambda c: replace(c, seed=cfg.seed)  # sub-stages follow the run's seed  # noqa: E731
-    out = {"mode": mode, "stages": []}
     if mode == "pretrain":
         pretrain_cfgs = pretrain_cfgs or [PretrainConfig()] * len(aux)
         if len(pretrain_cfgs) != len(aux):
             raise ValueError(f"{len(pretrain_cfgs)} pre-training configs for {len(aux)} auxiliary tasks")
+    out = {"mode": mode, "stages": []}
+    stage = _Stages(checkpoint, checkpoint_every, [body, end.head] + [t.head for t in aux],
+                    repr((mode, cfg, pretrain_cfgs, [t.name for t in [end] + aux])), out["stages"])
+    if mode == "pretrain":
         for i, (task, pcfg) in enumerate(zip(aux, pretrain_cfgs)):
-            if i > 0 and isinstance(task.head, MLMHead) and isinstance(aux[i - 1].head, MLMHead):
-                task.head.load_state_dict(aux[i - 1].head.state_dict())  # DAPT+TAPT: TAPT continues DAPT's LM head
-            out["stages"].append({"stage": f"pretrain:{task.name}", **pretrain(body, [task], seeded(pcfg))})
+            stage(f"pretrain:{task.name}", _pretrain_stage, body, aux, i, seeded(pcfg))
     if mode in ("pretrain", "finetune"):
-        out["stages"].append({"stage": "finetune", **finetune(body, end, cfg)})
+        stage("finetune", finetune, body, end, cfg)
     else:
-        main = train_meta(body, end, aux, cfg) if mode == "meta" else train_multitask(body, end, aux, cfg)
-        out["stages"].append({"stage": mode, **main})
+        main = stage(mode, train_meta if mode == "meta" else train_multitask, body, end, aux, cfg)
         if cfg.final_finetune is not None:
-            before = _snapshot(body, end.head)
-            ft = finetune(body, end, seeded(cfg.final_finetune))
-            ft["kept"] = ft["best_dev"] is not None and (main["best_dev"] is None or ft["best_dev"] > main["best_dev"])
-            if not ft["kept"]:
-                _restore(before, body, end.head)
-            out["stages"].append({"stage": "final_finetune", **ft})
+            stage("final_finetune", _final_finetune, body, end, seeded(cfg.final_finetune), main["best_dev"])
     out["dev"] = evaluate(body, end.head, end.dev, cfg.eval_batch_size, cfg.bf16)
     out["test"] = evaluate(body, end.head, end.test, cfg.eval_batch_size, cfg.bf16, predictions=True)
     out["test_predictions"] = out["test"].pop("predictions")  # the predicted class of every test example, in order
     out["metric"] = end.metric
     main = next(s for s in reversed(out["stages"]) if s["stage"] in ("mt", "meta", "finetune"))
     out.update({k: main[k] for k in ("history", "final_alpha", "best_alpha", "trace")})
+    out["resumed"] = stage.done()
     return out
+
+
+def _pretrain_stage(body, aux: list[Task], i: int, cfg: PretrainConfig, checkpoint=None) -> dict:
+    """Eq. 1 on aux[i]; DAPT+TAPT: TAPT continues DAPT's LM head."""
+    if i > 0 and isinstance(aux[i].head, MLMHead) and isinstance(aux[i - 1].head, MLMHead):
+        aux[i].head.load_state_dict(aux[i - 1].head.state_dict())
+    return pretrain(body, [aux[i]], cfg, checkpoint=checkpoint)
+
+
+def _final_finetune(body, end: Task, cfg: FinetuneConfig, main_best_dev, checkpoint=None) -> dict:
+    """The optional Eq. 2 stage after MT/META (Sec. 3.1), kept only if it improves end-task dev."""
+    before = _snapshot(body, end.head)
+    ft = finetune(body, end, cfg, checkpoint)
+    ft["kept"] = ft["best_dev"] is not None and (main_best_dev is None or ft["best_dev"] > main_best_dev)
+    if not ft["kept"]:
+        _restore(before, body, end.head)
+    return ft
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -1284,8 +1334,8 @@ def _check_meta_step(val, fit_data, cfg: MetaConfig):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# C. Plumbing: devices, autocast, token counts, the progress bar, snapshots, clipping, head parameters, the flat
-#    gradient, the optimizers, the per-step log's history averages, and the step budget.
+# C. Plumbing: devices, autocast, token counts, the progress bar, snapshots, checkpoints to resume from, clipping,
+#    head parameters, the flat gradient, the optimizers, the per-step log's history averages, and the step budget.
 
 
 def to_device(inputs: dict, labels, device):
@@ -1340,6 +1390,100 @@ def _snapshot(body, head):
 def _restore(snapshot, body, head):
     for m, sd in zip((body, head), snapshot):
         m.load_state_dict(sd)
+
+
+class Checkpoint:
+    """A file that a training loop saves its state to (at most every `every` seconds: due()) and that a new process
+    resumes from; written atomically, so that an interrupted save leaves the last one. A file that another run wrote
+    (its `what` differs) is an error, never resumed. clock: the run's start, moved back on resume by the wall and CPU
+    seconds that interrupted processes spent up to their last save ("before")."""
+
+    def __init__(self, path: str, every: float = 600.0, clock: dict | None = None):
+        self.path, self.every, self.last = path, every, time.perf_counter()
+        self.clock = clock or {"wall": time.perf_counter(), "cpu": time.process_time(), "before": None}
+
+    def due(self) -> bool:
+        return time.perf_counter() - self.last >= self.every
+
+    def save(self, state: dict, what: str, **more) -> None:
+        spent = time.perf_counter() - self.clock["wall"], time.process_time() - self.clock["cpu"]
+        torch.save({**state, **more, "what": what, "spent": spent}, self.path + ".tmp")
+        os.replace(self.path + ".tmp", self.path)
+        self.last = time.perf_counter()
+
+    def load(self, what: str) -> dict | None:
+        if not os.path.exists(self.path):
+            return None
+        saved = torch.load(self.path, map_location="cpu", weights_only=False)  # this run's own file: Python objects
+        if saved.get("what") != what:
+            raise ValueError(f"{self.path} holds the progress of another run (other arguments or tasks): delete it, "
+                             f"or give this run another checkpoint path")
+        wall, cpu = saved["spent"]
+        self.clock.update(wall=time.perf_counter() - wall, cpu=time.process_time() - cpu,
+                          before={"wall_seconds": wall, "cpu_seconds": cpu})
+        self.last = time.perf_counter()
+        return saved
+
+    def remove(self) -> None:
+        for path in (self.path, self.path + ".tmp"):
+            if os.path.exists(path):
+                os.remove(path)
+
+
+class _Stages:
+    """run_end_task's stages, in order: each one run, with a Checkpoint of its own, and saved at its end (its result,
+    the models, the random state) to `path`; or, if an interrupted call saved it, its result taken from there."""
+
+    def __init__(self, path: str | None, every: float, modules: list[nn.Module], what: str, results: list):
+        self.modules, self.what, self.results = modules, what, results
+        self.record = Checkpoint(path, every) if path else None
+        self.inner = Checkpoint(path + ".stage", every, self.record.clock) if path else None
+        saved = self.record.load(what) if path else None
+        self.finished = saved["stages"] if saved else []
+        if saved:
+            _load_training(saved, modules)
+
+    def __call__(self, name: str, fn, *args) -> dict:
+        i = len(self.results)
+        self.results.append(self.finished[i] if i < len(self.finished) else
+                            {"stage": name, **fn(*args, checkpoint=self.inner)})
+        if self.record is not None and i >= len(self.finished):
+            self.record.save(_training_state(self.modules), self.what, stages=self.results)
+            self.inner.remove()
+        return self.results[-1]
+
+    def done(self) -> dict | None:
+        """Removes the files; the time the interrupted calls spent (None if there were none, or no checkpoint)."""
+        if self.record is None:
+            return None
+        self.record.remove()
+        self.inner.remove()
+        return self.record.clock["before"]
+
+
+def _training_state(modules, optimizers=(), state=None, streams=()) -> dict:
+    """What a resumed loop needs: modules and optimizers (schedulers too) by state_dict, the weighting's w and step
+    count, each stream's number of draws, the global random state (dropout, initialisation)."""
+    weighting = state.weighting if isinstance(state, MetaState) else state
+    return {"modules": [m.state_dict() for m in modules], "optimizers": [o.state_dict() for o in optimizers],
+            "weighting": None if weighting is None else (weighting.w, weighting.steps),
+            "drawn": [s.drawn for s in streams], "rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None}
+
+
+def _load_training(saved: dict, modules, optimizers=(), state=None, streams=()) -> None:
+    for m, sd in zip(modules, saved["modules"]):
+        m.load_state_dict(sd)
+    for o, sd in zip(optimizers, saved["optimizers"]):
+        o.load_state_dict(sd)
+    if saved["weighting"] is not None:
+        weighting = state.weighting if isinstance(state, MetaState) else state
+        weighting.w, weighting.steps = saved["weighting"]
+    for stream, n in zip(streams, saved["drawn"]):
+        stream.replay(n)
+    torch.set_rng_state(saved["rng"])
+    if saved["cuda_rng"] is not None:
+        torch.cuda.set_rng_state_all(saved["cuda_rng"])
 
 
 def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:

@@ -893,9 +893,9 @@ def test_dapt_then_tapt_continues_the_lm_head(tok, task_dir):
     seen = []
     orig = tartan.pretrain
 
-    def spy(b, tasks, cfg):
+    def spy(b, tasks, cfg, **kw):
         seen.append({k: v.clone() for k, v in tasks[0].head.state_dict().items()})
-        out = orig(b, tasks, cfg)
+        out = orig(b, tasks, cfg, **kw)
         seen.append({k: v.clone() for k, v in tasks[0].head.state_dict().items()})
         return out
     tartan.pretrain = spy
@@ -934,6 +934,69 @@ def test_same_seed_gives_identical_runs(tok, task_dir):
     a, b = run(), run()
     strip = lambda h: [{k: v for k, v in x.items() if k != "seconds"} for x in h]  # noqa: E731
     assert a["dev"] == b["dev"] and a["test"] == b["test"] and strip(a["history"]) == strip(b["history"])
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def _without_seconds(x):
+    """A result without its timings (and the resume record): what must not depend on an interruption."""
+    if isinstance(x, dict):
+        return {k: _without_seconds(v) for k, v in x.items() if k not in ("seconds", "analysis_seconds", "resumed")}
+    return [_without_seconds(v) for v in x] if isinstance(x, list) else x
+
+
+@pytest.mark.parametrize("mode, head_data", [("pretrain", "train"), ("mt", "train"), ("meta", "train"),
+                                             ("meta", "dev")])
+def test_an_interrupted_run_resumes_to_the_uninterrupted_result(tok, task_dir, tmp_path, monkeypatch, mode,
+                                                                  head_data):
+    """A run killed at optimizer steps inside every stage (pre-training or the main stage, the fine-tune, the final
+    fine-tune) and called again, in a new 'process' (fresh model, other global seed), with the same checkpoint path
+    gives the uninterrupted run's result, every float and the final weights alike, and then removes its files."""
+    stop, real_clip = {"at": None, "calls": 0}, tartan.clip_grad_norm
+
+    def clip(*args):  # an interruption just before the optimizer step `stop["at"]` of this process
+        stop["calls"] += 1
+        if stop["calls"] == stop["at"]:
+            raise _Interrupted
+        return real_clip(*args)
+    monkeypatch.setattr(tartan, "clip_grad_norm", clip)
+    final = tartan.FinetuneConfig(max_steps=6, eval_every=2, patience=3, batch_size=8, lr=1e-3, head_lr=1e-3)
+    cfg = small_config(mode == "meta", final_finetune=final, **({"meta_head_data": head_data} if mode == "meta"
+                                                                 else {})) if mode != "pretrain" else final
+    pre = [tartan.PretrainConfig(max_steps=6, aux_batch_size=8, grad_accum=1)]
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+
+    def run(stop_at=None, checkpoint=None, seed=0):
+        stop.update(at=stop_at, calls=0)
+        body, end, aux = build(tok, task_dir)
+        torch.manual_seed(seed)  # dropout: a resumed run must take the random state from its checkpoint
+        out = tartan.run_end_task(body, end, aux, mode, cfg, pre, checkpoint=checkpoint, checkpoint_every=0)
+        return out, [p.detach().clone() for p in body.parameters()]
+
+    want, want_weights = run()
+    path = str(folder / "run.pt")
+    # killed at: pretrain step 3, fine-tune steps 1, 3, 4; or main-stage step 3, final fine-tune steps 2, 4, 5
+    for i, stop_at in enumerate((3, 5, 3, 2) if mode == "pretrain" else (3, 12, 3, 2)):
+        with pytest.raises(_Interrupted):
+            run(stop_at, path, seed=100 * i)  # the first call is the reference run's; the others start elsewhere
+        assert os.path.exists(path + ".stage") or os.path.exists(path)
+    got, got_weights = run(None, path, seed=200)
+    assert _without_seconds(got) == _without_seconds(want)
+    assert all(torch.equal(a, b) for a, b in zip(got_weights, want_weights))
+    assert got["resumed"]["wall_seconds"] > 0 and want["resumed"] is None
+    assert os.listdir(folder) == []  # done: the checkpoint files are gone
+
+
+def test_a_checkpoint_of_another_run_is_refused(tok, task_dir, tmp_path):
+    body, end, aux = build(tok, task_dir)
+    path = str(tmp_path / "run.pt")
+    cfg = tartan.FinetuneConfig(**SMALL)
+    tartan.Checkpoint(path).save({}, repr(("finetune", dataclasses.replace(cfg, lr=0.5), None, ["toy"])))
+    with pytest.raises(ValueError, match="holds the progress of another run"):
+        tartan.run_end_task(body, end, [], "finetune", cfg, checkpoint=path)
 
 
 def test_meta_validation_pass_leaves_batchnorm_statistics_alone():
@@ -1037,7 +1100,7 @@ def test_final_finetune_is_kept_only_when_dev_improves(tok, task_dir, monkeypatc
         body, end, aux = build(tok, task_dir)
         selected = {}
 
-        def fake_finetune(body_, end_, cfg_, delta=delta):  # moves every weight, reports a chosen dev score
+        def fake_finetune(body_, end_, cfg_, checkpoint=None, delta=delta):  # moves every weight, reports a dev score
             weights = list(body_.parameters()) + list(end_.head.parameters())
             selected["before"] = [p.detach().clone() for p in weights]
             with torch.no_grad():

@@ -15,6 +15,12 @@ SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))
 
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _cache(tmp_path_factory):
+    """The tests' warmed heads and run checkpoints go to a folder of their own, never the user's cache."""
+    os.environ["TARTAN_CACHE"] = str(tmp_path_factory.mktemp("tartan-cache"))
+
+
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     d = str(tmp_path_factory.mktemp("model"))

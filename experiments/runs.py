@@ -28,7 +28,7 @@ from .launch import Finished, Shard
 from .own import own_corpus_file
 from .paper import (BUDGETS, PAPER_MAX_LENGTH, PAPER_WARM_HEAD, PRETRAIN_TEXT_MODES, QUICK, RELEASED, TARTAN_MODES,
                     TASKS, VISION, VISION_META, metric_field, tartan_mode)
-from .store import Checkpoints, DataFiles
+from .store import Checkpoints, DataFiles, run_checkpoint
 from .vision import MAMMALS, WideResNet, mammals_tasks
 
 FLAGS = {  # budget flag -> (config field, stages it sets)
@@ -351,7 +351,8 @@ def text_run(settings: Settings, data: DataFiles, checkpoint: tuple, warm: dict 
 def result_record(run: Run, config: dict, out: dict, metric: str, sizes: dict, data_files: dict, warm: dict | None,
                   device: torch.device, started: tuple[float, float], peak: PeakMemory, command: list[str]) -> dict:
     """The result file of a run: its key and config, tartan.run_end_task's scores, history and stages, the headline
-    metric, cost (steps, time, memory, tokens), the data files' digests, the warmed head, device and versions."""
+    metric, cost (steps, time, memory, tokens), the data files' digests, the warmed head, device and versions. The
+    time of a resumed run counts its interrupted processes up to their last save ("resumed")."""
     tokens = {}
     for stage in out["stages"]:
         for name, n in stage.get("tokens", {}).items():
@@ -362,8 +363,10 @@ def result_record(run: Run, config: dict, out: dict, metric: str, sizes: dict, d
         "headline": {"metric": metric, "dev": out["dev"][metric_field(metric)],
                      "test": out["test"][metric_field(metric)]},
         "history": out["history"], "stages": out["stages"],
-        "steps": sum(s["steps"] for s in out["stages"]), "wall_seconds": time.perf_counter() - started[0],
-        "cpu_seconds": time.process_time() - started[1], "threads": torch.get_num_threads(),
+        "steps": sum(s["steps"] for s in out["stages"]),
+        "wall_seconds": time.perf_counter() - started[0] + (out.get("resumed") or {}).get("wall_seconds", 0.0),
+        "cpu_seconds": time.process_time() - started[1] + (out.get("resumed") or {}).get("cpu_seconds", 0.0),
+        "resumed": out.get("resumed"), "threads": torch.get_num_threads(),
         "peak_memory_mb": peak.read_mb() if device.type == "cuda" else None,
         "peak_rss_mb_process": PeakMemory.process_peak_rss_mb(), "tokens": tokens, "data_sizes": sizes,
         "data_files": data_files, "warm_mlm_head": (warm or {}).get("info"),
@@ -435,7 +438,8 @@ class Workspace:
         if self.device.type == "cuda":
             peak.reset()
         body, end, aux, sizes = self.build(run)
-        out = tartan.run_end_task(body, end, aux, mode, cfg, pre)
+        # an interrupted run continues from its last save (every 10 minutes, and each stage's end)
+        out = tartan.run_end_task(body, end, aux, mode, cfg, pre, run_checkpoint(self.config(run), TARTAN_SHA256))
         metric = self.settings.task_metric(run.task)
         files = {rel: {"sha256": h} for rel, (_, h) in self.data.files.items() if rel in self.settings.run_files(run)}
         command = [self.models.identity() if a == self.settings.model else a for a in sys.argv]  # no local path

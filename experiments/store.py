@@ -20,6 +20,19 @@ from .data import CIFAR_MD5, CIFAR_URL, DATA_URL, download, ensure_file, file_di
 from .vision import read_cifar100
 
 
+def cache_path(*parts: str) -> str:
+    """A path under TARTAN_CACHE (default ~/.cache/tartan): the warmed LM heads, the checkpoints of unfinished runs."""
+    return os.path.join(os.environ.get("TARTAN_CACHE", os.path.expanduser("~/.cache/tartan")), *parts)
+
+
+def run_checkpoint(config: dict, code_sha256: str) -> str:
+    """Where a run saves its progress (tartan.run_end_task's checkpoint): named by its config and tartan.py's digest,
+    so that only the same run, by the same code, ever resumes from it."""
+    key = hashlib.sha256(json.dumps([config, code_sha256], sort_keys=True).encode()).hexdigest()[:24]
+    os.makedirs(cache_path("runs"), exist_ok=True)
+    return cache_path("runs", f"{key}.pt")
+
+
 class DataFiles:
     """The data files of one command, fetched on first use and read once before any training (bad input fails
     early), each with its SHA-256 for the result files; CIFAR-100 with the channel statistics of its training images."""
@@ -126,8 +139,7 @@ class Checkpoints:
                       **{k: v for k, v in plan.items() if k != "corpus"}}
         key = hashlib.sha256(json.dumps(key_fields, sort_keys=True).encode()).hexdigest()[:24]
         if key not in self._warm:
-            cache = os.path.join(os.environ.get("TARTAN_CACHE", os.path.expanduser("~/.cache/tartan")),
-                                 "warm-mlm-heads", f"{key}.pt")
+            cache = cache_path("warm-mlm-heads", f"{key}.pt")
             try:
                 self._warm[key] = torch.load(cache, weights_only=True)
             except (OSError, RuntimeError, EOFError, pickle.UnpicklingError):  # none yet, or unreadable: fit it

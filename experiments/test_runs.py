@@ -103,6 +103,38 @@ def test_resume_reruns_only_the_missing_seeds(model_dir, data_dir, tmp_path, mon
     assert reproduce.main(argv + ["--steps", "3", "--rerun"]) == 0 and ran == [0, 1, 2]
 
 
+def test_a_run_killed_inside_a_stage_resumes_from_its_checkpoint(model_dir, data_dir, tmp_path, monkeypatch):
+    """A run killed inside its final fine-tune continues, in a new call, from the checkpoint saved at the end of its
+    main stage (under TARTAN_CACHE) and writes the uninterrupted run's result; its time counts the killed call's."""
+    def result(out, kill_at=None):
+        calls, real = [0], tartan.clip_grad_norm
+
+        def clip(*args):  # killed just before optimizer step kill_at of this call (4 MT steps, then the fine-tune)
+            calls[0] += 1
+            if calls[0] == kill_at:
+                raise KeyboardInterrupt
+            return real(*args)
+        monkeypatch.setattr(tartan, "clip_grad_norm", clip)
+        code = reproduce.main(["--task", "aclarc", "--mode", "mt", "--seeds", "0",
+                               *cli_flags(model_dir, data_dir, str(tmp_path / out))])
+        monkeypatch.setattr(tartan, "clip_grad_norm", real)
+        path = str(tmp_path / out / "aclarc" / "mt__tapt__seed0.json")
+        return code, json.load(open(path)) if os.path.exists(path) else None
+    monkeypatch.setenv("TARTAN_CACHE", str(tmp_path / "cache"))
+    want = result("a")[1]
+    assert os.listdir(tmp_path / "cache" / "runs") == []  # a finished run leaves no checkpoint
+    assert result("b", kill_at=6) == (130, None)
+    assert len(os.listdir(tmp_path / "cache" / "runs")) == 1  # the record of the finished MT stage
+    got = result("b")[1]
+    assert os.listdir(tmp_path / "cache" / "runs") == []
+    timing = ("wall_seconds", "cpu_seconds", "finished", "resumed", "peak_rss_mb_process", "command", "seconds",
+              "analysis_seconds")
+    strip = lambda x: {k: strip(v) for k, v in x.items() if k not in timing} if isinstance(x, dict) else \
+        [strip(v) for v in x] if isinstance(x, list) else x  # noqa: E731
+    assert strip(got) == strip(want) and want["resumed"] is None
+    assert got["resumed"]["wall_seconds"] > 0 and got["wall_seconds"] > got["resumed"]["wall_seconds"]
+
+
 def test_bad_input_gives_one_clear_message_and_no_result(model_dir, data_dir, tmp_path, capsys):
     out = str(tmp_path / "out")
     assert reproduce.main(["--task", "aclarc", "--mode", "mt", "--seeds", "0",
