@@ -284,7 +284,7 @@ def train(body: nn.Module, end: Task | None, aux: list[Task], cfg: TrainConfig, 
     metric (end.metric), as the release does; the paper's Sec. 3.1 monitors the validation loss, recorded too.
     A NaN or infinite loss (training, META's validation, dev) stops the run with a DivergedError. The test split is
     run_end_task's. With a checkpoint, the loop saves its state there now and then and, if one is there already,
-    continues from it: the result is the uninterrupted run's."""
+    continues from it: the result is the uninterrupted run's (the caller removes the file once it has the result)."""
     check_tasks(end, aux, cfg, meta=True if step_fn is meta_step else None)
     step_fn = step_fn or (meta_step if isinstance(cfg, MetaConfig) else multitask_step)  # as the config says
     tasks = ([end] if end is not None else []) + list(aux)
@@ -316,10 +316,11 @@ def train(body: nn.Module, end: Task | None, aux: list[Task], cfg: TrainConfig, 
     best, best_state, best_alpha, since_best = -math.inf, None, None, 0
     amp = autocast(device, cfg.bf16)
     t0, first = time.perf_counter(), 1
-    # everything the loop carries from step to step, for a checkpoint; a resumed loop takes it back
+    # what a checkpoint holds besides the loop's own variables; a resumed loop takes it back
     resumable = [body] + [t.head for t in tasks], [opt_body, opt_heads, *scheds], state, \
-        streams + ([s for s in (state.val, state.head_rows) if s is not None] if isinstance(state, MetaState) else [])
-    saved = checkpoint.load(repr((cfg, names))) if checkpoint is not None else None
+        streams + (state.streams() if isinstance(state, MetaState) else [])
+    what = repr((cfg, names))  # a checkpoint of another loop is refused
+    saved = checkpoint.load(what) if checkpoint is not None else None
     if saved is not None:
         _load_training(saved, *resumable)
         step, log, history, tokens, evaluated, analysis_seconds, best, best_state, best_alpha, since_best, seconds = \
@@ -328,7 +329,7 @@ def train(body: nn.Module, end: Task | None, aux: list[Task], cfg: TrainConfig, 
     bar = progress_bar(total, cfg.progress, "train", leave=False, initial=first - 1)
     for step in range(first, total + 1):
         if checkpoint is not None and checkpoint.due():  # the state after step - 1 and its evaluation
-            checkpoint.save(_training_state(*resumable), repr((cfg, names)),
+            checkpoint.save(_training_state(*resumable), what,
                             loop=(step - 1, log, history, tokens, evaluated, analysis_seconds, best, best_state,
                                   best_alpha, since_best, time.perf_counter() - t0))
         info = step_fn(body, tasks, streams, state, cfg, amp, tokens)
@@ -565,6 +566,9 @@ class MetaState:
     weighting: MetaWeighting            # w, G, the step count, phi*'s settings
     val: Stream                         # endless batches B*_val ~ D_val of the end-task
     head_rows: Stream | None = None     # meta_head_data="dev": endless dev batches that phi* is fitted on
+
+    def streams(self) -> list[Stream]:
+        return [s for s in (self.val, self.head_rows) if s is not None]
 
 
 def meta_state(body: nn.Module, tasks: list[Task], cfg: MetaConfig) -> MetaState:
@@ -1431,33 +1435,37 @@ class Checkpoint:
 
 
 class _Stages:
-    """run_end_task's stages, in order: each one run, with a Checkpoint of its own, and saved at its end (its result,
-    the models, the random state) to `path`; or, if an interrupted call saved it, its result taken from there."""
+    """run_end_task's stages, in order: stage i runs with a Checkpoint of its own (`path`.stage<i>) and is saved at its
+    end (its result, the models, the random state) to `path`; or, if an interrupted call saved it, its result is taken
+    from there."""
 
     def __init__(self, path: str | None, every: float, modules: list[nn.Module], what: str, results: list):
-        self.modules, self.what, self.results = modules, what, results
+        self.path, self.every, self.modules, self.what, self.results = path, every, modules, what, results
         self.record = Checkpoint(path, every) if path else None
-        self.inner = Checkpoint(path + ".stage", every, self.record.clock) if path else None
         saved = self.record.load(what) if path else None
         self.finished = saved["stages"] if saved else []
         if saved:
             _load_training(saved, modules)
 
+    def _inner(self, i: int) -> Checkpoint | None:
+        return Checkpoint(f"{self.path}.stage{i}", self.every, self.record.clock) if self.path else None
+
     def __call__(self, name: str, fn, *args) -> dict:
         i = len(self.results)
         self.results.append(self.finished[i] if i < len(self.finished) else
-                            {"stage": name, **fn(*args, checkpoint=self.inner)})
+                            {"stage": name, **fn(*args, checkpoint=self._inner(i))})
         if self.record is not None and i >= len(self.finished):
             self.record.save(_training_state(self.modules), self.what, stages=self.results)
-            self.inner.remove()
+            self._inner(i).remove()
         return self.results[-1]
 
     def done(self) -> dict | None:
         """Removes the files; the time the interrupted calls spent (None if there were none, or no checkpoint)."""
         if self.record is None:
             return None
+        for i in range(len(self.results)):
+            self._inner(i).remove()
         self.record.remove()
-        self.inner.remove()
         return self.record.clock["before"]
 
 

@@ -982,12 +982,37 @@ def test_an_interrupted_run_resumes_to_the_uninterrupted_result(tok, task_dir, t
     for i, stop_at in enumerate((3, 5, 3, 2) if mode == "pretrain" else (3, 12, 3, 2)):
         with pytest.raises(_Interrupted):
             run(stop_at, path, seed=100 * i)  # the first call is the reference run's; the others start elsewhere
-        assert os.path.exists(path + ".stage") or os.path.exists(path)
+        assert os.listdir(folder)  # a stage's checkpoint, or the record of the finished stages
     got, got_weights = run(None, path, seed=200)
     assert _without_seconds(got) == _without_seconds(want)
     assert all(torch.equal(a, b) for a, b in zip(got_weights, want_weights))
     assert got["resumed"]["wall_seconds"] > 0 and want["resumed"] is None
     assert os.listdir(folder) == []  # done: the checkpoint files are gone
+
+
+def test_a_run_killed_between_saving_a_stage_and_removing_its_checkpoint_resumes(tok, task_dir, tmp_path,
+                                                                                  monkeypatch):
+    """The window after a stage's record is saved and before its own checkpoint is removed: the next stage must not
+    read the finished stage's file."""
+    def run(checkpoint=None):
+        body, end, aux = build(tok, task_dir)
+        torch.manual_seed(0)
+        cfg = small_config(False, final_finetune=tartan.FinetuneConfig(max_steps=4, eval_every=2, batch_size=8))
+        return _without_seconds(tartan.run_end_task(body, end, aux, "mt", cfg, checkpoint=checkpoint,
+                                                    checkpoint_every=0))
+    (tmp_path / "ck").mkdir()
+    want, path, real_remove = run(), str(tmp_path / "ck" / "run.pt"), tartan.Checkpoint.remove
+
+    def killed(self):
+        if self.path.endswith(".stage0"):
+            raise _Interrupted
+        real_remove(self)
+    monkeypatch.setattr(tartan.Checkpoint, "remove", killed)
+    with pytest.raises(_Interrupted):
+        run(path)
+    monkeypatch.setattr(tartan.Checkpoint, "remove", real_remove)
+    assert sorted(os.listdir(tmp_path / "ck")) == ["run.pt", "run.pt.stage0"]
+    assert run(path) == want and os.listdir(tmp_path / "ck") == []
 
 
 def test_a_checkpoint_of_another_run_is_refused(tok, task_dir, tmp_path):
