@@ -36,6 +36,7 @@ import json
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
@@ -1410,9 +1411,17 @@ class Checkpoint:
         return time.perf_counter() - self.last >= self.every
 
     def save(self, state: dict, what: str, **more) -> None:
+        if self.every == math.inf:  # an earlier save failed: the run goes on without saving
+            return
         spent = time.perf_counter() - self.clock["wall"], time.process_time() - self.clock["cpu"]
-        torch.save({**state, **more, "what": what, "spent": spent}, self.path + ".tmp")
-        os.replace(self.path + ".tmp", self.path)
+        try:
+            torch.save({**state, **more, "what": what, "spent": spent}, self.path + ".tmp")
+            os.replace(self.path + ".tmp", self.path)
+        except OSError as e:  # a full disk must not end a run that can finish without its checkpoint
+            warnings.warn(f"could not save the checkpoint {self.path} ({e}); the run goes on without saving")
+            self.every = math.inf
+            with contextlib.suppress(OSError):
+                os.remove(self.path + ".tmp")
         self.last = time.perf_counter()
 
     def load(self, what: str) -> dict | None:

@@ -1015,6 +1015,26 @@ def test_a_run_killed_between_saving_a_stage_and_removing_its_checkpoint_resumes
     assert run(path) == want and os.listdir(tmp_path / "ck") == []
 
 
+def test_a_checkpoint_that_cannot_be_written_does_not_end_the_run(tok, task_dir, tmp_path, monkeypatch):
+    def run(checkpoint=None):
+        body, end, aux = build(tok, task_dir)
+        torch.manual_seed(0)
+        return _without_seconds(tartan.run_end_task(body, end, aux, "mt", small_config(False, final_finetune=None),
+                                                    checkpoint=checkpoint, checkpoint_every=0))
+    want = run()
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(tartan.torch, "save", full)
+    (tmp_path / "ck").mkdir()
+    with pytest.warns(UserWarning) as caught:
+        got = run(str(tmp_path / "ck" / "run.pt"))
+    assert got == want and os.listdir(tmp_path / "ck") == []
+    # one warning per file (the stage's checkpoint, the record of finished stages), not one per step
+    assert sorted(str(w.message).split(" (")[0].rsplit("/", 1)[1] for w in caught) == ["run.pt", "run.pt.stage0"]
+    assert all("No space left on device); the run goes on without saving" in str(w.message) for w in caught)
+
+
 def test_a_checkpoint_of_another_run_is_refused(tok, task_dir, tmp_path):
     body, end, aux = build(tok, task_dir)
     path = str(tmp_path / "run.pt")
