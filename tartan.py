@@ -317,9 +317,10 @@ def train(body: nn.Module, end: Task | None, aux: list[Task], cfg: TrainConfig, 
     best, best_state, best_alpha, since_best = -math.inf, None, None, 0
     amp = autocast(device, cfg.bf16)
     t0, first = time.perf_counter(), 1
-    # what a checkpoint holds besides the loop's own variables; a resumed loop takes it back
-    resumable = [body] + [t.head for t in tasks], [opt_body, opt_heads, *scheds], state, \
-        streams + (state.streams() if isinstance(state, MetaState) else [])
+    # what a checkpoint holds besides the loop's own variables (META: also B*_val's and phi*'s dev streams); a resumed
+    # loop takes it back
+    weighting, meta_streams = (state.weighting, state.streams()) if isinstance(state, MetaState) else (state, [])
+    resumable = [body] + [t.head for t in tasks], [opt_body, opt_heads, *scheds], weighting, streams + meta_streams
     what = repr((cfg, names))  # a checkpoint of another loop is refused
     saved = checkpoint.load(what) if checkpoint is not None else None
     if saved is not None:
@@ -1478,23 +1479,21 @@ class _Stages:
         return self.record.clock["before"]
 
 
-def _training_state(modules, optimizers=(), state=None, streams=()) -> dict:
+def _training_state(modules, optimizers=(), weighting: TaskWeighting | None = None, streams=()) -> dict:
     """What a resumed loop needs: modules and optimizers (schedulers too) by state_dict, the weighting's w and step
     count, each stream's number of draws, the global random state (dropout, initialisation)."""
-    weighting = state.weighting if isinstance(state, MetaState) else state
     return {"modules": [m.state_dict() for m in modules], "optimizers": [o.state_dict() for o in optimizers],
             "weighting": None if weighting is None else (weighting.w, weighting.steps),
             "drawn": [s.drawn for s in streams], "rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None}
 
 
-def _load_training(saved: dict, modules, optimizers=(), state=None, streams=()) -> None:
+def _load_training(saved: dict, modules, optimizers=(), weighting: TaskWeighting | None = None, streams=()) -> None:
     for m, sd in zip(modules, saved["modules"]):
         m.load_state_dict(sd)
     for o, sd in zip(optimizers, saved["optimizers"]):
         o.load_state_dict(sd)
     if saved["weighting"] is not None:
-        weighting = state.weighting if isinstance(state, MetaState) else state
         weighting.w, weighting.steps = saved["weighting"]
     for stream, n in zip(streams, saved["drawn"]):
         stream.replay(n)

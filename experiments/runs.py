@@ -353,7 +353,7 @@ def result_record(run: Run, config: dict, out: dict, metric: str, sizes: dict, d
     """The result file of a run: its key and config, tartan.run_end_task's scores, history and stages, the headline
     metric, cost (steps, time, memory, tokens), the data files' digests, the warmed head, device and versions. The
     time of a resumed run counts its interrupted processes up to their last save ("resumed")."""
-    tokens = {}
+    tokens, before = {}, out.get("resumed") or {}  # before: the interrupted processes' time
     for stage in out["stages"]:
         for name, n in stage.get("tokens", {}).items():
             tokens[name] = tokens.get(name, 0) + n
@@ -364,8 +364,8 @@ def result_record(run: Run, config: dict, out: dict, metric: str, sizes: dict, d
                      "test": out["test"][metric_field(metric)]},
         "history": out["history"], "stages": out["stages"],
         "steps": sum(s["steps"] for s in out["stages"]),
-        "wall_seconds": time.perf_counter() - started[0] + (out.get("resumed") or {}).get("wall_seconds", 0.0),
-        "cpu_seconds": time.process_time() - started[1] + (out.get("resumed") or {}).get("cpu_seconds", 0.0),
+        "wall_seconds": time.perf_counter() - started[0] + before.get("wall_seconds", 0.0),
+        "cpu_seconds": time.process_time() - started[1] + before.get("cpu_seconds", 0.0),
         "resumed": out.get("resumed"), "threads": torch.get_num_threads(),
         "peak_memory_mb": peak.read_mb() if device.type == "cuda" else None,
         "peak_rss_mb_process": PeakMemory.process_peak_rss_mb(), "tokens": tokens, "data_sizes": sizes,
@@ -438,12 +438,13 @@ class Workspace:
         if self.device.type == "cuda":
             peak.reset()
         body, end, aux, sizes = self.build(run)
+        config = self.config(run)
         # an interrupted run continues from its last save (every 10 minutes, and each stage's end)
-        out = tartan.run_end_task(body, end, aux, mode, cfg, pre, run_checkpoint(self.config(run), TARTAN_SHA256))
+        out = tartan.run_end_task(body, end, aux, mode, cfg, pre, run_checkpoint(config, TARTAN_SHA256))
         metric = self.settings.task_metric(run.task)
         files = {rel: {"sha256": h} for rel, (_, h) in self.data.files.items() if rel in self.settings.run_files(run)}
         command = [self.models.identity() if a == self.settings.model else a for a in sys.argv]  # no local path
-        record = result_record(run, self.config(run), out, metric, sizes, files, self.warm_head(run), self.device,
+        record = result_record(run, config, out, metric, sizes, files, self.warm_head(run), self.device,
                                started, peak, command)
         if run.task == "mammals":  # examples by index, labels the five CIFAR-100 fine-label numbers
             labels, lines = list(MAMMALS), None
