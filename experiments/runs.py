@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import gc
+import glob
 import json
 import os
 import platform
@@ -440,7 +441,12 @@ class Workspace:
         body, end, aux, sizes = self.build(run)
         config = self.config(run)
         # an interrupted run continues from its last save (every 10 minutes, and each stage's end)
-        out = tartan.run_end_task(body, end, aux, mode, cfg, pre, run_checkpoint(config, TARTAN_SHA256))
+        checkpoint = run_checkpoint(config, TARTAN_SHA256)
+        saved = glob.glob(glob.escape(checkpoint) + "*")
+        if saved:
+            when = time.strftime("%Y-%m-%d %H:%M", time.localtime(max(map(os.path.getmtime, saved))))
+            print(f"{run}: resuming from its checkpoint {checkpoint} (last saved {when})", flush=True)
+        out = tartan.run_end_task(body, end, aux, mode, cfg, pre, checkpoint)
         metric = self.settings.task_metric(run.task)
         files = {rel: {"sha256": h} for rel, (_, h) in self.data.files.items() if rel in self.settings.run_files(run)}
         command = [self.models.identity() if a == self.settings.model else a for a in sys.argv]  # no local path

@@ -103,9 +103,10 @@ def test_resume_reruns_only_the_missing_seeds(model_dir, data_dir, tmp_path, mon
     assert reproduce.main(argv + ["--steps", "3", "--rerun"]) == 0 and ran == [0, 1, 2]
 
 
-def test_a_run_killed_inside_a_stage_resumes_from_its_checkpoint(model_dir, data_dir, tmp_path, monkeypatch):
+def test_a_run_killed_inside_a_stage_resumes_from_its_checkpoint(model_dir, data_dir, tmp_path, monkeypatch, capsys):
     """A run killed inside its final fine-tune continues, in a new call, from the checkpoint saved at the end of its
-    main stage (under TARTAN_CACHE) and writes the uninterrupted run's result; its time counts the killed call's."""
+    main stage (under TARTAN_CACHE), says so, and writes the uninterrupted run's result; its time counts the killed
+    call's."""
     def result(out, kill_at=None):
         calls, real = [0], tartan.clip_grad_norm
 
@@ -124,8 +125,10 @@ def test_a_run_killed_inside_a_stage_resumes_from_its_checkpoint(model_dir, data
     want = result("a")[1]
     assert os.listdir(tmp_path / "cache" / "runs") == []  # a finished run leaves no checkpoint
     assert result("b", kill_at=6) == (130, None)
+    assert "resuming" not in capsys.readouterr().out
     assert len(os.listdir(tmp_path / "cache" / "runs")) == 1  # the record of the finished MT stage
     got = result("b")[1]
+    assert "aclarc mt aux=tapt seed 0: resuming from its checkpoint" in capsys.readouterr().out
     assert os.listdir(tmp_path / "cache" / "runs") == []
     timing = ("wall_seconds", "cpu_seconds", "finished", "resumed", "peak_rss_mb_process", "command", "seconds",
               "analysis_seconds")
