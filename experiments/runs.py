@@ -442,7 +442,8 @@ class Workspace:
         config = self.config(run)
         # an interrupted run continues from its last save (every 10 minutes, and each stage's end)
         checkpoint = run_checkpoint(config, TARTAN_SHA256)
-        saved = glob.glob(glob.escape(checkpoint) + "*")
+        # its record and stage files; a .tmp is a save that was cut off, which tartan never loads
+        saved = [f for f in glob.glob(glob.escape(checkpoint) + "*") if not f.endswith(".tmp")]
         if saved:
             when = time.strftime("%Y-%m-%d %H:%M", time.localtime(max(map(os.path.getmtime, saved))))
             print(f"{run}: resuming from its checkpoint {checkpoint} (last saved {when})", flush=True)

@@ -126,10 +126,12 @@ def test_a_run_killed_inside_a_stage_resumes_from_its_checkpoint(model_dir, data
     assert os.listdir(tmp_path / "cache" / "runs") == []  # a finished run leaves no checkpoint
     assert result("b", kill_at=6) == (130, None)
     assert "resuming" not in capsys.readouterr().out
-    assert len(os.listdir(tmp_path / "cache" / "runs")) == 1  # the record of the finished MT stage
+    record, = os.listdir(tmp_path / "cache" / "runs")  # the record of the finished MT stage
     got = result("b")[1]
     assert "aclarc mt aux=tapt seed 0: resuming from its checkpoint" in capsys.readouterr().out
     assert os.listdir(tmp_path / "cache" / "runs") == []
+    open(tmp_path / "cache" / "runs" / f"{record}.stage0.tmp", "wb").close()  # a first save cut off: nothing to resume
+    assert result("c")[1]["resumed"] is None and "resuming" not in capsys.readouterr().out
     timing = ("wall_seconds", "cpu_seconds", "finished", "resumed", "peak_rss_mb_process", "command", "seconds",
               "analysis_seconds")
     strip = lambda x: {k: strip(v) for k, v in x.items() if k not in timing} if isinstance(x, dict) else \
