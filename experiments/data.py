@@ -126,13 +126,14 @@ def model_identity(name: str) -> str:
     """How a result file names its model, so that it travels between machines: a Hub id as it is; a local folder by
     the installed package that ships it ("package==version/subfolder") where there is one, else by a SHA-256 over
     its weight files; never by the path where it happens to sit."""
-    path = os.path.abspath(os.path.expanduser(name))
+    path = os.path.realpath(os.path.expanduser(name))  # a symlink to the package's folder is that folder
     if not os.path.isdir(path):
         return name
     from importlib.metadata import packages_distributions, version
     for root in sys.path:  # a folder inside an installed package: name that package and its version
-        root = os.path.abspath(root or ".")
-        if root != path and path.startswith(root + os.sep) and "site-packages" in root:
+        root = os.path.realpath(root or ".")
+        # pip installs into site-packages, Debian's system Python into dist-packages
+        if root != path and path.startswith(root + os.sep) and ("site-packages" in root or "dist-packages" in root):
             top, *rest = os.path.relpath(path, root).split(os.sep)
             dists = packages_distributions().get(top)
             if dists:

