@@ -51,8 +51,19 @@ def test_verdicts_follow_the_pre_registered_rule():
     assert analysis.verdict(0.01, (-0.5, 3.0), 1.0, -0.1, 1.0).startswith("inconclusive")  # interval has 0
     assert analysis.verdict(0.08, (0.5, 3.0), 1.0, -0.1, 1.0).startswith("inconclusive")  # p too large
     assert analysis.verdict(0.99, (-5.0, -1.0), -1.0, 0.2, 1.0) == "refuted at this scale"
-    v = analysis.verdict(0.99, (-5.0, -1.0), 1.0, 0.2, 2.0)  # micro-F1 disagrees: not refuted
+    v = analysis.verdict(0.99, (-5.0, -1.0), 1.0, 0.2, 3.14)  # micro-F1 disagrees: not refuted
     assert v.startswith("inconclusive") and "3.14 points" in v
+
+
+def test_the_detectable_difference_depends_on_the_number_of_seeds():
+    a, b = np.array([1.0, 2, 3, 4, 5]), np.array([3.0, 4, 5, 6, 7])  # both with std sqrt(2.5)
+    assert analysis.detectable_difference(a, b) == pytest.approx(1.57 * np.sqrt(2.5), rel=2e-3)  # the protocol's 5 v 5
+    ten = np.concatenate([a, a])  # same std (near enough: ddof) with twice the seeds: a smaller effect is detectable
+    assert analysis.detectable_difference(ten, ten + 2) == pytest.approx(
+        2.4865 * np.sqrt(ten.var(ddof=1)) * np.sqrt(2 / 10), rel=1e-4)
+    uneven = analysis.detectable_difference([0.0, 2.0], [0.0, 0.0, 0.0, 0.0])  # pooled over 4 degrees of freedom
+    assert uneven == pytest.approx(2.4865 * np.sqrt(2.0 / 4) * np.sqrt(1 / 2 + 1 / 4), rel=1e-4)
+    assert np.isnan(analysis.detectable_difference([1.0], [1.0, 2.0]))
 
 
 def _record(task, mode, seed, dev, test, stages):
@@ -108,7 +119,7 @@ def test_protocol_analysis_of_a_table_from_result_files(tmp_path):
     assert f"{np.mean(mt):.2f} ± {np.std(mt, ddof=1):.2f}" in row
     assert f"{np.mean(mt) - np.mean(tapt):+.2f} [" in row and "| 0.050 | 0.125 |" in row  # 3 v 3 minima
     assert row.endswith("| inconclusive (smallest detectable difference "
-                        f"{analysis.MDE_FACTOR * np.sqrt((np.var(mt, ddof=1) + np.var(tapt, ddof=1)) / 2):.2f} "
+                        f"{2.4865 * np.sqrt(2 / 3) * np.sqrt((np.var(mt, ddof=1) + np.var(tapt, ddof=1)) / 2):.2f} "
                         f"points; 90% interval width " + row.split("interval width ")[1])
     cost = next(line for line in text.splitlines() if line.startswith("| MT-TARTAN | 10.0 | 9.8 |"))
     roberta = next(line for line in text.splitlines() if line.startswith("| RoBERTa | 10.0 |"))
