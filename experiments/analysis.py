@@ -42,17 +42,24 @@ def macro_f1_weighted(counts: np.ndarray, weights: np.ndarray) -> np.ndarray:
     return f1.sum(1) / present.sum(1)
 
 
-def bootstrap(arms: dict, baseline: str, seed: int = 0) -> dict:
+def micro_f1_weighted(counts: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Micro-F1 (= accuracy, one label a row) under row weights (B, N). Returns (B,)."""
+    return (weights @ counts[:, 0, :].sum(1)) / weights.sum(1)
+
+
+def bootstrap(arms: dict, baseline: str, seed: int = 0, metric: str = "macro_f1") -> dict:
     """arms: name -> list of (gold, pred) integer arrays, one per seed, all on the same test rows. Each replicate
     draws the test rows with replacement (one draw for every run) and, within each arm, the seeds with replacement.
-    Returns per arm its score interval and, against the baseline, the interval of the difference (x100)."""
+    Returns per arm its interval of `metric` (the task's headline: macro_f1 or micro_f1) and, against the baseline,
+    the interval of the difference (x100)."""
+    score = {"macro_f1": macro_f1_weighted, "micro_f1": micro_f1_weighted}[metric]
     rng = np.random.default_rng(seed)
     n = len(next(iter(arms.values()))[0][0])
     classes = 1 + max(int(max(g.max(), p.max())) for runs in arms.values() for g, p in runs)
     weights = rng.multinomial(n, np.full(n, 1 / n), size=N_BOOTSTRAP).astype(float)  # (B, N)
     scores = {}
     for name, runs in arms.items():
-        per_seed = np.stack([macro_f1_weighted(_counts(g, p, classes), weights) for g, p in runs], 1)  # (B, S)
+        per_seed = np.stack([score(_counts(g, p, classes), weights) for g, p in runs], 1)  # (B, S)
         pick = rng.integers(0, len(runs), size=(N_BOOTSTRAP, len(runs)))
         scores[name] = 100 * np.take_along_axis(per_seed, pick, 1).mean(1)
     q = [(1 - LEVEL) / 2 * 100, (1 + LEVEL) / 2 * 100]
@@ -140,7 +147,7 @@ def sweep_report(title: str, columns: dict, baseline: str, png: str | None = Non
     micro = {label: np.array([100 * rec["test"]["micro_f1"] for _, rec in runs]) for label, runs in columns.items()}
     nll = {label: np.array([rec["test"]["loss"] for _, rec in runs]) for label, runs in columns.items()}
     preds = iter(read_predictions([path for runs in columns.values() for path, _ in runs]))
-    boot = bootstrap({label: [next(preds) for _ in runs] for label, runs in columns.items()}, baseline)
+    boot = bootstrap({label: [next(preds) for _ in runs] for label, runs in columns.items()}, baseline, metric=field)
     base_dev = {rec["key"]["seed"]: rec["headline"]["dev"] for _, rec in columns[baseline]}
     lines = [f"#### {title}: the protocol's analysis (experiments/results/cpu-es/PROTOCOL.md)", "",
              f"| method | seeds | test {field} | 90% interval | d vs {baseline} [90% interval] | p unpaired | p paired "
@@ -177,12 +184,13 @@ def sweep_report(title: str, columns: dict, baseline: str, png: str | None = Non
         cpu = np.mean([r["cpu_seconds"] for r in recs]) / 60
         steps = "; ".join(",".join(f"{s['stage']} {s['steps']}" for s in r["stages"]) for r in recs[:1])
         steps += " (seed " + str(recs[0]["key"]["seed"]) + ")" + (" ..." if len(recs) > 1 else "")
-        kept = [s["kept"] for r in recs for s in r["stages"] if "kept" in s]
+        kept = {r["key"]["seed"]: s["kept"] for r in recs for s in r["stages"] if "kept" in s}  # per seed
         reach = [time_to_reach(r, base_dev[r["key"]["seed"]]) for r in recs if r["key"]["seed"] in base_dev]
         got = [t for t in reach if t is not None]
         capped = [f"seed {r['key']['seed']}: {c}" for r in recs for c in checks(r)]
         lines.append(f"| {label} | {wall:.1f} | {cpu:.1f} | {steps} | "
-                     + (f"{sum(kept)} of {len(kept)}" if kept else "—") + " | "
+                     + (f"{sum(kept.values())} of {len(kept)} (seeds kept: "
+                        f"{','.join(str(k) for k, v in kept.items() if v) or 'none'})" if kept else "—") + " | "
                      + ((f"{np.mean(got) / 60:.1f}" if got else "never") + f" ({len(got)} of {len(reach)} seeds "
                         f"reach it)" if reach else "—")
                      + " | " + ("; ".join(capped) or "none") + " |")

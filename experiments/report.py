@@ -22,6 +22,13 @@ def cell_scores(results: dict, run_list: list[Run]) -> list[float]:
     return [100 * results[r]["headline"]["test"] for r in run_list if r in results]
 
 
+def baseline_column(table, scores: dict) -> str | None:
+    """The column a table's p-values test against, given each column's scores: its baseline, or of several (Table
+    8's DAPT and DAPT+TAPT) the one with the higher mean; None when no baseline column has a score."""
+    base = [b for b in table.baseline if len(scores.get(b, [])) >= 1]
+    return max(base, key=lambda b: np.mean(scores[b])) if base else None
+
+
 def table_runs(number: int, tasks, modes, seeds, dapt) -> dict:
     table = TABLES[number]
     cols = [c for c in table.columns if not modes or c.mode in modes]
@@ -44,11 +51,10 @@ def render_table(number: int, cells: dict, results: dict, seeds, model: str, bud
     rows, notes, min_ps = [], [], set()
     for task in tasks:
         scores = {c.label: cell_scores(results, cells.get((task, c.label), [])) for c in cols}
-        base = [b for b in table.baseline if len(scores.get(b, [])) >= 1]
-        if len(base) > 1:  # Table 8: the p-values are against max(DAPT, DAPT+TAPT)
-            best = max(base, key=lambda b: np.mean(scores[b]))
-            notes.append(f"{TASKS[task]['title']}: baseline = {best} (the higher mean of {' and '.join(base)})")
-            base = [best]
+        present = [b for b in table.baseline if scores.get(b)]
+        base = [best] if (best := baseline_column(table, scores)) else []
+        if len(present) > 1:  # Table 8: the p-values are against max(DAPT, DAPT+TAPT)
+            notes.append(f"{TASKS[task]['title']}: baseline = {best} (the higher mean of {' and '.join(present)})")
         row = [TASKS[task]["domain"], TASKS[task]["title"]]
         for c in cols:
             paper = PAPER.get((number, task, c.label))
@@ -114,8 +120,10 @@ def protocol_analysis(number: int, cells: dict, results: dict, out: str) -> str:
         columns = {label: [(r.path(out), done[r]) for r in runs if r in done] for (t, label), runs in cells.items()
                    if t == task}
         columns = {label: runs for label, runs in columns.items() if runs}
-        if table.baseline and table.baseline[0] in columns and len(columns) > 1:
-            text += "\n" + analysis.sweep_report(TASKS[task]["title"], columns, table.baseline[0],
+        base = baseline_column(table, {label: [100 * rec["headline"]["test"] for _, rec in runs]
+                                       for label, runs in columns.items()})
+        if base and len(columns) > 1:  # against the column the table's p-values test against
+            text += "\n" + analysis.sweep_report(TASKS[task]["title"], columns, base,
                                                  os.path.join(out, f"figure_table{number}_{task}.png"))
     return text
 

@@ -35,6 +35,21 @@ def test_weighted_macro_f1_is_f1_scores_at_unit_weights_and_counts_repeated_rows
         tartan.f1_scores(gold[rows], pred[rows])["macro_f1"])
 
 
+def test_weighted_micro_f1_is_accuracy_and_the_bootstrap_reads_the_tasks_metric():
+    rng = np.random.default_rng(2)
+    gold, pred = rng.integers(0, 3, 40), rng.integers(0, 3, 40)
+    w = rng.integers(0, 3, (1, 40))
+    rows = np.repeat(np.arange(40), w[0])
+    assert analysis.micro_f1_weighted(analysis._counts(gold, pred, 3), w.astype(float))[0] == pytest.approx(
+        tartan.f1_scores(gold[rows], pred[rows])["micro_f1"])
+    # the arm predicts the majority class: 10 points better on micro-F1 (80 v 70), far worse on macro-F1
+    gold = np.tile([0] * 8 + [1, 2], 30)
+    arms = {"base": [(gold, np.tile([0] * 5 + [1] * 3 + [1, 2], 30))] * 3, "arm": [(gold, np.zeros_like(gold))] * 3}
+    micro = analysis.bootstrap(arms, "base", metric="micro_f1")["arm"]["diff"]
+    macro = analysis.bootstrap(arms, "base")["arm"]["diff"]
+    assert 0 < micro[0] < 10 < micro[1] < 20 and macro[1] < -30
+
+
 def test_bootstrap_intervals_cover_no_difference_and_separate_a_real_one():
     rng = np.random.default_rng(1)
     gold = rng.integers(0, 3, 300)
@@ -83,6 +98,30 @@ def _stage(name, steps, devs, seconds, kept=None):
             **({} if kept is None else {"kept": kept})}
 
 
+def test_the_analysis_of_an_accuracy_task_bootstraps_accuracy(tmp_path):
+    """A task scored by accuracy (micro-F1: CHEMPROT) gets its interval of d in that metric: here the arm predicts
+    the majority class, 10 points up on accuracy and far down on macro-F1."""
+    gold = np.tile([0] * 8 + [1, 2], 30)
+    preds = {"TAPT": np.tile([0] * 5 + [1] * 3 + [1, 2], 30), "MT-TARTAN": np.zeros_like(gold)}
+    columns = {}
+    for label, pred in preds.items():
+        columns[label] = []
+        for seed in range(3):
+            path = str(tmp_path / f"{label}{seed}.json")
+            with open(predictions_path(path), "w") as f:
+                f.writelines(json.dumps({"gold": str(g), "predicted": str(p)}) + "\n" for g, p in zip(gold, pred))
+            rec = _record("chemprot", "mt" if label == "MT-TARTAN" else "tapt", seed, 0.5, 0.5,
+                          [_stage("finetune", 400, [0.5], 100.0)])
+            scores = tartan.f1_scores(gold, pred)
+            rec["headline"]["metric"] = "accuracy"
+            rec["test"] = {**scores, "loss": 1.0}
+            columns[label].append((path, rec))
+    row = next(line for line in analysis.sweep_report("CHEMPROT", columns, "TAPT").splitlines()
+               if line.startswith("| MT-TARTAN |"))
+    d, lo, hi = (float(v) for v in row.split(" | ")[4].replace("[", "").replace("]", "").replace(",", "").split())
+    assert d == pytest.approx(10.0) and 0 < lo < d < hi
+
+
 def test_protocol_analysis_of_a_table_from_result_files(tmp_path):
     """Fabricated result files and predictions of Table 1's four columns, 3 seeds: the printed analysis carries the
     means, the tests, the intervals, the cost, the time to TAPT's dev score, the cap check, and draws the figure."""
@@ -123,7 +162,7 @@ def test_protocol_analysis_of_a_table_from_result_files(tmp_path):
                         f"points; 90% interval width " + row.split("interval width ")[1])
     cost = next(line for line in text.splitlines() if line.startswith("| MT-TARTAN | 10.0 | 9.8 |"))
     roberta = next(line for line in text.splitlines() if line.startswith("| RoBERTa | 10.0 |"))
-    assert "| 1 of 3 |" in cost and "(3 of 3 seeds reach it)" in cost and cost.endswith("| none |")
+    assert "| 1 of 3 (seeds kept: 0) |" in cost and "(3 of 3 seeds reach it)" in cost and cost.endswith("| none |")
     # MT reaches TAPT's dev score 0.6 at its second evaluation, after 300 * 2 / 3 = 200 s of training
     assert f"| {200 / 60:.1f} (3 of 3 seeds reach it)" in cost
     assert "| never (0 of 3 seeds reach it) |" in roberta

@@ -47,6 +47,19 @@ def test_table_cells_p_values_and_warnings():
     assert "that needs at least 4 seeds a side" in text
 
 
+@pytest.mark.parametrize("dapt, best", [(70.0, "DAPT+TAPT"), (80.0, "DAPT")])
+def test_the_protocol_analysis_of_table_8_tests_against_the_better_baseline(tmp_path, monkeypatch, dapt, best):
+    cells, results = fake_results(2, {("scierc", "DAPT"): [dapt, dapt + 1], ("scierc", "DAPT+TAPT"): [75.0, 76.0],
+                                      ("scierc", "MT-TARTAN"): [74.0, 75.0]})
+    for rec in results.values():
+        rec["config"] = {"train": {"eval_test": True}}  # runs of a budget that scores test at every evaluation
+    seen = []
+    monkeypatch.setattr(report.analysis, "sweep_report",
+                        lambda title, columns, baseline, png: seen.append((baseline, sorted(columns))) or "")
+    report.protocol_analysis(2, cells, results, str(tmp_path))
+    assert seen == [(best, ["DAPT", "DAPT+TAPT", "MT-TARTAN"])]  # the column Table 8's p-values use
+
+
 def test_a_column_worse_than_its_baseline_gets_p_near_one_and_the_footer_names_the_test():
     cells, results = fake_results(4, {("aclarc", "MT"): [72.0, 73.0, 74.0, 75.0],
                                       ("aclarc", "META"): [60.0, 61.0, 62.0, 63.0]})
