@@ -105,15 +105,27 @@ def time_to_reach(rec: dict, target: float) -> float | None:
     return next((t for t, dev, _ in curve(rec) if dev >= target - 1e-12), None)
 
 
+def evaluations_since_best(history: list, field: str) -> int:
+    """How many evaluations came after the last strictly better dev score (tartan.train's early-stopping count)."""
+    best, since = -np.inf, 0
+    for e in history:
+        best, since = (e["dev"][field], 0) if e["dev"][field] > best else (best, since + 1)
+    return since
+
+
 def checks(rec: dict) -> list[str]:
-    """Protocol validity: an end-task stage that stopped at its cap (rather than by early stopping)."""
+    """Protocol validity: an end-task stage that stopped at its cap (rather than by early stopping; a stage whose
+    early stop fell on its last step is not counted)."""
     issues = []
     cfg = rec["config"]["train"]
-    caps = {"finetune": cfg["max_steps"], "mt": cfg["max_steps"], "meta": cfg["max_steps"],
-            "final_finetune": (cfg.get("final_finetune") or {}).get("max_steps")}
+    final = cfg.get("final_finetune") or {}
+    limits = {"finetune": cfg, "mt": cfg, "meta": cfg, "final_finetune": final}
+    field = metric_field(rec["headline"]["metric"])
     for stage in rec["stages"]:
-        cap = caps.get(stage["stage"])
-        if cap and stage["steps"] >= cap:
+        limit = limits.get(stage["stage"]) or {}
+        cap, patience = limit.get("max_steps"), limit.get("patience")
+        early = patience is not None and evaluations_since_best(stage.get("history", []), field) >= patience
+        if cap and stage["steps"] >= cap and not early:
             issues.append(f"{stage['stage']} stopped at its cap ({cap} steps)")
     return issues
 

@@ -122,6 +122,16 @@ def test_the_analysis_of_an_accuracy_task_bootstraps_accuracy(tmp_path):
     assert d == pytest.approx(10.0) and 0 < lo < d < hi
 
 
+def test_a_stage_is_capped_only_if_early_stopping_did_not_end_it_at_the_cap():
+    rec = _record("scierc", "mt", 0, 0.7, 0.7, [_stage("mt", 1000, [0.5, 0.7, 0.7, 0.6], 100.0)])
+    rec["config"]["train"]["patience"] = 2  # two evaluations after the best at the second: early stopping, at 1000
+    assert analysis.checks(rec) == []
+    rec["config"]["train"]["patience"] = 3  # one evaluation short of early stopping: the cap ended it
+    assert analysis.checks(rec) == ["mt stopped at its cap (1000 steps)"]
+    rec["stages"][0]["steps"] = 950
+    assert analysis.checks(rec) == []
+
+
 def test_protocol_analysis_of_a_table_from_result_files(tmp_path):
     """Fabricated result files and predictions of Table 1's four columns, 3 seeds: the printed analysis carries the
     means, the tests, the intervals, the cost, the time to TAPT's dev score, the cap check, and draws the figure."""
