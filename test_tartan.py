@@ -837,6 +837,17 @@ def test_the_readme_own_loop_example_runs_from_a_folder_holding_only_tartan_py(t
     alpha = [float(a) for a in re.fullmatch(r"step 100: alpha \[(.*)\] cos \[.*\]", printed).group(1).split(",")]
     assert sum(alpha) == pytest.approx(1, abs=2e-3) and alpha != [0.5, 0.5]
     assert f"It printed `{printed}`" in section  # the README shows what it prints
+    # the MT swap as the README words it: its constructor and its call in place of META's, then alpha stays 1/2 each
+    make, call = re.search(r"MT-TARTAN \(Eq. 3\) instead, the weighting is\s+`(.*?)`.*?called as\s+`(.*?)`",
+                           section, re.S).groups()
+    code = re.sub(r"weighting = tartan.MetaWeighting\(.*?\)  ", f"weighting = {make}  ", code)
+    code = re.sub(r"info = weighting.backward\(.*?\)\n", f"info = {call}\n", code)
+    (tmp_path / "example.py").write_text(re.sub(r"print\(.*", 'print(weighting.steps, info["alpha"], "cosines" in info)', code,
+                                                flags=re.S))
+    run = subprocess.run([sys.executable, "example.py"], cwd=tmp_path, env={**env, "OMP_NUM_THREADS": "1"},
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "100 [0.5, 0.5] False" and "MTWeighting" in code and "head_data" not in code
 
 
 # ---------------------------------------------------------------------------------------------------------------------
