@@ -858,7 +858,8 @@ def read_jsonl(path: str) -> tuple[list[str], list[str], list[int]]:
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
-            raise DataError(f"{path}, line {lineno}: malformed JSON ({e.msg})") from None
+            where = f"{e.msg.removesuffix(' at')} at character {e.pos + 1}"  # json's msg may end in a bare "at"
+            raise DataError(f"{path}, line {lineno}: malformed JSON ({where})") from None
         if not isinstance(obj, dict):
             raise DataError(f"{path}, line {lineno}: expected a JSON object with 'text' and 'label'")
         missing = [key for key in ("text", "label") if key not in obj]

@@ -90,7 +90,9 @@ def test_read_end_task_label_vocabulary_from_train(task_dir):
 
 
 @pytest.mark.parametrize("content, message", [
-    ('{"text": "a", "label": "x"}\n{"text": "b", "label": \n', "line 2: malformed JSON"),
+    ('{"text": "a", "label": "x"}\n{"text": "b", "label": \n',
+     "line 2: malformed JSON (Expecting value at character 25)"),
+    ('{"text": "a\tb", "label": "x"}\n', "line 1: malformed JSON (Invalid control character at character 12)"),
     ('{"text": "a", "label": "x"}\n\n{"label": "x"}\n', "line 3: missing field 'text'"),
     ('{"text": "a"}\n', "line 1: missing field 'label'"),
     ('["a", "x"]\n', "line 1: expected a JSON object"),
@@ -842,8 +844,8 @@ def test_the_readme_own_loop_example_runs_from_a_folder_holding_only_tartan_py(t
                            section, re.S).groups()
     code = re.sub(r"weighting = tartan.MetaWeighting\(.*?\)  ", f"weighting = {make}  ", code)
     code = re.sub(r"info = weighting.backward\(.*?\)\n", f"info = {call}\n", code)
-    (tmp_path / "example.py").write_text(re.sub(r"print\(.*", 'print(weighting.steps, info["alpha"], "cosines" in info)', code,
-                                                flags=re.S))
+    show = 'print(weighting.steps, info["alpha"], "cosines" in info)'
+    (tmp_path / "example.py").write_text(re.sub(r"print\(.*", show, code, flags=re.S))
     run = subprocess.run([sys.executable, "example.py"], cwd=tmp_path, env={**env, "OMP_NUM_THREADS": "1"},
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
