@@ -212,7 +212,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     # META's step sizes and batches: "<what> (<the paper's value>; <the vision experiment's, where it differs>)".
     for field_, kind, commands, what in (
             ("meta_lr", float, TRAINING, "eta, task-weight step size of META"),
-            ("meta_batch_size", int, TRAINING + (BENCH,), "|B*_tr| = |B*_val| for the meta head phi*"),
+            ("meta_batch_size", int, TRAINING + (BENCH,), "rows the meta head phi* is fitted on (at most --batch-size "
+             "with --meta-head-data train), and |B*_val| unless --meta-val-batch-size"),
             ("meta_head_steps", int, TRAINING, "steps to fit phi* from a fresh init"),
             ("meta_head_lr", float, TRAINING, "phi* learning rate")):
         vision = VISION_META.get(field_, getattr(meta, field_))

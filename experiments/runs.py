@@ -400,6 +400,17 @@ class Workspace:
         return self.models.warm_head(name, plan, corpus, self.data.sha256(plan["corpus"]), self.settings.budget.length,
                                      self.settings.budget.examples)
 
+    def check_flags(self, run: Run) -> None:
+        """Settings no run of this mode can train with, caught before anything is loaded or trained (tartan checks
+        the same at the run's first step, in its own terms)."""
+        cfg, _ = make_configs(self.settings.budget, run.task, run.mode, run.seed, 0)
+        if isinstance(cfg, tartan.MetaConfig) and not cfg.same_head and cfg.meta_head_data == "train" \
+                and cfg.meta_batch_size > cfg.batch_size:
+            raise ReproduceError(f"--meta-batch-size {cfg.meta_batch_size} exceeds the end-task batch of {run} "
+                                 f"({cfg.batch_size}, --batch-size): phi* is fitted on rows of that batch; give "
+                                 f"--meta-head-data dev to fit it on dev rows, or a smaller --meta-batch-size "
+                                 f"(B*_val's size is --meta-val-batch-size)")
+
     def prepare(self, run: Run) -> None:
         """Fetch and read everything a run needs, before any training (so that bad input fails early)."""
         if run.task == "mammals":
@@ -492,7 +503,9 @@ def execute_all(ws: Workspace, runs: list[Run]) -> dict[Run, dict]:
             todo.append(run)
     if ws.settings.report_only:
         return results
-    for run in todo:  # fail early on bad input: every model, data file and corpus is read before training
+    for run in todo:  # fail early on bad input: every run's settings, then every model, data file and corpus
+        ws.check_flags(run)
+    for run in todo:
         ws.prepare(run)
     if results:
         print(f"{len(results)} of {len(runs)} runs already complete in {out}: skipped")

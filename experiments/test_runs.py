@@ -146,6 +146,13 @@ def test_bad_input_gives_one_clear_message_and_no_result(model_dir, data_dir, tm
                            *cli_flags(str(tmp_path / "no-model"), data_dir, out)]) == 1
     assert "no such local directory" in capsys.readouterr().err
 
+    # phi*'s rows cannot outnumber the end-task batch they are taken from: refused before the finetune run trains
+    assert reproduce.main(["--task", "aclarc", "--mode", "finetune", "meta", "--seeds", "0", "--batch-size", "4",
+                           "--meta-batch-size", "8", *cli_flags(model_dir, data_dir, out)]) == 1
+    err = capsys.readouterr().err
+    assert "error: --meta-batch-size 8 exceeds the end-task batch of aclarc meta" in err and "--meta-head-data dev" in err
+    assert "Traceback" not in err and not os.path.exists(out)
+
     with open(os.path.join(data_dir, "citation_intent", "dev.jsonl"), "a") as f:
         f.write('{"text": "w1", "label": \n')
     assert reproduce.main(["--task", "aclarc", "--mode", "mt", "--seeds", "0", *cli_flags(model_dir, data_dir, out)]) == 1
