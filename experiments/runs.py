@@ -502,6 +502,9 @@ def execute_all(ws: Workspace, runs: list[Run]) -> dict[Run, dict]:
         else:
             todo.append(run)
     if ws.settings.report_only:
+        if not results:  # a mistyped --out must not print a table of empty cells as if it were one
+            raise ReproduceError(f"--report-only: none of the {len(runs)} run(s) has a result file in {out} (drop "
+                                 f"--report-only to run them, or give the --out they used)")
         return results
     for run in todo:  # fail early on bad input: every run's settings, then every model, data file and corpus
         ws.check_flags(run)

@@ -125,3 +125,13 @@ def test_figure_3_is_drawn_from_stored_histories(tmp_path):
     steps, mean, per_seed = report.weight_curves([[{"step": 1, "weights": {"a": 0.2}}, {"step": 2, "weights":
                                                      {"a": 0.4}}], [{"step": 1, "alpha": {"a": 0.4}}]])
     assert steps == [1] and mean["a"] == pytest.approx([0.3]) and per_seed["a"][0] == ([1, 2], [0.2, 0.4])
+
+
+@pytest.mark.parametrize("command", [["--table", "1"], ["--figure", "3"]])
+def test_report_only_with_no_result_file_is_an_error_not_an_empty_table(tmp_path, capsys, command):
+    out = str(tmp_path / "a-mistyped-out")
+    assert reproduce.main([*command, "--report-only", "--out", out, "--device", "cpu",
+                           "--data-dir", str(tmp_path / "no-data")]) == 1
+    err = capsys.readouterr().err
+    assert "error: --report-only: none of the" in err and out in err and "Traceback" not in err
+    assert not os.path.exists(out)  # no table or figure of empty cells written
