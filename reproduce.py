@@ -298,11 +298,21 @@ def _command(parser, args) -> tuple[str, str, tuple[str, ...]]:
     return RUNS, f"--mode {' '.join(args.mode)}", tuple(args.mode)
 
 
-def _check_flags(parser, args, scope: dict, command: str, named: str, modes: tuple[str, ...]) -> None:
-    """A flag given that does not apply to the command, or to none of the modes it trains, is an error."""
+def _given(argv) -> set[str]:
+    """The dests of the flags written in argv, even where the value written is the default."""
+    parser, _ = build_parser()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS  # a flag not written leaves no attribute
+    return set(vars(parser.parse_args(argv)))
+
+
+def _check_flags(parser, args, scope: dict, command: str, named: str, modes: tuple[str, ...],
+                 given: set[str] = frozenset()) -> None:
+    """A flag given that does not apply to the command, or to none of the modes it trains, is an error. given: the
+    flags written (_given); without it, a flag counts as given where its value is not the default."""
     for dest, (flag, default, commands, only) in scope.items():
         value = getattr(args, dest)
-        if value == default or value is None:
+        if (value == default or value is None) and dest not in given:
             continue
         if command not in commands:
             parser.error(f"{flag} does not apply to {named}")
@@ -392,7 +402,7 @@ def main(argv=None) -> int:
         return 0
     args = parser.parse_args(argv)
     command, named, modes = _command(parser, args)
-    _check_flags(parser, args, scope, command, named, modes)
+    _check_flags(parser, args, scope, command, named, modes, _given(argv))
     _check_combinations(parser, args)
     try:
         if command == BENCH:

@@ -68,6 +68,9 @@ def test_every_committed_result_is_the_config_its_recorded_command_builds(name):
     (["--task", "demo", "--model", "m"], "--model does not apply to --task demo"),
     (["--bench", "--lr", "0.1"], "--lr does not apply to --bench"),
     (["--bench", "--budget", "cpu"], "--budget does not apply to --bench"),
+    (["--bench", "--model", "roberta-base"], "--model does not apply to --bench"),  # the default value, written
+    (["--task", "aclarc", "--mode", "finetune", "--meta-head-data", "train"], "--meta-head-data does not apply to "
+     "--mode finetune"),
     (["--task", "aclarc", "--mode", "mt", "--bench-steps", "3"], "--bench-steps does not apply to --mode mt"),
     (["--task", "aclarc", "--mode", "mt", "--default-malloc"], "--default-malloc does not apply to --mode mt"),
     (["--task", "aclarc", "--mode", "mt", "--steps", "0"], "--steps must be at least 1"),
@@ -85,7 +88,7 @@ def test_flags_that_apply_to_some_column_of_a_table_are_accepted():
                  ["--task", "aclarc", "--mode", "tapt", "mt", "--pretrain-lr", "1e-5"],
                  ["--bench", "--batch-size", "8", "--meta-batch-size", "4", "--quick"]):
         args = parser.parse_args(argv)
-        reproduce._check_flags(parser, args, scope, *reproduce._command(parser, args))  # no SystemExit
+        reproduce._check_flags(parser, args, scope, *reproduce._command(parser, args), reproduce._given(argv))
 
 
 def test_help_shows_the_paper_defaults_read_from_tartans_configs(capsys):
