@@ -272,6 +272,11 @@ class MetaConfig(TrainConfig):
     same_head: bool = False           # True: meta gradient through phi' itself (Eq. 6), the ablation of Fig. 3
     cos_eps: float = 1e-8             # epsilon in cos(a, b) = a.b / (|a||b| + eps)
 
+    def head_rows_short(self) -> bool:
+        """Whether phi* would need more rows than B*_tr holds: it is fitted on the first meta_batch_size rows of the
+        end-task micro-batch (meta_head_data="train") unless it is phi' itself (same_head)."""
+        return not self.same_head and self.meta_head_data == "train" and self.meta_batch_size > self.batch_size
+
 
 # ----------------------------------------------------------------------------------------------------------------------
 # 5. The training loop, one for every mode: Eq. 1 (no end-task), Eq. 2 (no auxiliary task), Eq. 3 and Algorithm 1.
@@ -1245,7 +1250,7 @@ def check_tasks(end: Task | None, aux: list[Task], cfg: TrainConfig, meta: bool 
         raise ValueError(f"end-task '{end.name}': its head predicts {out} classes but num_labels={end.num_labels}")
     if meta and cfg.meta_head_data not in ("train", "dev"):
         raise ValueError(f"meta_head_data must be 'train' or 'dev', not '{cfg.meta_head_data}'")
-    if meta and not cfg.same_head and cfg.meta_head_data == "train" and cfg.meta_batch_size > cfg.batch_size:
+    if meta and cfg.head_rows_short():
         raise ValueError(f"meta_batch_size={cfg.meta_batch_size} > batch_size={cfg.batch_size}: phi* is fitted on "
                          f"rows of the end-task micro-batch B*_tr, which has only {cfg.batch_size} (a larger B*_val "
                          f"is meta_val_batch_size)")

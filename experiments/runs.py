@@ -404,8 +404,7 @@ class Workspace:
         """Settings no run of this mode can train with, caught before anything is loaded or trained (tartan checks
         the same at the run's first step, in its own terms)."""
         cfg, _ = make_configs(self.settings.budget, run.task, run.mode, run.seed, 0)
-        if isinstance(cfg, tartan.MetaConfig) and not cfg.same_head and cfg.meta_head_data == "train" \
-                and cfg.meta_batch_size > cfg.batch_size:
+        if isinstance(cfg, tartan.MetaConfig) and cfg.head_rows_short():
             raise ReproduceError(f"--meta-batch-size {cfg.meta_batch_size} exceeds the end-task batch of {run} "
                                  f"({cfg.batch_size}, --batch-size): phi* is fitted on rows of that batch; give "
                                  f"--meta-head-data dev to fit it on dev rows, or a smaller --meta-batch-size "
