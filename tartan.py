@@ -1149,15 +1149,40 @@ def from_pretrained(name_or_path: str):
     if not local and (name_or_path.startswith((".", "/", "~")) or os.sep + os.sep in name_or_path
                       or name_or_path.count("/") > 1):
         raise FileNotFoundError(f"model '{name_or_path}': no such local directory")
+    offline = None if local else hub_unreachable()  # a Hub id with no network: the local cache only, at once
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-        model, info = AutoModelForMaskedLM.from_pretrained(name_or_path, output_loading_info=True)
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, local_files_only=bool(offline))
+        model, info = AutoModelForMaskedLM.from_pretrained(name_or_path, output_loading_info=True,
+                                                           local_files_only=bool(offline))
     except (OSError, ValueError) as e:
         where = ("from its local directory" if local else
-                 "from the Hugging Face Hub (it is not a local directory; is the network reachable?)")
-        raise FileNotFoundError(f"model '{name_or_path}' could not be loaded {where}: {e}") from None
+                 f"from the Hugging Face cache, and the Hub cannot be reached ({offline})" if offline else
+                 "from the Hugging Face Hub (it is not a local directory)")
+        raise FileNotFoundError(f"model '{name_or_path}' could not be loaded {where}"
+                                + ("" if offline else f": {e}")) from None  # offline: the library's own text repeats it
     body, mlm_head = split_masked_lm(model)
     return body, mlm_head, tokenizer, sorted(info["missing_keys"])
+
+
+def hub_unreachable(timeout: float = 10.0) -> str | None:
+    """Why the Hugging Face Hub cannot be reached, else None: one connection tried before a download, since with no
+    network the library retries each file with back-off. Behind a proxy the Hub is taken to be reachable."""
+    import socket
+    import urllib.parse
+    import urllib.request
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    url = urllib.parse.urlparse(constants.ENDPOINT)
+    if url.scheme in urllib.request.getproxies():  # the proxy, not this machine, connects
+        return None
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+    except OSError as e:
+        return f"{url.hostname}: {e}"
+    return None
 
 
 def split_masked_lm(model: nn.Module) -> tuple[HFBody, MLMHead]:

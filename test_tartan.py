@@ -131,6 +131,32 @@ def test_missing_model_path_is_a_clear_error(tmp_path):
         tartan.from_pretrained(str(tmp_path))  # exists but holds no model
 
 
+def test_a_hub_id_with_no_network_fails_at_once(monkeypatch):
+    import socket
+    import urllib.request
+
+    from huggingface_hub import constants
+
+    tries = []
+
+    def no_network(address, *args, **kwargs):
+        tries.append(address)
+        raise OSError("Network is unreachable")
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(urllib.request, "getproxies", dict)
+    assert tartan.hub_unreachable() == "huggingface.co: Network is unreachable"
+    # not in the local cache either: one message, without the library's minutes of retries
+    with pytest.raises(FileNotFoundError, match=r"'tartan-tests/no-such-model' could not be loaded from the Hugging "
+                                                r"Face cache, and the Hub cannot be reached \(huggingface.co: Network"):
+        tartan.from_pretrained("tartan-tests/no-such-model")
+    # hub_unreachable's one try, here and in from_pretrained, and at most huggingface_hub's once-per-process fetch of
+    # its agent registry: no download tried (with the library's retries, each file is tried again and again)
+    assert 2 <= len(tries) <= 3 and set(tries) == {("huggingface.co", 443)}
+    monkeypatch.setattr(urllib.request, "getproxies", lambda: {"https": "http://proxy:3128"})
+    assert tartan.hub_unreachable() is None  # behind a proxy, the proxy connects: no verdict from here
+
+
 def test_from_pretrained_local_directory_ties_new_mlm_head(tmp_path, tok):
     cfg = transformers.BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                                   intermediate_size=64)
