@@ -35,6 +35,8 @@ import itertools
 import json
 import math
 import os
+import pickle
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field, fields, replace
@@ -326,7 +328,7 @@ def train(body: nn.Module, end: Task | None, aux: list[Task], cfg: TrainConfig, 
     # loop takes it back
     weighting, meta_streams = (state.weighting, state.streams()) if isinstance(state, MetaState) else (state, [])
     resumable = [body] + [t.head for t in tasks], [opt_body, opt_heads, *scheds], weighting, streams + meta_streams
-    what = repr((cfg, names))  # a checkpoint of another loop is refused
+    what = repr((_settings(cfg), names, device.type))  # a checkpoint of another loop, or another device, is refused
     saved = checkpoint.load(what) if checkpoint is not None else None
     if saved is not None:
         _load_training(saved, *resumable)
@@ -737,7 +739,8 @@ def run_end_task(body, end: Task, aux: list[Task], mode: str, cfg: TrainConfig |
             raise ValueError(f"{len(pretrain_cfgs)} pre-training configs for {len(aux)} auxiliary tasks")
     out = {"mode": mode, "stages": []}
     stage = _Stages(checkpoint, checkpoint_every, [body, end.head] + [t.head for t in aux],
-                    repr((mode, cfg, pretrain_cfgs, [t.name for t in [end] + aux])), out["stages"])
+                    repr((mode, _settings(cfg), [_settings(c) for c in pretrain_cfgs] if mode == "pretrain" else None,
+                          [t.name for t in [end] + aux])), out["stages"])
     if mode == "pretrain":
         for i, (task, pcfg) in enumerate(zip(aux, pretrain_cfgs)):
             stage(f"pretrain:{task.name}", _pretrain_stage, body, aux, i, seeded(pcfg))
@@ -1446,20 +1449,29 @@ class Checkpoint:
         if self.every == math.inf:  # an earlier save failed: the run goes on without saving
             return
         spent = time.perf_counter() - self.clock["wall"], time.process_time() - self.clock["cpu"]
+        tmp = None
         try:
-            torch.save({**state, **more, "what": what, "spent": spent}, self.path + ".tmp")
-            os.replace(self.path + ".tmp", self.path)
+            # a temporary file of this save's own: two processes saving one path never write into one file
+            fd, tmp = tempfile.mkstemp(".tmp", os.path.basename(self.path) + ".", os.path.dirname(self.path) or ".")
+            with os.fdopen(fd, "wb") as f:
+                torch.save({**state, **more, "what": what, "spent": spent}, f)
+            os.replace(tmp, self.path)
         except OSError as e:  # a full disk must not end a run that can finish without its checkpoint
             warnings.warn(f"could not save the checkpoint {self.path} ({e}); the run goes on without saving")
             self.every = math.inf
-            with contextlib.suppress(OSError):
-                os.remove(self.path + ".tmp")
+            with contextlib.suppress(OSError, TypeError):
+                os.remove(tmp)
         self.last = time.perf_counter()
 
     def load(self, what: str) -> dict | None:
         if not os.path.exists(self.path):
             return None
-        saved = torch.load(self.path, map_location="cpu", weights_only=False)  # this run's own file: Python objects
+        try:
+            saved = torch.load(self.path, map_location="cpu", weights_only=False)  # this run's own file: Python objects
+        except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as e:  # cut off (a crash, a full disk)
+            warnings.warn(f"the checkpoint {self.path} cannot be read ({type(e).__name__}: {e}); this part of the run "
+                          f"starts again, and its next save replaces the file")
+            return None
         if saved.get("what") != what:
             raise ValueError(f"{self.path} holds the progress of another run (other arguments or tasks): delete it, "
                              f"or give this run another checkpoint path")
@@ -1470,9 +1482,8 @@ class Checkpoint:
         return saved
 
     def remove(self) -> None:
-        for path in (self.path, self.path + ".tmp"):
-            if os.path.exists(path):
-                os.remove(path)
+        if os.path.exists(self.path):
+            os.remove(self.path)
 
 
 class _Stages:
@@ -1510,13 +1521,23 @@ class _Stages:
         return self.record.clock["before"]
 
 
+def _settings(cfg: TrainConfig | None) -> TrainConfig | None:
+    """cfg as a checkpoint is checked against: without the progress bar, which changes no number (a resumed run may
+    turn it off)."""
+    if cfg is None:
+        return None
+    return replace(cfg, progress=False, final_finetune=_settings(cfg.final_finetune))
+
+
 def _training_state(modules, optimizers=(), weighting: TaskWeighting | None = None, streams=()) -> dict:
     """What a resumed loop needs: modules and optimizers (schedulers too) by state_dict, the weighting's w and step
-    count, each stream's number of draws, the global random state (dropout, initialisation)."""
+    count, each stream's number of draws, the random state (dropout, initialisation): the CPU's, and the GPU's that
+    the body is on (that one only, so that a run resumes on another GPU, or on a machine with fewer)."""
+    device = next(modules[0].parameters()).device
     return {"modules": [m.state_dict() for m in modules], "optimizers": [o.state_dict() for o in optimizers],
             "weighting": None if weighting is None else (weighting.w, weighting.steps),
             "drawn": [s.drawn for s in streams], "rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None}
+            "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
 
 
 def _load_training(saved: dict, modules, optimizers=(), weighting: TaskWeighting | None = None, streams=()) -> None:
@@ -1529,8 +1550,9 @@ def _load_training(saved: dict, modules, optimizers=(), weighting: TaskWeighting
     for stream, n in zip(streams, saved["drawn"]):
         stream.replay(n)
     torch.set_rng_state(saved["rng"])
-    if saved["cuda_rng"] is not None:
-        torch.cuda.set_rng_state_all(saved["cuda_rng"])
+    device = next(modules[0].parameters()).device
+    if saved["cuda_rng"] is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(saved["cuda_rng"], device)
 
 
 def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:

@@ -5,6 +5,7 @@ import json
 import math
 import os
 import random
+import warnings
 
 import numpy as np
 import pytest
@@ -1081,6 +1082,79 @@ def test_a_checkpoint_of_another_run_is_refused(tok, task_dir, tmp_path):
     tartan.Checkpoint(path).save({}, repr(("finetune", dataclasses.replace(cfg, lr=0.5), None, ["toy"])))
     with pytest.raises(ValueError, match="holds the progress of another run"):
         tartan.run_end_task(body, end, [], "finetune", cfg, checkpoint=path)
+
+
+def _killed_at(monkeypatch, step):
+    """Interrupts the run just before its optimizer step `step` (counted in this process) until undone."""
+    real_clip, calls = tartan.clip_grad_norm, [0]
+
+    def clip(*args):
+        calls[0] += 1
+        if calls[0] == step:
+            raise _Interrupted
+        return real_clip(*args)
+    monkeypatch.setattr(tartan, "clip_grad_norm", clip)
+    return lambda: monkeypatch.setattr(tartan, "clip_grad_norm", real_clip)
+
+
+def test_a_resumed_run_may_change_what_changes_no_number(tok, task_dir, tmp_path, monkeypatch):
+    """The progress bar, and pre-training configs that an MT run never uses, are not part of what a checkpoint is
+    checked against: a run resumed with them changed continues, to the uninterrupted result."""
+    final = tartan.FinetuneConfig(max_steps=4, eval_every=2, batch_size=8)
+
+    def run(progress, pretrain_steps, checkpoint=None):
+        body, end, aux = build(tok, task_dir)
+        torch.manual_seed(0)
+        cfg = small_config(False, progress=progress, final_finetune=dataclasses.replace(final, progress=progress))
+        pre = [tartan.PretrainConfig(max_steps=pretrain_steps, progress=progress)]
+        return _without_seconds(tartan.run_end_task(body, end, aux, "mt", cfg, pre, checkpoint=checkpoint,
+                                                    checkpoint_every=0))
+    (tmp_path / "ck").mkdir()
+    want, path = run(False, 2), str(tmp_path / "ck" / "run.pt")
+    undo = _killed_at(monkeypatch, 3)
+    with pytest.raises(_Interrupted):
+        run(True, 2, path)
+    undo()
+    assert os.path.exists(path + ".stage0")
+    assert run(False, 3, path) == want and not os.listdir(tmp_path / "ck")
+
+
+def test_a_checkpoint_that_cannot_be_read_starts_its_part_again(tok, task_dir, tmp_path, monkeypatch):
+    """A file cut off (a crash, a full disk) is warned about and passed over, not a traceback on every call."""
+    def run(checkpoint=None):
+        body, end, aux = build(tok, task_dir)
+        torch.manual_seed(0)
+        return _without_seconds(tartan.run_end_task(body, end, aux, "mt", small_config(False, final_finetune=None),
+                                                    checkpoint=checkpoint, checkpoint_every=0))
+    (tmp_path / "ck").mkdir()
+    want, path = run(), str(tmp_path / "ck" / "run.pt")
+    undo = _killed_at(monkeypatch, 3)
+    with pytest.raises(_Interrupted):
+        run(path)
+    undo()
+    whole = open(path + ".stage0", "rb").read()
+    open(path + ".stage0", "wb").write(whole[:len(whole) // 2])
+    with pytest.warns(UserWarning, match=r"run.pt.stage0 cannot be read \(RuntimeError: .*this part of the run starts"):
+        assert run(path) == want
+    assert not os.listdir(tmp_path / "ck")
+
+
+def test_two_processes_saving_one_checkpoint_do_not_tear_it(tmp_path, monkeypatch):
+    """While one save is between writing and renaming its file, another process saves the same path: each writes
+    its own temporary file, so both land whole (the last rename wins) and neither stops saving."""
+    path, real_replace = str(tmp_path / "run.pt"), os.replace
+
+    def meanwhile(src, dst):  # the other process's whole save, just before this one's rename
+        monkeypatch.setattr(os, "replace", real_replace)
+        tartan.Checkpoint(path).save({"by": "other"}, "run")
+        real_replace(src, dst)
+    monkeypatch.setattr(os, "replace", meanwhile)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a failed save warns
+        first = tartan.Checkpoint(path)
+        first.save({"by": "first"}, "run")
+    assert first.every != math.inf and tartan.Checkpoint(path).load("run")["by"] == "first"
+    assert os.listdir(tmp_path) == ["run.pt"]
 
 
 def test_meta_validation_pass_leaves_batchnorm_statistics_alone():
