@@ -30,13 +30,19 @@ def write_predictions(path: str, end: tartan.Task, pred: list[int], lines: list[
                                 "predicted": labels[p]}) + "\n")
 
 
+def check_save_dir(folder: str) -> None:
+    """--save-model may replace a model it saved, never another folder: checked before training, and again when
+    saving."""
+    if os.path.exists(folder) and not os.path.isfile(os.path.join(folder, INFO_FILE)):
+        raise ReproduceError(f"--save-model {folder}: the folder exists and is not a model saved by --save-model; "
+                             f"choose a new folder")
+
+
 def save_model_atomic(folder: str, body, head, tokenizer, info: dict) -> None:
     """The selected body and end-task head in `folder`: for a Hugging Face body a directory that transformers (and
     tartan.from_pretrained) loads, plus the head's weights and the label list (end_task.json); for another body its
     state dict (body.pt). Written to a temporary folder beside it, then renamed: never half a model."""
-    if os.path.exists(folder) and not os.path.isfile(os.path.join(folder, INFO_FILE)):
-        raise ReproduceError(f"--save-model {folder}: the folder exists and is not a model saved by --save-model; "
-                             f"choose a new folder")
+    check_save_dir(folder)
     parent = os.path.dirname(os.path.abspath(folder))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(folder)}.", suffix=".tmp")

@@ -24,7 +24,7 @@ import tartan
 
 from .common import PeakMemory, ReproduceError, atomic_write_json, describe_device, progress_bar, set_seed, warn
 from .data import DATA_URL, corpus_file, file_digest
-from .keep import predictions_path, save_model_atomic, write_predictions
+from .keep import check_save_dir, predictions_path, save_model_atomic, write_predictions
 from .launch import Finished, Shard
 from .own import own_corpus_file
 from .paper import (BUDGETS, PAPER_MAX_LENGTH, PAPER_WARM_HEAD, PRETRAIN_TEXT_MODES, QUICK, RELEASED, TARTAN_MODES,
@@ -434,13 +434,30 @@ class Workspace:
             t.head.to(self.device)
         return body, end, aux, sizes
 
+    def finished(self, run: Run) -> dict | None:
+        """The run's complete result file in --out, unless --rerun is given; one made with another config is an
+        error."""
+        path = run.path(self.settings.out)
+        rec = None if self.settings.rerun else load_result(path, run)
+        diff = config_diff(self.config(run), rec["config"]) if rec is not None else []
+        if diff:
+            raise ReproduceError(f"{path} was made with a different config (" + "; ".join(diff[:4])
+                                 + ("; ..." if len(diff) > 4 else "")
+                                 + "). Use another --out, the same flags, or --rerun to replace it.")
+        return rec
+
     def execute(self, run: Run) -> dict:
         """Train and evaluate one run and write its result file, its test predictions beside it and (--save-model,
-        into self.save_dirs[run]) its selected model; nothing is written unless it completes, the result file last."""
+        into self.save_dirs[run]) its selected model; nothing is written unless it completes, the result file last.
+        A result that another process (a shard, an overlapping command) has written since the command began is kept,
+        not trained again."""
         started = time.perf_counter(), time.process_time()
         path = run.path(self.settings.out)
-        if os.path.exists(path):  # --rerun: the old result goes first, so that no new predictions or model ever sit
-            os.remove(path)       # beside it
+        if (done := self.finished(run)) is not None:
+            print(f"{run}: finished meanwhile by another process; its result {path} is kept", flush=True)
+            return done
+        if os.path.exists(path):  # --rerun, or a file cut off: it goes first, so that no new predictions or model
+            os.remove(path)       # ever sit beside it
         mode, corpora = self.settings.stages(run)
         cfg, pre = make_configs(self.settings.budget, run.task, run.mode, run.seed, len(corpora),
                                 self.settings.progress)
@@ -450,8 +467,10 @@ class Workspace:
             peak.reset()
         body, end, aux, sizes = self.build(run)
         config = self.config(run)
-        # an interrupted run continues from its last save (every 10 minutes, and each stage's end)
-        checkpoint = run_checkpoint(config, TARTAN_SHA256)
+        files = {rel: {"sha256": h} for rel, (_, h) in self.data.files.items() if rel in self.settings.run_files(run)}
+        # an interrupted run continues from its last save (every 10 minutes, and each stage's end), if its config,
+        # its data files' contents and tartan.py are the same
+        checkpoint = run_checkpoint({**config, "files": files}, TARTAN_SHA256)
         # its record and stage files; a .tmp is a save that was cut off, which tartan never loads
         saved = [f for f in glob.glob(glob.escape(checkpoint) + "*") if not f.endswith(".tmp")]
         if saved:
@@ -459,7 +478,6 @@ class Workspace:
             print(f"{run}: resuming from its checkpoint {checkpoint} (last saved {when})", flush=True)
         out = tartan.run_end_task(body, end, aux, mode, cfg, pre, checkpoint)
         metric = self.settings.task_metric(run.task)
-        files = {rel: {"sha256": h} for rel, (_, h) in self.data.files.items() if rel in self.settings.run_files(run)}
         command = [self.models.identity() if a == self.settings.model else a for a in sys.argv]  # no local path
         record = result_record(run, config, out, metric, sizes, files, self.warm_head(run), self.device,
                                started, peak, command)
@@ -490,13 +508,8 @@ def execute_all(ws: Workspace, runs: list[Run]) -> dict[Run, dict]:
         runs = shard.take(runs)  # the full list is split before finished runs are skipped: shards never overlap
     results, todo = {}, []
     for run in runs:
-        rec = load_result(run.path(out), run)
-        if rec is not None and not ws.settings.rerun:
-            diff = config_diff(ws.config(run), rec["config"])
-            if diff:
-                raise ReproduceError(f"{run.path(out)} was made with a different config ("
-                                     + "; ".join(diff[:4]) + ("; ..." if len(diff) > 4 else "")
-                                     + "). Use another --out, the same flags, or --rerun to replace it.")
+        rec = ws.finished(run)
+        if rec is not None:
             results[run] = rec
         else:
             todo.append(run)
@@ -505,8 +518,10 @@ def execute_all(ws: Workspace, runs: list[Run]) -> dict[Run, dict]:
             raise ReproduceError(f"--report-only: none of the {len(runs)} run(s) has a result file in {out} (drop "
                                  f"--report-only to run them, or give the --out they used)")
         return results
-    for run in todo:  # fail early on bad input: every run's settings, then every model, data file and corpus
-        ws.check_flags(run)
+    for run in todo:  # fail early on bad input: every run's settings and model folder, then every model, data
+        ws.check_flags(run)  # file and corpus
+        if ws.save_dirs.get(run):
+            check_save_dir(ws.save_dirs[run])
     for run in todo:
         ws.prepare(run)
     if results:

@@ -118,6 +118,18 @@ def test_save_model_never_replaces_a_folder_that_is_not_a_saved_model(tmp_path):
     assert (folder / "precious.json").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["results"]
 
 
+def test_save_model_into_a_folder_that_is_not_a_saved_model_fails_before_training(model_dir, own_dir, tmp_path,
+                                                                                   monkeypatch, capsys):
+    folder = tmp_path / "notes"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")
+    monkeypatch.setattr(tartan, "run_end_task", lambda *a, **k: pytest.fail("trained before the folder was checked"))
+    assert reproduce.main(["--task-dir", own_dir, "--mode", "finetune", "--seeds", "0", "--save-model", str(folder),
+                           *own_flags(model_dir, str(tmp_path / "out"))]) == 1
+    assert "not a model saved by --save-model" in capsys.readouterr().err
+    assert os.listdir(folder) == ["notes.txt"]
+
+
 def test_save_model_inside_or_above_out_is_refused(capsys):
     for save, out in (("res", "res"), ("res", "res/sub"), ("res/m", "res")):
         with pytest.raises(SystemExit) as e:

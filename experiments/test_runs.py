@@ -103,6 +103,54 @@ def test_resume_reruns_only_the_missing_seeds(model_dir, data_dir, tmp_path, mon
     assert reproduce.main(argv + ["--steps", "3", "--rerun"]) == 0 and ran == [0, 1, 2]
 
 
+def test_a_result_another_process_wrote_meanwhile_is_kept(model_dir, data_dir, tmp_path, monkeypatch, capsys):
+    """Two overlapping commands (or shards): a run that the other one finished after this one began is neither
+    deleted nor trained again."""
+    out, other = str(tmp_path / "out"), str(tmp_path / "other")
+    assert reproduce.main(["--task", "aclarc", "--mode", "finetune", "--seeds", "1",
+                           *cli_flags(model_dir, data_dir, other)]) == 0
+    theirs = os.path.join(other, "aclarc", "finetune__none__seed1.json")
+    real, trained = runs.Workspace.execute, []
+
+    def meanwhile(self, run):  # the other process's result lands just before this one reaches seed 1
+        if run.seed == 1:
+            shutil.copy(theirs, os.path.join(out, "aclarc"))
+        trained.append(run.seed)
+        return real(self, run)
+    monkeypatch.setattr(runs.Workspace, "execute", meanwhile)
+    monkeypatch.setattr(tartan, "run_end_task", lambda *a, _real=tartan.run_end_task, **k: (
+        trained.append("trained"), _real(*a, **k))[1])
+    capsys.readouterr()
+    assert reproduce.main(["--task", "aclarc", "--mode", "finetune", "--seeds", "0-1",
+                           *cli_flags(model_dir, data_dir, out)]) == 0
+    assert trained == [0, "trained", 1]
+    assert open(os.path.join(out, "aclarc", "finetune__none__seed1.json")).read() == open(theirs).read()
+    assert "aclarc finetune seed 1: finished meanwhile by another process" in capsys.readouterr().out
+
+
+def test_a_checkpoint_is_not_resumed_once_its_data_changed(model_dir, data_dir, tmp_path, monkeypatch, capsys):
+    """The checkpoint's name covers the data files' contents: a run killed, its training data edited, and called
+    again starts over rather than continuing on other data."""
+    monkeypatch.setenv("TARTAN_CACHE", str(tmp_path / "cache"))
+    argv = ["--task", "aclarc", "--mode", "mt", "--seeds", "0", *cli_flags(model_dir, data_dir, str(tmp_path / "o"))]
+    calls, real = [0], tartan.clip_grad_norm
+
+    def clip(*args):  # killed in the final fine-tune, after MT's record is saved
+        calls[0] += 1
+        if calls[0] == 6:
+            raise KeyboardInterrupt
+        return real(*args)
+    monkeypatch.setattr(tartan, "clip_grad_norm", clip)
+    assert reproduce.main(argv) == 130
+    monkeypatch.setattr(tartan, "clip_grad_norm", real)
+    train = os.path.join(data_dir, "citation_intent", "train.jsonl")
+    lines = open(train).read().splitlines()
+    open(train, "w").write("\n".join(lines[1:] + lines[:1]) + "\n")  # the same examples, in another order
+    capsys.readouterr()
+    assert reproduce.main(argv) == 0
+    assert "resuming" not in capsys.readouterr().out
+
+
 def test_a_run_killed_inside_a_stage_resumes_from_its_checkpoint(model_dir, data_dir, tmp_path, monkeypatch, capsys):
     """A run killed inside its final fine-tune continues, in a new call, from the checkpoint saved at the end of its
     main stage (under TARTAN_CACHE), says so, and writes the uninterrupted run's result; its time counts the killed
