@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import glob
 import itertools
 import json
 import math
@@ -716,7 +717,7 @@ def train_meta(body, end: Task, aux: list[Task], cfg: MetaConfig | None = None, 
 
 def run_end_task(body, end: Task, aux: list[Task], mode: str, cfg: TrainConfig | None = None,
                  pretrain_cfgs: list[PretrainConfig] | None = None, checkpoint: str | None = None,
-                 checkpoint_every: float = 600.0) -> dict:
+                 checkpoint_every: float = 600.0, keep_checkpoint: bool = False) -> dict:
     """One row of a table: mode in {finetune, pretrain, mt, meta}, then (for mt/meta) the optional Eq. 2 stage kept
     only if dev improves, then the test set, once, on the selected model. `pretrain` runs Eq. 1 on each auxiliary
     task in order (DAPT then TAPT for DAPT+TAPT) and then Eq. 2.
@@ -725,7 +726,8 @@ def run_end_task(body, end: Task, aux: list[Task], mode: str, cfg: TrainConfig |
     and every stage's own result under "stages". checkpoint: a file path where the run saves its progress (at most
     every checkpoint_every seconds, at each stage's end) and from which, if it is there, an interrupted call with the
     same arguments continues, to the uninterrupted result ("resumed": the wall and CPU seconds the interrupted calls
-    spent up to their last save); the files go once the run is done."""
+    spent up to their last save); the files go once the run is done, or with keep_checkpoint stay until the caller
+    has stored the result and calls remove_checkpoint(checkpoint) (a call meanwhile takes the result from them)."""
     if mode not in ("finetune", "pretrain", "mt", "meta"):
         raise ValueError(f"unknown mode '{mode}' (finetune, pretrain, mt, meta)")
     cfg = cfg or {"meta": MetaConfig, "mt": TrainConfig}.get(mode, FinetuneConfig)()
@@ -756,7 +758,7 @@ def run_end_task(body, end: Task, aux: list[Task], mode: str, cfg: TrainConfig |
     out["metric"] = end.metric
     main = next(s for s in reversed(out["stages"]) if s["stage"] in ("mt", "meta", "finetune"))
     out.update({k: main[k] for k in ("history", "final_alpha", "best_alpha", "trace")})
-    out["resumed"] = stage.done()
+    out["resumed"] = stage.done(remove=not keep_checkpoint)
     return out
 
 
@@ -1482,7 +1484,7 @@ class Checkpoint:
         return saved
 
     def remove(self) -> None:
-        if os.path.exists(self.path):
+        with contextlib.suppress(FileNotFoundError):
             os.remove(self.path)
 
 
@@ -1511,14 +1513,23 @@ class _Stages:
             self._inner(i).remove()
         return self.results[-1]
 
-    def done(self) -> dict | None:
-        """Removes the files; the time the interrupted calls spent (None if there were none, or no checkpoint)."""
+    def done(self, remove: bool = True) -> dict | None:
+        """Removes the files (remove_checkpoint); the time the interrupted calls spent (None if there were none, or no
+        checkpoint)."""
         if self.record is None:
             return None
-        for i in range(len(self.results)):
-            self._inner(i).remove()
-        self.record.remove()
+        if remove:
+            remove_checkpoint(self.path)
         return self.record.clock["before"]
+
+
+def remove_checkpoint(path: str) -> None:
+    """Removes run_end_task's checkpoint files at `path`: the record of finished stages and each stage's own."""
+    for stage in sorted(glob.glob(glob.escape(path) + ".stage*")):
+        if not stage.endswith(".tmp"):  # a save in progress (another process's) is its own
+            with contextlib.suppress(FileNotFoundError):  # removed by another process meanwhile
+                os.remove(stage)
+    Checkpoint(path).remove()
 
 
 def _settings(cfg: TrainConfig | None) -> TrainConfig | None:

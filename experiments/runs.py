@@ -476,7 +476,7 @@ class Workspace:
         if saved:
             when = time.strftime("%Y-%m-%d %H:%M", time.localtime(max(map(os.path.getmtime, saved))))
             print(f"{run}: resuming from its checkpoint {checkpoint} (last saved {when})", flush=True)
-        out = tartan.run_end_task(body, end, aux, mode, cfg, pre, checkpoint)
+        out = tartan.run_end_task(body, end, aux, mode, cfg, pre, checkpoint, keep_checkpoint=True)
         metric = self.settings.task_metric(run.task)
         command = [self.models.identity() if a == self.settings.model else a for a in sys.argv]  # no local path
         record = result_record(run, config, out, metric, sizes, files, self.warm_head(run), self.device,
@@ -492,6 +492,7 @@ class Workspace:
             save_model_atomic(self.save_dirs[run], body, end.head, tokenizer,
                               {"task": run.task, "labels": labels, "metric": metric, "key": run.key})
         atomic_write_json(path, record)
+        tartan.remove_checkpoint(checkpoint)  # only now: had anything above failed, a new call takes the result from it
         del body, end, aux
         gc.collect()
         return record

@@ -128,6 +128,28 @@ def test_a_result_another_process_wrote_meanwhile_is_kept(model_dir, data_dir, t
     assert "aclarc finetune seed 1: finished meanwhile by another process" in capsys.readouterr().out
 
 
+def test_a_run_killed_while_writing_its_files_keeps_its_checkpoint(model_dir, data_dir, tmp_path, monkeypatch,
+                                                                    capsys):
+    """Killed after training, while its predictions are written (a time limit, say): the checkpoint is still there,
+    and the next call takes the trained run from it, trains no step, and then removes it."""
+    monkeypatch.setenv("TARTAN_CACHE", str(tmp_path / "cache"))
+    argv = ["--task", "aclarc", "--mode", "mt", "--seeds", "0", *cli_flags(model_dir, data_dir, str(tmp_path / "o"))]
+    real_write = runs.write_predictions
+
+    def killed(*args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(runs, "write_predictions", killed)
+    assert reproduce.main(argv) == 130
+    assert os.listdir(tmp_path / "cache" / "runs")
+    monkeypatch.setattr(runs, "write_predictions", real_write)
+    monkeypatch.setattr(tartan, "clip_grad_norm", lambda *a: pytest.fail("a training step ran again"))
+    capsys.readouterr()
+    assert reproduce.main(argv) == 0
+    assert "resuming from its checkpoint" in capsys.readouterr().out
+    assert results_in(str(tmp_path / "o")) == ["aclarc/mt__tapt__seed0.json"]
+    assert os.listdir(tmp_path / "cache" / "runs") == []
+
+
 def test_a_checkpoint_is_not_resumed_once_its_data_changed(model_dir, data_dir, tmp_path, monkeypatch, capsys):
     """The checkpoint's name covers the data files' contents: a run killed, its training data edited, and called
     again starts over rather than continuing on other data."""
