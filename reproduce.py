@@ -242,7 +242,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
         "benchmark (--bench; also --quick, --out, --device, --no-progress, and --batch-size, --aux-batch-size, "
         f"--meta-batch-size, --max-length, whose defaults per model, as end/aux/meta/length, are: {sizes})")
     add(bench, "--bench-model", choices=[m for m in BENCH_SHAPES if m != "tiny"], commands=(BENCH,),
-        help="default: roberta-base on CUDA, small on CPU (--quick: tiny)")
+        help="default: roberta-base on CUDA, small on CPU, tiny with --quick")
     add(bench, "--bench-n-aux", type=int, default=1, commands=(BENCH,),
         help="number of auxiliary MLM tasks (default %(default)s)")
     add(bench, "--bench-steps", type=int, commands=(BENCH,), help=f"timed steps per item and round ({counts})")

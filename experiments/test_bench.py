@@ -19,6 +19,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_quick_bench_prints_and_writes_its_ratios(tmp_path, capsys, monkeypatch):
     applied = []  # the allocator setting is process-wide: record the call instead of changing the test process
     monkeypatch.setattr(reproduce, "tune_malloc", lambda enabled=True: applied.append(enabled) or "test setting")
+    clipped, real_clip = [], bench.tartan.clip_grad_norm
+
+    def clip(params, max_norm):  # each clipping pass's gradient norm and limit
+        norm = real_clip(params, max_norm)
+        clipped.append((float(norm), max_norm))
+        return norm
+    monkeypatch.setattr(bench.tartan, "clip_grad_norm", clip)
     assert reproduce.main(["--bench", "--quick", "--device", "cpu", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     with open(tmp_path / "bench_quick.json") as f:
@@ -33,6 +40,10 @@ def test_quick_bench_prints_and_writes_its_ratios(tmp_path, capsys, monkeypatch)
     # the floors are measured beside the steps they pair with: every step of mt brought one end and one aux pass
     assert saved["items"]["floor_aux"]["samples"] >= saved["items"]["mt"]["samples"] > 0
     assert saved["notes"]["ratios"].startswith("paired")
+    # the optimizer item times a clipping pass that rescales, as training's do: its gradients are not all zero
+    assert min(n for n, _ in clipped) > 0
+    assert sum(n > limit for n, limit in clipped) >= saved["items"]["optimizer"]["samples"] > 0
+    assert "mt_over_floor_plus_optimizer" not in saved["ratio_spread"]  # no round has one of its own
 
 
 def test_peak_tflops_is_read_from_the_cuda_device_name(monkeypatch):
@@ -41,6 +52,10 @@ def test_peak_tflops_is_read_from_the_cuda_device_name(monkeypatch):
     assert bench._peak_tflops(torch.device("cuda"), False, None) == 67
     assert bench._peak_tflops(torch.device("cpu"), True, None) is None
     assert bench._peak_tflops(torch.device("cpu"), True, 5.0) == 5.0  # --bench-peak-tflops wins
+    # the first name that is part of the device's wins: a variant is listed before the name it contains
+    for name, peak in (("NVIDIA H200 NVL", 835), ("NVIDIA L40", 181), ("NVIDIA L40S", 362), ("NVIDIA L4", 121)):
+        monkeypatch.setattr(bench, "device_name", lambda device, name=name: name)
+        assert bench._peak_tflops(torch.device("cuda"), True, None) == peak, name
 
 
 def test_bench_bad_sizes_give_one_message_and_no_file(tmp_path, capsys):
