@@ -134,9 +134,10 @@ class Checkpoints:
         """{"state": the warmed head's own tensors, "info": its MLM loss before/after and digest} of checkpoint
         `name`, fitted on `corpus` (plan["corpus"], fetched) with the body frozen: once per process, and cached on disk
         (TARTAN_CACHE, default ~/.cache/tartan) under a key of everything that determines it."""
+        import transformers
         key_fields = {"model": self.identity(name), "corpus_sha256": corpus_sha256, "max_length": max_length,
-                      "limit": limit, "torch": str(torch.__version__),
-                      **{k: v for k, v in plan.items() if k != "corpus"}}
+                      "limit": limit, "torch": str(torch.__version__), "transformers": transformers.__version__,
+                      "device": self.device.type, **{k: v for k, v in plan.items() if k != "corpus"}}
         key = hashlib.sha256(json.dumps(key_fields, sort_keys=True).encode()).hexdigest()[:24]
         if key not in self._warm:
             cache = cache_path("warm-mlm-heads", f"{key}.pt")

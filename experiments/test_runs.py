@@ -417,6 +417,8 @@ def test_one_warmed_lm_head_for_every_arm(tmp_path, data_dir, monkeypatch):
     assert "cls.predictions.decoder.weight" not in warm["state"]  # the tied decoder is the body's embedding
     cached = os.listdir(str(tmp_path / "cache" / "warm-mlm-heads"))
     assert len(cached) == 1  # fitted once; a new workspace (another process) loads it instead of fitting again
+    # what the head depends on names it: a GPU's fit, or another transformers', is not taken for this one
+    assert warm["info"]["key"]["device"] == "cpu" and warm["info"]["key"]["transformers"] == transformers.__version__
     fresh = workspace(headless)
     monkeypatch.setattr(tartan, "warm_mlm_head", lambda *a, **k: pytest.fail("fitted again despite the cache"))
     again = fresh.warm_head(arms[0])
