@@ -1,5 +1,6 @@
 """Tests for tartan.py (and reproduce.py): offline, CPU, tiny models built from configs, data made here."""
 import dataclasses
+import functools
 import itertools
 import json
 import math
@@ -1055,12 +1056,16 @@ def test_a_run_killed_between_saving_a_stage_and_removing_its_checkpoint_resumes
     assert run(path) == want and os.listdir(tmp_path / "ck") == []
 
 
+def _short_mt_run(tok, task_dir, checkpoint=None):
+    """A short MT run, saving at every chance to `checkpoint`; its result without timings."""
+    body, end, aux = build(tok, task_dir)
+    torch.manual_seed(0)
+    return _without_seconds(tartan.run_end_task(body, end, aux, "mt", small_config(False, final_finetune=None),
+                                                checkpoint=checkpoint, checkpoint_every=0))
+
+
 def test_a_checkpoint_that_cannot_be_written_does_not_end_the_run(tok, task_dir, tmp_path, monkeypatch):
-    def run(checkpoint=None):
-        body, end, aux = build(tok, task_dir)
-        torch.manual_seed(0)
-        return _without_seconds(tartan.run_end_task(body, end, aux, "mt", small_config(False, final_finetune=None),
-                                                    checkpoint=checkpoint, checkpoint_every=0))
+    run = functools.partial(_short_mt_run, tok, task_dir)
     want = run()
 
     def full(*args, **kwargs):
@@ -1121,11 +1126,7 @@ def test_a_resumed_run_may_change_what_changes_no_number(tok, task_dir, tmp_path
 
 def test_a_checkpoint_that_cannot_be_read_starts_its_part_again(tok, task_dir, tmp_path, monkeypatch):
     """A file cut off (a crash, a full disk) is warned about and passed over, not a traceback on every call."""
-    def run(checkpoint=None):
-        body, end, aux = build(tok, task_dir)
-        torch.manual_seed(0)
-        return _without_seconds(tartan.run_end_task(body, end, aux, "mt", small_config(False, final_finetune=None),
-                                                    checkpoint=checkpoint, checkpoint_every=0))
+    run = functools.partial(_short_mt_run, tok, task_dir)
     (tmp_path / "ck").mkdir()
     want, path = run(), str(tmp_path / "ck" / "run.pt")
     undo = _killed_at(monkeypatch, 3)
