@@ -96,7 +96,8 @@ def run_bench(model=None, device=None, batch_size=None, aux_batch_size=None, met
               peak_tflops=None, threads=None, num_labels=6, seed=0, malloc=None, progress=False, log=print) -> dict:
     """Times the floors and the training steps (module docstring) and writes bench[_quick].json to out_dir.
     Unset sizes and counts take the defaults of BENCH_SIZES and BENCH_COUNTS for the model.
-    model: "small" | "roberta-base" (default: roberta-base on CUDA, small on CPU; --quick: a tiny model).
+    model: "small" | "roberta-base" (default: roberta-base on CUDA, small on CPU; --quick: a tiny model unless one
+    is given).
     threads: torch CPU threads for the run (default: torch's; --quick: 1, as a tiny model gains nothing from more).
     malloc: what tune_malloc did to this process, recorded in the report (None: not known)."""
     threads = threads or (1 if quick else None)

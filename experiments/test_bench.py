@@ -101,3 +101,15 @@ def test_tune_malloc_serves_large_blocks_from_the_heap_in_its_own_process():
     assert out["tuned"][0].startswith("kept for reuse") and out["default"][0] == "glibc default"
     assert int(out["default"][1]) >= 2**26  # the tensor is an mmapped block, unmapped again when freed
     assert int(out["tuned"][1]) < 2**26     # the tensor lives in the heap, which keeps it for reuse
+
+
+def test_a_model_given_wins_over_quicks_tiny_one(monkeypatch):
+    class Built(Exception):
+        pass
+
+    def built(model, *args):  # stops the run where the model is chosen
+        raise Built(model)
+    monkeypatch.setattr(bench, "_Bench", built)
+    for given, want in ((None, "tiny"), ("small", "small")):
+        with pytest.raises(Built, match=want):
+            bench.run_bench(model=given, device="cpu", quick=True)
