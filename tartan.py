@@ -1461,8 +1461,9 @@ class Checkpoint:
         except OSError as e:  # a full disk must not end a run that can finish without its checkpoint
             warnings.warn(f"could not save the checkpoint {self.path} ({e}); the run goes on without saving")
             self.every = math.inf
-            with contextlib.suppress(OSError, TypeError):
-                os.remove(tmp)
+            if tmp is not None:  # mkstemp itself may have failed, leaving no file to clean up
+                with contextlib.suppress(OSError):
+                    os.remove(tmp)
         self.last = time.perf_counter()
 
     def load(self, what: str) -> dict | None:

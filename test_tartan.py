@@ -1064,13 +1064,15 @@ def _short_mt_run(tok, task_dir, checkpoint=None):
                                                 checkpoint=checkpoint, checkpoint_every=0))
 
 
-def test_a_checkpoint_that_cannot_be_written_does_not_end_the_run(tok, task_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("fails", ["torch.save", "tempfile.mkstemp"])  # writing the file, or making it at all
+def test_a_checkpoint_that_cannot_be_written_does_not_end_the_run(tok, task_dir, tmp_path, monkeypatch, fails):
     run = functools.partial(_short_mt_run, tok, task_dir)
     want = run()
 
     def full(*args, **kwargs):
         raise OSError(28, "No space left on device")
-    monkeypatch.setattr(tartan.torch, "save", full)
+    module, name = fails.split(".")
+    monkeypatch.setattr(getattr(tartan, module), name, full)
     (tmp_path / "ck").mkdir()
     with pytest.warns(UserWarning) as caught:
         got = run(str(tmp_path / "ck" / "run.pt"))
