@@ -151,8 +151,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     add(where, "--device", default="auto", choices=("auto", "cpu", "cuda"), commands=TRAINING + (BENCH,),
         help="default %(default)s: CUDA when torch sees it, else the CPU")
     add(where, "--rerun", action="store_true", commands=TRAINING,
-        help="re-run and replace runs whose result file exists (a file is matched to its run by config: after "
-             "editing data in place, give --rerun or another --out)")
+        help="re-run and replace runs whose result file exists (needed when a flag or a data file has changed "
+             "since the file was made: such a file is refused, not reused)")
     add(where, "--report-only", action="store_true", commands=TRAINING,
         help="print tables / draw figures from the result files already in --out; train nothing")
     add(where, "--save-model", metavar="DIR", commands=(RUNS,),

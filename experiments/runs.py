@@ -436,7 +436,7 @@ class Workspace:
 
     def finished(self, run: Run) -> dict | None:
         """The run's complete result file in --out, unless --rerun is given; one made with another config is an
-        error."""
+        error, and so (for a command that trains) is one made from data files that differ from those here now."""
         path = run.path(self.settings.out)
         rec = None if self.settings.rerun else load_result(path, run)
         diff = config_diff(self.config(run), rec["config"]) if rec is not None else []
@@ -444,6 +444,13 @@ class Workspace:
             raise ReproduceError(f"{path} was made with a different config (" + "; ".join(diff[:4])
                                  + ("; ..." if len(diff) > 4 else "")
                                  + "). Use another --out, the same flags, or --rerun to replace it.")
+        # --report-only re-prints what was measured, whatever data sits here; a command that trains takes the file
+        # as its own run, so each data file it recorded and that is here must be the one it trained on
+        for rel, made in ((rec or {}).get("data_files") or {}).items():
+            now = None if self.settings.report_only else self.data.local_sha256(rel)
+            if now is not None and now != made["sha256"]:
+                raise ReproduceError(f"{path} was made from another {rel} (SHA-256 {made['sha256'][:12]}..., "
+                                     f"{now[:12]}... here). Use another --out, or --rerun to replace it.")
         return rec
 
     def execute(self, run: Run) -> dict:

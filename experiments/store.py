@@ -41,6 +41,7 @@ class DataFiles:
         self.data_dir, self.data_url, self.progress = data_dir, data_url, progress
         self.files = {}  # relative path under data_dir (or a user's absolute path) -> (path, SHA-256)
         self._checked, self._cifar = set(), None
+        self._local = {}  # relative path -> SHA-256 of a file read here but not fetched (local_sha256)
 
     def file(self, rel: str) -> str:
         """A data file, fetched on first use; its SHA-256 is recorded in the result files."""
@@ -56,6 +57,17 @@ class DataFiles:
 
     def sha256(self, rel: str) -> str:
         return self.files[rel][1]
+
+    def local_sha256(self, rel: str) -> str | None:
+        """The SHA-256 of a data file already here, without fetching it; None when it is not here."""
+        if rel in self.files:
+            return self.files[rel][1]
+        path = rel if os.path.isabs(rel) else os.path.join(self.data_dir, *rel.split("/"))
+        if not os.path.isfile(path):
+            return None
+        if rel not in self._local:
+            self._local[rel] = file_digest(path)
+        return self._local[rel]
 
     def check_end_task(self, folder: str) -> None:
         """Fetch an end-task's three splits and read them once (labels, JSON), before any run trains on them."""

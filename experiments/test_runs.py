@@ -173,6 +173,29 @@ def test_a_checkpoint_is_not_resumed_once_its_data_changed(model_dir, data_dir, 
     assert "resuming" not in capsys.readouterr().out
 
 
+def test_a_result_made_from_other_data_is_refused_not_reused(model_dir, data_dir, tmp_path, capsys):
+    """A result file whose data file has since been edited in place is not taken as this run's: one message naming
+    the file, then --rerun replaces it; --report-only still re-prints what was measured."""
+    argv = ["--task", "aclarc", "--mode", "finetune", "--seeds", "0", *cli_flags(model_dir, data_dir,
+                                                                                 str(tmp_path / "o"))]
+    assert reproduce.main(argv) == 0
+    dev = os.path.join(data_dir, "citation_intent", "dev.jsonl")
+    lines = open(dev).read().splitlines()
+    open(dev, "w").write("\n".join(lines[1:] + lines[:1]) + "\n")  # the same examples, in another order
+    capsys.readouterr()
+    assert reproduce.main(argv) == 1
+    err = capsys.readouterr().err
+    assert "finetune__none__seed0.json was made from another citation_intent/dev.jsonl (SHA-256 " in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert reproduce.main(argv + ["--report-only"]) == 0
+    before = json.load(open(tmp_path / "o" / "aclarc" / "finetune__none__seed0.json"))["data_files"]
+    assert reproduce.main(argv + ["--rerun"]) == 0
+    after = json.load(open(tmp_path / "o" / "aclarc" / "finetune__none__seed0.json"))["data_files"]
+    assert after["citation_intent/dev.jsonl"] != before["citation_intent/dev.jsonl"]
+    assert after["citation_intent/train.jsonl"] == before["citation_intent/train.jsonl"]
+    assert reproduce.main(argv) == 0  # the new file is this data's run
+
+
 def test_a_run_killed_inside_a_stage_resumes_from_its_checkpoint(model_dir, data_dir, tmp_path, monkeypatch, capsys):
     """A run killed inside its final fine-tune continues, in a new call, from the checkpoint saved at the end of its
     main stage (under TARTAN_CACHE), says so, and writes the uninterrupted run's result; its time counts the killed
