@@ -22,10 +22,15 @@ def cell_scores(results: dict, run_list: list[Run]) -> list[float]:
     return [100 * results[r]["headline"]["test"] for r in run_list if r in results]
 
 
+def baseline_candidates(table, scores: dict) -> list[str]:
+    """The table's baseline columns (one, or Table 8's DAPT and DAPT+TAPT) that have a score."""
+    return [b for b in table.baseline if scores.get(b)]
+
+
 def baseline_column(table, scores: dict) -> str | None:
     """The column a table's p-values test against, given each column's scores: its baseline, or of several (Table
     8's DAPT and DAPT+TAPT) the one with the higher mean; None when no baseline column has a score."""
-    base = [b for b in table.baseline if len(scores.get(b, [])) >= 1]
+    base = baseline_candidates(table, scores)
     return max(base, key=lambda b: np.mean(scores[b])) if base else None
 
 
@@ -51,7 +56,7 @@ def render_table(number: int, cells: dict, results: dict, seeds, model: str, bud
     rows, notes, min_ps = [], [], set()
     for task in tasks:
         scores = {c.label: cell_scores(results, cells.get((task, c.label), [])) for c in cols}
-        present = [b for b in table.baseline if scores.get(b)]
+        present = baseline_candidates(table, scores)
         base = [best] if (best := baseline_column(table, scores)) else []
         if len(present) > 1:  # Table 8: the p-values are against max(DAPT, DAPT+TAPT)
             notes.append(f"{TASKS[task]['title']}: baseline = {best} (the higher mean of {' and '.join(present)})")
