@@ -861,15 +861,18 @@ def permutation_test(a, b, n_permutations: int = 10_000, seed: int = 0) -> dict:
 
 def read_jsonl(path: str) -> tuple[list[str], list[str], list[int]]:
     """Texts, labels and line numbers of a JSONL split. Blank lines are skipped; anything else malformed is an error."""
-    texts, labels, lines = [], [], []
+    texts, labels, lines, empty = [], [], [], []
     for lineno, line in _numbered_lines(path):
         if not line.strip():
             continue
         try:
-            obj = json.loads(line)
+            obj = json.loads(line, object_pairs_hook=_unique_keys)
         except json.JSONDecodeError as e:
             where = f"{e.msg.removesuffix(' at')} at character {e.pos + 1}"  # json's msg may end in a bare "at"
             raise DataError(f"{path}, line {lineno}: malformed JSON ({where})") from None
+        except (ValueError, RecursionError) as e:  # a key given twice; arrays nested past Python's stack
+            raise DataError(f"{path}, line {lineno}: {e if isinstance(e, ValueError) else 'JSON nested too deep'}") \
+                from None
         if not isinstance(obj, dict):
             raise DataError(f"{path}, line {lineno}: expected a JSON object with 'text' and 'label'")
         missing = [key for key in ("text", "label") if key not in obj]
@@ -877,14 +880,41 @@ def read_jsonl(path: str) -> tuple[list[str], list[str], list[int]]:
             raise DataError(f"{path}, line {lineno}: missing field '{missing[0]}'")
         if not isinstance(obj["text"], str):
             raise DataError(f"{path}, line {lineno}: 'text' must be a string")
+        if not obj["text"].strip():  # kept: real splits have them (HYPERPARTISAN's dev.jsonl, line 22)
+            empty.append(lineno)
+        if not obj["text"].isascii() and not _encodes(obj["text"]):
+            raise DataError(f"{path}, line {lineno}: 'text' holds an escape that is no character (a lone "
+                            f"surrogate such as \\ud800), which no tokenizer takes")
         if not _is_label(obj["label"]):
-            raise DataError(f"{path}, line {lineno}: 'label' must be a string or an integer, not {obj['label']!r}")
+            raise DataError(f"{path}, line {lineno}: 'label' must be a non-empty string or an integer, not "
+                            f"{obj['label']!r}")
         texts.append(obj["text"])
         labels.append(str(obj["label"]))
         lines.append(lineno)
     if not texts:
         raise DataError(f"{path}: empty file (no examples)")
+    if empty:
+        warnings.warn(f"{path}: {len(empty)} example(s) with empty text (line {', '.join(map(str, empty[:5]))}"
+                      f"{', ...' if len(empty) > 5 else ''}), kept: the model sees only its special tokens for them")
     return texts, labels, lines
+
+
+def _unique_keys(pairs: list) -> dict:
+    """A JSON object's keys and values, for json.loads; a key given twice (whose first value json would drop without
+    a word) is an error."""
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) < len(keys):
+        raise ValueError(f"the key {next(k for k in keys if keys.count(k) > 1)!r} appears twice in one object")
+    return dict(pairs)
+
+
+def _encodes(text: str) -> bool:
+    """Whether a string is Unicode text that UTF-8 can hold (JSON's \\u escapes can give lone surrogates)."""
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 def _numbered_lines(path: str):
@@ -915,8 +945,9 @@ def read_end_task(folder: str) -> dict:
 
 
 def _is_label(x) -> bool:
-    """A class label as tartan takes it, from a file or in memory: a string or an integer (a bool is neither)."""
-    return isinstance(x, (str, int, np.integer)) and not isinstance(x, bool)
+    """A class label as tartan takes it, from a file or in memory: a non-empty string or an integer (a bool is
+    neither)."""
+    return isinstance(x, (str, int, np.integer)) and not isinstance(x, bool) and x != ""
 
 
 def _numbered(splits: dict, train: str = "train", where=None) -> dict:
@@ -1078,7 +1109,8 @@ def _text_pairs(what: str, data) -> tuple[list[str], list]:
         raise DataError(f"{what} has no examples")
     bad = [x for x in labels if not _is_label(x)]
     if bad or len({isinstance(x, str) for x in labels}) > 1:
-        raise DataError(f"{what}: labels must be all strings or all integers" + (f", not {bad[0]!r}" if bad else ""))
+        raise DataError(f"{what}: labels must be all non-empty strings or all integers"
+                        + (f", not {bad[0]!r}" if bad else ""))
     if not all(isinstance(t, str) for t in texts):
         raise DataError(f"{what}: every text must be a string")
     return texts, [x if isinstance(x, str) else int(x) for x in labels]

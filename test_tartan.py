@@ -100,7 +100,13 @@ def test_read_end_task_label_vocabulary_from_train(task_dir):
     ('["a", "x"]\n', "line 1: expected a JSON object"),
     ("", "empty file"),
     ("\n\n", "empty file"),
-    ('{"text": "a", "label": null}\n', "line 1: 'label' must be a string or an integer"),
+    ('{"text": "a", "label": null}\n', "line 1: 'label' must be a non-empty string or an integer"),
+    ('{"text": "a", "label": ""}\n', "line 1: 'label' must be a non-empty string or an integer, not ''"),
+    ('{"text": "a", "label": "x", "label": "y"}\n', "line 1: the key 'label' appears twice in one object"),
+    ('{"text": "a", "label": "x", "metadata": {"k": 1, "k": 2}}\n', "line 1: the key 'k' appears twice"),
+    ('{"text": "a \\ud800", "label": "x"}\n', "line 1: 'text' holds an escape that is no character"),
+    ('{"text": "a", "label": "x", "metadata": ' + "[" * 100000 + "]" * 100000 + '}\n',
+     "line 1: JSON nested too deep"),
     ('{"text": "a", "label": "x"}\n{"text": "\xff", "label": "x"}\n', "line 2: not UTF-8"),
 ])
 def test_bad_jsonl_names_file_and_line(tmp_path, content, message):
@@ -109,6 +115,14 @@ def test_bad_jsonl_names_file_and_line(tmp_path, content, message):
     with pytest.raises(tartan.DataError) as e:
         tartan.read_jsonl(str(path))
     assert str(path) in str(e.value) and message in str(e.value)
+
+
+def test_an_empty_text_is_kept_and_warned_about(tmp_path):
+    """Real splits hold empty texts (HYPERPARTISAN's dev.jsonl): kept, as the split has them, with one warning."""
+    path = tmp_path / "dev.jsonl"
+    path.write_text('{"text": "a", "label": "x"}\n{"text": " ", "label": "y"}\n')
+    with pytest.warns(UserWarning, match=r"dev\.jsonl: 1 example\(s\) with empty text \(line 2\), kept"):
+        assert tartan.read_jsonl(str(path)) == (["a", " "], ["x", "y"], [1, 2])
 
 
 def test_unseen_dev_label_is_an_error(task_dir):
@@ -207,8 +221,9 @@ def test_classification_task_builder(tok, task_dir, tmp_path):
     full = tartan.classification_task("pair", (["w1 w2", "w11", "w3", "w25 w1"], [7, 2, 7, 30]), tok, 32)
     assert full.train.labels == [1, 0, 1, 2]
     for bad, message in [((["a", "b"], [0]), "2 texts but 1 labels"), (([], []), "has no examples"),
-                         ((["a", "b"], [0, "x"]), "all strings or all integers"),
-                         ((["a"], [None]), "all strings or all integers, not None")]:
+                         ((["a", "b"], [0, "x"]), "all non-empty strings or all integers"),
+                         ((["a"], [None]), "all non-empty strings or all integers, not None"),
+                         ((["a"], [""]), "all non-empty strings or all integers, not ''")]:
         with pytest.raises(tartan.DataError, match=message):
             tartan.classification_task("bad", bad, tok, 32)
     # an auxiliary classification task trains beside the end-task, with its own head, in MT and META alike
