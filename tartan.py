@@ -1179,6 +1179,7 @@ def from_pretrained(name_or_path: str):
     LM head when it has one; when it has none (e.g. a sentence-embedding checkpoint) transformers initialises it
     newly, with the decoder tied to the input embeddings, from torch's global generator: seed it first so that the
     new head is the same in every run. Returns also the names of newly initialised weights."""
+    from safetensors import SafetensorError
     from transformers import AutoModelForMaskedLM, AutoTokenizer
 
     name_or_path = os.path.expanduser(name_or_path)
@@ -1186,17 +1187,26 @@ def from_pretrained(name_or_path: str):
     if not local and (name_or_path.startswith((".", "/", "~")) or os.sep + os.sep in name_or_path
                       or name_or_path.count("/") > 1):
         raise FileNotFoundError(f"model '{name_or_path}': no such local directory")
+    if local and not os.path.isfile(os.path.join(name_or_path, "config.json")):
+        raise FileNotFoundError(f"model '{name_or_path}': the directory has no config.json (not a model saved by "
+                                f"transformers' save_pretrained)")
     offline = None if local else hub_unreachable()  # a Hub id with no network: the local cache only, at once
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, local_files_only=bool(offline))
         model, info = AutoModelForMaskedLM.from_pretrained(name_or_path, output_loading_info=True,
                                                            local_files_only=bool(offline))
-    except (OSError, ValueError) as e:
+    # a weights file cut off or corrupt: safetensors' own error, or torch's unpickling one for a .bin
+    except (OSError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError, SafetensorError) as e:
         where = ("from its local directory" if local else
                  f"from the Hugging Face cache, and the Hub cannot be reached ({offline})" if offline else
                  "from the Hugging Face Hub (it is not a local directory)")
         raise FileNotFoundError(f"model '{name_or_path}' could not be loaded {where}"
                                 + ("" if offline else f": {e}")) from None  # offline: the library's own text repeats it
+    # a folder without its tokenizer files loads an empty tokenizer (its special tokens alone), which would turn
+    # every word into [UNK] without a word said
+    if len(tokenizer) < getattr(model.config, "vocab_size", 0) // 2:
+        raise FileNotFoundError(f"model '{name_or_path}': its tokenizer has {len(tokenizer)} tokens for the model's "
+                                f"{model.config.vocab_size}: the tokenizer files are missing or are another model's")
     body, mlm_head = split_masked_lm(model)
     return body, mlm_head, tokenizer, sorted(info["missing_keys"])
 

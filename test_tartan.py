@@ -143,8 +143,25 @@ def test_missing_and_empty_files(tmp_path):
 def test_missing_model_path_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such local directory"):
         tartan.from_pretrained(str(tmp_path / "not-there"))
-    with pytest.raises(FileNotFoundError, match="could not be loaded from its local directory"):
+    with pytest.raises(FileNotFoundError, match="the directory has no config.json"):
         tartan.from_pretrained(str(tmp_path))  # exists but holds no model
+
+
+def test_a_broken_model_folder_is_a_clear_error(tmp_path, tok):
+    """Weights cut off, or tokenizer files missing (which transformers answers with a tokenizer of its special
+    tokens alone, every word [UNK]): one message naming the folder, never a traceback or a silent [UNK] run."""
+    cfg = transformers.BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=64)
+    for name in ("cut", "no-tokenizer"):
+        transformers.BertForMaskedLM(cfg).save_pretrained(tmp_path / name)
+    tok.save_pretrained(tmp_path / "cut")
+    weights = tmp_path / "cut" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(FileNotFoundError, match="model '.*cut' could not be loaded from its local directory: "):
+        tartan.from_pretrained(str(tmp_path / "cut"))
+    with pytest.raises(FileNotFoundError, match=f"its tokenizer has [0-9] tokens for the model's {len(tok)}: the "
+                                                f"tokenizer files are missing"):
+        tartan.from_pretrained(str(tmp_path / "no-tokenizer"))
 
 
 def test_a_hub_id_with_no_network_fails_at_once(monkeypatch):
