@@ -335,8 +335,17 @@ def _check_flags(parser, args, scope: dict, command: str, named: str, modes: tup
             parser.error(f"{flag} must be at least 1")
 
 
-def _check_combinations(parser, args) -> None:
+def _check_combinations(parser, args, command: str, modes: tuple[str, ...]) -> None:
     """Flags that apply only beside another flag, or never beside one."""
+    if args.dapt_corpus and command in (RUNS, TABLE):  # DAPT text is read by the dapt modes and by MT/META's --aux
+        pairs = [(c.mode, c.aux) for c in TABLES[args.table].columns if c.mode in modes] if command == TABLE else \
+            [(m, args.aux) for m in modes]  # (mode, aux) of each column or mode run
+        if not any("dapt" in mode or (mode in TARTAN_MODES and "dapt" in (aux or "tapt")) for mode, aux in pairs):
+            what = f"--table {args.table}" if command == TABLE else " ".join(
+                [f"--mode {' '.join(modes)}"] + ([f"--aux {args.aux or 'tapt'}"] if set(modes) & set(TARTAN_MODES)
+                                                 else []))
+            parser.error(f"--dapt-corpus does not apply to {what}: no run of it reads DAPT text (modes dapt, "
+                         f"dapt+tapt; mt and meta with --aux dapt or dapt+tapt)")
     for flag, given in (("--metric", args.metric), ("--baseline", args.baseline)):
         if given and not args.task_dir:
             parser.error(f"{flag} does not apply without --task-dir (the paper's tasks have the paper's metric and "
@@ -404,7 +413,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     command, named, modes = _command(parser, args)
     _check_flags(parser, args, scope, command, named, modes, _given(argv))
-    _check_combinations(parser, args)
+    _check_combinations(parser, args, command, modes)
     try:
         if command == BENCH:
             device = resolve_device(args.device)

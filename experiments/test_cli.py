@@ -63,6 +63,11 @@ def test_every_committed_result_is_the_config_its_recorded_command_builds(name):
     (["--table", "4", "--pretrain-lr", "1e-5"], "--pretrain-lr does not apply to --table 4"),
     (["--table", "1", "--aux", "dapt"], "--aux does not apply to --table 1"),
     (["--table", "1", "--aux-file", "x.txt"], "--aux-file does not apply to --table 1"),
+    (["--table", "1", "--dapt-corpus", "1x"], "--dapt-corpus does not apply to --table 1: no run of it reads DAPT"),
+    (["--task", "aclarc", "--mode", "finetune", "tapt", "--dapt-corpus", "1x"], "--dapt-corpus does not apply to "
+                                                                                "--mode finetune tapt: no run"),
+    (["--task", "aclarc", "--mode", "mt", "--dapt-corpus", "1x"], "--dapt-corpus does not apply to --mode mt --aux "
+                                                                  "tapt: no run of it reads DAPT text"),
     (["--figure", "3", "--mode", "meta"], "--mode does not apply to --figure 3"),
     (["--task", "demo", "--lr", "0.1"], "--lr does not apply to --task demo"),
     (["--task", "demo", "--model", "m"], "--model does not apply to --task demo"),
@@ -96,9 +101,14 @@ def test_flags_that_apply_to_some_column_of_a_table_are_accepted():
     parser, scope = reproduce.build_parser()
     for argv in (["--table", "1", "--meta-lr", "0.1"], ["--table", "2", "--pretrain-steps", "3"],
                  ["--task", "aclarc", "--mode", "tapt", "mt", "--pretrain-lr", "1e-5"],
+                 ["--table", "2", "--mode", "dapt", "--dapt-corpus", "1x"],
+                 ["--task", "aclarc", "--mode", "finetune", "dapt+tapt", "--dapt-corpus", "1x"],
+                 ["--task", "aclarc", "--mode", "meta", "--aux", "dapt", "--dapt-corpus", "1x"],
                  ["--bench", "--batch-size", "8", "--meta-batch-size", "4", "--quick"]):
         args = parser.parse_args(argv)
-        reproduce._check_flags(parser, args, scope, *reproduce._command(parser, args), reproduce._given(argv))
+        command, named, modes = reproduce._command(parser, args)
+        reproduce._check_flags(parser, args, scope, command, named, modes, reproduce._given(argv))
+        reproduce._check_combinations(parser, args, command, modes)
 
 
 def test_help_shows_the_paper_defaults_read_from_tartans_configs(capsys):
