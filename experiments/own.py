@@ -37,6 +37,8 @@ def own_corpus_file(folder: str, label: str, extra: dict) -> str:
     train.jsonl (whose texts are the corpus); other corpora come from --aux-file / --dapt-corpus FILE."""
     if label == "tapt":
         txt = os.path.join(folder, "train.txt")
+        if os.path.exists(txt) and not os.path.isfile(txt):  # not passed over for train.jsonl without a word
+            raise ReproduceError(f"{txt}: not a file (the task's TAPT text, one example per line)")
         return txt if os.path.isfile(txt) else os.path.join(folder, "train.jsonl")
     if label in extra:
         return os.path.abspath(extra[label])

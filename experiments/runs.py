@@ -29,7 +29,7 @@ from .launch import Finished, Shard
 from .own import own_corpus_file
 from .paper import (BUDGETS, PAPER_MAX_LENGTH, PAPER_WARM_HEAD, PRETRAIN_TEXT_MODES, QUICK, RELEASED, TARTAN_MODES,
                     TASKS, VISION, VISION_META, metric_field, tartan_mode)
-from .store import Checkpoints, DataFiles, run_checkpoint
+from .store import Checkpoints, DataFiles, corpus_texts, run_checkpoint
 from .vision import MAMMALS, WideResNet, mammals_tasks
 
 FLAGS = {  # budget flag -> (config field, stages it sets)
@@ -341,7 +341,7 @@ def text_run(settings: Settings, data: DataFiles, checkpoint: tuple, warm: dict 
     aux = []
     for name in corpora:
         path = data.file(settings.corpus(run.task, name))
-        texts = tartan.read_jsonl(path)[0] if path.endswith(".jsonl") else path  # a user's task: its texts
+        texts = corpus_texts(path)
         task = tartan.mlm_task(name, texts, tokenizer, body, mlm, length, limit=limit)
         aux.append(dataclasses.replace(task, head=mlm) if chained else task)
     sizes = {"train": len(end.train), "dev": len(end.dev), "test": len(end.test),

@@ -33,6 +33,12 @@ def run_checkpoint(config: dict, code_sha256: str) -> str:
     return cache_path("runs", f"{key}.pt")
 
 
+def corpus_texts(path: str) -> list[str] | str:
+    """What tartan.mlm_task takes for an auxiliary corpus file: the texts of a JSONL split (a task of your own with
+    no train.txt, or a .jsonl --aux-file: one {"text", "label"} object a line), else the path of a line file."""
+    return tartan.read_jsonl(path)[0] if path.endswith(".jsonl") else path
+
+
 class DataFiles:
     """The data files of one command, fetched on first use and read once before any training (bad input fails
     early), each with its SHA-256 for the result files; CIFAR-100 with the channel statistics of its training images."""
@@ -78,9 +84,11 @@ class DataFiles:
             self._checked.add(folder)
 
     def check_corpus(self, rel: str) -> None:
-        """Fetch an auxiliary corpus and read it once."""
+        """Fetch an auxiliary corpus and read it once, as the run will (corpus_texts)."""
         if rel not in self._checked:
-            tartan.read_lines(self.file(rel))
+            texts = corpus_texts(self.file(rel))
+            if isinstance(texts, str):
+                tartan.read_lines(texts)
             self._checked.add(rel)
 
     def end_task_dir(self, folder: str) -> str:
@@ -169,7 +177,7 @@ class Checkpoints:
         body0, mlm0, tokenizer, _ = self.load(name)
         body, mlm = copy.deepcopy((body0, mlm0))
         body.to(self.device), mlm.to(self.device)
-        texts = tartan.read_jsonl(corpus)[0] if corpus.endswith(".jsonl") else corpus
+        texts = corpus_texts(corpus)
         task = tartan.mlm_task("warm", texts, tokenizer, body, mlm, max_length, limit=limit)
         task = dataclasses.replace(task, head=mlm)
         print(f"fitting an LM head for {name} on {plan['corpus']} ({plan['steps']} steps, body frozen) ...",

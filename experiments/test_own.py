@@ -83,6 +83,26 @@ def test_bad_input_in_a_users_folder_is_one_message_naming_file_and_line(model_d
     assert err.count("\n") == 1 and message in err and "Traceback" not in err and not os.path.exists(out)
 
 
+def test_a_jsonl_aux_file_is_read_before_any_run_trains(model_dir, own_dir, tmp_path, capsys):
+    """A .jsonl --aux-file is read as the run reads it (the texts of a JSONL split), before finetune trains: a bad
+    line is one message, and no run of the command has written a result."""
+    corpus = tmp_path / "corp.jsonl"
+    corpus.write_text('{"text": "w1 w2", "label": "c0"}\n{"text": "w3"\n')
+    out = str(tmp_path / "out")
+    assert reproduce.main(["--task-dir", own_dir, "--mode", "finetune", "mt", "--seeds", "0", "--aux-file",
+                           str(corpus), *own_flags(model_dir, out)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "corp.jsonl, line 2: malformed JSON" in err and not os.path.exists(out)
+
+
+def test_a_train_txt_that_is_not_a_file_is_not_passed_over(model_dir, own_dir, tmp_path, capsys):
+    os.mkdir(os.path.join(own_dir, "train.txt"))
+    assert reproduce.main(["--task-dir", own_dir, "--mode", "tapt", "--seeds", "0",
+                           *own_flags(model_dir, str(tmp_path / "out"))]) == 1
+    assert "train.txt: not a file (the task's TAPT text" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "out")
+
+
 def test_a_folder_missing_a_split_says_which(model_dir, own_dir, tmp_path, capsys):
     os.remove(os.path.join(own_dir, "dev.jsonl"))
     assert reproduce.main(["--task-dir", own_dir, "--mode", "finetune", *own_flags(model_dir, str(tmp_path))]) == 1
