@@ -72,12 +72,18 @@ def _paper(field: str, **configs) -> str:
                      f"{labels[k]} {getattr(cfg, field)}" for k, cfg in configs.items())
 
 
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        """One line for a bad flag, not the 40-line usage block above it: where the options are listed instead."""
+        self.exit(2, f"{self.prog}: error: {message}\n(python {self.prog} --help lists the options)\n")
+
+
 def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     """The parser, and for each flag (dest) its option string and what it applies to: (commands, modes or None)."""
     mt, eq2, eq1, meta, final = (tartan.TrainConfig(), tartan.FinetuneConfig(), tartan.PretrainConfig(),
                                  tartan.MetaConfig(), tartan.tartan_finetune())
     scope = {}
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="reproduce.py", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Run the experiments of 'Should We Be Pre-training?' (TARTAN, ICLR 2022) with tartan.py. "
                     "Defaults are the paper's settings; the budget flags cut them down. A flag that does not apply "
@@ -111,8 +117,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     add(what, "--aux", choices=("tapt", "dapt", "dapt+tapt", "none"), commands=(RUNS,), modes=TARTAN_MODES,
         help="auxiliary MLM tasks T_aux of mt/meta (default tapt, as Table 1); none = only --aux-file")
     add(what, "--aux-file", action="append", default=[], metavar="PATH", commands=(RUNS,), modes=WITH_AUX,
-        help="one more MLM auxiliary task on this text file (one example per line), named after the file; "
-             "repeatable. For tapt/dapt modes: one more Eq. 1 stage, run first")
+        help="one more MLM auxiliary task on this text file (one example per line; a .jsonl file: the texts of "
+             "its {\"text\": ..., \"label\": ...} lines), named after the file; repeatable. For tapt/dapt modes: "
+             "one more Eq. 1 stage, run first")
     add(what, "--dapt-corpus", metavar="1x|10x|full|PATH", commands=(RUNS, TABLE),
         help="DAPT text: n = 1x or 10x |Train| of in-domain text (domain.{1x,10x}TAPT.txt; default 10x, as Tables 2 "
              "and 4), 'full' (domain.full.txt, placed by hand: Table 3), or a file")
@@ -356,6 +363,8 @@ def _check_combinations(parser, args, command: str, modes: tuple[str, ...]) -> N
         for other, on in (("--report-only", args.report_only), ("--download-only", args.download_only)):
             if given and on:
                 parser.error(f"{flag} does not apply to {other} (it trains nothing)")
+    if command in TRAINING + (DEMO, BENCH) and os.path.exists(args.out) and not os.path.isdir(args.out):
+        parser.error(f"--out {args.out}: a file, not a folder")
     if args.report_only and args.download_only:
         parser.error("choose one of --report-only and --download-only")
     if args.save_model:
@@ -455,7 +464,8 @@ def main(argv=None) -> int:
     except Finished as e:  # a shard's runs are done, or --download-only fetched everything
         print(e)
         return 0
-    except (ReproduceError, tartan.DataError, tartan.DivergedError, FileNotFoundError, ValueError) as e:  # one message
+    # one message; OSError: a path that cannot be read or written (permissions, a full disk), named by the error
+    except (ReproduceError, tartan.DataError, tartan.DivergedError, OSError, ValueError) as e:
         where = ""
         if isinstance(e, ValueError) and not isinstance(e, tartan.DataError):  # may be a bug, not bad input: where
             frame = traceback.extract_tb(e.__traceback__)[-1]

@@ -83,7 +83,18 @@ def test_every_committed_result_is_the_config_its_recorded_command_builds(name):
 def test_a_flag_that_does_not_apply_is_an_error_naming_flag_and_mode(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
         reproduce.main(argv)
-    assert e.value.code == 2 and message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    # the message, then where the options are: not argparse's usage block of every flag above it
+    assert e.value.code == 2 and err == f"reproduce.py: error: {err.split('error: ', 1)[1]}"
+    assert message in err and err.endswith("\n(python reproduce.py --help lists the options)\n")
+
+
+@pytest.mark.parametrize("argv", [["--task", "aclarc", "--mode", "finetune"], ["--task", "demo"], ["--bench"]])
+def test_out_that_is_a_file_is_refused_before_anything_runs(argv, tmp_path, capsys):
+    (tmp_path / "results").write_text("")
+    with pytest.raises(SystemExit) as e:
+        reproduce.main(argv + ["--out", str(tmp_path / "results")])
+    assert e.value.code == 2 and f"--out {tmp_path / 'results'}: a file, not a folder" in capsys.readouterr().err
 
 
 def test_a_flag_written_with_its_default_value_is_checked_too(capsys):
