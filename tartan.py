@@ -515,6 +515,7 @@ class MetaWeighting(TaskWeighting):
         super()._new_step()
         self._head_data = None  # phi*'s fitting data, the first given in this step
         self._filled = [False] * self.n_tasks  # whether G[k] holds a gradient of this step yet
+        self._reached = [False] * len(self.params)  # whether any task's loss reached the parameter this step
 
     def _backward(self, k, loss, retain_graph):
         # [g_k, g_phi] <- [grad_theta, grad_phi] L_Tk. Heads keep their gradient in .grad; the body's moves into G[k]
@@ -529,7 +530,8 @@ class MetaWeighting(TaskWeighting):
         """Move the open task's body gradient into G[k] (added to what its earlier micro-batches left there)."""
         k, self._open = self._open, None
         _flat_grad(self.params, [p.grad for p in self.params], self.G[k], add=self._filled[k])
-        for p in self.params:
+        for i, p in enumerate(self.params):
+            self._reached[i] |= p.grad is not None
             p.grad = None  # the next task's backward starts from zero
         self._filled[k] = True
 
@@ -552,6 +554,7 @@ class MetaWeighting(TaskWeighting):
             self._close()
         fit_data = self._rows(*head_data) if head_data is not None else self._head_data
         _check_meta_step(val, fit_data, self.cfg)
+        reached = self._reached
         losses = self._finish()
         # phi* <- estimate_meta_head(B*_tr), a new head every step; the Eq. 6 ablation (same_head) uses phi' itself
         head_star, fit = (self.end_head, None) if self.cfg.same_head else \
@@ -563,8 +566,8 @@ class MetaWeighting(TaskWeighting):
         norms = self.G.norm(dim=-1)  # |g_k|, recorded beside the cosine: which task dominates the body's gradient
         # theta_body's gradient: sum_k alpha_k g_k (views into one buffer); the heads' gradients are already in place
         combined = alpha.to(self.G.device, self.G.dtype) @ self.G  # (P,)
-        for p, g in zip(self.params, combined.split([p.numel() for p in self.params])):
-            p.grad = g.view_as(p)
+        for p, g, used in zip(self.params, combined.split([p.numel() for p in self.params]), reached):
+            p.grad = g.view_as(p) if used else None  # as in MT: a parameter no task used is not decayed either
         return {"losses": losses, "alpha": alpha.tolist(), "cosines": cos.tolist(), "val_loss": val_loss,
                 "grad_norms": norms.tolist(),
                 "head_fit": None if fit is None else fit.tolist()}  # read after g_meta's pass has synchronised

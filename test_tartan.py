@@ -281,6 +281,24 @@ def _train_plain(body, end, aux=()):
                                                                      max_steps=1, eval_every=-1, final_finetune=None))
 
 
+@pytest.mark.parametrize("meta", [False, True])
+def test_a_body_parameter_no_task_uses_is_left_alone(meta):
+    """A parameter that no task's loss reaches gets no gradient, so AdamW neither moves nor decays it: in META as in
+    MT (META writes the combined gradient only where some task gave one)."""
+    torch.manual_seed(0)
+    body = nn.Module()
+    body.used, body.unused = Lin(), nn.Linear(4, 4)
+    body.forward = lambda x: body.used(x)
+    data = lambda n, c: tartan.TensorData(torch.randn(n, 4), torch.arange(n) % c)  # noqa: E731
+    end = tartan.Task("end", tartan.ClassificationHead(4, 2), data(16, 2), dev=data(8, 2), num_labels=2)
+    aux = tartan.Task("aux", tartan.ClassificationHead(4, 3), data(16, 3), num_labels=3)
+    unused, used = body.unused.weight.clone(), body.used.lin.weight.clone()
+    cfg = small_config(meta, batch_size=4, aux_batch_size=4, max_steps=5, eval_every=-1, final_finetune=None,
+                       weight_decay=0.5, **({"meta_batch_size": 4} if meta else {}))
+    (tartan.train_meta if meta else tartan.train_multitask)(body, end, [aux], cfg)
+    assert torch.equal(body.unused.weight, unused) and not torch.equal(body.used.lin.weight, used)
+
+
 def _misuse(case, tok, task_dir):
     """Builds what `case` names, the wrong way."""
     x, y = torch.randn(8, 4), torch.arange(8) % 2
