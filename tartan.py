@@ -75,6 +75,9 @@ class ClassificationHead(nn.Module):
                                  nn.Dropout(dropout), nn.Linear(hidden_size, num_labels))
 
     def forward(self, features, labels=None):
+        if features.dim() not in (2, 3):  # e.g. a CNN's (B, C, H, W) map: which width to build the head for is moot
+            raise ValueError(f"a ClassificationHead takes body features (B, H) or token features (B, T, H), not "
+                             f"{tuple(features.shape)}: pool or flatten them to (B, H) in the body's forward")
         x = features[:, 0] if features.dim() == 3 else features  # (B, H)
         if x.shape[-1] != self.mlp[1].in_features:  # a shape, no device work: a clear error, not a matmul's
             raise ValueError(f"a ClassificationHead built for hidden_size={self.mlp[1].in_features} got body features "
@@ -286,7 +289,7 @@ class MetaConfig(TrainConfig):
 
 
 def train(body: nn.Module, end: Task | None, aux: list[Task], cfg: TrainConfig, step_fn=None,
-          checkpoint: Checkpoint | None = None) -> dict:
+          checkpoint: "Checkpoint | str | None" = None) -> dict:
     """The loop shared by every mode: Eq. 1 (end=None), Eq. 2 (aux=[]), Eq. 3 (multitask_step) and Algorithm 1
     (meta_step). Evaluates end-task dev every cfg.eval_every steps, keeps the best-dev body and head, stops after
     cfg.patience evaluations without a new best, restores the best and returns the history. Selection uses the dev
@@ -295,6 +298,8 @@ def train(body: nn.Module, end: Task | None, aux: list[Task], cfg: TrainConfig, 
     run_end_task's. With a checkpoint, the loop saves its state there now and then and, if one is there already,
     continues from it: the result is the uninterrupted run's (the caller removes the file once it has the result)."""
     check_tasks(end, aux, cfg, meta=True if step_fn is meta_step else None)
+    if isinstance(checkpoint, (str, os.PathLike)):  # a path, as run_end_task takes
+        checkpoint = Checkpoint(os.fspath(checkpoint))
     step_fn = step_fn or (meta_step if isinstance(cfg, MetaConfig) else multitask_step)  # as the config says
     tasks = ([end] if end is not None else []) + list(aux)
     device = next(body.parameters()).device
@@ -399,8 +404,9 @@ def _forward(body, task, stream, device, amp, tokens):
 #    A weighting is a public object that any training loop (yours, or tartan.train) calls per micro-batch:
 #    backward(losses) with every task's loss (end-task first), or task_backward(k, loss) one task at a time and then
 #    step(). It writes the body's gradient into .grad (MT: sum_k w_k g_k; META: sum_k alpha_k g_k) and each head's
-#    own through the ordinary backward, refuses a body gradient it did not put there, and returns the step's info
-#    once the step's gradient is complete (backward: None before): then step your optimizer.
+#    own through the ordinary backward (MT: scaled by its w_k; META: unweighted), refuses a body gradient it did not
+#    put there, and returns the step's info once the step's gradient is complete (backward: None before): then step
+#    your optimizer.
 
 
 class TaskWeighting:
@@ -692,13 +698,14 @@ def _dev_features(body, state: MetaState, amp, tokens, end_name: str) -> tuple:
 
 def pretrain(body, aux: list[Task], cfg: PretrainConfig | None = None, checkpoint=None) -> dict:
     """Eq. 1: theta_0 = argmin sum_i L_Ti, end-task agnostic (TAPT, DAPT; call twice, in order, for DAPT+TAPT)."""
-    cfg = cfg or PretrainConfig()
+    cfg = _mt_config(cfg or PretrainConfig())  # a MetaConfig's META fields have nothing to weight here
     return train(body, None, aux, replace(cfg, weights=cfg.weights or (1.0,) * len(aux)), checkpoint=checkpoint)
 
 
 def finetune(body, end: Task, cfg: FinetuneConfig | None = None, checkpoint=None) -> dict:
-    """Eq. 2: fine-tune body and end-task head on the end-task alone, early stopping on dev."""
-    return train(body, end, [], cfg or FinetuneConfig(), checkpoint=checkpoint)
+    """Eq. 2: fine-tune body and end-task head on the end-task alone, early stopping on dev. A MetaConfig's META
+    fields are ignored (one task has nothing to weight)."""
+    return train(body, end, [], _mt_config(cfg or FinetuneConfig()), multitask_step, checkpoint)
 
 
 def train_multitask(body, end: Task, aux: list[Task], cfg: TrainConfig | None = None, checkpoint=None) -> dict:
@@ -1023,9 +1030,9 @@ def _text_data(tokenizer, texts: list[str], labels: list[int] | None, max_length
 @dataclass
 class TensorData:
     """Examples already in a tensor (e.g. images) for a plain torch module body called as body(x=...). x and labels
-    may also be numpy arrays or lists (x in float64 becomes torch's default float dtype). labels are class ids
-    0..C-1: any integer dtype, or whole-number floats, become int64 (what cross-entropy needs); anything else is a
-    TypeError naming the argument."""
+    may also be numpy arrays or lists (x in float64 from numpy or a list becomes torch's default float dtype; a torch
+    tensor keeps its dtype). labels are class ids 0..C-1: any integer dtype, or whole-number floats, become int64
+    (what cross-entropy needs); anything else is a TypeError naming the argument."""
     x: torch.Tensor
     labels: torch.Tensor
 
@@ -1075,8 +1082,8 @@ def end_task(name: str, data, tokenizer, hidden_size: int, max_length: int = 512
     memory, a dict {"train": ..., "dev": ..., "test": ...} of either (texts, labels) pairs (labels strings or
     integers, numbered in sorted order of train's labels, as for a folder) or (x, labels) pairs of tensors, numpy
     arrays or lists for a body called as body(x=...) (tartan.TensorData; labels are class ids 0..C-1, C = the
-    largest + 1; the tokenizer is not used and may be None). `limit` keeps a fixed random subset of at most that
-    many examples per split."""
+    largest in train + 1; the tokenizer is not used and may be None). `limit` keeps a fixed random subset of at most
+    that many examples per split."""
     if metric not in ("macro_f1", "micro_f1"):
         raise ValueError(f"metric must be 'macro_f1' or 'micro_f1', not '{metric}'")
     names = ("train", "dev", "test")
@@ -1085,7 +1092,14 @@ def end_task(name: str, data, tokenizer, hidden_size: int, max_length: int = 512
     elif isinstance(data, dict) and sorted(data) == ["dev", "test", "train"]:
         if not isinstance(data["train"][0], (list, tuple)) or not all(isinstance(t, str) for t in data["train"][0]):
             tensors = [TensorData(*data[s]) for s in names]  # (x, labels), checked there
-            C = 1 + max(int(d.labels.max()) for d in tensors if len(d))  # classes: ids 0..C-1
+            if not len(tensors[0]):
+                raise DataError(f"end-task '{name}': its train split is empty")
+            C = 1 + int(tensors[0].labels.max())  # classes: ids 0..C-1, as train has them
+            for s, d in zip(names[1:], tensors[1:]):
+                if len(d) and int(d.labels.max()) >= C:  # a class the head would never be trained on
+                    raise DataError(f"end-task '{name}', {s} split: label {int(d.labels.max())} never appears in "
+                                    f"train (its class ids are 0..{C - 1})")
+            _check_classes(name, C)
             kept = [(d, torch.tensor(subset(len(d), limit), dtype=torch.long)) for d in tensors]
             train, dev, test = (TensorData(d.x[idx], d.labels[idx]) for d, idx in kept)
             return Task(name, ClassificationHead(hidden_size, C, dropout), train, dev=dev, test=test, num_labels=C,
@@ -1097,9 +1111,16 @@ def end_task(name: str, data, tokenizer, hidden_size: int, max_length: int = 512
                         f"'train', 'dev', 'test' of (texts, labels) or (x, labels), not {_describe(data)}"
                         + (f" with keys {sorted(data)}" if isinstance(data, dict) else ""))
     check_tokenizer(tokenizer, f"end-task '{name}'")
+    _check_classes(name, len(splits["labels"]))
     train, dev, test = (_text_data(tokenizer, *splits[s], max_length, limit) for s in names)
     return Task(name, ClassificationHead(hidden_size, len(splits["labels"]), dropout), train, dev=dev, test=test,
                 num_labels=len(splits["labels"]), metric=metric)
+
+
+def _check_classes(name: str, C: int) -> None:
+    """An end-task with one class has a loss of 0 whatever the body does, and an F1 of 1: nothing to learn."""
+    if C < 2:
+        raise DataError(f"end-task '{name}': its train split has one class: a classifier needs at least two")
 
 
 def _text_pairs(what: str, data) -> tuple[list[str], list]:
@@ -1287,6 +1308,9 @@ def check_tasks(end: Task | None, aux: list[Task], cfg: TrainConfig, meta: bool 
     meta = isinstance(cfg, MetaConfig) if meta is None else meta
     if meta and not isinstance(cfg, MetaConfig):
         raise TypeError(f"META-TARTAN (train_meta) needs a MetaConfig, not {type(cfg).__name__}")
+    _check_config(cfg, meta)
+    if not isinstance(aux, (list, tuple)):
+        raise TypeError(f"aux must be a list of Tasks, not {type(aux).__name__}")
     if meta and cfg.weights is not None:
         raise ValueError("META-TARTAN starts from equal weights (Algorithm 1); leave weights=None")
     tasks = ([end] if end is not None else []) + list(aux)
@@ -1323,6 +1347,8 @@ def check_tasks(end: Task | None, aux: list[Task], cfg: TrainConfig, meta: bool 
     out = getattr(getattr(end.head, "mlp", [None])[-1], "out_features", None)  # C of a ClassificationHead
     if end.num_labels > 0 and out is not None and out != end.num_labels:
         raise ValueError(f"end-task '{end.name}': its head predicts {out} classes but num_labels={end.num_labels}")
+    if end.num_labels == 1 or out == 1:
+        _check_classes(end.name, 1)
     if meta and cfg.meta_head_data not in ("train", "dev"):
         raise ValueError(f"meta_head_data must be 'train' or 'dev', not '{cfg.meta_head_data}'")
     if meta and cfg.head_rows_short():
@@ -1332,6 +1358,31 @@ def check_tasks(end: Task | None, aux: list[Task], cfg: TrainConfig, meta: bool 
     if meta and not cfg.same_head and end.num_labels < 1:
         raise ValueError(f"end-task '{end.name}' has num_labels={end.num_labels}: META-TARTAN fits its meta head "
                          f"phi* with one output per class, so set Task(..., num_labels=C) (end_task sets it)")
+
+
+def _check_config(cfg: TrainConfig, meta: bool) -> None:
+    """Settings no run can train with (a negative batch would loop forever, a zero one divide by zero), or that
+    would silently train something else (patience 0 stops at the first evaluation, improved or not)."""
+    at_least_one = ["batch_size", "aux_batch_size", "grad_accum", "eval_batch_size", "patience"]
+    if meta:
+        at_least_one += ["meta_batch_size"] + ([] if cfg.same_head else ["meta_head_steps"])
+    at_least_zero = ["max_steps", "lr", "head_lr", "weight_decay", "head_weight_decay", "adam_eps", "grad_clip"]
+    if meta:
+        at_least_zero += ["meta_lr", "meta_val_batch_size", "meta_head_lr", "meta_head_wd", "meta_head_tol"]
+    for name in at_least_one + at_least_zero:
+        value = getattr(cfg, name)
+        low = 1 if name in at_least_one else 0
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= low):
+            raise ValueError(f"{type(cfg).__name__}.{name}={value!r}: must be a number of at least {low}")
+    if cfg.max_steps == 0 and not (math.isfinite(cfg.epochs) and cfg.epochs > 0):
+        raise ValueError(f"{type(cfg).__name__}.epochs={cfg.epochs!r}: must be above 0 (or set max_steps)")
+    if cfg.eval_every < -1:
+        raise ValueError(f"{type(cfg).__name__}.eval_every={cfg.eval_every}: steps between evaluations, 0 = once "
+                         f"per epoch, -1 = never")
+    if not 0 <= cfg.warmup_frac <= 1:
+        raise ValueError(f"{type(cfg).__name__}.warmup_frac={cfg.warmup_frac}: a fraction of the steps, in [0, 1]")
+    if cfg.weights is not None and not all(math.isfinite(w) and w >= 0 for w in cfg.weights):
+        raise ValueError(f"weights={cfg.weights}: Eq. 3's task weights must be finite and non-negative")
 
 
 class DataError(ValueError):
@@ -1486,6 +1537,7 @@ class Checkpoint:
     seconds that interrupted processes spent up to their last save ("before")."""
 
     def __init__(self, path: str, every: float = 600.0, clock: dict | None = None):
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)  # now, not as a warning at the first save
         self.path, self.every, self.last = path, every, time.perf_counter()
         self.clock = clock or {"wall": time.perf_counter(), "cpu": time.process_time(), "before": None}
 

@@ -332,6 +332,21 @@ def _misuse(case, tok, task_dir):
         tartan.end_task("toy", task_dir, no_pad, 32)
     elif case == "no CLS/BOS token":
         tartan.classification_task("cls", (["w1 w2", "w3"], [0, 1]), _no_cls_tokenizer(), 32)
+    elif case == "4-D features":
+        tartan.ClassificationHead(4, 2)(torch.randn(2, 3, 4, 4), torch.tensor([0, 1]))
+    elif case == "one class":
+        tartan.end_task("e", {s: (x, torch.zeros(8, dtype=torch.long)) for s in ("train", "dev", "test")}, None, 4)
+    elif case == "one class, from a folder":
+        tartan.end_task("toy", {s: (["w1 w2", "w3"], ["a", "a"]) for s in ("train", "dev", "test")}, tok, 32)
+    elif case == "dev class unseen in train":
+        tartan.end_task("e", {"train": (x, y), "dev": (x, torch.full((8,), 5)), "test": (x, y)}, None, 4)
+    elif case == "aux not a list":
+        tartan.train_multitask(Lin(), end(), tartan.Task("aux", tartan.ClassificationHead(4, 2), data, num_labels=2))
+    elif case.startswith("config "):  # "config name=value": one TrainConfig field set to a value no run can use
+        name, value = case[7:].split("=")
+        tartan.train_multitask(Lin(), end(), [], tartan.TrainConfig(
+            **{**dict(batch_size=4, aux_batch_size=4, grad_accum=1, max_steps=1, final_finetune=None),
+               name: float(value) if "." in value else int(value)}))
     elif case in ("aux labels out of range", "aux labels out of range, no num_labels"):
         aux = tartan.Task("aux", tartan.ClassificationHead(4, 3), tartan.TensorData(x, torch.arange(8)),
                           num_labels=3 if "no num_labels" not in case else 0)
@@ -353,6 +368,23 @@ def _misuse(case, tok, task_dir):
     ("aux labels out of range", ValueError, r"task 'aux': its train split has label 3, outside 0..2 \(num_labels=3"),
     ("aux labels out of range, no num_labels", ValueError, r"task 'aux': its train split has label 3, outside 0..2 "
                                                            r"\(its head predicts 3 classes; num_labels is not set"),
+    ("4-D features", ValueError, r"takes body features \(B, H\) or token features \(B, T, H\), not \(2, 3, 4, 4\): "
+                                 r"pool or flatten"),
+    ("one class", tartan.DataError, r"end-task 'e': its train split has one class: a classifier needs at least two"),
+    ("one class, from a folder", tartan.DataError, r"end-task 'toy': its train split has one class"),
+    ("dev class unseen in train", tartan.DataError, r"end-task 'e', dev split: label 5 never appears in train \(its "
+                                                    r"class ids are 0..1\)"),
+    ("aux not a list", TypeError, r"aux must be a list of Tasks, not Task"),
+    # a negative batch looped forever, a zero one divided by zero, patience 0 stopped at once
+    ("config aux_batch_size=-1", ValueError, r"TrainConfig.aux_batch_size=-1: must be a number of at least 1"),
+    ("config batch_size=0", ValueError, r"TrainConfig.batch_size=0: must be a number of at least 1"),
+    ("config grad_accum=0", ValueError, r"TrainConfig.grad_accum=0: must be a number of at least 1"),
+    ("config patience=0", ValueError, r"TrainConfig.patience=0: must be a number of at least 1"),
+    ("config max_steps=-3", ValueError, r"TrainConfig.max_steps=-3: must be a number of at least 0"),
+    ("config eval_batch_size=0", ValueError, r"TrainConfig.eval_batch_size=0"),
+    ("config warmup_frac=2.0", ValueError, r"TrainConfig.warmup_frac=2.0: a fraction of the steps, in \[0, 1\]"),
+    ("config eval_every=-2", ValueError, r"TrainConfig.eval_every=-2: steps between evaluations"),
+    ("config lr=-1.0", ValueError, r"TrainConfig.lr=-1.0: must be a number of at least 0"),
 ])
 def test_every_misuse_gets_one_message_naming_the_argument_and_the_fix(tok, task_dir, case, error, message):
     with pytest.raises(error, match=message):
@@ -1036,6 +1068,20 @@ def _without_seconds(x):
     if isinstance(x, dict):
         return {k: _without_seconds(v) for k, v in x.items() if k not in ("seconds", "analysis_seconds", "resumed")}
     return [_without_seconds(v) for v in x] if isinstance(x, list) else x
+
+
+def test_entry_points_take_a_checkpoint_path_and_any_config(tok, task_dir, tmp_path):
+    """train_* take a path as run_end_task does (its folder made at once); finetune given a MetaConfig runs Eq. 2 on
+    its TrainConfig fields, not META's machinery for one task."""
+    body, end, _ = build(tok, task_dir)
+    path = tmp_path / "new" / "folder" / "ft.pt"
+    torch.manual_seed(0)
+    plain = tartan.finetune(body, end, small_config(False, final_finetune=None), checkpoint=str(path))
+    assert path.parent.is_dir()  # made when the run began, not found missing at its first save
+    body, end, _ = build(tok, task_dir)
+    torch.manual_seed(0)
+    meta = tartan.finetune(body, end, small_config(True, final_finetune=None))
+    assert _without_seconds(meta) == _without_seconds(plain) and meta["history"][-1]["cosines"] is None
 
 
 @pytest.mark.parametrize("mode, head_data", [("pretrain", "train"), ("mt", "train"), ("meta", "train"),
