@@ -147,7 +147,8 @@ def mask_tokens(input_ids, attention_mask, masking: Masking, generator: torch.Ge
 @dataclass
 class Task:
     name: str
-    head: nn.Module                            # phi' for the end-task, phi^i for an auxiliary task
+    head: nn.Module                            # phi' for the end-task, phi^i for an auxiliary task:
+    #                                            head(features, labels) -> (logits, mean loss)
     train: TextData | TensorData
     masking: Masking | None = None             # set for MLM tasks: batches are corrupted by mask_tokens
     dev: TextData | TensorData | None = None   # end-task only
@@ -298,11 +299,15 @@ def train(body: nn.Module, end: Task | None, aux: list[Task], cfg: TrainConfig, 
     run_end_task's. With a checkpoint, the loop saves its state there now and then and, if one is there already,
     continues from it: the result is the uninterrupted run's (the caller removes the file once it has the result)."""
     check_tasks(end, aux, cfg, meta=True if step_fn is meta_step else None)
+    _check_tied_heads(body, ([end] if end is not None else []) + list(aux))
     if isinstance(checkpoint, (str, os.PathLike)):  # a path, as run_end_task takes
         checkpoint = Checkpoint(os.fspath(checkpoint))
     step_fn = step_fn or (meta_step if isinstance(cfg, MetaConfig) else multitask_step)  # as the config says
     tasks = ([end] if end is not None else []) + list(aux)
-    device = next(body.parameters()).device
+    first = next(body.parameters(), None)
+    if first is None:
+        raise ValueError(f"the body ({type(body).__name__}) has no parameters: there is nothing to train")
+    device = first.device
     body.train()
     for t in tasks:
         t.head.to(device).train()
@@ -744,6 +749,9 @@ def run_end_task(body, end: Task, aux: list[Task], mode: str, cfg: TrainConfig |
     cfg = _mt_config(cfg) if mode == "mt" else cfg  # MT with a MetaConfig: its META fields are unused
     # before any stage runs, pre-training included
     check_tasks(end, aux if mode in ("mt", "meta") else [], cfg, meta=True if mode == "meta" else None)
+    if end.test is None or not len(end.test):
+        raise ValueError(f"end-task '{end.name}' has {'no' if end.test is None else 'an empty'} test split: "
+                         f"run_end_task scores the selected model on it")
     seeded = lambda c: replace(c, seed=cfg.seed)  # sub-stages follow the run's seed  # noqa: E731
     if mode == "pretrain":
         pretrain_cfgs = pretrain_cfgs or [PretrainConfig()] * len(aux)
@@ -810,6 +818,8 @@ def evaluate(body, head, data, batch_size: int = 64, bf16: bool = False, predict
     """Metrics of body + head on a labelled split, in eval mode (no dropout), without autograd; bf16 autocast on CUDA
     when asked (train passes its cfg.bf16). Restores the previous train/eval mode. predictions=True adds the
     predicted class of every example, in order."""
+    if data.labels is None:
+        raise ValueError("evaluate scores a labelled split; this one has no labels (an MLM task's text)")
     device, modes = next(body.parameters()).device, (body.training, head.training)
     body.eval(), head.eval()
     preds, total_loss = [], 0.0
@@ -1323,11 +1333,18 @@ def check_tasks(end: Task | None, aux: list[Task], cfg: TrainConfig, meta: bool 
             raise ValueError(f"tasks '{heads[id(t.head)]}' and '{t.name}' share one head object: each task needs its "
                              f"own head (tartan.new_mlm_head makes one per MLM task)")
         heads[id(t.head)] = t.name
+        for split, data in (("train", t.train), ("dev", t.dev), ("test", t.test)):
+            if data is not None and not all(hasattr(data, a) for a in ("batch", "labels", "__len__")):
+                raise TypeError(f"task '{t.name}': its {split} split is a {type(data).__name__}, not a dataset as "
+                                f"TextData and TensorData are (tartan.TensorData(x, labels) wraps tensors)")
+        if not len(t.train):
+            raise ValueError(f"task '{t.name}': its train split is empty")
         if t.masking is None and t.train.labels is None:
             raise ValueError(f"task '{t.name}': its training data has no labels and the task has no masking (an MLM "
                              f"task needs Masking; tartan.mlm_task sets it)")
         # classes C: num_labels, else the width of a ClassificationHead (a task built by hand may not set it)
-        C = t.num_labels or (t.head.mlp[-1].out_features if isinstance(t.head, ClassificationHead) else 0)
+        out = t.head.mlp[-1].out_features if isinstance(t.head, ClassificationHead) else None
+        C = t.num_labels or out or 0
         for split, data in (("train", t.train), ("dev", t.dev), ("test", t.test)):
             if C > 0 and data is not None and data.labels is not None and len(data):
                 labels = torch.as_tensor(data.labels)
@@ -1337,16 +1354,19 @@ def check_tasks(end: Task | None, aux: list[Task], cfg: TrainConfig, meta: bool 
                                      f"0..{C - 1} (" + (f"num_labels={C}" if t.num_labels else
                                                         f"its head predicts {C} classes; num_labels is not set")
                                      + ")")
+        if t.num_labels > 0 and out is not None and out != t.num_labels:
+            raise ValueError(f"{'end-task' if t is end else 'task'} '{t.name}': its head predicts {out} classes but "
+                             f"num_labels={t.num_labels}")
     if cfg.weights is not None and len(cfg.weights) != len(tasks):
         raise ValueError(f"weights has {len(cfg.weights)} entries for {len(tasks)} tasks ({[t.name for t in tasks]})")
     if end is None:
         return
-    if end.dev is None and (cfg.eval_every >= 0 or meta):
-        raise ValueError(f"end-task '{end.name}' has no dev split: model selection needs one"
-                         + (", and META-TARTAN draws B*_val from it" if meta else ""))
-    out = getattr(getattr(end.head, "mlp", [None])[-1], "out_features", None)  # C of a ClassificationHead
-    if end.num_labels > 0 and out is not None and out != end.num_labels:
-        raise ValueError(f"end-task '{end.name}': its head predicts {out} classes but num_labels={end.num_labels}")
+    if (end.dev is None or not len(end.dev)) and (cfg.eval_every >= 0 or meta):
+        raise ValueError(f"end-task '{end.name}' has {'no' if end.dev is None else 'an empty'} dev split: model "
+                         f"selection needs one" + (", and META-TARTAN draws B*_val from it" if meta else ""))
+    if end.metric not in ("macro_f1", "micro_f1"):
+        raise ValueError(f"end-task '{end.name}': metric must be 'macro_f1' or 'micro_f1', not '{end.metric}'")
+    out = end.head.mlp[-1].out_features if isinstance(end.head, ClassificationHead) else None
     if end.num_labels == 1 or out == 1:
         _check_classes(end.name, 1)
     if meta and cfg.meta_head_data not in ("train", "dev"):
@@ -1358,6 +1378,22 @@ def check_tasks(end: Task | None, aux: list[Task], cfg: TrainConfig, meta: bool 
     if meta and not cfg.same_head and end.num_labels < 1:
         raise ValueError(f"end-task '{end.name}' has num_labels={end.num_labels}: META-TARTAN fits its meta head "
                          f"phi* with one output per class, so set Task(..., num_labels=C) (end_task sets it)")
+
+
+def _check_tied_heads(body: nn.Module, tasks: list[Task]) -> None:
+    """An MLM head whose decoder should be tied to this body's input embedding (an HFBody whose config ties them)
+    but holds another body's: an MLM task built for another body (mlm_task ties to the body it is given), which would
+    train that body's embedding, not this one's."""
+    encoder = getattr(body, "encoder", None)
+    if not (isinstance(body, HFBody) and getattr(encoder.config, "tie_word_embeddings", False)):
+        return
+    embedding = encoder.get_input_embeddings().weight
+    for t in tasks:
+        if isinstance(t.head, MLMHead) and not any(p is embedding for p in t.head.parameters()) and any(
+                p.shape == embedding.shape for p in t.head.parameters()):
+            raise ValueError(f"task '{t.name}': its MLM head's decoder is not tied to this body's input embedding, "
+                             f"as the checkpoint's config says: it was built for another body (build the MLM task "
+                             f"again with this body: tartan.mlm_task(..., body, ...))")
 
 
 def _check_config(cfg: TrainConfig, meta: bool) -> None:

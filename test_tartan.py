@@ -332,6 +332,31 @@ def _misuse(case, tok, task_dir):
         tartan.end_task("toy", task_dir, no_pad, 32)
     elif case == "no CLS/BOS token":
         tartan.classification_task("cls", (["w1 w2", "w3"], [0, 1]), _no_cls_tokenizer(), 32)
+    elif case == "MLM task of another body":  # a loop over seeds that builds a new body but keeps the old tasks
+        _, end_task, aux = build(tok, task_dir, seed=0)
+        body, _, _ = build(tok, task_dir, seed=1)
+        tartan.train_multitask(body, end_task, aux, small_config(False, max_steps=1, final_finetune=None))
+    elif case == "split as a tuple":
+        _train_plain(Lin(), tartan.Task("end", tartan.ClassificationHead(4, 2), data, dev=(x, y), num_labels=2))
+    elif case == "empty dev":
+        tartan.finetune(Lin(), tartan.Task("end", tartan.ClassificationHead(4, 2), data,
+                                           dev=tartan.TensorData(x[:0], y[:0]), num_labels=2),
+                        tartan.FinetuneConfig(batch_size=4, max_steps=1))
+    elif case == "empty train":
+        _train_plain(Lin(), tartan.Task("end", tartan.ClassificationHead(4, 2), tartan.TensorData(x[:0], y[:0]),
+                                        dev=data, num_labels=2))
+    elif case == "unknown metric":
+        _train_plain(Lin(), dataclasses.replace(end(), metric="acc"))
+    elif case == "aux head narrower than num_labels":
+        _train_plain(Lin(), end(), [tartan.Task("aux", tartan.ClassificationHead(4, 3), data, num_labels=5)])
+    elif case == "body without parameters":
+        _train_plain(nn.Identity(), end())
+    elif case == "no test split for run_end_task":
+        tartan.run_end_task(Lin(), end(), [], "finetune", tartan.FinetuneConfig(batch_size=4, max_steps=1))
+    elif case == "evaluate on unlabelled text":
+        _, _, aux = build(tok, task_dir)
+        body, _, _ = build(tok, task_dir)
+        tartan.evaluate(body, aux[0].head, aux[0].train)
     elif case == "4-D features":
         tartan.ClassificationHead(4, 2)(torch.randn(2, 3, 4, 4), torch.tensor([0, 1]))
     elif case == "one class":
@@ -368,6 +393,16 @@ def _misuse(case, tok, task_dir):
     ("aux labels out of range", ValueError, r"task 'aux': its train split has label 3, outside 0..2 \(num_labels=3"),
     ("aux labels out of range, no num_labels", ValueError, r"task 'aux': its train split has label 3, outside 0..2 "
                                                            r"\(its head predicts 3 classes; num_labels is not set"),
+    ("MLM task of another body", ValueError, r"task 'aux0': its MLM head's decoder is not tied to this body's input "
+                                             r"embedding, .* built for another body"),
+    ("split as a tuple", TypeError, r"task 'end': its dev split is a tuple, not a dataset as TextData and TensorData"),
+    ("empty dev", ValueError, r"end-task 'end' has an empty dev split: model selection needs one"),
+    ("empty train", ValueError, r"task 'end': its train split is empty"),
+    ("unknown metric", ValueError, r"end-task 'end': metric must be 'macro_f1' or 'micro_f1', not 'acc'"),
+    ("aux head narrower than num_labels", ValueError, r"task 'aux': its head predicts 3 classes but num_labels=5"),
+    ("body without parameters", ValueError, r"the body \(Identity\) has no parameters"),
+    ("no test split for run_end_task", ValueError, r"end-task 'end' has no test split: run_end_task scores"),
+    ("evaluate on unlabelled text", ValueError, r"evaluate scores a labelled split; this one has no labels"),
     ("4-D features", ValueError, r"takes body features \(B, H\) or token features \(B, T, H\), not \(2, 3, 4, 4\): "
                                  r"pool or flatten"),
     ("one class", tartan.DataError, r"end-task 'e': its train split has one class: a classifier needs at least two"),
