@@ -519,7 +519,8 @@ class MetaWeighting(TaskWeighting):
         _check_meta_head(cfg, num_labels, end_head)
         self.cfg, self.num_labels, self.end_head, self.amp = cfg, num_labels, end_head, amp
         self.w = torch.full((n_tasks,), 1.0 / n_tasks, dtype=torch.float64)  # w*, w_i = 1/(n+1); float64, CPU
-        self.G = torch.empty(n_tasks, sum(p.numel() for p in self.params), device=self.params[0].device)  # (K, P)
+        self.G = torch.empty(n_tasks, sum(p.numel() for p in self.params), device=self.params[0].device,  # (K, P)
+                             dtype=torch.promote_types(self.params[0].dtype, torch.float32))  # float64 body: float64
         self._open = None  # the task whose gradient the body's .grad holds now (not yet moved into G)
 
     def _new_step(self):
@@ -615,8 +616,9 @@ def estimate_meta_head(features: torch.Tensor, labels: torch.Tensor, num_labels:
     current body) and what the release does. Algorithm 1 can be read as a warm start (it initialises phi* once, before
     the loop); that reading is not followed, as Sec. 3.3 is explicit where the pseudo-code is not. Returns (phi*, its
     training loss at the first and last step as a (2,) tensor, None with no steps)."""
-    features = features.detach().float()
-    head = ClassificationHead(features.shape[-1], num_labels).to(features.device)
+    features = features.detach()  # bf16 features (autocast) are fitted in float32; float64 ones stay float64
+    features = features.to(torch.promote_types(features.dtype, torch.float32))
+    head = ClassificationHead(features.shape[-1], num_labels).to(features.device, features.dtype)
     opt = torch.optim.AdamW(head.parameters(), lr=cfg.meta_head_lr, weight_decay=cfg.meta_head_wd)
     first, seen = None, []
     for _ in range(cfg.meta_head_steps):
@@ -1728,7 +1730,8 @@ def _buffers_kept(body: nn.Module):
 def _flat_grad(params, grads, out: torch.Tensor | None = None, add: bool = False) -> torch.Tensor:
     """Per-parameter gradients -> one (P,) vector, zeros for a parameter without one: a new tensor, or written into
     `out` (add=True: added to it)."""
-    flat = [torch.zeros(p.numel(), device=p.device) if g is None else g.reshape(-1) for p, g in zip(params, grads)]
+    flat = [torch.zeros(p.numel(), device=p.device, dtype=p.dtype) if g is None else g.reshape(-1)
+            for p, g in zip(params, grads)]
     if out is None:
         return torch.cat(flat)
     return out.add_(torch.cat(flat)) if add else torch.cat(flat, out=out)

@@ -299,6 +299,23 @@ def test_a_body_parameter_no_task_uses_is_left_alone(meta):
     assert torch.equal(body.unused.weight, unused) and not torch.equal(body.used.lin.weight, used)
 
 
+@pytest.mark.parametrize("meta", [False, True])
+def test_a_float64_body_trains_in_float64(meta):
+    """MT and META on a float64 body and heads: phi*, G and the combined gradient follow the body's dtype (META's
+    phi* was float32 and failed at its first matmul)."""
+    torch.manual_seed(0)
+    data = lambda n, c: tartan.TensorData(torch.randn(n, 4, dtype=torch.float64), torch.arange(n) % c)  # noqa
+    end = tartan.Task("end", tartan.ClassificationHead(4, 2).double(), data(16, 2), dev=data(8, 2), num_labels=2)
+    aux = tartan.Task("aux", tartan.ClassificationHead(4, 3).double(), data(16, 3), num_labels=3)
+    body = Lin().double()
+    before = body.lin.weight.clone()
+    cfg = small_config(meta, batch_size=4, aux_batch_size=4, max_steps=3, eval_every=-1, final_finetune=None,
+                       **({"meta_batch_size": 4} if meta else {}))
+    out = (tartan.train_meta if meta else tartan.train_multitask)(body, end, [aux], cfg)
+    assert body.lin.weight.dtype == torch.float64 and not torch.equal(body.lin.weight, before)
+    assert (out["final_alpha"]["end"] != 0.5) == meta  # META's weights moved; MT's stay where they were set
+
+
 def _misuse(case, tok, task_dir):
     """Builds what `case` names, the wrong way."""
     x, y = torch.randn(8, 4), torch.arange(8) % 2
