@@ -363,6 +363,9 @@ def _check_combinations(parser, args, command: str, modes: tuple[str, ...]) -> N
         for other, on in (("--report-only", args.report_only), ("--download-only", args.download_only)):
             if given and on:
                 parser.error(f"{flag} does not apply to {other} (it trains nothing)")
+    if args.task_dir and not args.task and args.data_dir != parser.get_default("data_dir"):
+        parser.error("--data-dir does not apply to --task-dir alone (a task of your own is read from its folder; "
+                     "--data-dir holds the paper's tasks)")
     if command in TRAINING + (DEMO, BENCH) and os.path.exists(args.out) and not os.path.isdir(args.out):
         parser.error(f"--out {args.out}: a file, not a folder")
     if args.report_only and args.download_only:

@@ -121,6 +121,7 @@ def test_a_folder_missing_a_split_says_which(model_dir, own_dir, tmp_path, capsy
      "--save-model does not apply to --report-only"),
     (["--table", "1", "--save-model", "m"], "--save-model does not apply to --table 1"),
     (["--task", "demo", "--shard", "0/2"], "--shard does not apply to --task demo"),
+    (["--task-dir", "d", "--mode", "mt", "--data-dir", "x"], "--data-dir does not apply to --task-dir alone"),
 ])
 def test_flags_of_own_tasks_that_do_not_apply(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
