@@ -25,6 +25,7 @@ import argparse
 import os
 import sys
 import traceback
+import warnings
 
 import tartan
 from experiments import diagnose
@@ -417,6 +418,20 @@ def launch_settings(args, environ=None) -> dict:
 
 
 def main(argv=None) -> int:
+    """The command line; tartan's warnings (an empty text kept, a checkpoint not saved) print as one line each, like
+    the runner's own, and once per command although the files are read more than once."""
+    seen = set()
+
+    def show(message, *args, **kwargs):
+        if str(message) not in seen:
+            seen.add(str(message))
+            print(f"warning: {message}", file=sys.stderr, flush=True)
+    with warnings.catch_warnings():  # restores Python's printer when the command returns
+        warnings.showwarning = show
+        return _main(argv)
+
+
+def _main(argv) -> int:
     parser, scope = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv:

@@ -77,6 +77,9 @@ def read_predictions(paths: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
     for path in paths:
         with open(predictions_path(path)) as f:
             rows.append([json.loads(line) for line in f if line.strip()])
+        if [r.get("line") for r in rows[-1]] != [r.get("line") for r in rows[0]]:  # the bootstrap pairs rows by place
+            raise ValueError(f"{predictions_path(path)}: its test rows are not those of {predictions_path(paths[0])} "
+                             f"(the same lines of test.jsonl, in the same order)")
     names = sorted({r[k] for rs in rows for r in rs for k in ("gold", "predicted")})
     index = {label: i for i, label in enumerate(names)}
     return [(np.array([index[r["gold"]] for r in rs]), np.array([index[r["predicted"]] for r in rs])) for rs in rows]
@@ -151,14 +154,25 @@ def verdict(p: float, diff_ci, micro_d: float, nll_d: float, detectable: float) 
             f"{diff_ci[1] - diff_ci[0]:.2f})")
 
 
-def sweep_report(title: str, columns: dict, baseline: str, png: str | None = None) -> str:
-    """The protocol's tables for one task. columns: label -> list of (result path, record), one per seed."""
+def sweep_report(title: str, columns: dict, baseline: str, png: str | None = None, planned: dict | None = None) -> str:
+    """The protocol's tables for one task. columns: label -> list of (result path, record), one per seed; planned:
+    label -> the number of seeds the design has (default: as many as there are), every column the design has. The
+    rule gives a verdict only once both columns have all their planned seeds."""
+    planned = planned or {label: len(runs) for label, runs in columns.items()}
     seeds = {label: [rec["key"]["seed"] for _, rec in runs] for label, runs in columns.items()}
     field = metric_field(columns[baseline][0][1]["headline"]["metric"])
     main = {label: np.array([100 * rec["test"][field] for _, rec in runs]) for label, runs in columns.items()}
     micro = {label: np.array([100 * rec["test"]["micro_f1"] for _, rec in runs]) for label, runs in columns.items()}
     nll = {label: np.array([rec["test"]["loss"] for _, rec in runs]) for label, runs in columns.items()}
-    preds = iter(read_predictions([path for runs in columns.values() for path, _ in runs]))
+    paths = [path for runs in columns.values() for path, _ in runs]
+    preds = read_predictions(paths)
+    for path, (gold, pred), rec in zip(paths, preds, [rec for runs in columns.values() for _, rec in runs]):
+        score = {"macro_f1": macro_f1_weighted, "micro_f1": micro_f1_weighted}[field]
+        mine = float(score(_counts(gold, pred, 1 + max(gold.max(), pred.max())), np.ones((1, len(gold))))[0])
+        if abs(mine - rec["test"][field]) > 1e-6:  # the interval and d must describe the same predictions
+            raise ValueError(f"{predictions_path(path)}: its predictions give test {field} {mine:.6f}, the result "
+                             f"file {rec['test'][field]:.6f}")
+    preds = iter(preds)
     boot = bootstrap({label: [next(preds) for _ in runs] for label, runs in columns.items()}, baseline, metric=field)
     base_dev = {rec["key"]["seed"]: rec["headline"]["dev"] for _, rec in columns[baseline]}
     lines = [f"#### {title}: the protocol's analysis (experiments/results/cpu-es/PROTOCOL.md)", "",
@@ -180,14 +194,22 @@ def sweep_report(title: str, columns: dict, baseline: str, png: str | None = Non
         row += [f"{micro[label].mean():.2f}", f"{nll[label].mean():.3f}"]
         if label == baseline or label not in ("MT-TARTAN", "META-TARTAN"):
             row.append("—")
+        elif len(x) < planned[label] or len(b) < planned[baseline]:  # the design's seeds are not all in
+            row.append(f"no verdict yet ({len(x)} v {len(b)} seeds of the {planned[label]} v {planned[baseline]} "
+                       f"planned)")
         else:
             row.append(verdict(p, boot[label]["diff"],
                                micro[label].mean() - micro[baseline].mean(), nll[label].mean() - nll[baseline].mean(),
                                detectable_difference(x, b)))
         lines.append("| " + " | ".join(row) + " |")
-    lines += ["", f"Intervals: bootstrap, {N_BOOTSTRAP} replicates, test rows and seeds resampled; p unpaired: the "
-              f"tables' one-sided permutation test; p paired: one-sided, every sign flip of the per-seed differences "
-              f"(seeds present in both columns; the same seed gives every arm the same end-task data order).", "",
+    absent = [label for label in planned if label not in columns]
+    lines += ([""] + [f"Not run yet: {', '.join(absent)}."] if absent else []) + [
+              "", f"Intervals: bootstrap, {N_BOOTSTRAP} replicates, {LEVEL:.0%} percentile interval; each replicate "
+              f"draws the test rows with replacement once, shared by every run, and within each column the seeds with "
+              f"replacement. p unpaired: the tables' one-sided permutation test; p paired: one-sided, every sign flip "
+              f"of the per-seed differences (seeds present in both columns; the same seed gives every arm the same "
+              f"end-task data order). Smallest detectable difference: (z_0.95 + z_0.80) x pooled seed std x "
+              f"sqrt(1/n_a + 1/n_b), 1.57 pooled stds at 5 v 5 seeds.", "",
               f"| method | wall-clock min/run | CPU min/run | steps (end-task stages) | final fine-tune kept | "
               f"minutes to reach {baseline}'s dev score (same seed) | stopped at a cap |", "|" + "---|" * 7]
     for label, runs in columns.items():

@@ -124,12 +124,17 @@ def protocol_analysis(number: int, cells: dict, results: dict, out: str) -> str:
     for task in dict.fromkeys(t for t, _ in cells):
         columns = {label: [(r.path(out), done[r]) for r in runs if r in done] for (t, label), runs in cells.items()
                    if t == task}
+        planned = {label: len(runs) for (t, label), runs in cells.items() if t == task}  # the design's seeds
         columns = {label: runs for label, runs in columns.items() if runs}
         base = baseline_column(table, {label: [100 * rec["headline"]["test"] for _, rec in runs]
                                        for label, runs in columns.items()})
         if base and len(columns) > 1:  # against the column the table's p-values test against
             text += "\n" + analysis.sweep_report(TASKS[task]["title"], columns, base,
-                                                 os.path.join(out, f"figure_table{number}_{task}.png"))
+                                                 os.path.join(out, f"figure_table{number}_{task}.png"), planned)
+        elif columns:  # said, not left out without a word
+            text += (f"\n#### {TASKS[task]['title']}: the protocol's analysis waits for its baseline column "
+                     f"({' or '.join(table.baseline)}) and one to test against it; results so far: "
+                     + ", ".join(f"{label} {len(runs)} of {planned[label]}" for label, runs in columns.items()) + "\n")
     return text
 
 

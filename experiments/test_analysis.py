@@ -182,6 +182,26 @@ def test_protocol_analysis_of_a_table_from_result_files(tmp_path):
     assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     assert report.protocol_analysis(1, cells, {r: {**rec, "config": {"train": {"eval_test": False}}}
                                                for r, rec in results.items()}, out) == ""  # other budgets: nothing
+    # seeds still missing: no verdict; a column not run, or a missing baseline, is said
+    fewer = {r: rec for r, rec in results.items() if r.mode != "finetune" and not (r.mode == "meta" and r.seed)}
+    text = report.protocol_analysis(1, cells, fewer, out)
+    meta = next(line for line in text.splitlines() if line.startswith("| META-TARTAN | 0 |"))
+    assert meta.endswith("| no verdict yet (1 v 3 seeds of the 3 v 3 planned) |") and "Not run yet: RoBERTa." in text
+    assert "| inconclusive (smallest detectable" in text  # MT's 3 v 3 seeds are all in
+    text = report.protocol_analysis(1, cells, {r: rec for r, rec in results.items() if r.mode != "tapt"}, out)
+    assert "SCIERC: the protocol's analysis waits for its baseline column (TAPT) and one to test against it; " \
+           "results so far: RoBERTa 3 of 3, MT-TARTAN 3 of 3, META-TARTAN 3 of 3" in text
+    # predictions that are not the scored ones, or not the same test rows, stop the analysis with the file named
+    mt0 = predictions_path(cells[("scierc", "MT-TARTAN")][0].path(out))
+    rows = open(mt0).read().splitlines()
+    open(mt0, "w").write("\n".join(rows[::-1]) + "\n")
+    with pytest.raises(ValueError, match="mt__tapt__seed0.predictions.jsonl: its test rows are not those of"):
+        report.protocol_analysis(1, cells, results, out)
+    first = json.loads(rows[0])
+    first["predicted"] = next(x for x in labels if x != first["predicted"])
+    open(mt0, "w").write("\n".join([json.dumps(first)] + rows[1:]) + "\n")
+    with pytest.raises(ValueError, match="mt__tapt__seed0.predictions.jsonl: its predictions give test macro_f1 "):
+        report.protocol_analysis(1, cells, results, out)
 
 
 def test_meta_diagnostics_table(tmp_path):
