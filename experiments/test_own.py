@@ -103,6 +103,17 @@ def test_a_train_txt_that_is_not_a_file_is_not_passed_over(model_dir, own_dir, t
     assert not os.path.exists(tmp_path / "out")
 
 
+def test_an_empty_text_is_one_warning_line_once_per_command(model_dir, own_dir, tmp_path, capsys):
+    with open(os.path.join(own_dir, "dev.jsonl"), "a") as f:
+        f.write('{"text": "", "label": "c0"}\n')  # read several times by one command
+    assert reproduce.main(["--task-dir", own_dir, "--mode", "finetune", "--seeds", "0",
+                           *own_flags(model_dir, str(tmp_path / "out"))]) == 0
+    err = capsys.readouterr().err
+    assert [line for line in err.splitlines() if "empty text" in line] == [
+        f"warning: {os.path.join(own_dir, 'dev.jsonl')}: 1 example(s) with empty text (line 19), kept: the model "
+        f"sees only its special tokens for them"]
+
+
 def test_a_folder_missing_a_split_says_which(model_dir, own_dir, tmp_path, capsys):
     os.remove(os.path.join(own_dir, "dev.jsonl"))
     assert reproduce.main(["--task-dir", own_dir, "--mode", "finetune", *own_flags(model_dir, str(tmp_path))]) == 1
