@@ -40,6 +40,7 @@ from experiments.paper import (BUDGETS, DAPT_FILES, FIGURES, META_MODES, PAPER_B
                                VISION_META, VISION_MODES, WITH_AUX)
 from experiments.report import run_family, run_figure, run_table
 from experiments.runs import FLAGS, Budget, Settings, Workspace, describe_budget
+from experiments.store import cache_path
 
 # What a flag applies to: commands (runs = --task/--mode, table, figure, demo, bench) and, for the training commands,
 # the modes it changes something in (None: every mode).
@@ -150,9 +151,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     add(where, "--checkpoint-dir", metavar="DIR", commands=TRAINING,
         help="a folder holding Hub checkpoints by id (DIR/roberta-base, DIR/allenai/...), used instead of the Hub "
              "(offline nodes)")
-    add(where, "--data-dir", default=os.path.join(os.path.expanduser("~"), ".cache", "tartan", "data"),
-        commands=TRAINING, help="data folder (default %(default)s); files already there are used as they are, "
-                                "missing ones are downloaded from the authors' pinned copy and checked (SHA-256)")
+    add(where, "--data-dir", default=cache_path("data"), commands=TRAINING,
+        help="data folder (default %(default)s, under TARTAN_CACHE as the run checkpoints are); files already there "
+             "are used as they are, missing ones are downloaded from the authors' pinned copy and checked (SHA-256)")
     add(where, "--data-url", default=DATA_URL, help=argparse.SUPPRESS, commands=TRAINING)  # tests and mirrors
     add(where, "--out", default="results", commands=TRAINING + (DEMO, BENCH),
         help="results folder: one JSON per run, tables, figures (default %(default)s)")

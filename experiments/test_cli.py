@@ -122,6 +122,12 @@ def test_flags_that_apply_to_some_column_of_a_table_are_accepted():
         reproduce._check_combinations(parser, args, command, modes)
 
 
+def test_the_default_data_folder_is_under_tartan_cache(monkeypatch):
+    """Downloads go where the run checkpoints and warmed heads go, so one variable moves all of them."""
+    monkeypatch.setenv("TARTAN_CACHE", "/scratch/me/tartan")
+    assert reproduce.build_parser()[0].get_default("data_dir") == os.path.join("/scratch/me/tartan", "data")
+
+
 def test_help_shows_the_paper_defaults_read_from_tartans_configs(capsys):
     with pytest.raises(SystemExit):
         reproduce.main(["--help"])
