@@ -281,6 +281,17 @@ def _train_plain(body, end, aux=()):
                                                                      max_steps=1, eval_every=-1, final_finetune=None))
 
 
+def _train_plain_pair(body, meta: bool, dtype=torch.float32, **changes) -> dict:
+    """MT or META of a plain torch body on two random TensorData tasks of width 4: an end-task of 2 classes and an
+    auxiliary classification task of 3, in `dtype`."""
+    data = lambda n, c: tartan.TensorData(torch.randn(n, 4, dtype=dtype), torch.arange(n) % c)  # noqa: E731
+    end = tartan.Task("end", tartan.ClassificationHead(4, 2).to(dtype), data(16, 2), dev=data(8, 2), num_labels=2)
+    aux = tartan.Task("aux", tartan.ClassificationHead(4, 3).to(dtype), data(16, 3), num_labels=3)
+    cfg = small_config(meta, batch_size=4, aux_batch_size=4, eval_every=-1, final_finetune=None,
+                       **({"meta_batch_size": 4} if meta else {}), **changes)
+    return (tartan.train_meta if meta else tartan.train_multitask)(body, end, [aux], cfg)
+
+
 @pytest.mark.parametrize("meta", [False, True])
 def test_a_body_parameter_no_task_uses_is_left_alone(meta):
     """A parameter that no task's loss reaches gets no gradient, so AdamW neither moves nor decays it: in META as in
@@ -289,13 +300,8 @@ def test_a_body_parameter_no_task_uses_is_left_alone(meta):
     body = nn.Module()
     body.used, body.unused = Lin(), nn.Linear(4, 4)
     body.forward = lambda x: body.used(x)
-    data = lambda n, c: tartan.TensorData(torch.randn(n, 4), torch.arange(n) % c)  # noqa: E731
-    end = tartan.Task("end", tartan.ClassificationHead(4, 2), data(16, 2), dev=data(8, 2), num_labels=2)
-    aux = tartan.Task("aux", tartan.ClassificationHead(4, 3), data(16, 3), num_labels=3)
     unused, used = body.unused.weight.clone(), body.used.lin.weight.clone()
-    cfg = small_config(meta, batch_size=4, aux_batch_size=4, max_steps=5, eval_every=-1, final_finetune=None,
-                       weight_decay=0.5, **({"meta_batch_size": 4} if meta else {}))
-    (tartan.train_meta if meta else tartan.train_multitask)(body, end, [aux], cfg)
+    _train_plain_pair(body, meta, max_steps=5, weight_decay=0.5)
     assert torch.equal(body.unused.weight, unused) and not torch.equal(body.used.lin.weight, used)
 
 
@@ -304,14 +310,9 @@ def test_a_float64_body_trains_in_float64(meta):
     """MT and META on a float64 body and heads: phi*, G and the combined gradient follow the body's dtype (META's
     phi* was float32 and failed at its first matmul)."""
     torch.manual_seed(0)
-    data = lambda n, c: tartan.TensorData(torch.randn(n, 4, dtype=torch.float64), torch.arange(n) % c)  # noqa
-    end = tartan.Task("end", tartan.ClassificationHead(4, 2).double(), data(16, 2), dev=data(8, 2), num_labels=2)
-    aux = tartan.Task("aux", tartan.ClassificationHead(4, 3).double(), data(16, 3), num_labels=3)
     body = Lin().double()
     before = body.lin.weight.clone()
-    cfg = small_config(meta, batch_size=4, aux_batch_size=4, max_steps=3, eval_every=-1, final_finetune=None,
-                       **({"meta_batch_size": 4} if meta else {}))
-    out = (tartan.train_meta if meta else tartan.train_multitask)(body, end, [aux], cfg)
+    out = _train_plain_pair(body, meta, torch.float64, max_steps=3)
     assert body.lin.weight.dtype == torch.float64 and not torch.equal(body.lin.weight, before)
     assert (out["final_alpha"]["end"] != 0.5) == meta  # META's weights moved; MT's stay where they were set
 
