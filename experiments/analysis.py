@@ -47,12 +47,15 @@ def micro_f1_weighted(counts: np.ndarray, weights: np.ndarray) -> np.ndarray:
     return (weights @ counts[:, 0, :].sum(1)) / weights.sum(1)
 
 
+WEIGHTED = {"macro_f1": macro_f1_weighted, "micro_f1": micro_f1_weighted}  # headline metric -> its weighted score
+
+
 def bootstrap(arms: dict, baseline: str, seed: int = 0, metric: str = "macro_f1") -> dict:
     """arms: name -> list of (gold, pred) integer arrays, one per seed, all on the same test rows. Each replicate
     draws the test rows with replacement (one draw for every run) and, within each arm, the seeds with replacement.
     Returns per arm its interval of `metric` (the task's headline: macro_f1 or micro_f1) and, against the baseline,
     the interval of the difference (x100)."""
-    score = {"macro_f1": macro_f1_weighted, "micro_f1": micro_f1_weighted}[metric]
+    score = WEIGHTED[metric]
     rng = np.random.default_rng(seed)
     n = len(next(iter(arms.values()))[0][0])
     classes = 1 + max(int(max(g.max(), p.max())) for runs in arms.values() for g, p in runs)
@@ -167,8 +170,7 @@ def sweep_report(title: str, columns: dict, baseline: str, png: str | None = Non
     paths = [path for runs in columns.values() for path, _ in runs]
     preds = read_predictions(paths)
     for path, (gold, pred), rec in zip(paths, preds, [rec for runs in columns.values() for _, rec in runs]):
-        score = {"macro_f1": macro_f1_weighted, "micro_f1": micro_f1_weighted}[field]
-        mine = float(score(_counts(gold, pred, 1 + max(gold.max(), pred.max())), np.ones((1, len(gold))))[0])
+        mine = float(WEIGHTED[field](_counts(gold, pred, 1 + max(gold.max(), pred.max())), np.ones((1, len(gold))))[0])
         if abs(mine - rec["test"][field]) > 1e-6:  # the interval and d must describe the same predictions
             raise ValueError(f"{predictions_path(path)}: its predictions give test {field} {mine:.6f}, the result "
                              f"file {rec['test'][field]:.6f}")
