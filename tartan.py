@@ -299,11 +299,11 @@ def train(body: nn.Module, end: Task | None, aux: list[Task], cfg: TrainConfig, 
     run_end_task's. With a checkpoint, the loop saves its state there now and then and, if one is there already,
     continues from it: the result is the uninterrupted run's (the caller removes the file once it has the result)."""
     check_tasks(end, aux, cfg, meta=True if step_fn is meta_step else None)
-    _check_tied_heads(body, ([end] if end is not None else []) + list(aux))
+    tasks = ([end] if end is not None else []) + list(aux)
+    _check_tied_heads(body, tasks)
     if isinstance(checkpoint, (str, os.PathLike)):  # a path, as run_end_task takes
         checkpoint = Checkpoint(os.fspath(checkpoint))
     step_fn = step_fn or (meta_step if isinstance(cfg, MetaConfig) else multitask_step)  # as the config says
-    tasks = ([end] if end is not None else []) + list(aux)
     first = next(body.parameters(), None)
     if first is None:
         raise ValueError(f"the body ({type(body).__name__}) has no parameters: there is nothing to train")
@@ -1359,6 +1359,8 @@ def check_tasks(end: Task | None, aux: list[Task], cfg: TrainConfig, meta: bool 
         if t.num_labels > 0 and out is not None and out != t.num_labels:
             raise ValueError(f"{'end-task' if t is end else 'task'} '{t.name}': its head predicts {out} classes but "
                              f"num_labels={t.num_labels}")
+        if t is end and C > 0:  # a task built by hand: a one-class end-task has nothing to learn
+            _check_classes(t.name, C)
     if cfg.weights is not None and len(cfg.weights) != len(tasks):
         raise ValueError(f"weights has {len(cfg.weights)} entries for {len(tasks)} tasks ({[t.name for t in tasks]})")
     if end is None:
@@ -1368,9 +1370,6 @@ def check_tasks(end: Task | None, aux: list[Task], cfg: TrainConfig, meta: bool 
                          f"selection needs one" + (", and META-TARTAN draws B*_val from it" if meta else ""))
     if end.metric not in ("macro_f1", "micro_f1"):
         raise ValueError(f"end-task '{end.name}': metric must be 'macro_f1' or 'micro_f1', not '{end.metric}'")
-    out = end.head.mlp[-1].out_features if isinstance(end.head, ClassificationHead) else None
-    if end.num_labels == 1 or out == 1:
-        _check_classes(end.name, 1)
     if meta and cfg.meta_head_data not in ("train", "dev"):
         raise ValueError(f"meta_head_data must be 'train' or 'dev', not '{cfg.meta_head_data}'")
     if meta and cfg.head_rows_short():

@@ -379,6 +379,9 @@ def _misuse(case, tok, task_dir):
         tartan.ClassificationHead(4, 2)(torch.randn(2, 3, 4, 4), torch.tensor([0, 1]))
     elif case == "one class":
         tartan.end_task("e", {s: (x, torch.zeros(8, dtype=torch.long)) for s in ("train", "dev", "test")}, None, 4)
+    elif case == "one class, a task built by hand":
+        zeros = tartan.TensorData(x, torch.zeros(8, dtype=torch.long))
+        _train_plain(Lin(), tartan.Task("end", tartan.ClassificationHead(4, 1), zeros, dev=zeros, num_labels=1))
     elif case == "one class, from a folder":
         tartan.end_task("toy", {s: (["w1 w2", "w3"], ["a", "a"]) for s in ("train", "dev", "test")}, tok, 32)
     elif case == "dev class unseen in train":
@@ -424,6 +427,7 @@ def _misuse(case, tok, task_dir):
     ("4-D features", ValueError, r"takes body features \(B, H\) or token features \(B, T, H\), not \(2, 3, 4, 4\): "
                                  r"pool or flatten"),
     ("one class", tartan.DataError, r"end-task 'e': its train split has one class: a classifier needs at least two"),
+    ("one class, a task built by hand", tartan.DataError, r"end-task 'end': its train split has one class"),
     ("one class, from a folder", tartan.DataError, r"end-task 'toy': its train split has one class"),
     ("dev class unseen in train", tartan.DataError, r"end-task 'e', dev split: label 5 never appears in train \(its "
                                                     r"class ids are 0..1\)"),
