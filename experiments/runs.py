@@ -446,11 +446,12 @@ class Workspace:
                                  + "). Use another --out, the same flags, or --rerun to replace it.")
         # --report-only re-prints what was measured, whatever data sits here; a command that trains takes the file
         # as its own run, so each data file it recorded and that is here must be the one it trained on
-        for rel, made in ((rec or {}).get("data_files") or {}).items():
-            now = None if self.settings.report_only else self.data.local_sha256(rel)
-            if now is not None and now != made["sha256"]:
-                raise ReproduceError(f"{path} was made from another {rel} (SHA-256 {made['sha256'][:12]}..., "
-                                     f"{now[:12]}... here). Use another --out, or --rerun to replace it.")
+        if rec is not None and not self.settings.report_only:
+            for rel, made in (rec.get("data_files") or {}).items():
+                now = self.data.local_sha256(rel)
+                if now is not None and now != made["sha256"]:
+                    raise ReproduceError(f"{path} was made from another {rel} (SHA-256 {made['sha256'][:12]}..., "
+                                         f"{now[:12]}... here). Use another --out, or --rerun to replace it.")
         return rec
 
     def execute(self, run: Run) -> dict:

@@ -58,7 +58,8 @@ class DataFiles:
                 path = rel
             else:
                 path = ensure_file(self.data_dir, rel, self.data_url, progress=self.progress)
-            self.files[rel] = (path, file_digest(path))
+            # a file local_sha256 has hashed already is not read a second time
+            self.files[rel] = (path, self._local.get(rel) or file_digest(path))
         return self.files[rel][0]
 
     def sha256(self, rel: str) -> str:
