@@ -152,6 +152,7 @@ def run_table(number: int, ws: Workspace, seeds=None, tasks=None, modes=None, da
     results = execute_all(ws, [r for runs in cells.values() for r in runs])
     text = render_table(number, cells, results, seeds, ws.models.identity(), ws.settings.budget, dapt)
     text += protocol_analysis(number, cells, results, ws.settings.out)
+    text += weights_figures(number, cells, results, ws.settings.out)
     path = os.path.join(ws.settings.out, f"table{number}.md")
     atomic_write_text(path, text)
     print("\n" + text + f"\n(written to {path})")
@@ -199,6 +200,22 @@ def fit_line(fits: list) -> str:
     return line + " (means over steps and runs)"
 
 
+def meta_trace(record: dict) -> dict | None:
+    """The per-step trace (tartan._trace: alpha, cosines, ... at every optimizer step) of a run's META stage; None
+    without one."""
+    return next((s["trace"] for s in record.get("stages") or [] if s["stage"] == "meta" and s.get("trace")
+                 and alpha_of(s["trace"])), None)
+
+
+def alpha_step_line(traces: list[dict]) -> str:
+    """The largest change of a task weight in one step, max over the traces' runs, tasks and steps of
+    |alpha_t - alpha_(t-1)|, as a sentence; alpha_0 is Algorithm 1's start, 1/K for K tasks."""
+    largest = max(float(np.abs(np.diff([1 / len(alpha), *x])).max())
+                  for alpha in map(alpha_of, traces) for x in alpha.values())
+    return (f"Largest per-step change of a task weight: {largest:.4f} (max over steps, tasks and the {len(traces)} "
+            f"run(s) of |alpha_t - alpha_(t-1)|, from the per-step traces).")
+
+
 def meta_summary(label: str, title: str, task: str, runs: list, results: dict) -> str | None:
     """One line for a META cell of a table: per task, the final weight and the mean cosine with the meta gradient,
     mean [min, max] over the cell's result files."""
@@ -210,8 +227,10 @@ def meta_summary(label: str, title: str, task: str, runs: list, results: dict) -
              + (span([m[name][2] for m in learned]) if learned[0][name][2] is not None else "—")
              for name in learned[0]]
     fits = [f for r in runs if r in results and (f := meta_head_fit(results[r]))]
+    traces = [t for r in runs if r in results and (t := meta_trace(results[r]))]
     return (f"{title} {label} ({len(learned)} run(s)), final weight and mean cosine with the meta gradient, mean "
-            f"[min, max] over runs: " + "; ".join(parts) + (f"; {fit_line(fits)}" if fits else ""))
+            f"[min, max] over runs: " + "; ".join(parts) + (f"; {fit_line(fits)}" if fits else "")
+            + (f". {alpha_step_line(traces)}" if traces else ""))
 
 
 def meta_report(task: str, cells: dict, results: dict) -> list[str]:
@@ -228,10 +247,12 @@ def meta_report(task: str, cells: dict, results: dict) -> list[str]:
         return []
     fits = [f for runs in cells.values() for r in runs if r in results and (f := meta_head_fit(results[r]))]
     fit = fit_line(fits) if fits else ""
+    traces = [t for runs in cells.values() for r in runs if r in results and (t := meta_trace(results[r]))]
     return ["What META learned about each task (a task whose gradient agrees with the meta gradient, cosine > 0, "
             "gains weight):", "",
             *markdown_table(["Mode", "Seed", "Task", "Final weight", "Mean weight", "Mean cosine with meta gradient"],
-                            rows), "", *([fit[0].upper() + fit[1:] + ".", ""] if fit else [])]
+                            rows), "", *([fit[0].upper() + fit[1:] + ".", ""] if fit else []),
+            *([alpha_step_line(traces), ""] if traces else [])]
 
 
 # A user's own end-task (--task-dir): its table ------------------------------------------------------------------------
@@ -302,6 +323,64 @@ def weight_curves(histories: list[list[dict]]) -> tuple[list[int], dict, dict]:
     per_seed = {k: [([e["step"] for e in h], [alpha_of(e)[k] for e in h]) for h in histories] for k in names}
     mean = {k: np.mean([v[:n] for _, v in per_seed[k]], axis=0).tolist() for k in names}
     return steps, mean, per_seed
+
+
+def weights_figure(title: str, end: str, traces: list[dict], png: str, window: int = 50) -> None:
+    """META's task weights alpha (left) and each task's cos(g_meta, g_k) (right) against the optimizer step, from the
+    per-step traces of several seeds: the mean (line) and the min-max band over the seeds, up to the last step that
+    every seed reached; each seed's own weights thin, to its last step. A step's cosine is mostly noise, so each seed's
+    cosines are first averaged over the last `window` steps."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharex=True)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    n = min(len(alpha_of(t)[end]) for t in traces)  # steps every seed reached
+    window = min(window, n)  # a run shorter than the window: one mean over all its steps
+    with_cos = [t for t in traces if t.get("cosines")]
+    for name, color in zip(alpha_of(traces[0]), colors):
+        for t in traces:  # the weight after step s at index s - 1
+            axes[0].plot(np.arange(1, len(alpha_of(t)[name]) + 1), alpha_of(t)[name], color=color, lw=0.5, alpha=0.4)
+        alpha = np.array([alpha_of(t)[name][:n] for t in traces])
+        # index i: the mean cosine over steps i + 1 .. i + window
+        cos = np.array([np.convolve(t["cosines"][name][:n], np.ones(window) / window, "valid") for t in with_cos])
+        for ax, grid, first in ((axes[0], alpha, 1), (axes[1], cos, window)):
+            if grid.size:
+                steps = np.arange(first, first + grid.shape[1])
+                ax.fill_between(steps, grid.min(0), grid.max(0), color=color, alpha=0.25, lw=0)
+                ax.plot(steps, grid.mean(0), color=color, lw=1.8,
+                        label=f"{name} (end-task)" if name == end else name)
+    axes[1].axhline(0, color="gray", lw=0.8, ls=":")
+    axes[0].set_ylabel("task weight alpha = softmax(w)")
+    axes[1].set_ylabel(f"cos(g_meta, g_k), mean of last {window} steps")
+    for ax in axes:
+        ax.set_xlabel("optimizer step (META stage)")
+        ax.legend(fontsize=8, title="line: mean; band: min-max over seeds", title_fontsize=7)
+    fig.suptitle(f"{title}: META's task weights and cosines, {len(traces)} seeds (mean and band to step {n}, the "
+                 f"shortest run; thin lines: each seed's weights)", fontsize=9)
+    fig.tight_layout()
+    with atomic_path(png) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+
+
+def weights_figures(number: int, cells: dict, results: dict, out: str) -> str:
+    """For each META cell of a table whose runs recorded per-step traces, its weights_figure,
+    OUT/figure_table<number>_<task>_weights.png, and a line that names it."""
+    text = ""
+    for (task, label), runs in cells.items():
+        traces = [t for r in runs if r in results and (t := meta_trace(results[r]))]
+        if not traces:
+            continue
+        png = os.path.join(out, f"figure_table{number}_{task}_weights.png")
+        try:
+            weights_figure(f"{TASKS[task]['title']} {label}", task, traces, png)
+            text += (f"\nFigure: {os.path.basename(png)} ({label}'s task weights alpha and cos(g_meta, g_k) per task "
+                     f"against the optimizer step: mean and min-max band over {len(traces)} seeds, to the shortest "
+                     f"run's last step).\n")
+        except ImportError:
+            text += f"\n(no figure of {label}'s task weights: it needs matplotlib, pip install matplotlib)\n"
+    return text
 
 
 def run_figure(number: int, ws: Workspace, seeds=None, tasks=None) -> str:

@@ -1,5 +1,6 @@
 """Tables and figures, from hand-made results."""
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -87,6 +88,39 @@ def test_meta_cells_say_what_meta_learned_per_task():
             "Eq. 6 ablation), against the end-task head's dev loss 0.400; phi*'s training loss, first -> last of its "
             "fitting steps, 1.800 -> 1.500 (2 run(s);") in text
     assert text.count("final weight and mean cosine") == 1  # MT has no learned weights
+
+
+def test_meta_weights_figure_and_the_largest_per_step_change_of_alpha(tmp_path, monkeypatch):
+    cells, results = fake_results(1, {("scierc", "MT-TARTAN"): [74.0, 75.0], ("scierc", "META-TARTAN"): [75.0, 76.0]})
+    # the end-task's alpha per step, two auxiliary tasks sharing the rest: the largest change is seed 1's first step,
+    # the end-task's fall from Algorithm 1's 1/K = 1/3 to 0.28 (its auxiliary tasks rise 0.027); smaller are its fall
+    # 0.28 -> 0.24 (0.04) and seed 0's largest rise (0.015); the jump between the two runs' traces is no step
+    ends = [[0.34, 0.345, 0.355, 0.37, 0.385, 0.39], [0.28, 0.24, 0.25, 0.26]]
+    for run, end in zip(cells["scierc", "META-TARTAN"], ends):
+        alpha = {"scierc": end, "tapt": [(1 - a) / 2 for a in end], "dapt": [(1 - a) / 2 for a in end]}
+        cos = {"scierc": [0.1, -0.2, 0.3, 0.1, 0.0, 0.2][:len(end)], "tapt": [0.0] * len(end),
+               "dapt": [0.05] * len(end)}
+        results[run]["history"] = [{"step": len(end), "alpha": {k: v[-1] for k, v in alpha.items()},
+                                    "cosines": {k: float(np.mean(v)) for k, v in cos.items()}}]
+        # the trace is the META stage's (the final fine-tune's has the end-task alone)
+        results[run]["stages"] = [{"stage": "meta", "trace": {"alpha": alpha, "cosines": cos}},
+                                  {"stage": "final_finetune", "trace": {"alpha": {"scierc": [1.0, 1.0]}}}]
+    line = ("Largest per-step change of a task weight: 0.0533 (max over steps, tasks and the 2 run(s) of "
+            "|alpha_t - alpha_(t-1)|, from the per-step traces).")
+    text = report.render_table(1, cells, results, [0, 1], "roberta-base", runs.Budget(), "10x")
+    assert text.count(line) == 1  # the META cell's line, not MT's
+    assert line in report.meta_report("scierc", {"meta": cells["scierc", "META-TARTAN"]}, results)
+    with monkeypatch.context() as m:
+        m.setitem(sys.modules, "matplotlib", None)  # as if not installed: the table says so, and draws nothing
+        assert "(no figure of META-TARTAN's task weights: it needs matplotlib" in \
+            report.weights_figures(1, cells, results, str(tmp_path))
+    assert os.listdir(tmp_path) == []
+    pytest.importorskip("matplotlib")
+    text = report.weights_figures(1, cells, results, str(tmp_path))
+    png = tmp_path / "figure_table1_scierc_weights.png"
+    assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n" and os.path.getsize(png) > 10_000
+    assert text.strip().startswith("Figure: figure_table1_scierc_weights.png (META-TARTAN's task weights alpha")
+    assert os.listdir(tmp_path) == [png.name]  # MT records no weights to draw
 
 
 def test_one_table_formatter_for_every_table():
