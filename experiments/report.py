@@ -376,7 +376,7 @@ def weights_figures(number: int, cells: dict, results: dict, out: str) -> str:
         try:
             weights_figure(f"{TASKS[task]['title']} {label}", task, traces, png)
             text += (f"\nFigure: {os.path.basename(png)} ({label}'s task weights alpha and cos(g_meta, g_k) per task "
-                     f"against the optimizer step: mean and min-max band over {len(traces)} seeds, to the shortest "
+                     f"against the optimizer step: mean and min-max band over {len(traces)} seed(s), to the shortest "
                      f"run's last step).\n")
         except ImportError:
             text += f"\n(no figure of {label}'s task weights: it needs matplotlib, pip install matplotlib)\n"
