@@ -152,7 +152,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
         help="a folder holding Hub checkpoints by id (DIR/roberta-base, DIR/allenai/...), used instead of the Hub "
              "(offline nodes)")
     add(where, "--data-dir", default=cache_path("data"), commands=TRAINING,
-        help="data folder (default %(default)s, under TARTAN_CACHE as the run checkpoints are); files already there "
+        help="data folder (default %(default)s, under TARTAN_CACHE as the runs' progress files are); files already there "
              "are used as they are, missing ones are downloaded from the authors' pinned copy and checked (SHA-256)")
     add(where, "--data-url", default=DATA_URL, help=argparse.SUPPRESS, commands=TRAINING)  # tests and mirrors
     add(where, "--out", default="results", commands=TRAINING + (DEMO, BENCH),
@@ -419,7 +419,7 @@ def launch_settings(args, environ=None) -> dict:
 
 
 def main(argv=None) -> int:
-    """The command line; tartan's warnings (an empty text kept, a checkpoint not saved) print as one line each, like
+    """The command line; warnings (an empty text kept, a progress file not saved) print as one line each, like
     the runner's own, and once per command although the files are read more than once."""
     seen = set()
 

@@ -41,6 +41,7 @@ import torch
 
 import tartan
 
+from . import tasks
 from .common import atomic_path, atomic_write_json, compare, markdown_table, mean_std, min_seeds, progress_bar, set_seed
 
 
@@ -195,7 +196,7 @@ def demo_prepare(s: DemoSettings) -> dict:
     max_len = max(s.task_length[1], s.aux_length[1]) + 2  # + [CLS], [SEP]
 
     def text_data(texts, labels=None):
-        return tartan.TextData(tartan.tokenize(tok, texts, max_len), labels, tok.pad_token_id)
+        return tartan.TextData(tasks.tokenize(tok, texts, max_len), labels, tok.pad_token_id)
 
     ids = {split: text_data(*data[split]) for split in ("train", "dev", "test", "test_seen", "test_unseen")}
     ids.update({name: text_data(data[name]) for name in ("helpful", "harmful", "mixed")})

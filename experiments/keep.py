@@ -11,6 +11,7 @@ import torch
 
 import tartan
 
+from . import models
 from .common import ReproduceError, atomic_path
 
 HEAD_FILE, INFO_FILE, BODY_FILE = "end_task_head.pt", "end_task.json", "body.pt"
@@ -40,7 +41,7 @@ def check_save_dir(folder: str) -> None:
 
 def save_model_atomic(folder: str, body, head, tokenizer, info: dict) -> None:
     """The selected body and end-task head in `folder`: for a Hugging Face body a directory that transformers (and
-    tartan.from_pretrained) loads, plus the head's weights and the label list (end_task.json); for another body its
+    models.from_pretrained) loads, plus the head's weights and the label list (end_task.json); for another body its
     state dict (body.pt). Written to a temporary folder beside it, then renamed: never half a model."""
     check_save_dir(folder)
     parent = os.path.dirname(os.path.abspath(folder))
@@ -74,7 +75,7 @@ def load_model(folder: str):
             info = json.load(f)
     except (OSError, ValueError) as e:
         raise ReproduceError(f"{folder}: not a model saved by --save-model ({e})") from None
-    body, _, tokenizer, _ = tartan.from_pretrained(folder)
+    body, _, tokenizer, _ = models.from_pretrained(folder)
     head = tartan.ClassificationHead(body.hidden_size, len(info["labels"]))
     head.load_state_dict(torch.load(os.path.join(folder, HEAD_FILE), map_location="cpu"))
     return body.eval(), head.eval(), tokenizer, info

@@ -156,7 +156,7 @@ BUDGETS = {"cpu": {"max_length": 64,
                                     eval_batch_size=64, eval_test=True),
                       "warm_head": dict(steps=300, lr=1e-3, batch_size=16)}}
 # A checkpoint without an LM head (e.g. a sentence-embedding model) gets one fitted on the task's own text, body frozen,
-# before TAPT, MT or META use it (tartan.warm_mlm_head); roberta-base has its LM head, and then nothing changes.
+# before TAPT, MT or META use it (models.warm_mlm_head); roberta-base has its LM head, and then nothing changes.
 PAPER_WARM_HEAD = dict(steps=300, lr=1e-3, batch_size=16)
 
 

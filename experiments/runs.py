@@ -1,5 +1,5 @@
 """Runs: the budget a run is made under, what the settings decide for it, its configs, its identity, building its
-tasks, its result file, and resume. What the runs of a command share (data files, checkpoints) is in store.py.
+tasks, its result file, and resume. What the runs of a command share (data files, model checkpoints) is in store.py.
 
 A run is one (task, mode, auxiliary corpora, seed). Its config (run_config) is everything that determines its result;
 it is stored in the result file and compared on resume, so a result is never mixed in from other settings.
@@ -27,9 +27,10 @@ from .data import DATA_URL, corpus_file, file_digest
 from .keep import check_save_dir, predictions_path, save_model_atomic, write_predictions
 from .launch import Finished, Shard
 from .own import own_corpus_file
+from . import resume, tasks
 from .paper import (BUDGETS, PAPER_MAX_LENGTH, PAPER_WARM_HEAD, PRETRAIN_TEXT_MODES, QUICK, RELEASED, TARTAN_MODES,
                     TASKS, VISION, VISION_META, metric_field, tartan_mode)
-from .store import Checkpoints, DataFiles, corpus_texts, run_checkpoint
+from .store import Checkpoints, DataFiles, corpus_texts, progress_path
 from .vision import MAMMALS, WideResNet, mammals_tasks
 
 FLAGS = {  # budget flag -> (config field, stages it sets)
@@ -64,7 +65,7 @@ class Budget:
 
     @property
     def warm_head(self) -> dict | None:
-        """How a checkpoint without an LM head gets one fitted before any MLM stage (tartan.warm_mlm_head): the
+        """How a checkpoint without an LM head gets one fitted before any MLM stage (models.warm_mlm_head): the
         budget's, or the paper settings' default; --quick and budgets without one: none; --warm-head-steps sets the
         steps (0 = none)."""
         base = None if self.quick else BUDGETS[self.name].get("warm_head") if self.name else PAPER_WARM_HEAD
@@ -334,7 +335,7 @@ def text_run(settings: Settings, data: DataFiles, checkpoint: tuple, warm: dict 
                 if n in warm["state"]:
                     p.copy_(warm["state"][n])
     length, limit = settings.budget.length, settings.budget.examples
-    end = tartan.end_task(run.task, data.end_task_dir(settings.task_folder(run.task)), tokenizer, body.hidden_size,
+    end = tasks.end_task(run.task, data.end_task_dir(settings.task_folder(run.task)), tokenizer, body.hidden_size,
                           length, metric_field(settings.task_metric(run.task)), limit=limit)
     mode, corpora = settings.stages(run)
     chained = mode == "pretrain"  # DAPT+TAPT continues one model, LM head included
@@ -342,7 +343,7 @@ def text_run(settings: Settings, data: DataFiles, checkpoint: tuple, warm: dict 
     for name in corpora:
         path = data.file(settings.corpus(run.task, name))
         texts = corpus_texts(path)
-        task = tartan.mlm_task(name, texts, tokenizer, body, mlm, length, limit=limit)
+        task = tasks.mlm_task(name, texts, tokenizer, body, mlm, length, limit=limit)
         aux.append(dataclasses.replace(task, head=mlm) if chained else task)
     sizes = {"train": len(end.train), "dev": len(end.dev), "test": len(end.test),
              **{f"aux:{t.name}": len(t.train) for t in aux}}
@@ -478,13 +479,13 @@ class Workspace:
         files = {rel: {"sha256": h} for rel, (_, h) in self.data.files.items() if rel in self.settings.run_files(run)}
         # an interrupted run continues from its last save (every 10 minutes, and each stage's end), if its config,
         # its data files' contents and tartan.py are the same
-        checkpoint = run_checkpoint({**config, "files": files}, TARTAN_SHA256)
-        # its record and stage files; a .tmp is a save that was cut off, which tartan never loads
-        saved = [f for f in glob.glob(glob.escape(checkpoint) + "*") if not f.endswith(".tmp")]
+        progress = progress_path({**config, "files": files}, TARTAN_SHA256)
+        # its record and stage files; a .tmp is a save that was cut off, which is never loaded
+        saved = [f for f in glob.glob(glob.escape(progress) + "*") if not f.endswith(".tmp")]
         if saved:
             when = time.strftime("%Y-%m-%d %H:%M", time.localtime(max(map(os.path.getmtime, saved))))
-            print(f"{run}: resuming from its checkpoint {checkpoint} (last saved {when})", flush=True)
-        out = tartan.run_end_task(body, end, aux, mode, cfg, pre, checkpoint, keep_checkpoint=True)
+            print(f"{run}: resuming from its progress file {progress} (last saved {when})", flush=True)
+        out = resume.run_end_task(body, end, aux, mode, cfg, pre, progress, keep=True)
         metric = self.settings.task_metric(run.task)
         command = [self.models.identity() if a == self.settings.model else a for a in sys.argv]  # no local path
         record = result_record(run, config, out, metric, sizes, files, self.warm_head(run), self.device,
@@ -500,7 +501,7 @@ class Workspace:
             save_model_atomic(self.save_dirs[run], body, end.head, tokenizer,
                               {"task": run.task, "labels": labels, "metric": metric, "key": run.key})
         atomic_write_json(path, record)
-        tartan.remove_checkpoint(checkpoint)  # only now: had anything above failed, a new call takes the result from it
+        resume.remove(progress)  # only now: had anything above failed, a new call takes the result from it
         del body, end, aux
         gc.collect()
         return record

@@ -15,28 +15,29 @@ import torch
 
 import tartan
 
+from . import models, tasks
 from .common import ReproduceError, atomic_path, set_seed, warn
 from .data import CIFAR_MD5, CIFAR_URL, DATA_URL, download, ensure_file, file_digest, model_identity
 from .vision import read_cifar100
 
 
 def cache_path(*parts: str) -> str:
-    """A path under TARTAN_CACHE (default ~/.cache/tartan): the warmed LM heads, the checkpoints of unfinished runs."""
+    """A path under TARTAN_CACHE (default ~/.cache/tartan): the warmed LM heads, the progress files of unfinished runs."""
     return os.path.join(os.environ.get("TARTAN_CACHE", os.path.expanduser("~/.cache/tartan")), *parts)
 
 
-def run_checkpoint(config: dict, code_sha256: str) -> str:
-    """Where a run saves its progress (tartan.run_end_task's checkpoint): named by its config and tartan.py's digest,
-    so that only the same run, by the same code, ever resumes from it."""
+def progress_path(config: dict, code_sha256: str) -> str:
+    """Where a run saves its progress (resume.run_end_task's progress file): named by its config and tartan.py's
+    digest, so that only the same run, by the same code, ever continues from it."""
     key = hashlib.sha256(json.dumps([config, code_sha256], sort_keys=True).encode()).hexdigest()[:24]
     os.makedirs(cache_path("runs"), exist_ok=True)
     return cache_path("runs", f"{key}.pt")
 
 
 def corpus_texts(path: str) -> list[str] | str:
-    """What tartan.mlm_task takes for an auxiliary corpus file: the texts of a JSONL split (a task of your own with
+    """What tasks.mlm_task takes for an auxiliary corpus file: the texts of a JSONL split (a task of your own with
     no train.txt, or a .jsonl --aux-file: one {"text", "label"} object a line), else the path of a line file."""
-    return tartan.read_jsonl(path)[0] if path.endswith(".jsonl") else path
+    return tasks.read_jsonl(path)[0] if path.endswith(".jsonl") else path
 
 
 class DataFiles:
@@ -81,7 +82,7 @@ class DataFiles:
         if folder not in self._checked:
             for split in ("train", "dev", "test"):
                 self.file(f"{folder}/{split}.jsonl")
-            tartan.read_end_task(os.path.join(self.data_dir, folder))
+            tasks.read_end_task(os.path.join(self.data_dir, folder))
             self._checked.add(folder)
 
     def check_corpus(self, rel: str) -> None:
@@ -89,7 +90,7 @@ class DataFiles:
         if rel not in self._checked:
             texts = corpus_texts(self.file(rel))
             if isinstance(texts, str):
-                tartan.read_lines(texts)
+                tasks.read_lines(texts)
             self._checked.add(rel)
 
     def end_task_dir(self, folder: str) -> str:
@@ -98,12 +99,12 @@ class DataFiles:
 
     def labels(self, folder: str) -> list[str]:
         """An end-task's label names, in the order of the head's outputs."""
-        return tartan.read_end_task(self.end_task_dir(folder))["labels"]
+        return tasks.read_end_task(self.end_task_dir(folder))["labels"]
 
     def test_lines(self, folder: str, limit: int | None) -> list[int]:
         """The line in test.jsonl of each test example a run evaluates."""
-        lines = tartan.read_jsonl(self.file(f"{folder}/test.jsonl"))[2]
-        return [lines[i] for i in tartan.subset(len(lines), limit)]  # the subset tartan.end_task keeps
+        lines = tasks.read_jsonl(self.file(f"{folder}/test.jsonl"))[2]
+        return [lines[i] for i in tasks.subset(len(lines), limit)]  # the subset tasks.end_task keeps
 
     def cifar(self) -> dict:
         if self._cifar is None:
@@ -122,7 +123,7 @@ class DataFiles:
 
 class Checkpoints:
     """The checkpoints of one command: each loaded once (a run takes a deep copy), what names each in result files,
-    and the LM head fitted for one that has none (tartan.warm_mlm_head), shared by every arm."""
+    and the LM head fitted for one that has none (models.warm_mlm_head), shared by every arm."""
 
     def __init__(self, model: str, checkpoint_dir: str | None, device: torch.device):
         self.model, self.checkpoint_dir, self.device = model, checkpoint_dir, device
@@ -135,7 +136,7 @@ class Checkpoints:
         if name not in self._loaded:
             local = os.path.join(self.checkpoint_dir or "", name)
             set_seed(0)  # newly initialised checkpoint weights (e.g. a missing MLM head) are the same for every run
-            body, mlm, tokenizer, missing = tartan.from_pretrained(
+            body, mlm, tokenizer, missing = models.from_pretrained(
                 local if self.checkpoint_dir and os.path.isdir(local) else name)
             if missing:
                 print(f"note: {name} has no weights for {len(missing)} tensors (e.g. {missing[0]}); "
@@ -179,11 +180,11 @@ class Checkpoints:
         body, mlm = copy.deepcopy((body0, mlm0))
         body.to(self.device), mlm.to(self.device)
         texts = corpus_texts(corpus)
-        task = tartan.mlm_task("warm", texts, tokenizer, body, mlm, max_length, limit=limit)
+        task = tasks.mlm_task("warm", texts, tokenizer, body, mlm, max_length, limit=limit)
         task = dataclasses.replace(task, head=mlm)
         print(f"fitting an LM head for {name} on {plan['corpus']} ({plan['steps']} steps, body frozen) ...",
               flush=True)
-        info = tartan.warm_mlm_head(body, mlm, task, plan["steps"], plan["lr"], plan["batch_size"])
+        info = models.warm_mlm_head(body, mlm, task, plan["steps"], plan["lr"], plan["batch_size"])
         state = {n: p.detach().cpu().clone() for n, p in mlm.named_parameters()
                  if id(p) in {id(q) for q in tartan.head_parameters(mlm, body)}}
         digest = hashlib.sha256(b"".join(state[n].numpy().tobytes() for n in sorted(state))).hexdigest()

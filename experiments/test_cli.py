@@ -123,7 +123,7 @@ def test_flags_that_apply_to_some_column_of_a_table_are_accepted():
 
 
 def test_the_default_data_folder_is_under_tartan_cache(monkeypatch):
-    """Downloads go where the run checkpoints and warmed heads go, so one variable moves all of them."""
+    """Downloads go where the runs' progress files and warmed heads go, so one variable moves all of them."""
     monkeypatch.setenv("TARTAN_CACHE", "/scratch/me/tartan")
     assert reproduce.build_parser()[0].get_default("data_dir") == os.path.join("/scratch/me/tartan", "data")
 

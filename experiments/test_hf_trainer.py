@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import tartan
+from experiments import tasks
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")  # the Trainer needs it (experiments/requirements-test.txt)
@@ -26,9 +27,9 @@ def _setup(n_train=32):
     rng = random.Random(0)
     texts = [" ".join(rng.choice(WORDS[(i % 3) * 10:(i % 3 + 1) * 10]) for _ in range(6)) for i in range(n_train + 16)]
     labels = [i % 3 for i in range(n_train + 16)]
-    end = tartan.end_task("toy", {"train": (texts[:n_train], labels[:n_train]), "dev": (texts[n_train:], labels[
+    end = tasks.end_task("toy", {"train": (texts[:n_train], labels[:n_train]), "dev": (texts[n_train:], labels[
         n_train:]), "test": (texts[n_train:], labels[n_train:])}, tok, 32, max_length=16)
-    aux = tartan.mlm_task("tapt", texts, tok, body, mlm, max_length=16)
+    aux = tasks.mlm_task("tapt", texts, tok, body, mlm, max_length=16)
     rows = []  # the Trainer's dataset: every row padded to 16, so that the default collator stacks them
     for ids, y in zip(end.train.ids, end.train.labels):
         pad = 16 - len(ids)

@@ -8,7 +8,7 @@ import torch
 
 import reproduce
 import tartan
-from experiments import keep, own
+from experiments import keep, own, tasks
 from experiments.conftest import leftovers, own_flags, results_in
 
 
@@ -54,10 +54,10 @@ def test_saved_model_loads_back_and_reproduces_the_test_score(model_dir, own_dir
     rec = json.load(open(os.path.join(out, "my_task", "tapt__tapt__seed0.json")))
     body, head, tokenizer, info = keep.load_model(saved)
     assert info["labels"] == ["c0", "c1", "c2"] and info["task"] == "my_task"
-    end = tartan.end_task("my_task", own_dir, tokenizer, body.hidden_size, rec["config"]["max_length"])
+    end = tasks.end_task("my_task", own_dir, tokenizer, body.hidden_size, rec["config"]["max_length"])
     assert tartan.evaluate(body, head, end.test) == pytest.approx(rec["test"])
     preds = [json.loads(line) for line in open(os.path.join(out, "my_task", "tapt__tapt__seed0.predictions.jsonl"))]
-    gold = tartan.read_jsonl(os.path.join(own_dir, "test.jsonl"))
+    gold = tasks.read_jsonl(os.path.join(own_dir, "test.jsonl"))
     assert [p["line"] for p in preds] == gold[2] and [p["gold"] for p in preds] == gold[1]
     assert tartan.f1_scores([p["gold"] for p in preds], [p["predicted"] for p in preds])["macro_f1"] == \
         pytest.approx(rec["test"]["macro_f1"])

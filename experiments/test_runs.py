@@ -11,7 +11,7 @@ import torch
 
 import reproduce
 import tartan
-from experiments import common, data, runs
+from experiments import common, data, models, runs
 from experiments.conftest import SCRIPT, WORDS, cli_flags, leftovers, results_in, transformers
 
 
@@ -128,9 +128,9 @@ def test_a_result_another_process_wrote_meanwhile_is_kept(model_dir, data_dir, t
     assert "aclarc finetune seed 1: finished meanwhile by another process" in capsys.readouterr().out
 
 
-def test_a_run_killed_while_writing_its_files_keeps_its_checkpoint(model_dir, data_dir, tmp_path, monkeypatch,
+def test_a_run_killed_while_writing_its_files_keeps_its_progress_file(model_dir, data_dir, tmp_path, monkeypatch,
                                                                     capsys):
-    """Killed after training, while its predictions are written (a time limit, say): the checkpoint is still there,
+    """Killed after training, while its predictions are written (a time limit, say): the progress file is still there,
     and the next call takes the trained run from it, trains no step, and then removes it."""
     monkeypatch.setenv("TARTAN_CACHE", str(tmp_path / "cache"))
     argv = ["--task", "aclarc", "--mode", "mt", "--seeds", "0", *cli_flags(model_dir, data_dir, str(tmp_path / "o"))]
@@ -145,13 +145,13 @@ def test_a_run_killed_while_writing_its_files_keeps_its_checkpoint(model_dir, da
     monkeypatch.setattr(tartan, "clip_grad_norm", lambda *a: pytest.fail("a training step ran again"))
     capsys.readouterr()
     assert reproduce.main(argv) == 0
-    assert "resuming from its checkpoint" in capsys.readouterr().out
+    assert "resuming from its progress file" in capsys.readouterr().out
     assert results_in(str(tmp_path / "o")) == ["aclarc/mt__tapt__seed0.json"]
     assert os.listdir(tmp_path / "cache" / "runs") == []
 
 
-def test_a_checkpoint_is_not_resumed_once_its_data_changed(model_dir, data_dir, tmp_path, monkeypatch, capsys):
-    """The checkpoint's name covers the data files' contents: a run killed, its training data edited, and called
+def test_a_progress_file_is_not_resumed_once_its_data_changed(model_dir, data_dir, tmp_path, monkeypatch, capsys):
+    """The progress file's name covers the data files' contents: a run killed, its training data edited, and called
     again starts over rather than continuing on other data."""
     monkeypatch.setenv("TARTAN_CACHE", str(tmp_path / "cache"))
     argv = ["--task", "aclarc", "--mode", "mt", "--seeds", "0", *cli_flags(model_dir, data_dir, str(tmp_path / "o"))]
@@ -196,8 +196,8 @@ def test_a_result_made_from_other_data_is_refused_not_reused(model_dir, data_dir
     assert reproduce.main(argv) == 0  # the new file is this data's run
 
 
-def test_a_run_killed_inside_a_stage_resumes_from_its_checkpoint(model_dir, data_dir, tmp_path, monkeypatch, capsys):
-    """A run killed inside its final fine-tune continues, in a new call, from the checkpoint saved at the end of its
+def test_a_run_killed_inside_a_stage_resumes_from_its_progress_file(model_dir, data_dir, tmp_path, monkeypatch, capsys):
+    """A run killed inside its final fine-tune continues, in a new call, from the progress file saved at the end of its
     main stage (under TARTAN_CACHE), says so, and writes the uninterrupted run's result; its time counts the killed
     call's."""
     def result(out, kill_at=None):
@@ -216,12 +216,12 @@ def test_a_run_killed_inside_a_stage_resumes_from_its_checkpoint(model_dir, data
         return code, json.load(open(path)) if os.path.exists(path) else None
     monkeypatch.setenv("TARTAN_CACHE", str(tmp_path / "cache"))
     want = result("a")[1]
-    assert os.listdir(tmp_path / "cache" / "runs") == []  # a finished run leaves no checkpoint
+    assert os.listdir(tmp_path / "cache" / "runs") == []  # a finished run leaves no progress file
     assert result("b", kill_at=6) == (130, None)
     assert "resuming" not in capsys.readouterr().out
     record, = os.listdir(tmp_path / "cache" / "runs")  # the record of the finished MT stage
     got = result("b")[1]
-    assert "aclarc mt aux=tapt seed 0: resuming from its checkpoint" in capsys.readouterr().out
+    assert "aclarc mt aux=tapt seed 0: resuming from its progress file" in capsys.readouterr().out
     assert os.listdir(tmp_path / "cache" / "runs") == []
     open(tmp_path / "cache" / "runs" / f"{record}.stage0.tmp", "wb").close()  # a first save cut off: nothing to resume
     assert result("c")[1]["resumed"] is None and "resuming" not in capsys.readouterr().out
@@ -443,7 +443,7 @@ def test_one_warmed_lm_head_for_every_arm(tmp_path, data_dir, monkeypatch):
     # what the head depends on names it: a GPU's fit, or another transformers', is not taken for this one
     assert warm["info"]["key"]["device"] == "cpu" and warm["info"]["key"]["transformers"] == transformers.__version__
     fresh = workspace(headless)
-    monkeypatch.setattr(tartan, "warm_mlm_head", lambda *a, **k: pytest.fail("fitted again despite the cache"))
+    monkeypatch.setattr(models, "warm_mlm_head", lambda *a, **k: pytest.fail("fitted again despite the cache"))
     again = fresh.warm_head(arms[0])
     assert all(torch.equal(again["state"][n], warm["state"][n]) for n in warm["state"])
     assert ws.config(arms[0])["warm_mlm_head"]["steps"] == 40
