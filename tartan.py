@@ -772,7 +772,7 @@ def check_tasks(end: Task | None, aux: list[Task], cfg: TrainConfig, meta: bool 
     meta = isinstance(cfg, MetaConfig) if meta is None else meta
     _require(not meta or isinstance(cfg, MetaConfig), f"META-TARTAN (train_meta) needs a MetaConfig, not "
              f"{type(cfg).__name__}", TypeError)
-    _check_config(cfg, meta)
+    check_config(cfg, meta)
     _require(isinstance(aux, (list, tuple)), f"aux must be a list of Tasks, not {type(aux).__name__}", TypeError)
     _require(not meta or cfg.weights is None, "META-TARTAN starts from equal weights (Algorithm 1); leave weights=None")
     tasks = ([end] if end is not None else []) + list(aux)
@@ -816,10 +816,6 @@ def check_tasks(end: Task | None, aux: list[Task], cfg: TrainConfig, meta: bool 
     _require(end.metric in ("macro_f1", "micro_f1"), f"end-task '{end.name}': metric must be 'macro_f1' or "
              f"'micro_f1', not '{end.metric}'")
     if meta:
-        _require(cfg.meta_head_data in ("train", "dev"), f"meta_head_data must be 'train' or 'dev', not "
-                 f"'{cfg.meta_head_data}'")
-        _require(not cfg.head_rows_short(), f"meta_batch_size={cfg.meta_batch_size} > batch_size={cfg.batch_size}: "
-                 f"phi* is fitted on rows of the end-task micro-batch B*_tr: lower it, or set meta_head_data='dev'")
         _require(cfg.same_head or end.num_labels >= 1, f"end-task '{end.name}' has num_labels={end.num_labels}: "
                  f"META-TARTAN fits its meta head phi* with one output per class: set Task(..., num_labels=C)")
 
@@ -838,7 +834,7 @@ def _check_tied_heads(body: nn.Module, tasks: list[Task]) -> None:
                  f"task '{t.name}': its MLM head's decoder is not tied to this body's input embedding, as the "
                  f"checkpoint's config says: it was built for another body (build it again with this body)")
 
-def _check_config(cfg: TrainConfig, meta: bool) -> None:
+def check_config(cfg: TrainConfig, meta: bool) -> None:
     """Settings no run can train with (a negative batch loops forever, a zero one divides by zero), or that would
     silently train something else (patience 0 stops at the first evaluation)."""
     at_least_one = ["batch_size", "aux_batch_size", "grad_accum", "eval_batch_size", "patience"]
@@ -858,6 +854,11 @@ def _check_config(cfg: TrainConfig, meta: bool) -> None:
     _require(0 <= cfg.warmup_frac <= 1, f"{name}.warmup_frac={cfg.warmup_frac}: a fraction of the steps, in [0, 1]")
     _require(cfg.weights is None or all(math.isfinite(w) and w >= 0 for w in cfg.weights),
              f"weights={cfg.weights}: Eq. 3's task weights must be finite and non-negative")
+    if meta:
+        _require(cfg.meta_head_data in ("train", "dev"), f"meta_head_data must be 'train' or 'dev', not "
+                 f"'{cfg.meta_head_data}'")
+        _require(not cfg.head_rows_short(), f"meta_batch_size={cfg.meta_batch_size} > batch_size={cfg.batch_size}: "
+                 f"phi* is fitted on rows of the end-task micro-batch B*_tr: lower it, or set meta_head_data='dev'")
 
 def _finite(value: float, what: str, where: str, hint: str = ""):
     if not math.isfinite(value):
