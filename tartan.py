@@ -41,8 +41,7 @@ class HFBody(nn.Module):
         return self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
 
 class ClassificationHead(nn.Module):
-    """End-task head phi' (and meta head phi*) on the first-token feature, as Devlin et al. (2018) and Sec. 4:
-    Dropout, Linear H->H, Tanh, Dropout, Linear H->C; mean cross-entropy."""
+    """phi' and phi* on the first-token feature (Devlin et al. 2018, Sec. 4): Dropout, Linear, Tanh, Dropout, Linear."""
 
     def __init__(self, hidden_size: int, num_labels: int, dropout: float = 0.1):
         super().__init__()
@@ -62,8 +61,7 @@ class ClassificationHead(nn.Module):
         return logits, None if labels is None else F.cross_entropy(logits.float(), labels)
 
 class MLMHead(nn.Module):
-    """Auxiliary MLM head phi^i: the checkpoint's LM head (decoder usually tied to the input embeddings), applied only
-    at the masked positions (labels != -100)."""
+    """MLM head phi^i: the checkpoint's LM head (its decoder tied to the embeddings), only at masked positions."""
 
     def __init__(self, lm_head: nn.Module):
         super().__init__()
@@ -183,8 +181,7 @@ class FinetuneConfig(TrainConfig):
     final_finetune: "FinetuneConfig | None" = None
 
 def tartan_finetune() -> FinetuneConfig:
-    """The optional end-task-only stage after MT/META-TARTAN (release: lr 5e-6, batch 64, <=10 epochs, patience 3),
-    kept only if it improves end-task dev."""
+    """The optional Eq. 2 stage after MT/META (release: lr 5e-6, batch 64, <=10 epochs, patience 3)."""
     return FinetuneConfig(lr=5e-6, head_lr=5e-6, batch_size=64)
 
 @dataclass
@@ -204,7 +201,7 @@ class PretrainConfig(TrainConfig):
 class MetaConfig(TrainConfig):
     """META-TARTAN (Eq. 7, Sec. 3.3, Algorithm 1)."""
     meta_lr: float = 1e-2             # eta, task-weight step size (Sec. 4 grid {1e-1, 5e-2, 3e-2, 1e-2}; release 1e-2)
-    meta_head_steps: int = 10         # phi*'s full-batch steps (Sec. 4), from a new random init at every step (Sec. 3.3)
+    meta_head_steps: int = 10         # phi*'s full-batch steps (Sec. 4), from a new init at every step (Sec. 3.3)
     meta_head_lr: float = 1e-3        # phi* AdamW learning rate (Sec. 4)
     meta_head_wd: float = 0.1         # phi* l2 weight decay (Sec. 4)
     meta_batch_size: int = 32         # rows that fit phi* (Sec. 4: {16, 32}); at most batch_size with "train" rows
@@ -227,7 +224,7 @@ class MetaConfig(TrainConfig):
 def train(body: nn.Module, end: Task | None, aux: list[Task], cfg: TrainConfig, step_fn=None, hook=None) -> dict:
     """Evaluates dev every cfg.eval_every steps, keeps the best-dev body and head (end.metric, as the release), stops
     after cfg.patience evaluations without a new best, restores the best. A NaN or infinite loss raises DivergedError.
-    hook(event, loop): called with "start" before the first step (it may restore a saved Loop) and "step" before each."""
+    hook(event, loop): called with "start" before the first step (it may restore a saved Loop), "step" before each."""
     check_tasks(end, aux, cfg, meta=True if step_fn is meta_step else None)
     tasks = ([end] if end is not None else []) + list(aux)
     _check_tied_heads(body, tasks)
@@ -449,27 +446,6 @@ class MetaWeighting(TaskWeighting):
         return {"losses": losses, "alpha": alpha.tolist(), "cosines": cos.tolist(), "val_loss": val_loss,
                 "grad_norms": norms.tolist(), "head_fit": None if fit is None else fit.tolist()}
 
-@dataclass
-class MetaState:
-    """What tartan.train's META step carries from step to step, built once before the loop by meta_state."""
-    weighting: MetaWeighting            # w, G, the step count, phi*'s settings
-    val: Stream                         # endless batches B*_val ~ D_val of the end-task
-    head_rows: Stream | None = None     # meta_head_data="dev": endless dev batches that phi* is fitted on
-
-    def streams(self) -> list[Stream]:
-        return [s for s in (self.val, self.head_rows) if s is not None]
-
-def meta_state(body: nn.Module, tasks: list[Task], cfg: MetaConfig) -> MetaState:
-    """Algorithm 1's "Initialize" for tasks = [end-task, T_1..T_n]: the weighting, the B*_val stream and, with
-    meta_head_data="dev", phi*'s dev rows (their own generators, seeded by cfg.seed)."""
-    end, device = tasks[0], next(body.parameters()).device
-    weighting = MetaWeighting(body, len(tasks), end.num_labels, cfg, end_head=end.head, amp=autocast(device, cfg.bf16))
-    dev = Task(end.name + ":val", end.head, train=end.dev)
-    val = Stream(dev, cfg.meta_val_batch_size or cfg.meta_batch_size, cfg.seed * 1009 + 1000)
-    head_rows = None if cfg.meta_head_data == "train" or cfg.same_head else \
-        Stream(dev, cfg.meta_batch_size, cfg.seed * 1009 + 2000)  # apart from B*_val
-    return MetaState(weighting, val, head_rows)
-
 def estimate_meta_head(features: torch.Tensor, labels: torch.Tensor, num_labels: int, cfg: MetaConfig):
     """phi*: a new ClassificationHead trained cfg.meta_head_steps full-batch AdamW steps on fixed features (B, H), at
     every step (Sec. 3.3). Returns (phi*, its loss at the first and last step as a (2,) tensor, or None)."""
@@ -548,7 +524,7 @@ def pretrain(body, aux: list[Task], cfg: PretrainConfig | None = None, hook=None
     return train(body, None, aux, replace(cfg, weights=cfg.weights or (1.0,) * len(aux)), hook=hook)
 
 def finetune(body, end: Task, cfg: FinetuneConfig | None = None, hook=None) -> dict:
-    """Eq. 2: body and end-task head on the end-task alone, early stopping on dev (a MetaConfig's META fields unused)."""
+    """Eq. 2: body and end-task head on the end-task alone, early stopping on dev (META fields unused)."""
     return train(body, end, [], _mt_config(cfg or FinetuneConfig()), multitask_step, hook)
 
 def train_multitask(body, end: Task, aux: list[Task], cfg: TrainConfig | None = None, hook=None) -> dict:
@@ -1030,13 +1006,10 @@ class _Silent:
     """A progress bar that shows nothing: every method does nothing."""
 
     def __getattr__(self, name):
-        return self._nothing
-
-    def _nothing(self, *args, **kwargs):
-        return None
+        return lambda *args, **kwargs: None
 
 def progress_bar(total, enabled: bool, desc: str, **tqdm_args):
-    """A tqdm bar (tqdm_args passed on), or, not enabled, one that shows nothing."""
+    """A tqdm bar (tqdm_args passed on); not enabled, one that shows nothing (tqdm is then not imported)."""
     if not enabled:
         return _Silent()
     from tqdm.auto import tqdm
@@ -1122,6 +1095,27 @@ def _budget(end: Task | None, tasks: list[Task], cfg: TrainConfig) -> tuple[int,
     per_epoch = max(1, math.ceil(max(sizes) / cfg.grad_accum))
     return (cfg.max_steps or max(1, math.ceil(cfg.epochs * per_epoch))), per_epoch
 
+@dataclass
+class MetaState:
+    """What tartan.train's META step carries from step to step, built once before the loop by meta_state."""
+    weighting: MetaWeighting            # w, G, the step count, phi*'s settings
+    val: Stream                         # endless batches B*_val ~ D_val of the end-task
+    head_rows: Stream | None = None     # meta_head_data="dev": endless dev batches that phi* is fitted on
+
+    def streams(self) -> list[Stream]:
+        return [s for s in (self.val, self.head_rows) if s is not None]
+
+def meta_state(body: nn.Module, tasks: list[Task], cfg: MetaConfig) -> MetaState:
+    """Algorithm 1's "Initialize" for tasks = [end-task, T_1..T_n]: the weighting, the B*_val stream and, with
+    meta_head_data="dev", phi*'s dev rows (their own generators, seeded by cfg.seed)."""
+    end, device = tasks[0], next(body.parameters()).device
+    weighting = MetaWeighting(body, len(tasks), end.num_labels, cfg, end_head=end.head, amp=autocast(device, cfg.bf16))
+    dev = Task(end.name + ":val", end.head, train=end.dev)
+    val = Stream(dev, cfg.meta_val_batch_size or cfg.meta_batch_size, cfg.seed * 1009 + 1000)
+    head_rows = None if cfg.meta_head_data == "train" or cfg.same_head else \
+        Stream(dev, cfg.meta_batch_size, cfg.seed * 1009 + 2000)  # apart from B*_val
+    return MetaState(weighting, val, head_rows)
+
 def _forward(body, task, stream, device, amp, tokens):
     """One micro-batch of a task: (loss, features, labels)."""
     inputs, labels = to_device(*_draw(stream, tokens, task.name), device)
@@ -1138,9 +1132,8 @@ def _dev_features(body, state: MetaState, amp, tokens, end_name: str) -> tuple:
 
 def _mt_config(cfg: TrainConfig) -> TrainConfig:
     """The TrainConfig part of a MetaConfig; any other config as it is."""
-    if not isinstance(cfg, MetaConfig):
-        return cfg
-    return TrainConfig(**{f.name: getattr(cfg, f.name) for f in fields(TrainConfig)})
+    return TrainConfig(**{f.name: getattr(cfg, f.name) for f in fields(TrainConfig)}) if isinstance(cfg, MetaConfig) \
+        else cfg
 
 def _run_stage(name: str, fn, *args) -> dict:
     return {"stage": name, **fn(*args)}
