@@ -184,3 +184,22 @@ def test_in_memory_end_tasks_match_the_folder(tok, task_dir):
         tasks.end_task("toy", {**pairs, "dev": (["w1"], ["new"])}, tok, 32)
     with pytest.raises(TypeError, match="a dict with keys 'train', 'dev', 'test' .* with keys \\['dev', 'train'\\]"):
         tasks.end_task("toy", {"train": pairs["train"], "dev": pairs["dev"]}, tok, 32)
+
+
+def test_the_readme_own_code_example_runs_as_printed(model_dir, task_dir, capsys):
+    """README "Using tartan.py from your own code": its first code block, run as printed but for the model and task
+    folder (local stand-ins for roberta-base and ACL-ARC) and a config of a few steps in place of the paper's."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "README.md"), encoding="utf-8") as f:
+        section = f.read().split("## Using tartan.py from your own code")[1]
+    code = section[section.index("```python\n") + len("```python\n"):]
+    code = code[:code.index("```")]
+    given = 'MODEL, DATA = "roberta-base", "data/citation_intent"'
+    assert given in code and "tartan.MetaConfig()" in code
+    code = code.replace(given, f"MODEL, DATA = {model_dir!r}, {task_dir!r}").replace(
+        "tartan.MetaConfig()", "tartan.MetaConfig(max_steps=3, batch_size=8, aux_batch_size=8, grad_accum=1, "
+                               "eval_every=1, meta_batch_size=8, final_finetune=None)")
+    exec(compile(code, "README.md", "exec"), {})
+    printed = capsys.readouterr().out.strip()
+    macro_f1, final_alpha = printed.split(" ", 1)[0], printed.split(" ", 1)[1]
+    assert 0 <= float(macro_f1) <= 1 and "'aclarc'" in final_alpha and "'tapt'" in final_alpha
