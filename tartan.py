@@ -259,10 +259,10 @@ def train(body: nn.Module, end: Task | None, aux: list[Task], cfg: TrainConfig, 
             loop.seconds = time.perf_counter() - t0
             hook("step", loop)
         step = loop.step + 1
-        info = step_fn(body, tasks, streams, state, cfg, amp, loop.tokens)
-        norm = clip_grad_norm(body_params + head_params, cfg.grad_clip)
-        # a diverged run must never become a result: stop before the optimizer applies the step
-        _check_step(info, float(norm), names, f"at optimizer step {step} of {total}")
+        info = step_fn(body, tasks, streams, state, cfg, amp, loop.tokens, sync=False)
+        # the step's one read from the device; a diverged run must never become a result: stop before the optimizer
+        info = read_step(info, grad_norm=clip_grad_norm(body_params + head_params, cfg.grad_clip))
+        _check_step(info, info.pop("grad_norm"), names, f"at optimizer step {step} of {total}")
         for o, s in zip(opts, scheds):
             o.step()
             o.zero_grad(set_to_none=True)
@@ -309,7 +309,7 @@ class TaskWeighting:
         _check_task_backward(self, k, loss)
         self._backward(k, loss, retain_graph)
         self._micro[k] += 1
-        self._losses[k] += loss.item() / self.grad_accum  # synchronises anyway: the loop checks it for NaN
+        self._losses[k] = self._losses[k] + loss.detach() / self.grad_accum  # on the device: no sync
 
     def backward(self, losses, retain_graph: bool = False, **step_inputs) -> dict | None:
         """One micro-batch of every task (losses[k] unscaled, end-task first); the grad_accum-th call of a step
@@ -320,10 +320,10 @@ class TaskWeighting:
             self.task_backward(k, loss, retain_graph and k < self.n_tasks - 1)
         return self.step(**step_inputs) if self._micro[0] == self.grad_accum else None
 
-    def _finish(self) -> list[float]:
-        """The end of a step: every task gave it grad_accum micro-batches; returns its per-task losses."""
+    def _finish(self) -> torch.Tensor:
+        """The end of a step: every task gave it grad_accum micro-batches; returns its per-task losses (K,)."""
         _check_step_complete(self)
-        losses = self._losses
+        losses = torch.stack(self._losses)
         self.steps += 1
         self._new_step()
         return losses
@@ -343,17 +343,19 @@ class MTWeighting(TaskWeighting):
         # grad(sum_k w_k L_k) = sum_k grad(w_k L_k): one backward per task micro-batch, at 1/K of the activation memory
         (self._w[k] / self.grad_accum * loss).backward(retain_graph=retain_graph)
 
-    def step(self) -> dict:
-        """The step's gradient is complete in .grad; returns {"losses": per-task mean losses, "alpha": w}."""
-        return {"losses": self._finish(), "alpha": list(self._w)}
+    def step(self, sync: bool = True) -> dict:
+        """The step's gradient is complete in .grad; returns {"losses": per-task mean losses, "alpha": w} (sync=False:
+        losses as a tensor on the device, for a loop that reads the step once)."""
+        info = {"losses": self._finish(), "alpha": list(self._w)}
+        return read_step(info) if sync else info
 
-def multitask_step(body, tasks, streams, weighting: MTWeighting, cfg, amp, tokens) -> dict:
+def multitask_step(body, tasks, streams, weighting: MTWeighting, cfg, amp, tokens, sync: bool = True) -> dict:
     """One step of Eq. 3 for tasks = [end-task, T_1..T_n]: leaves grad(sum_k w_k L_Tk) in .grad."""
     device = next(body.parameters()).device
     for _ in range(weighting.grad_accum):
         for k, (task, stream) in enumerate(zip(tasks, streams)):
             weighting.task_backward(k, _forward(body, task, stream, device, amp, tokens)[0])
-    return weighting.step()
+    return weighting.step(sync=sync)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -382,8 +384,9 @@ class MetaWeighting(TaskWeighting):
         super().__init__(body, n_tasks, cfg.grad_accum)
         _check_meta_head(cfg, num_labels, end_head)
         self.cfg, self.num_labels, self.end_head, self.amp = cfg, num_labels, end_head, amp
-        self.w = torch.full((n_tasks,), 1.0 / n_tasks, dtype=torch.float64)  # w*, w_i = 1/(n+1); float64, CPU
-        self.G = torch.empty(n_tasks, sum(p.numel() for p in self.params), device=self.params[0].device,  # (K, P)
+        device = self.params[0].device  # w lives beside G: updating it needs no sync
+        self.w = torch.full((n_tasks,), 1.0 / n_tasks, dtype=torch.float64, device=device)  # w*, w_i = 1/(n+1)
+        self.G = torch.empty(n_tasks, sum(p.numel() for p in self.params), device=device,  # (K, P)
                              dtype=torch.promote_types(self.params[0].dtype, torch.float32))  # float64 body: float64
         self._open = None  # the task whose gradient the body's .grad holds now (not yet moved into G)
 
@@ -418,13 +421,14 @@ class MetaWeighting(TaskWeighting):
         return super().backward(losses, retain_graph, val=val)
 
     def _rows(self, features, labels):
-        """The first meta_batch_size rows of a batch's first-position features (B, H), detached."""
+        """The first meta_batch_size rows of a batch's first-position features (B, H), a copy: the batch's (B, T, H)
+        features are not kept alive for them."""
         _check_head_data(features, labels)
         x = features[:, 0] if features.dim() == 3 else features  # (B, H)
-        return x[:self.cfg.meta_batch_size].detach(), labels[:self.cfg.meta_batch_size]
+        return x[:self.cfg.meta_batch_size].detach().clone(), labels[:self.cfg.meta_batch_size]
 
-    def step(self, head_data=None, val=None) -> dict:
-        """Algorithm 1's update for this step; see the class docstring."""
+    def step(self, head_data=None, val=None, sync: bool = True) -> dict:
+        """Algorithm 1's update for this step; see the class docstring (sync=False: values as tensors)."""
         if self._open is not None:
             self._close()
         fit_data = self._rows(*head_data) if head_data is not None else self._head_data
@@ -443,8 +447,9 @@ class MetaWeighting(TaskWeighting):
         combined = alpha.to(self.G.device, self.G.dtype) @ self.G  # (P,)
         for p, g, used in zip(self.params, combined.split([p.numel() for p in self.params]), reached):
             p.grad = g.view_as(p) if used else None  # as in MT: a parameter no task used is not decayed either
-        return {"losses": losses, "alpha": alpha.tolist(), "cosines": cos.tolist(), "val_loss": val_loss,
-                "grad_norms": norms.tolist(), "head_fit": None if fit is None else fit.tolist()}
+        info = {"losses": losses, "alpha": alpha, "cosines": cos, "val_loss": val_loss, "grad_norms": norms,
+                "head_fit": fit}
+        return read_step(info) if sync else info
 
 def estimate_meta_head(features: torch.Tensor, labels: torch.Tensor, num_labels: int, cfg: MetaConfig):
     """phi*: a new ClassificationHead trained cfg.meta_head_steps full-batch AdamW steps on fixed features (B, H), at
@@ -477,7 +482,7 @@ def meta_gradient(body: nn.Module, head_star: nn.Module, val, params: list[nn.Pa
             with amp if amp is not None else autocast(params[0].device, False):
                 _, loss = head_star(_features(body(**inputs)), labels)
         grads = torch.autograd.grad(loss, params, allow_unused=True)
-    return _flat_grad(params, grads), loss.item()
+    return _flat_grad(params, grads), loss.detach()
 
 def cosine(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     """cos(a, b) of flat vectors; rows of a (K, P) against b (P,) give (K,)."""
@@ -487,11 +492,11 @@ def update_task_weights(w: torch.Tensor, task_grads: torch.Tensor, meta_grad: to
                         eps: float = 1e-8):
     """Algorithm 1: w_k <- w_k + eta * cos(g_meta, g_k) for every task, end-task included; alpha = softmax(w).
     task_grads (K, P), meta_grad (P,). Returns (new w, alpha, cosines)."""
-    cos = cosine(task_grads, meta_grad, eps).to("cpu", w.dtype)
+    cos = cosine(task_grads, meta_grad, eps).to(w.device, w.dtype)
     w = w + eta * cos
     return w, torch.softmax(w, dim=0), cos
 
-def meta_step(body, tasks, streams, state: MetaState, cfg: MetaConfig, amp, tokens) -> dict:
+def meta_step(body, tasks, streams, state: MetaState, cfg: MetaConfig, amp, tokens, sync: bool = True) -> dict:
     """One iteration of Algorithm 1's loop for tasks = [end-task, T_1..T_n]: updates w and leaves its last two lines
     in .grad (body: sum_k alpha_k g_k; heads: their own gradients)."""
     # B*_tr ~ T*_train, B_i ~ T_i;  [g_k, g_phi^k] <- [grad_theta, grad_phi^k] L_Tk(theta, phi^k, B_k) for every k
@@ -501,17 +506,17 @@ def meta_step(body, tasks, streams, state: MetaState, cfg: MetaConfig, amp, toke
     # B*_val ~ T*_val, counted apart from the training tokens: the extra pass META pays for
     b_val = _draw(state.val, tokens, tasks[0].name + ":val")
     # phi* <- estimate_meta_head(B*_tr); g_meta; w_k += eta cos(g_meta, g_k); the body's .grad <- sum_k alpha_k g_k
-    return state.weighting.step(head_data, b_val)
+    return state.weighting.step(head_data, b_val, sync=sync)
 
 def task_gradients(body, tasks, streams, weighting: MetaWeighting, amp, tokens) -> tuple:
     """Algorithm 1's "Get end-task grads" and "Get task grads": each task's grad_accum micro-batches in turn, through
-    the weighting (which moves g_k into G). Returns the first micro-batch's (B*_tr's) features and labels."""
+    the weighting (which moves g_k into G). Returns phi*'s rows of the first micro-batch (B*_tr) and their labels."""
     b_tr = None
     for k, (task, stream) in enumerate(zip(tasks, streams)):
         for _ in range(weighting.grad_accum):
             loss, features, labels = _forward(body, task, stream, weighting.G.device, amp, tokens)
             weighting.task_backward(k, loss)
-            b_tr = b_tr or (features, labels)
+            b_tr = b_tr or weighting._rows(features, labels)  # only the rows phi* is fitted on outlive the pass
     return b_tr
 
 
@@ -1023,11 +1028,23 @@ def _restore(snapshot, body, head):
         m.load_state_dict(sd)
 
 def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
-    """torch.nn.utils.clip_grad_norm_, but gradients are touched only when clipping happens. Returns the norm."""
+    """torch.nn.utils.clip_grad_norm_ without a sync (gradients under max_norm are multiplied by exactly 1); max_norm 0:
+    the norm only. Returns the norm, a tensor."""
     norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-    if 0 < max_norm < norm:  # max_norm 0: no clipping, the norm only
+    if max_norm > 0:
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
     return norm
+
+def read_step(info: dict, **more) -> dict:
+    """A step's info (and `more`) with every tensor as Python numbers, read from the device in one transfer."""
+    info = {**info, **more}
+    keys = [k for k, v in info.items() if isinstance(v, torch.Tensor)]
+    if keys:
+        flat = torch.cat([info[k].detach().reshape(-1).to(torch.float64) for k in keys]).tolist()  # the one sync
+        for k in keys:
+            n = info[k].numel()
+            info[k], flat = (flat[:n] if info[k].dim() else flat[0]), flat[n:]
+    return info
 
 def head_parameters(head: nn.Module, body: nn.Module) -> list[nn.Parameter]:
     """Parameters of a head that are not body parameters (a tied decoder weight belongs to the body)."""

@@ -5,6 +5,7 @@ import json
 import math
 import os
 import random
+import sys
 
 import numpy as np
 import pytest
@@ -662,9 +663,9 @@ def test_meta_state_is_built_once_before_the_loop(tok, task_dir):
     body, end, aux = build(tok, task_dir, n_aux=2)
     seen = []
 
-    def spy(body_, tasks, streams, state, cfg, *rest):
+    def spy(body_, tasks, streams, state, cfg, *rest, **kw):
         seen.append((state, state.weighting.w.clone(), state.weighting.G.data_ptr()))
-        return tartan.meta_step(body_, tasks, streams, state, cfg, *rest)
+        return tartan.meta_step(body_, tasks, streams, state, cfg, *rest, **kw)
     cfg = small_config(True, max_steps=3, final_finetune=None)
     tartan.train(body, end, aux, cfg, spy)
     state = seen[0][0]
@@ -740,6 +741,31 @@ def _foreign_loop(tok, task_dir, meta, steps, grad_accum):
                 o.step(), s.step(), o.zero_grad()
             alphas.append(info["alpha"])
     return alphas, weighting
+
+
+@pytest.mark.parametrize("meta", [False, True])
+def test_a_training_step_reads_the_device_once(tok, task_dir, monkeypatch, meta):
+    """An MT or META step of tartan.train converts a tensor to Python numbers once (losses, weights, cosines and the
+    gradient norm in one transfer, then the check for NaN): every such conversion made in tartan.py is counted, from
+    a step's start to the next one's, except the data loader's, which reads CPU tensors before they move. (The body's
+    own, e.g. transformers' BERT asking whether its attention mask is all ones, is the model's, not counted.)"""
+    body, end, aux = build(tok, task_dir, n_aux=2)
+    counts, loader = [], {"batches", "_draw"}
+
+    def counting(name):
+        real = getattr(torch.Tensor, name)
+
+        def counted(self, *args, **kwargs):
+            caller = sys._getframe(1).f_code
+            if counts and caller.co_filename == tartan.__file__ and caller.co_name not in loader:
+                counts[-1].append(f"{name} in {caller.co_name}")
+            return real(self, *args, **kwargs)
+        return counted
+    for name in ("item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, counting(name))
+    cfg = small_config(meta, max_steps=4, eval_every=-1, grad_accum=2, final_finetune=None)
+    tartan.train(body, end, aux, cfg, hook=lambda event, loop: counts.append([]) if event == "step" else None)
+    assert len(counts) == 4 and all(c == ["tolist in read_step"] for c in counts), counts
 
 
 @pytest.mark.parametrize("meta", [True, False])

@@ -216,12 +216,12 @@ class _Bench:
         floor name: summed durations} over the timed steps."""
         marks, inline = [], {name: [] for name in paired}
 
-        def timed(*args):
+        def timed(*args, **kwargs):
             for name, count in paired.items():  # count: passes per step (n_aux for the auxiliary floor)
                 inline[name].append(sum(self.one_pass(*self.floors[name]) for _ in range(count)))
             _sync(self.device)
             marks.append(time.perf_counter())
-            return step_fn(*args)
+            return step_fn(*args, **kwargs)
         tartan.train(self.body, end_task, aux_tasks, dataclasses.replace(cfg, max_steps=n_warm + n_time + 1), timed)
         after = [sum(inline[name][i] for name in paired) for i in range(len(marks))]  # floors before step i's mark
         steps_ = [marks[i + 1] - marks[i] - after[i + 1] for i in range(len(marks) - 1)]

@@ -95,7 +95,8 @@ def load_training(saved: dict, modules: list[nn.Module], optimizers=(), weightin
     for o, sd in zip(optimizers, saved["optimizers"]):
         o.load_state_dict(sd)
     if saved["weighting"] is not None:
-        weighting.w, weighting.steps = saved["weighting"]
+        w, weighting.steps = saved["weighting"]
+        weighting.w = w.to(weighting.w.device)  # saved from the CPU's copy; META keeps w beside its gradients
     for stream, n in zip(streams, saved["drawn"]):
         while stream.drawn < n:  # the same data order, masking and generator state as the interrupted run's
             next(stream)
