@@ -14,8 +14,8 @@ from tartan import MLMHead, Task, batches, head_parameters, split_masked_lm, to_
 
 
 def from_pretrained(name_or_path: str):
-    """(body, MLM head, tokenizer) from a hub id or a local directory. The MLM head is the checkpoint's pretrained
-    LM head when it has one; when it has none (e.g. a sentence-embedding checkpoint) transformers initialises it
+    """(body, MLM head, tokenizer) from a hub id or a local directory, with fp32 weights whatever dtype it was saved in
+    (mixed precision is autocast's). The MLM head is the checkpoint's pretrained LM head when it has one; when it has none (e.g. a sentence-embedding checkpoint) transformers initialises it
     newly, with the decoder tied to the input embeddings, from torch's global generator: seed it first so that the
     new head is the same in every run. Returns also the names of newly initialised weights."""
     from safetensors import SafetensorError
@@ -46,6 +46,8 @@ def from_pretrained(name_or_path: str):
     if len(tokenizer) < getattr(model.config, "vocab_size", 0) // 2:
         raise FileNotFoundError(f"model '{name_or_path}': its tokenizer has {len(tokenizer)} tokens for the model's "
                                 f"{model.config.vocab_size}: the tokenizer files are missing or are another model's")
+    if any(p.dtype in (torch.float16, torch.bfloat16) for p in model.parameters()):
+        model.float()  # a checkpoint saved in half precision trains with fp32 weights; bf16 comes from autocast
     body, mlm_head = split_masked_lm(model)
     return body, mlm_head, tokenizer, sorted(info["missing_keys"])
 

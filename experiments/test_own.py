@@ -167,3 +167,22 @@ def test_save_model_inside_or_above_out_is_refused(capsys):
         with pytest.raises(SystemExit) as e:
             reproduce.main(["--task", "aclarc", "--mode", "finetune", "--save-model", save, "--out", out])
         assert e.value.code == 2 and "give a folder outside --out" in capsys.readouterr().err
+
+
+def test_a_checkpoint_saved_in_bf16_trains_in_every_mode(own_dir, tmp_path):
+    """Many Hub checkpoints are saved in bf16: the body loads with fp32 weights (mixed precision is autocast's), so
+    fine-tuning, MT and META run from one through the command line (they stopped at a dtype mismatch at the heads)."""
+    import transformers
+    bf16_dir = str(tmp_path / "bf16-model")
+    tok = transformers.BertTokenizer(vocab={t: i for i, t in enumerate(
+        ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(30)])})
+    cfg = transformers.BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                  intermediate_size=64, max_position_embeddings=64)
+    torch.manual_seed(0)
+    transformers.BertForMaskedLM(cfg).to(torch.bfloat16).save_pretrained(bf16_dir)
+    tok.save_pretrained(bf16_dir)
+    out = str(tmp_path / "out")
+    assert reproduce.main(["--task-dir", own_dir, "--mode", "finetune", "mt", "meta", "--seeds", "0",
+                           *own_flags(bf16_dir, out)]) == 0
+    assert results_in(out) == sorted(f"my_task/{m}__{a}__seed0.json" for m, a in (
+        ("finetune", "none"), ("mt", "tapt"), ("meta", "tapt")))
