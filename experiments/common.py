@@ -71,12 +71,16 @@ def set_seed(seed: int) -> None:
 
 
 def resolve_device(name: str | None) -> torch.device:
-    """'auto' (or None): CUDA when torch sees it, else the CPU; 'cuda' without a CUDA device is an error."""
+    """'auto' (or None): CUDA when torch sees it, else the CPU; 'cuda' without a CUDA device is an error. A CUDA device
+    is made the process's current one."""
     if name in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
         raise ReproduceError("--device cuda, but torch sees no CUDA device (torch.cuda.is_available() is False)")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda":  # this process's GPU becomes the current one, before any CUDA work: code that asks for
+        torch.cuda.set_device(device)  # the current device (autocast, libraries) then sees cuda:LOCAL_RANK, not cuda:0
+    return device
 
 
 def device_name(device: torch.device) -> str:

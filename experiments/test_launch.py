@@ -71,6 +71,20 @@ def _table(text):
     return [re.sub(r"\| [0-9.]+ s \|$", "|", line) for line in text.splitlines() if line.startswith("| ")]
 
 
+def test_each_shard_makes_its_gpu_the_current_device(monkeypatch):
+    """torchrun's rank 1 resolves cuda:1 and makes it the current device before any CUDA work, so that code asking
+    for the current device (autocast, libraries) does not look at GPU 0 (CPU only here: torch.cuda is stood in for)."""
+    import torch
+    from experiments.common import resolve_device
+    made = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", made.append)
+    shard = parse_shard(None, {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"})
+    device = resolve_device(shard_device("auto", shard, 2))
+    assert device == torch.device("cuda:1") and made == [device]
+    assert resolve_device("cpu") == torch.device("cpu") and made == [device]  # the CPU sets nothing
+
+
 def test_two_concurrent_shards_then_report_only_give_the_table_of_one_process(model_dir, own_dir, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT"):
