@@ -18,6 +18,7 @@ import copy
 import itertools
 import math
 import time
+import warnings
 from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
@@ -161,7 +162,7 @@ class TrainConfig:
     eval_batch_size: int = 64
     weights: tuple[float, ...] | None = None  # w = (w*, w_1..w_n) of Eq. 3; None = uniform 1/(n+1) (Sec. 4)
     seed: int = 0                     # data order and masking
-    bf16: bool = True                 # bf16 autocast, on CUDA only
+    bf16: bool | None = None          # bf16 autocast: None = on CUDA only; True = also on a CPU with native bf16
     progress: bool = False            # tqdm progress bar
     eval_test: bool = False           # also score test at every evaluation, for learning curves only (never selects)
     final_finetune: "FinetuneConfig | None" = field(default_factory=lambda: tartan_finetune())
@@ -591,25 +592,29 @@ def f1_scores(y_true, y_pred) -> dict:
     return {"macro_f1": float(np.mean(f1s)), "micro_f1": float(np.mean(y_true == y_pred)), "n": int(len(y_true))}
 
 @torch.no_grad()
-def evaluate(body, head, data, batch_size: int = 64, bf16: bool = False, predictions: bool = False) -> dict:
-    """f1_scores and the mean loss of body + head on a labelled split, in eval mode, without autograd (bf16 autocast
-    on CUDA when asked); the train/eval mode is restored. predictions=True adds every example's predicted class."""
+def evaluate(body, head, data, batch_size: int = 64, bf16: bool | None = False, predictions: bool = False) -> dict:
+    """f1_scores and the mean loss of body + head on a labelled split, in eval mode, without autograd, bf16 as
+    autocast() takes it; the train/eval mode is restored. predictions=True adds every example's predicted class."""
     if data.labels is None:
         raise ValueError("evaluate scores a labelled split; this one has no labels (an MLM task's text)")
     device, modes = next(body.parameters()).device, (body.training, head.training)
     body.eval(), head.eval()
+    # text in batches of similar length, so that little is padding; the predictions go back to the split's order
+    order = sorted(range(len(data)), key=lambda i: len(data.ids[i])) if isinstance(data, TextData) else \
+        list(range(len(data)))
     preds, total_loss = [], 0.0
-    for i in range(0, len(data), batch_size):
-        inputs, labels = to_device(*data.batch(list(range(i, min(i + batch_size, len(data))))), device)
-        with autocast(device, bf16):
+    with autocast(device, bf16):
+        for i in range(0, len(data), batch_size):
+            inputs, labels = to_device(*data.batch(order[i:i + batch_size]), device)
             logits, loss = head(_features(body(**inputs)), labels)
-        preds.append(logits.argmax(-1).cpu())
-        total_loss += loss.float().item() * len(labels)
+            preds.append(logits.argmax(-1))
+            total_loss = total_loss + loss.double() * len(labels)  # on the device: read once, after the last batch
     body.train(modes[0]), head.train(modes[1])
     gold = data.labels if isinstance(data.labels, list) else data.labels.tolist()
-    preds = torch.cat(preds).numpy()
-    return {**f1_scores(gold, preds), "loss": total_loss / len(data),
-            **({"predictions": preds.tolist()} if predictions else {})}
+    in_order = torch.empty(len(data), dtype=torch.long)
+    in_order[order] = torch.cat(preds).cpu()
+    return {**f1_scores(gold, in_order.numpy()), "loss": float(total_loss) / len(data),
+            **({"predictions": in_order.tolist()} if predictions else {})}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -972,9 +977,19 @@ def _device(body: nn.Module) -> torch.device:
 def to_device(inputs: dict, labels, device):
     return {k: v.to(device, non_blocking=True) for k, v in inputs.items()}, labels.to(device, non_blocking=True)
 
-def autocast(device: torch.device, bf16: bool):
-    """bf16 autocast on CUDA when asked, for training and evaluation alike; a disabled context elsewhere (fp32)."""
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16 and device.type == "cuda")
+def autocast(device: torch.device, bf16: bool | None):
+    """bf16 autocast for training and evaluation alike where bf16_enabled says so; a disabled context elsewhere."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16_enabled(device, bf16))
+
+def bf16_enabled(device: torch.device, bf16: bool | None) -> bool:
+    """None: on CUDA only. True on a CPU without native bf16 (avx512_bf16, AMX) is fp32, with a warning."""
+    if bf16 is None:
+        return device.type == "cuda"
+    native = any(getattr(torch.cpu, f"_is_{isa}_supported", bool)() for isa in ("avx512_bf16", "amx_tile"))
+    if bf16 and device.type == "cpu" and not native:
+        warnings.warn("bf16 was asked for, but this CPU has no native bf16 (avx512_bf16, AMX): the run goes on in fp32")
+        return False
+    return bool(bf16)
 
 def _features(out) -> torch.Tensor:
     """The body's output, which must be the features tensor itself (B, T, H) or (B, H), else a TypeError."""

@@ -6,6 +6,7 @@ import math
 import os
 import random
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -1407,6 +1408,55 @@ def test_evaluate_returns_the_predictions_its_metrics_are_computed_from():
     assert out["predictions"] == expected
     assert out == {**tartan.f1_scores(data.labels.tolist(), expected), "loss": out["loss"], "predictions": expected}
     assert "predictions" not in tartan.evaluate(wrapped, head, data)
+
+
+def test_evaluation_batches_text_by_length_and_returns_predictions_in_order(tok, task_dir):
+    """Text is evaluated in batches of similar length (less padding), and the predictions and scores are those of
+    scoring every example alone, in the split's order."""
+    body, end, _ = build(tok, task_dir)
+    torch.manual_seed(0)
+    tartan.finetune(body, end, tartan.FinetuneConfig(batch_size=8, epochs=15, lr=1e-3, head_lr=1e-3, patience=15))
+    shown, real_batch = [], end.test.batch
+
+    def spy(idx):
+        shown.append([len(end.test.ids[i]) for i in idx])
+        return real_batch(idx)
+    end.test.batch = spy
+    out = tartan.evaluate(body, end.head, end.test, batch_size=5, predictions=True)
+    flat = [n for batch in shown for n in batch]
+    assert flat == sorted(flat) and len(flat) == len(end.test) and flat != [len(r) for r in end.test.ids]
+    del end.test.batch
+    alone = [tartan.evaluate(body, end.head, dataclasses.replace(end.test, ids=[ids], labels=[y]), predictions=True)
+             for ids, y in zip(end.test.ids, end.test.labels)]
+    assert out["predictions"] == [a["predictions"][0] for a in alone] and len(set(out["predictions"])) > 1
+    assert out["loss"] == pytest.approx(np.mean([a["loss"] for a in alone]), rel=1e-5)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_on_a_cpu_where_it_is_native_and_a_warning_where_not(monkeypatch, native):
+    """bf16=True means bf16 autocast on a CPU too, where the CPU has native bf16; without it the run goes on in fp32
+    with one warning. The default (None) is bf16 on CUDA only: fp32 on a CPU."""
+    for isa in ("avx512_bf16", "amx_tile"):
+        monkeypatch.setattr(torch.cpu, f"_is_{isa}_supported", lambda: native)
+    seen = []
+
+    class Head(tartan.ClassificationHead):
+        def forward(self, features, labels=None):
+            seen.append(features.dtype)
+            return super().forward(features, labels)
+    torch.manual_seed(0)
+    body, head = Lin(), Head(4, 2)
+    data = tartan.TensorData(torch.randn(8, 4), torch.arange(8) % 2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tartan.evaluate(body, head, data, bf16=True)
+    assert seen == [torch.bfloat16 if native else torch.float32]
+    assert [str(w.message) for w in caught] == ([] if native else [
+        "bf16 was asked for, but this CPU has no native bf16 (avx512_bf16, AMX): the run goes on in fp32"])
+    seen.clear()
+    end = tartan.Task("end", head, data, dev=data, num_labels=2)
+    tartan.finetune(body, end, tartan.FinetuneConfig(batch_size=4, max_steps=1, eval_every=-1))  # bf16=None
+    assert seen and set(seen) == {torch.float32}
 
 
 PINNED_KEYS = ("dev_loss", "test_loss", "test_macro", "losses", "alpha")

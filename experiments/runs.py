@@ -267,7 +267,20 @@ def load_result(path: str, run: Run | None = None) -> dict | None:
         return None
     if not isinstance(rec, dict) or rec.get("complete") is not True or (run is not None and rec.get("key") != run.key):
         return None
+    if "precision" not in rec:  # written when bf16=True meant bf16 on CUDA only, as bf16=None means now
+        _bf16_as_now(rec["config"])
     return rec
+
+
+def _bf16_as_now(config):
+    """An older result file's configs with bf16=True read as None (both: bf16 autocast on CUDA, fp32 on a CPU)."""
+    if isinstance(config, dict):
+        for key, value in config.items():
+            config[key] = None if key == "bf16" and value is True else value
+            _bf16_as_now(value)
+    elif isinstance(config, list):
+        for value in config:
+            _bf16_as_now(value)
 
 
 # Fields added to tartan's configs after result files were committed, each with the value that does what those files
@@ -490,6 +503,7 @@ class Workspace:
         command = [self.models.identity() if a == self.settings.model else a for a in sys.argv]  # no local path
         record = result_record(run, config, out, metric, sizes, files, self.warm_head(run), self.device,
                                started, peak, command)
+        record["precision"] = "bf16" if tartan.bf16_enabled(self.device, cfg.bf16) else "fp32"  # what autocast ran
         if run.task == "mammals":  # examples by index, labels the five CIFAR-100 fine-label numbers
             labels, lines = list(MAMMALS), None
         else:

@@ -1,6 +1,5 @@
 """The command line (reproduce.py): settings from flags, flags that do not apply, help read from tartan's configs,
 and result files that stay readable across versions of the runner."""
-import json
 import os
 
 import pytest
@@ -24,8 +23,7 @@ def test_the_sweep_is_committed():
 
 @pytest.mark.parametrize("name", SWEEP_FILES)
 def test_sweep_config_and_path_are_unchanged(name):
-    with open(os.path.join(SWEEP, name)) as f:
-        stored = json.load(f)["config"]
+    stored = runs.load_result(os.path.join(SWEEP, name))["config"]  # as the runner reads it (older bf16 meaning)
     task, mode, seed = stored["task"], stored["mode"], stored["seed"]
     flags = ["--task", task, "--mode", mode, "--seeds", str(seed), "--model", stored["model"], "--data-dir", "/data",
              "--device", "cpu", "--budget", "cpu", "--no-progress", "--out", "OUT"]
@@ -44,8 +42,7 @@ ALL_FILES = sorted(os.path.relpath(os.path.join(root, f), RESULTS) for root, _, 
 def test_every_committed_result_is_the_config_its_recorded_command_builds(name):
     """Every committed result file (every budget, the diagnostics and grids included), re-parsed from the command it
     records: today's runner builds the very config stored, so each resumes and re-prints as it is."""
-    with open(os.path.join(RESULTS, name)) as f:
-        rec = json.load(f)
+    rec = runs.load_result(os.path.join(RESULTS, name))  # as the runner reads it (older bf16 meaning)
     args = reproduce.build_parser()[0].parse_args(rec["command"][1:])
     run = runs.make_run(rec["key"]["task"], rec["key"]["mode"], args.aux, rec["key"]["seed"], "10x")
     assert run.path(os.path.dirname(os.path.dirname(name))) == name
