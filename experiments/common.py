@@ -8,6 +8,7 @@ import json
 import os
 import platform
 import random
+import shutil
 import sys
 import tempfile
 
@@ -26,24 +27,42 @@ def warn(message: str):
 
 
 @contextlib.contextmanager
-def atomic_path(path: str, suffix: str = ".tmp"):
-    """Yields a temporary path in path's folder to write to; when the block ends without an error it is renamed to
-    `path` (os.replace), else removed. A reader never sees a half-written file, and a failure leaves the previous file
-    (if any) and no temporary file behind. The file gets the permissions a plain open() would give (mkstemp makes
-    files private, and a result or data file renamed from it would stay unreadable to the rest of a group)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=suffix)
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
+def atomic_path(path: str, suffix: str = ".tmp", folder: bool = False):
+    """Yields a temporary path in path's folder to write to (folder=True: an empty folder to fill); when the block ends
+    without an error it is renamed to `path` (os.replace), else removed. A reader never sees a half-written file, and
+    a failure leaves the previous file (if any) and no temporary file behind. The file gets the permissions a plain
+    open() would give (mkstemp makes files private, and a result or data file renamed from it would stay unreadable
+    to the rest of a group). A folder that replaces one is renamed in after the old one is moved aside, and the old
+    one is removed last."""
+    tmp = _beside(path, suffix, folder)
+    if not folder:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
     try:
         yield tmp
+        old = _beside(path, ".old", folder=True) if folder and os.path.exists(path) else None
+        if old:
+            os.replace(path, os.path.join(old, os.path.basename(path)))
         os.replace(tmp, path)
+        if old:
+            shutil.rmtree(old)
     finally:
-        if os.path.exists(tmp):
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp)
+        elif os.path.exists(tmp):
             os.remove(tmp)
+
+
+def _beside(path: str, suffix: str, folder: bool = False) -> str:
+    """A new, hidden temporary file (or folder) in path's folder, named after path."""
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    if folder:
+        return tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(path)}.", suffix=suffix)
+    fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{os.path.basename(path)}.", suffix=suffix)
+    os.close(fd)
+    return tmp
 
 
 def atomic_write_json(path: str, obj) -> None:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 
 import torch
 
@@ -42,12 +40,10 @@ def check_save_dir(folder: str) -> None:
 def save_model_atomic(folder: str, body, head, tokenizer, info: dict) -> None:
     """The selected body and end-task head in `folder`: for a Hugging Face body a directory that transformers (and
     models.from_pretrained) loads, plus the head's weights and the label list (end_task.json); for another body its
-    state dict (body.pt). Written to a temporary folder beside it, then renamed: never half a model."""
+    state dict (body.pt). Written to a temporary folder beside it, then renamed (common.atomic_path): never half
+    a model."""
     check_save_dir(folder)
-    parent = os.path.dirname(os.path.abspath(folder))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(folder)}.", suffix=".tmp")
-    try:
+    with atomic_path(folder, folder=True) as tmp:
         if isinstance(body, tartan.HFBody):
             body.encoder.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
@@ -56,16 +52,6 @@ def save_model_atomic(folder: str, body, head, tokenizer, info: dict) -> None:
         torch.save(head.state_dict(), os.path.join(tmp, HEAD_FILE))
         with open(os.path.join(tmp, INFO_FILE), "w") as f:
             json.dump({**info, "hidden_size": getattr(body, "hidden_size", None)}, f, indent=1)
-        old = None
-        if os.path.exists(folder):  # a model saved before: moved aside, removed once the new one is in place
-            old = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(folder)}.", suffix=".old")
-            os.replace(folder, os.path.join(old, "model"))
-        os.replace(tmp, folder)
-        if old:
-            shutil.rmtree(old)
-    finally:
-        if os.path.exists(tmp):
-            shutil.rmtree(tmp)
 
 
 def load_model(folder: str):
