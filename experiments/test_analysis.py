@@ -94,8 +94,8 @@ def _stage(name, steps, devs, seconds, kept=None):
     hist = [{"step": 50 * (i + 1), "dev": {"macro_f1": d, "micro_f1": d}, "test": {"macro_f1": d, "micro_f1": d},
              "seconds": seconds * (i + 1) / len(devs) + 30.0 * (i + 1), "analysis_seconds": 30.0 * (i + 1)}
             for i, d in enumerate(devs)]  # each evaluation also spent 30 s scoring test, which is not training time
-    return {"stage": name, "steps": steps, "history": hist, "seconds": seconds + len(devs) * 30.0,
-            **({} if kept is None else {"kept": kept})}
+    return {"stage": name, "steps": steps, "history": hist, "best_dev": max(devs),
+            "seconds": seconds + len(devs) * 30.0, **({} if kept is None else {"kept": kept})}
 
 
 def test_the_analysis_of_an_accuracy_task_bootstraps_accuracy(tmp_path):
