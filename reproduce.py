@@ -17,7 +17,8 @@ file is complete, so a killed sweep resumes where it stopped. A flag that does n
 
 This file is the command line only: it turns the flags into settings once and hands values to the programs of the
 experiments/ package (paper: the experiments as data; data: downloads; vision: App. A.4; store: data files and
-checkpoints; runs: configs, result files, resume; report: tables and figures; demo; bench).
+checkpoints; runs: configs, result files, resume; tables: the runs of a command; report: tables and figures from the
+result files; demo; bench).
 """
 from __future__ import annotations
 
@@ -38,9 +39,9 @@ from experiments.own import default_baseline, own_tasks
 from experiments.paper import (BUDGETS, DAPT_FILES, FIGURES, META_MODES, PAPER_BODY, PAPER_MAX_LENGTH, PAPER_WARM_HEAD,
                                PRETRAIN_MODES, PRETRAIN_TEXT_MODES, QUICK, TABLES, TARTAN_MODES, TASKS, TEXT_MODES,
                                VISION_META, VISION_MODES, WITH_AUX)
-from experiments.report import run_family, run_figure, run_table
 from experiments.runs import FLAGS, Budget, Settings, Workspace, describe_budget
 from experiments.store import cache_path
+from experiments.tables import run_family, run_figure, run_table
 
 # What a flag applies to: commands (runs = --task/--mode, table, figure, demo, bench) and, for the training commands,
 # the modes it changes something in (None: every mode).

@@ -1,9 +1,10 @@
-"""Reports, from the result files: the paper's tables (mean, std, permutation-test p-values), what META learned
-(task weights, cosines with the meta gradient, the meta head's fit), the tables of a user's own end-tasks, and the
-figures."""
+"""Reports, from the result records alone (tables.py runs what they need): the paper's tables (mean, std,
+permutation-test p-values), what META learned (task weights, cosines with the meta gradient, the meta head's fit), the
+tables of a user's own end-tasks, and the figures; printed, and written to --out."""
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -11,8 +12,10 @@ from . import analysis
 from .common import (ReproduceError, alpha_of, atomic_path, atomic_write_text, compare, fmt, markdown_table, mean_std,
                      min_seeds, seeds_str)
 from .own import default_baseline
-from .paper import FIGURES, META_MODES, N_PERMUTATIONS, PAPER, TABLES, TASKS, TEXT_MODES, VISION_MODES
-from .runs import Budget, Run, Workspace, execute_all, make_run
+from .paper import FIGURES, META_MODES, N_PERMUTATIONS, PAPER, TABLES, TASKS
+
+if TYPE_CHECKING:  # the runs' and budget's types only: a report reads result records, it runs nothing
+    from .runs import Budget, Run
 
 # Tables: mean and sample std (ddof=1) over seeds of the test headline metric x100, the paper's number beside it, and
 # the one-sided unpaired permutation test (App. A.2; H1: the column beats the baseline column), two-sided beside it.
@@ -32,13 +35,6 @@ def baseline_column(table, scores: dict) -> str | None:
     8's DAPT and DAPT+TAPT) the one with the higher mean; None when no baseline column has a score."""
     base = baseline_candidates(table, scores)
     return max(base, key=lambda b: np.mean(scores[b])) if base else None
-
-
-def table_runs(number: int, tasks, modes, seeds, dapt) -> dict:
-    table = TABLES[number]
-    cols = [c for c in table.columns if not modes or c.mode in modes]
-    return {(task, c.label): [make_run(task, c.mode, c.aux, s, dapt) for s in seeds]
-            for task in table.tasks if not tasks or task in tasks for c in cols}
 
 
 def render_table(number: int, cells: dict, results: dict, seeds, model: str, budget: Budget, dapt: str) -> str:
@@ -138,22 +134,13 @@ def protocol_analysis(number: int, cells: dict, results: dict, out: str) -> str:
     return text
 
 
-def run_table(number: int, ws: Workspace, seeds=None, tasks=None, modes=None, dapt: str | None = None) -> str:
-    """Runs what a table needs (resume), prints it and writes OUT/table<number>.md. tasks, modes: only these rows
-    and columns; seeds: default the paper's number; dapt: the DAPT corpus (default the table's)."""
-    table = TABLES[number]
-    seeds = seeds or list(range(table.seeds))
-    dapt = dapt or table.dapt
-    if table.note:
-        print(f"note: {table.note}")
-    cells = table_runs(number, tasks, modes, seeds, dapt)
-    if not cells:
-        raise ReproduceError(f"Table {number} has no cell for --task {tasks} --mode {modes}")
-    results = execute_all(ws, [r for runs in cells.values() for r in runs])
-    text = render_table(number, cells, results, seeds, ws.models.identity(), ws.settings.budget, dapt)
-    text += protocol_analysis(number, cells, results, ws.settings.out)
-    text += weights_figures(number, cells, results, ws.settings.out)
-    path = os.path.join(ws.settings.out, f"table{number}.md")
+def print_table(number: int, cells: dict, results: dict, seeds, model: str, budget: Budget, dapt: str, out: str) -> str:
+    """A table's text (render_table, then the protocol's analysis and META's weights figures, drawn into `out`),
+    printed and written to OUT/table<number>.md."""
+    text = render_table(number, cells, results, seeds, model, budget, dapt)
+    text += protocol_analysis(number, cells, results, out)
+    text += weights_figures(number, cells, results, out)
+    path = os.path.join(out, f"table{number}.md")
     atomic_write_text(path, text)
     print("\n" + text + f"\n(written to {path})")
     return text
@@ -304,17 +291,6 @@ def print_own_tables(out: str, own: dict, metric: str, runs: list, results: dict
 # Figures, drawn from the stored histories ------------------------------------------------------------------------------
 
 
-def figure_runs(number: int, tasks, seeds) -> dict:
-    chosen = [t for t in FIGURES[number][1] if not tasks or t in tasks]
-    if number == 2:
-        return {(t, label, n): [make_run(t, mode, aux, s, n) for s in seeds] for t in chosen for n in ("1x", "10x")
-                for label, mode, aux in (("DAPT", "dapt", None), ("META-TARTAN", "meta", "dapt"))}
-    if number == 3:
-        return {(t, label): [make_run(t, mode, "dapt", s, "10x") for s in seeds] for t in chosen
-                for label, mode in (("separate head phi*", "meta"), ("same head phi'", "meta-samehead"))}
-    return {(t, "META-TARTAN"): [make_run(t, "meta", "dapt+tapt", s, "10x") for s in seeds] for t in chosen}
-
-
 def weight_curves(histories: list[list[dict]]) -> tuple[list[int], dict, dict]:
     """Task weights alpha per evaluation: (steps every seed reached, mean over seeds per task, per-seed (steps, values))."""
     n = min(len(h) for h in histories)
@@ -383,12 +359,9 @@ def weights_figures(number: int, cells: dict, results: dict, out: str) -> str:
     return text
 
 
-def run_figure(number: int, ws: Workspace, seeds=None, tasks=None) -> str:
-    """Runs what a figure needs (resume) and draws it to OUT/figure<number>.png; tasks: only these panels."""
-    title, _, n_seeds = FIGURES[number]
-    seeds = seeds or list(range(n_seeds))
-    cells = figure_runs(number, tasks, seeds)
-    results = execute_all(ws, [r for runs in cells.values() for r in runs])
+def draw_figure(number: int, cells: dict, results: dict, seeds, out: str) -> str:
+    """Draws a figure of the paper from its cells' result files (tables.figure_runs) to OUT/figure<number>.png."""
+    title = FIGURES[number][0]
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -424,7 +397,7 @@ def run_figure(number: int, ws: Workspace, seeds=None, tasks=None) -> str:
         ax.legend(fontsize=8)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    path = os.path.join(ws.settings.out, f"figure{number}.png")
+    path = os.path.join(out, f"figure{number}.png")
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
@@ -432,31 +405,10 @@ def run_figure(number: int, ws: Workspace, seeds=None, tasks=None) -> str:
     return path
 
 
-def run_family(ws: Workspace, tasks, modes, seeds=None, aux: str | None = None, dapt: str | None = None,
-               aux_files: tuple[str, ...] = (), baseline: str | None = None) -> dict:
-    """--task ... --mode ...: every (task, mode, seed) combination; prints each cell's mean and std, and the table of
-    each of the user's own tasks (Settings.own_tasks, also in `tasks`) with p-values against `baseline`."""
-    seeds = seeds or list(range(10))
-    runs = []
-    for task in tasks:
-        valid = VISION_MODES if task == "mammals" else TEXT_MODES
-        for mode in modes:
-            if mode not in valid:
-                raise ReproduceError(f"--mode {mode} does not apply to {task} (choose from {', '.join(valid)})")
-            if task == "mammals" and (aux or aux_files):
-                raise ReproduceError("mammals has one auxiliary task (the other 95 CIFAR-100 classes): no --aux")
-            if aux_files and set(modes) == {"finetune"}:
-                raise ReproduceError("--mode finetune uses no auxiliary data: --aux-file does not apply")
-            if aux == "none" and not aux_files:
-                raise ReproduceError("--aux none needs at least one --aux-file")
-            files = () if mode == "finetune" else aux_files  # the other modes of the command use the --aux-file corpora
-            runs += [make_run(task, mode, aux, s, dapt or "10x", files) for s in seeds]
-    results = execute_all(ws, runs)
-    if ws.settings.report_only and len(results) < len(runs):  # (none at all: execute_all refused)
-        print(f"--report-only: {len(runs) - len(results)} of {len(runs)} run(s) have no result file in "
-              f"{ws.settings.out} and are left out")
-    own = ws.settings.own_tasks
-    print_own_tables(ws.settings.out, own, ws.settings.metric, runs, results, modes, baseline, seeds)
+def print_family(out: str, own: dict, metric: str, tasks, modes, runs: list, results: dict, baseline, seeds) -> None:
+    """--task ... --mode ...: the table of each of the user's own tasks (`own`), and for the paper's tasks each
+    (task, mode)'s mean and std and what META learned."""
+    print_own_tables(out, own, metric, runs, results, modes, baseline, seeds)
     for task in [t for t in tasks if t not in own]:
         for mode in modes:
             x = [r for r in runs if r.task == task and r.mode == mode and r in results]
@@ -468,4 +420,3 @@ def run_family(ws: Workspace, tasks, modes, seeds=None, aux: str | None = None, 
                 learned = meta_summary(mode, TASKS[task]["title"], task, x, results) if mode in META_MODES else None
                 if learned:
                     print(f"  {learned}")
-    return results

@@ -9,7 +9,7 @@ import pytest
 
 import reproduce
 import tartan
-from experiments import analysis, diagnose, report
+from experiments import analysis, diagnose, report, tables
 from experiments.common import atomic_write_json
 from experiments.keep import predictions_path
 
@@ -136,7 +136,7 @@ def test_protocol_analysis_of_a_table_from_result_files(tmp_path):
     """Fabricated result files and predictions of Table 1's four columns, 3 seeds: the printed analysis carries the
     means, the tests, the intervals, the cost, the time to TAPT's dev score, the cap check, and draws the figure."""
     out = str(tmp_path / "out")
-    cells = report.table_runs(1, ["scierc"], None, [0, 1, 2], "10x")
+    cells = tables.table_runs(1, ["scierc"], None, [0, 1, 2], "10x")
     rng = np.random.default_rng(0)
     gold = rng.integers(0, 3, 120)
     labels = ["A", "B", "C"]

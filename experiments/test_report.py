@@ -8,7 +8,7 @@ import torch
 
 import reproduce
 import tartan
-from experiments import common, paper, report, runs
+from experiments import common, paper, report, runs, tables
 
 
 
@@ -147,7 +147,7 @@ def test_figure_3_is_drawn_from_stored_histories(tmp_path):
     out = str(tmp_path / "out")
     ws = runs.Workspace(runs.Settings(model="roberta-base", data_dir=str(tmp_path / "data"), out=out),
                         torch.device("cpu"))
-    for (task, label), cell in report.figure_runs(3, None, [0, 1]).items():
+    for (task, label), cell in tables.figure_runs(3, None, [0, 1]).items():
         for r in cell:
             w = [0.5 + 0.01 * i * (1 if r.mode == "meta" else -1) for i in range(5)]
             hist = [{"step": 10 * (i + 1), "weights": {"aclarc": w[i], "dapt10x": 1 - w[i]}} for i in range(5)]
