@@ -21,8 +21,17 @@ if TYPE_CHECKING:  # the runs' and budget's types only: a report reads result re
 # the one-sided unpaired permutation test (App. A.2; H1: the column beats the baseline column), two-sided beside it.
 
 
-def cell_scores(results: dict, run_list: list[Run]) -> list[float]:
-    return [100 * results[r]["headline"]["test"] for r in run_list if r in results]
+def cell_scores(results: dict, run_list: list[Run], key: str = "test") -> list[float]:
+    """The headline metric x100 of the runs with a result ("test", or "dev")."""
+    return [100 * results[r]["headline"][key] for r in run_list if r in results]
+
+
+def score_cell(x: list[float], planned: int, base: list[float] | None = None) -> tuple[str, dict | None]:
+    """A cell of every table, from its per-seed scores x: "mean ± std" (sample std), with "(n=k)" when fewer than
+    the `planned` runs have a result ("not run" when none has); and, given the baseline's scores, the one-sided
+    permutation test of x against them (None without both)."""
+    text = "not run" if not x else fmt(mean_std(x)) + (f" (n={len(x)})" if len(x) != planned else "")
+    return text, compare(x, base, N_PERMUTATIONS) if x and base else None
 
 
 def baseline_candidates(table, scores: dict) -> list[str]:
@@ -60,12 +69,11 @@ def render_table(number: int, cells: dict, results: dict, seeds, model: str, bud
         for c in cols:
             paper = PAPER.get((number, task, c.label))
             x = scores[c.label]
-            ours = "not run" if not x else fmt(mean_std(x)) + (f" (n={len(x)})" if len(x) != len(seeds) else "")
+            ours, test = score_cell(x, len(seeds), scores[base[0]] if base and c.label in tested else None)
             row.append(ours + (f" [{fmt(paper)}]" if paper else ""))
             if c.label in tested:
                 pp = "" if not paper or paper[2] is None else f" [{paper[2]:.3f}]"
-                if x and base:
-                    test = compare(x, scores[base[0]], N_PERMUTATIONS)
+                if test:
                     min_ps.add((len(x), len(scores[base[0]]), test["min_p_greater"]))
                     row.append(f"{test['p_greater']:.3f} (two-sided {test['p_two_sided']:.3f}){pp}")
                 else:
@@ -248,7 +256,7 @@ def meta_report(task: str, cells: dict, results: dict) -> list[str]:
 def own_table(task: str, folder: str, metric: str, cells: dict, results: dict, baseline: str | None, seeds) -> str:
     """Markdown: one row per mode (cells: mode -> its runs), test and dev mean ± std over seeds x100, one-sided p
     against the baseline mode, wall-clock per run; then what META learned about each auxiliary corpus."""
-    scores = {m: [100 * results[r]["headline"]["test"] for r in runs if r in results] for m, runs in cells.items()}
+    scores = {m: cell_scores(results, runs) for m, runs in cells.items()}
     base = scores.get(baseline) or []
     lines = [f"### {task} ({folder})", "",
              f"Test {metric} x100: mean ± standard deviation over seeds (ddof=1), seeds {seeds_str(seeds)}; "
@@ -259,18 +267,14 @@ def own_table(task: str, folder: str, metric: str, cells: dict, results: dict, b
     rows = []
     for mode, runs in cells.items():
         done = [r for r in runs if r in results]
+        ours, test = score_cell(scores[mode], len(runs), base if mode != baseline else None)
         if not done:
-            rows.append([mode, runs[0].aux_label, "not run", "", "", ""])
+            rows.append([mode, runs[0].aux_label, ours, "", "", ""])
             continue
-        dev = [100 * results[r]["headline"]["dev"] for r in done]
-        n = f" (n={len(done)})" if len(done) != len(runs) else ""
-        p = "—"
-        if base and mode != baseline:
-            test = compare(scores[mode], base, N_PERMUTATIONS)
-            p = f"{test['p_greater']:.3f} ({test['p_two_sided']:.3f})"
+        p = "—" if test is None else f"{test['p_greater']:.3f} ({test['p_two_sided']:.3f})"
         wall = [results[r]["wall_seconds"] for r in done]
-        rows.append([mode, done[0].aux_label, f"{fmt(mean_std(scores[mode]))}{n}", fmt(mean_std(dev)),
-                     p, f"{np.mean(wall):.1f} s"])
+        rows.append([mode, done[0].aux_label, ours, fmt(mean_std(cell_scores(results, done, "dev"))), p,
+                     f"{np.mean(wall):.1f} s"])
     report = meta_report(task, {m: runs for m, runs in cells.items() if m in META_MODES}, results)
     return "\n".join(lines + markdown_table(columns, rows) + [""] + report) + "\n"
 
@@ -413,10 +417,9 @@ def print_family(out: str, own: dict, metric: str, tasks, modes, runs: list, res
         for mode in modes:
             x = [r for r in runs if r.task == task and r.mode == mode and r in results]
             if x:
-                dev = [100 * results[r]["headline"]["dev"] for r in x]
                 print(f"{task} {mode} ({x[0].aux_label}): test {TASKS[task]['metric']} x100 = "
                       f"{fmt(mean_std(cell_scores(results, x)))} over {len(x)} seed(s) (ddof=1); "
-                      f"dev {fmt(mean_std(dev))}")
+                      f"dev {fmt(mean_std(cell_scores(results, x, 'dev')))}")
                 learned = meta_summary(mode, TASKS[task]["title"], task, x, results) if mode in META_MODES else None
                 if learned:
                     print(f"  {learned}")
