@@ -16,9 +16,9 @@ number of seeds, so a command is the paper's experiment. The budget flags (--max
 file is complete, so a killed sweep resumes where it stopped. A flag that does not apply to what is run is an error.
 
 This file is the command line only: it turns the flags into settings once and hands values to the programs of the
-experiments/ package (paper: the experiments as data; data: downloads; vision: App. A.4; store: data files and
-checkpoints; runs: configs, result files, resume; tables: the runs of a command; report: tables and figures from the
-result files; demo; bench).
+experiments/ package (paper: the experiments as data; flags: what each flag applies to; data: downloads; vision: App.
+A.4; store: data files and checkpoints; runs: configs, result files; tables: the runs of a command; report: tables
+and figures from the result files; demo; bench).
 """
 from __future__ import annotations
 
@@ -36,23 +36,12 @@ from experiments.data import DATA_URL
 from experiments.demo import DEMO_SEEDS, run_demo
 from experiments.launch import Finished, parse_shard, shard_device
 from experiments.own import default_baseline, own_tasks
-from experiments.paper import (BUDGETS, DAPT_FILES, FIGURES, META_MODES, PAPER_BODY, PAPER_MAX_LENGTH, PAPER_WARM_HEAD,
-                               PRETRAIN_MODES, PRETRAIN_TEXT_MODES, QUICK, TABLES, TARTAN_MODES, TASKS, TEXT_MODES,
-                               VISION_META, VISION_MODES, WITH_AUX)
-from experiments.runs import FLAGS, Budget, Settings, Workspace, describe_budget
+from experiments.paper import (BUDGETS, DAPT_FILES, FIGURES, PAPER_BODY, PAPER_MAX_LENGTH, PAPER_WARM_HEAD, QUICK,
+                               TABLES, TARTAN_MODES, TASKS, TEXT_MODES, VISION_META, VISION_MODES)
+from experiments.flags import BENCH, CONFIG_FLAGS, DEMO, DIAGNOSE, FIGURE, FLAGS, RUNS, TABLE, TRAINING
+from experiments.runs import Budget, Settings, Workspace, describe_budget
 from experiments.store import cache_path
-from experiments.tables import run_family, run_figure, run_table
-
-# What a flag applies to: commands (runs = --task/--mode, table, figure, demo, bench) and, for the training commands,
-# the modes it changes something in (None: every mode).
-RUNS, TABLE, FIGURE, DEMO, BENCH, DIAGNOSE = "runs", "table", "figure", "demo", "bench", "diagnostics"
-TRAINING = (RUNS, TABLE, FIGURE)
-FINAL_FLAGS = ("final_epochs", "final_steps", "final_lr", "final_head_lr", "no_final_finetune")
-TEXT_ONLY = ("model", "checkpoint_dir", "baselines", "max_length", "dapt_corpus", "aux", "aux_file",
-             "warm_head_steps")
-AT_LEAST_ONE = ("max_length", "limit", "batch_size", "aux_batch_size", "grad_accum", "steps", "meta_batch_size",
-                "meta_head_steps", "pretrain_steps", "final_steps", "bench_n_aux", "bench_steps", "bench_warmup",
-                "bench_rounds", "bench_threads")
+from experiments.tables import figure_modes, reads_dapt, run_family, run_figure, run_table, table_columns
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -82,9 +71,8 @@ class Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict]:
-    """The parser, and for each flag (dest) its option string and what it applies to: (commands, modes or None)."""
-    mt, eq2, eq1, meta, final = (tartan.TrainConfig(), tartan.FinetuneConfig(), tartan.PretrainConfig(),
-                                 tartan.MetaConfig(), tartan.tartan_finetune())
+    """The parser, and for each flag (dest) its option string and default; what a flag applies to is its row in
+    experiments.flags.FLAGS."""
     scope = {}
     p = Parser(
         prog="reproduce.py", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -95,178 +83,185 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
                "4, 5 (CIFAR-100), 7.  figures: 2 (data efficiency), 3 (phi* vs phi'), 4 (weights across tasks).\n"
                "Each run writes OUT/<task>/<mode>__<aux>__seed<k>.json; re-running skips complete runs.")
 
-    def add(group, *flags, commands, modes=None, **kwargs):
+    def add(group, *flags, **kwargs):
         action = group.add_argument(*flags, **kwargs)
-        scope[action.dest] = (action.option_strings[0], action.default, commands, modes)
+        scope[action.dest] = (action.option_strings[0], action.default)
+    _what_to_run(p.add_argument_group("what to run"), add)
+    _model_data_results(p.add_argument_group("model, data, results"), add)
+    budget = p.add_argument_group(
+        "budget (default: the paper's value for the mode; 'end-task stage' = Eq. 2 for finetune/tapt/dapt, Eq. 3 or "
+        "Alg. 1 for mt/meta; 'Eq. 1' = the TAPT/DAPT pre-training; 'final' = the optional Eq. 2 after MT/META)")
+    _budget_flags(budget, add)
+    _bench_flags(p, add)
+    return p, scope
 
-    what = p.add_argument_group("what to run")
-    add(what, "--task", nargs="+", choices=list(TASKS) + ["demo"], commands=TRAINING + (DEMO,),
+
+def _what_to_run(what, add) -> None:
+    add(what, "--task", nargs="+", choices=list(TASKS) + ["demo"],
         help="end-task(s) T*: aclarc (ACL-ARC), scierc (SCIERC), chemprot (CHEMPROT), hyperpartisan, mammals "
              "(CIFAR-100, App. A.4); demo = the offline synthetic demo. With --table/--figure: only these rows")
-    add(what, "--mode", nargs="+", choices=sorted(set(TEXT_MODES + VISION_MODES)), commands=(RUNS, TABLE),
+    add(what, "--mode", nargs="+", choices=sorted(set(TEXT_MODES + VISION_MODES)),
         help="finetune = Eq. 2 alone (the 'RoBERTa' column); tapt, dapt, dapt+tapt = Eq. 1 on the task's / domain "
              "text, then Eq. 2; mt = MT-TARTAN (Eq. 3); meta = META-TARTAN (Alg. 1, meta head phi*); meta-samehead = "
              "META with the end-task head phi' (Eq. 6, Fig. 3); pretrain = mammals only, Eq. 1 on the 95-way task. "
              "With --table: only these columns")
-    add(what, "--task-dir", action="append", default=[], metavar="PATH", commands=(RUNS,),
+    add(what, "--task-dir", action="append", default=[], metavar="PATH",
         help="an end-task of your own: a folder with train.jsonl, dev.jsonl, test.jsonl (one {\"text\": ..., "
              "\"label\": ...} object a line); its TAPT corpus is PATH/train.txt if there is one, else the texts of "
              "train.jsonl. Runs and table are named after the folder; repeatable")
-    add(what, "--metric", choices=("macro_f1", "micro_f1"), commands=(RUNS,),
+    add(what, "--metric", choices=("macro_f1", "micro_f1"),
         help="headline metric of the --task-dir tasks (default macro_f1)")
-    add(what, "--baseline", choices=sorted(TEXT_MODES), commands=(RUNS,),
+    add(what, "--baseline", choices=sorted(TEXT_MODES),
         help="the mode the --task-dir table tests the others against (one-sided p; default tapt if run, else "
              "finetune)")
-    add(what, "--aux", choices=("tapt", "dapt", "dapt+tapt", "none"), commands=(RUNS,), modes=TARTAN_MODES,
+    add(what, "--aux", choices=("tapt", "dapt", "dapt+tapt", "none"),
         help="auxiliary MLM tasks T_aux of mt/meta (default tapt, as Table 1); none = only --aux-file")
-    add(what, "--aux-file", action="append", default=[], metavar="PATH", commands=(RUNS,), modes=WITH_AUX,
+    add(what, "--aux-file", action="append", default=[], metavar="PATH",
         help="one more MLM auxiliary task on this text file (one example per line; a .jsonl file: the texts of "
              "its {\"text\": ..., \"label\": ...} lines), named after the file; repeatable. For tapt/dapt modes: "
              "one more Eq. 1 stage, run first")
-    add(what, "--dapt-corpus", metavar="1x|10x|full|PATH", commands=(RUNS, TABLE),
+    add(what, "--dapt-corpus", metavar="1x|10x|full|PATH",
         help="DAPT text: n = 1x or 10x |Train| of in-domain text (domain.{1x,10x}TAPT.txt; default 10x, as Tables 2 "
              "and 4), 'full' (domain.full.txt, placed by hand: Table 3), or a file")
-    add(what, "--seeds", type=parse_seeds, metavar="0-9", commands=TRAINING + (DEMO,),
+    add(what, "--seeds", type=parse_seeds, metavar="0-9",
         help="seeds, e.g. 0-9 or 0,3 (default: the paper's number for the table or figure, 10 for --task/--mode; "
              f"{seeds_str(DEMO_SEEDS)} for the demo)")
-    add(what, "--table", type=int, choices=sorted(TABLES), commands=(TABLE,),
-        help="run a whole table of the paper and print it")
-    add(what, "--figure", type=int, choices=sorted(FIGURES), commands=(FIGURE,),
-        help="run a figure's runs and draw it to PNG")
-    add(what, "--diagnostics", metavar="DIR", commands=(DIAGNOSE,),
+    add(what, "--table", type=int, choices=sorted(TABLES), help="run a whole table of the paper and print it")
+    add(what, "--figure", type=int, choices=sorted(FIGURES), help="run a figure's runs and draw it to PNG")
+    add(what, "--diagnostics", metavar="DIR",
         help="META's signal per meta-head variant, from the META result files under DIR/<variant>/<task>/: cosines "
              "of end-task and auxiliary gradients with g_meta, their norms, phi*'s loss on B*_val against phi''s dev "
              "loss, phi*'s fit, the end-task's final weight; printed and written to DIR/diagnostics.md")
-    add(what, "--bench", action="store_true", commands=(BENCH,),
+    add(what, "--bench", action="store_true",
         help="speed benchmark of the training steps (its flags: the benchmark group below)")
 
-    where = p.add_argument_group("model, data, results")
-    add(where, "--model", default="roberta-base", commands=TRAINING,
+
+def _model_data_results(where, add) -> None:
+    add(where, "--model", default="roberta-base",
         help="body theta_body: Hugging Face hub id or local directory of a masked-LM checkpoint (default "
              "%(default)s, Sec. 4)")
-    add(where, "--baselines", choices=("released", "retrain"), commands=TRAINING, modes=PRETRAIN_TEXT_MODES,
+    add(where, "--baselines", choices=("released", "retrain"),
         help=f"released: tapt, dapt (full corpus) and dapt+tapt fine-tune Gururangan et al.'s released {PAPER_BODY} "
              f"checkpoints from the Hub, as the paper did (Sec. 4; an error where there is none); retrain: run "
              f"Eq. 1 here. Default: the released ones where they exist with --model {PAPER_BODY} and no "
              f"--quick/--budget (Table 2's DAPT at n = 10x has none), else retrain")
-    add(where, "--checkpoint-dir", metavar="DIR", commands=TRAINING,
+    add(where, "--checkpoint-dir", metavar="DIR",
         help="a folder holding Hub checkpoints by id (DIR/roberta-base, DIR/allenai/...), used instead of the Hub "
              "(offline nodes)")
-    add(where, "--data-dir", default=cache_path("data"), commands=TRAINING,
+    add(where, "--data-dir", default=cache_path("data"),
         help="data folder (default %(default)s, under TARTAN_CACHE as the runs' progress files are); files already there "
              "are used as they are, missing ones are downloaded from the authors' pinned copy and checked (SHA-256)")
-    add(where, "--data-url", default=DATA_URL, help=argparse.SUPPRESS, commands=TRAINING)  # tests and mirrors
-    add(where, "--out", default="results", commands=TRAINING + (DEMO, BENCH),
+    add(where, "--data-url", default=DATA_URL, help=argparse.SUPPRESS)  # tests and mirrors
+    add(where, "--out", default="results",
         help="results folder: one JSON per run, tables, figures (default %(default)s)")
-    add(where, "--device", default="auto", choices=("auto", "cpu", "cuda"), commands=TRAINING + (BENCH,),
+    add(where, "--device", default="auto", choices=("auto", "cpu", "cuda"),
         help="default %(default)s: CUDA when torch sees it, else the CPU")
-    add(where, "--rerun", action="store_true", commands=TRAINING,
+    add(where, "--rerun", action="store_true",
         help="re-run and replace runs whose result file exists (needed when a flag or a data file has changed "
              "since the file was made: such a file is refused, not reused)")
-    add(where, "--report-only", action="store_true", commands=TRAINING,
+    add(where, "--report-only", action="store_true",
         help="print tables / draw figures from the result files already in --out; train nothing")
-    add(where, "--save-model", metavar="DIR", commands=(RUNS,),
+    add(where, "--save-model", metavar="DIR",
         help="keep the selected body and end-task head: a folder transformers loads, plus end_task_head.pt and "
              "end_task.json (labels); one subfolder DIR/<task>/<run> per run when the command has several")
-    add(where, "--shard", metavar="K/N", commands=TRAINING,
+    add(where, "--shard", metavar="K/N",
         help="run only every N-th run of the command, starting at K (0 <= K < N); default: from torchrun's RANK and "
              "WORLD_SIZE or a SLURM array's SLURM_ARRAY_TASK_ID and _COUNT when set. Shards share --out; "
              "--report-only afterwards prints the table")
-    add(where, "--download-only", action="store_true", commands=TRAINING,
+    add(where, "--download-only", action="store_true",
         help="fetch and check the model, data files and corpora the command needs, then exit (for compute nodes "
              "without network)")
-    add(where, "--no-progress", dest="progress", action="store_false", commands=TRAINING + (DEMO, BENCH),
-        help="no progress bars")
+    add(where, "--no-progress", dest="progress", action="store_false", help="no progress bars")
 
-    budget = p.add_argument_group(
-        "budget (default: the paper's value for the mode; 'end-task stage' = Eq. 2 for finetune/tapt/dapt, Eq. 3 or "
-        "Alg. 1 for mt/meta; 'Eq. 1' = the TAPT/DAPT pre-training; 'final' = the optional Eq. 2 after MT/META)")
+
+def _budget_flags(budget, add) -> None:
+    """--quick, --budget, the flags every stage takes and META's; a config flag's help gives the paper's value."""
+    mt, eq2, eq1, meta = tartan.TrainConfig(), tartan.FinetuneConfig(), tartan.PretrainConfig(), tartan.MetaConfig()
+    final = tartan.tartan_finetune()
     q = QUICK
-    add(budget, "--quick", action="store_true", commands=TRAINING + (DEMO, BENCH),
+    add(budget, "--quick", action="store_true",
         help=f"tiny smoke budget: max length {q['max_length']}, {q['limit']} examples per split and corpus, "
              f"{q['train']['max_steps']} steps ({q['pretrain']['max_steps']} for Eq. 1 and final), batches of "
              f"{q['train']['batch_size']}; not the paper's experiment. Demo: the reduced demo; bench: a tiny model")
-    add(budget, "--budget", choices=sorted(BUDGETS), commands=TRAINING,
+    add(budget, "--budget", choices=sorted(BUDGETS),
         help="a named reduced budget (printed under the table and stored in each result file): "
              + "; ".join(f"{name} = {describe_budget(name)}" for name in sorted(BUDGETS)))
-    add(budget, "--max-length", type=int, metavar="T", commands=TRAINING + (BENCH,),
+    add(budget, "--max-length", type=int, metavar="T",
         help=f"tokens per example, all data (paper {PAPER_MAX_LENGTH}; bench: see below)")
-    add(budget, "--limit", type=int, metavar="N", commands=TRAINING,
+    add(budget, "--limit", type=int, metavar="N",
         help="use a fixed random N examples of each split and N lines of each corpus (smoke runs)")
-    add(budget, "--batch-size", type=int, commands=TRAINING + (BENCH,),
+    add(budget, "--batch-size", type=int,
         help=f"|B*_tr|, end-task micro-batch of the end-task and final stages ({_paper('batch_size', mt=mt, eq2=eq2)})")
-    add(budget, "--aux-batch-size", type=int, commands=TRAINING + (BENCH,), modes=WITH_AUX,
+    add(budget, "--aux-batch-size", type=int,
         help=f"|B_i|, auxiliary micro-batch, Eq. 1 and MT/META ({_paper('aux_batch_size', mt=mt, eq1=eq1)})")
-    add(budget, "--grad-accum", type=int, commands=TRAINING,
+    add(budget, "--grad-accum", type=int,
         help=f"micro-batches per optimizer step, every stage ({_paper('grad_accum', mt=mt, eq1=eq1, eq2=eq2)})")
-    # Every training stage takes the same four flags (runs.FLAGS: the end-task stage's, pretrain_*, final_*), each with
-    # the help "<stage>: <what> (<the paper's value in each config of the stage>)".
-    for prefix, stage, modes, paper, epochs, (body, head) in (
-            ("", "end-task stage", None, dict(mt=mt, eq2=eq2),
+    # Every training stage takes the same four flags (experiments.flags: the end-task stage's, pretrain_*, final_*),
+    # each with the help "<stage>: <what> (<the paper's value in each config of the stage>)".
+    for prefix, stage, paper, epochs, (body, head) in (
+            ("", "end-task stage", dict(mt=mt, eq2=eq2),
              "passes over the largest training set, with early stopping", ("beta_1, body", "beta_2, head")),
-            ("pretrain-", "Eq. 1", PRETRAIN_MODES, dict(eq1=eq1),
+            ("pretrain-", "Eq. 1", dict(eq1=eq1),
              "passes over the corpus, TAPT's number, used for DAPT too", ("body", "MLM head")),
-            ("final-", "final Eq. 2 after MT/META", TARTAN_MODES, dict(final=final),
+            ("final-", "final Eq. 2 after MT/META", dict(final=final),
              "passes over the end-task's training set", ("body", "head"))):
         for name, kind, field_, what in (("epochs", float, "epochs", epochs), ("steps", int, None, "optimizer steps"),
                                          ("lr", float, "lr", f"{body} learning rate"),
                                          ("head-lr", float, "head_lr", f"{head} learning rate")):
             value = _paper(field_, **paper) if field_ else f"overrides --{prefix}epochs"  # steps: no paper value
-            add(budget, f"--{prefix}{name}", type=kind, commands=TRAINING, modes=modes,
-                help=f"{stage}: {what} ({value})")
-    add(budget, "--eval-every", type=int, commands=TRAINING,
+            add(budget, f"--{prefix}{name}", type=kind, help=f"{stage}: {what} ({value})")
+    add(budget, "--eval-every", type=int,
         help=f"end-task stage: evaluate dev every this many steps, 0 = once per epoch "
              f"({_paper('eval_every', mt=mt, eq2=eq2)})")
-    add(budget, "--patience", type=int, commands=TRAINING,
+    add(budget, "--patience", type=int,
         help=f"end-task stage: stop after this many evaluations without a new best dev score "
              f"({_paper('patience', mt=mt, eq2=eq2)})")
     # META's step sizes and batches: "<what> (<the paper's value>; <the vision experiment's, where it differs>)".
-    for field_, kind, commands, what in (
-            ("meta_lr", float, TRAINING, "eta, task-weight step size of META"),
-            ("meta_batch_size", int, TRAINING + (BENCH,), "rows the meta head phi* is fitted on (at most --batch-size "
-             "with --meta-head-data train), and |B*_val| unless --meta-val-batch-size"),
-            ("meta_head_steps", int, TRAINING, "steps to fit phi* from a fresh init"),
-            ("meta_head_lr", float, TRAINING, "phi* learning rate")):
+    for field_, kind, what in (
+            ("meta_lr", float, "eta, task-weight step size of META"),
+            ("meta_batch_size", int, "rows the meta head phi* is fitted on (at most --batch-size with --meta-head-data "
+             "train), and |B*_val| unless --meta-val-batch-size"),
+            ("meta_head_steps", int, "steps to fit phi* from a fresh init"),
+            ("meta_head_lr", float, "phi* learning rate")):
         vision = VISION_META.get(field_, getattr(meta, field_))
         value = _paper(field_, meta=meta) + (f"; vision {vision:g}" if vision != getattr(meta, field_) else "")
-        add(budget, f"--{field_.replace('_', '-')}", type=kind, commands=commands, modes=META_MODES,
-            help=f"{what} ({value})")
-    add(budget, "--meta-head-data", choices=("train", "dev"), commands=TRAINING, modes=("meta",),
+        add(budget, f"--{field_.replace('_', '-')}", type=kind, help=f"{what} ({value})")
+    add(budget, "--meta-head-data", choices=("train", "dev"),
         help=f"rows phi* is fitted on: train = the first --meta-batch-size rows of the end-task batch B*_tr (Sec. "
              f"3.3, A.1), dev = a dev batch of their own (the released code) (default {meta.meta_head_data})")
-    add(budget, "--meta-head-tol", type=float, commands=TRAINING, modes=("meta",),
+    add(budget, "--meta-head-tol", type=float,
         help="> 0: fit phi* until 10 steps lower its loss by less than this fraction, at most --meta-head-steps "
              f"steps (Sec. 3.3's 'to convergence'); default {meta.meta_head_tol:g} = always --meta-head-steps")
-    add(budget, "--meta-val-batch-size", type=int, commands=TRAINING, modes=META_MODES,
+    add(budget, "--meta-val-batch-size", type=int,
         help="|B*_val|, the dev rows of the meta gradient (the paper gives none; default = --meta-batch-size)")
-    add(budget, "--warm-head-steps", type=int, commands=TRAINING, modes=WITH_AUX,
+    add(budget, "--warm-head-steps", type=int,
         help=f"a checkpoint without an LM head gets one fitted on the task's text, body frozen, before TAPT/MT/META "
              f"use it: this many steps (default {PAPER_WARM_HEAD['steps']} with the paper's settings, the named "
              f"budget's value with --budget, none with --quick; 0 = none)")
-    add(budget, "--no-final-finetune", action="store_true", commands=TRAINING, modes=TARTAN_MODES,
+    add(budget, "--no-final-finetune", action="store_true",
         help="skip the optional Eq. 2 stage after MT/META (it is kept only if dev improves)")
 
+
+def _bench_flags(p, add) -> None:
+    """The benchmark's own group; its title gives the sizes each model defaults to."""
     sizes = ", ".join(f"{m} {'/'.join(map(str, s))}" for m, s in BENCH_SIZES.items())
     counts = ", ".join(f"{k} {c['rounds']} x {c['steps']} after {c['warmup']}" for k, c in BENCH_COUNTS.items())
     bench = p.add_argument_group(
         "benchmark (--bench; also --quick, --out, --device, --no-progress, and --batch-size, --aux-batch-size, "
         f"--meta-batch-size, --max-length, whose defaults per model, as end/aux/meta/length, are: {sizes})")
-    add(bench, "--bench-model", choices=[m for m in BENCH_SHAPES if m != "tiny"], commands=(BENCH,),
+    add(bench, "--bench-model", choices=[m for m in BENCH_SHAPES if m != "tiny"],
         help="default: roberta-base on CUDA, small on CPU, tiny with --quick")
-    add(bench, "--bench-n-aux", type=int, default=1, commands=(BENCH,),
-        help="number of auxiliary MLM tasks (default %(default)s)")
-    add(bench, "--bench-steps", type=int, commands=(BENCH,), help=f"timed steps per item and round ({counts})")
-    add(bench, "--bench-warmup", type=int, commands=(BENCH,), help="untimed steps per item and round")
-    add(bench, "--bench-rounds", type=int, commands=(BENCH,), help="rounds, each timing every item")
-    add(bench, "--bench-threads", type=int, commands=(BENCH,),
-        help="torch CPU threads (default: torch's; --quick: 1)")
-    add(bench, "--bench-peak-tflops", type=float, commands=(BENCH,), help="device peak for MFU (default: by name)")
-    add(bench, "--no-bf16", dest="bf16", action="store_false", commands=(BENCH,), help="no bf16 autocast on CUDA")
-    add(bench, "--default-malloc", action="store_true", commands=(BENCH,),
+    add(bench, "--bench-n-aux", type=int, default=1, help="number of auxiliary MLM tasks (default %(default)s)")
+    add(bench, "--bench-steps", type=int, help=f"timed steps per item and round ({counts})")
+    add(bench, "--bench-warmup", type=int, help="untimed steps per item and round")
+    add(bench, "--bench-rounds", type=int, help="rounds, each timing every item")
+    add(bench, "--bench-threads", type=int, help="torch CPU threads (default: torch's; --quick: 1)")
+    add(bench, "--bench-peak-tflops", type=float, help="device peak for MFU (default: by name)")
+    add(bench, "--no-bf16", dest="bf16", action="store_false", help="no bf16 autocast on CUDA")
+    add(bench, "--default-malloc", action="store_true",
         help="on CPU the bench first makes glibc keep freed memory for reuse (experiments.bench.tune_malloc: a "
              "process-wide mallopt, which removes the page faults that otherwise dominate the step overheads); "
              "this flag leaves glibc's malloc as it is. No other command changes the allocator")
-    return p, scope
 
 
 USAGE = """TARTAN (end-task aware training). Start here, offline, a few minutes on a laptop CPU:
@@ -300,10 +295,9 @@ def _command(parser, args) -> tuple[str, str, tuple[str, ...]]:
     if chosen == [DIAGNOSE]:
         return DIAGNOSE, "--diagnostics", ()
     if chosen == [TABLE]:
-        modes = tuple(c.mode for c in TABLES[args.table].columns if not args.mode or c.mode in args.mode)
-        return TABLE, f"--table {args.table}", modes
+        return TABLE, f"--table {args.table}", tuple(c.mode for c in table_columns(args.table, args.mode))
     if chosen == [FIGURE]:
-        return FIGURE, f"--figure {args.figure}", ({2: ("dapt", "meta"), 3: META_MODES}.get(args.figure, ("meta",)))
+        return FIGURE, f"--figure {args.figure}", figure_modes(args.figure)
     if not ((args.task or args.task_dir) and args.mode):
         parser.error("give --task (or --task-dir) and --mode, or --table, or --figure, or --task demo, or --bench")
     return RUNS, f"--mode {' '.join(args.mode)}", tuple(args.mode)
@@ -319,43 +313,41 @@ def _given(argv) -> set[str]:
 
 def _check_flags(parser, args, scope: dict, command: str, named: str, modes: tuple[str, ...],
                  given: set[str] = frozenset()) -> None:
-    """A flag given that does not apply to the command, or to none of the modes it trains, is an error. given: the
-    flags written (_given); without it, a flag counts as given where its value is not the default."""
-    for dest, (flag, default, commands, only) in scope.items():
-        value = getattr(args, dest)
+    """A flag given that does not apply (experiments.flags.FLAGS) to the command, to none of the modes it trains or to
+    its tasks is an error, and so is a count under 1. given: the flags written (_given); without it, a flag counts as
+    given where its value is not the default."""
+    vision = set(args.task or (TABLES[args.table].tasks if args.table else ())) == {"mammals"}
+    for dest, (flag, default) in scope.items():
+        value, applies = getattr(args, dest), FLAGS[dest]
         if (value == default or value is None) and dest not in given:
             continue
-        if command not in commands:
+        if command not in applies.commands:
             parser.error(f"{flag} does not apply to {named}")
-        if command in TRAINING and only is not None and not set(modes) & set(only):
-            parser.error(f"{flag} does not apply to {named} (it applies to --mode {', '.join(only)})")
-        if dest in FINAL_FLAGS and command in TRAINING:
+        if command in TRAINING and applies.modes is not None and not set(modes) & set(applies.modes):
+            parser.error(f"{flag} does not apply to {named} (it applies to --mode {', '.join(applies.modes)})")
+        if applies.stages == ("final",) and command in TRAINING:
             if args.budget and BUDGETS[args.budget]["final"] is None:
                 parser.error(f"{flag} does not apply to --budget {args.budget} (it has no final fine-tuning)")
-            if set(args.task or (TABLES[args.table].tasks if args.table else ())) == {"mammals"}:
+            if vision:
                 parser.error(f"{flag} does not apply to {named if args.table else '--task mammals'} (mammals has no "
                              f"final fine-tuning stage)")
-        if dest in TEXT_ONLY and command in TRAINING and set(args.task or (TABLES[args.table].tasks if args.table
-                                                                           else ())) == {"mammals"}:
+        if applies.text and command in TRAINING and vision:
             parser.error(f"{flag} does not apply to mammals (the vision experiment: WideResNet-16-2 on CIFAR-100)")
         if dest == "baselines" and value == "released" and args.model != PAPER_BODY:
             parser.error(f"--baselines released: the released checkpoints are {PAPER_BODY} bodies, not --model "
                          f"{args.model} (use --baselines retrain)")
-        if dest in AT_LEAST_ONE and value < 1:
+        if applies.positive and value < 1:
             parser.error(f"{flag} must be at least 1")
 
 
 def _check_combinations(parser, args, command: str, modes: tuple[str, ...]) -> None:
     """Flags that apply only beside another flag, or never beside one."""
-    if args.dapt_corpus and command in (RUNS, TABLE):  # DAPT text is read by the dapt modes and by MT/META's --aux
-        pairs = [(c.mode, c.aux) for c in TABLES[args.table].columns if c.mode in modes] if command == TABLE else \
-            [(m, args.aux) for m in modes]  # (mode, aux) of each column or mode run
-        if not any("dapt" in mode or (mode in TARTAN_MODES and "dapt" in (aux or "tapt")) for mode, aux in pairs):
-            what = f"--table {args.table}" if command == TABLE else " ".join(
-                [f"--mode {' '.join(modes)}"] + ([f"--aux {args.aux or 'tapt'}"] if set(modes) & set(TARTAN_MODES)
-                                                 else []))
-            parser.error(f"--dapt-corpus does not apply to {what}: no run of it reads DAPT text (modes dapt, "
-                         f"dapt+tapt; mt and meta with --aux dapt or dapt+tapt)")
+    if args.dapt_corpus and command in (RUNS, TABLE) and not reads_dapt(args.table, args.mode, args.aux):
+        what = f"--table {args.table}" if command == TABLE else " ".join(
+            [f"--mode {' '.join(modes)}"] + ([f"--aux {args.aux or 'tapt'}"] if set(modes) & set(TARTAN_MODES)
+                                             else []))
+        parser.error(f"--dapt-corpus does not apply to {what}: no run of it reads DAPT text (modes dapt, "
+                     f"dapt+tapt; mt and meta with --aux dapt or dapt+tapt)")
     for flag, given in (("--metric", args.metric), ("--baseline", args.baseline)):
         if given and not args.task_dir:
             parser.error(f"{flag} does not apply without --task-dir (the paper's tasks have the paper's metric and "
@@ -401,7 +393,7 @@ def _corpora(parser, aux_files: list[str], dapt_corpus: str | None) -> tuple[dic
 def make_settings(args, extra_corpora: dict) -> Settings:
     """The settings of the training commands, from the parsed flags: the only place that reads them."""
     budget = Budget(quick=args.quick, name=args.budget, no_final_finetune=args.no_final_finetune,
-                    overrides={flag: getattr(args, flag) for flag in FLAGS if getattr(args, flag) is not None},
+                    overrides={k: getattr(args, k) for k in CONFIG_FLAGS if getattr(args, k) is not None},
                     max_length=args.max_length, limit=args.limit, warm_head_steps=args.warm_head_steps)
     paper_run = args.model == PAPER_BODY and not (args.quick or args.budget)
     return Settings(model=args.model, data_dir=args.data_dir, out=args.out, budget=budget, data_url=args.data_url,

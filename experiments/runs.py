@@ -24,6 +24,7 @@ import tartan
 
 from .common import PeakMemory, ReproduceError, atomic_write_json, describe_device, progress_bar, set_seed, warn
 from .data import DATA_URL, corpus_file, file_digest
+from .flags import CONFIG_FLAGS, option
 from .keep import check_save_dir, predictions_path, save_model_atomic, write_predictions
 from .launch import Finished, Shard
 from .own import own_corpus_file
@@ -33,28 +34,10 @@ from .paper import (BUDGETS, PAPER_MAX_LENGTH, PAPER_WARM_HEAD, PRETRAIN_TEXT_MO
 from .store import Checkpoints, DataFiles, corpus_texts, progress_path
 from .vision import MAMMALS, WideResNet, mammals_tasks
 
-FLAGS = {  # budget flag -> (config field, stages it sets)
-    "batch_size": ("batch_size", ("train", "final")),
-    "aux_batch_size": ("aux_batch_size", ("train", "pretrain")),
-    "grad_accum": ("grad_accum", ("train", "pretrain", "final")),
-    "epochs": ("epochs", ("train",)), "steps": ("max_steps", ("train",)),
-    "lr": ("lr", ("train",)), "head_lr": ("head_lr", ("train",)),
-    "eval_every": ("eval_every", ("train",)), "patience": ("patience", ("train",)),
-    "meta_lr": ("meta_lr", ("train",)), "meta_batch_size": ("meta_batch_size", ("train",)),
-    "meta_head_steps": ("meta_head_steps", ("train",)), "meta_head_lr": ("meta_head_lr", ("train",)),
-    "meta_head_data": ("meta_head_data", ("train",)), "meta_head_tol": ("meta_head_tol", ("train",)),
-    "meta_val_batch_size": ("meta_val_batch_size", ("train",)),
-    "pretrain_epochs": ("epochs", ("pretrain",)), "pretrain_steps": ("max_steps", ("pretrain",)),
-    "pretrain_lr": ("lr", ("pretrain",)), "pretrain_head_lr": ("head_lr", ("pretrain",)),
-    "final_epochs": ("epochs", ("final",)), "final_steps": ("max_steps", ("final",)),
-    "final_lr": ("lr", ("final",)), "final_head_lr": ("head_lr", ("final",)),
-}
-
-
 @dataclass(frozen=True)
 class Budget:
-    """How a run departs from the paper's settings: --quick, a named --budget, and the budget flags given (FLAGS
-    names -> values), each applied in that order over the paper's values."""
+    """How a run departs from the paper's settings: --quick, a named --budget, and the config flags given
+    (flags.CONFIG_FLAGS dests -> values), each applied in that order over the paper's values."""
     quick: bool = False
     name: str | None = None
     overrides: dict = field(default_factory=dict)
@@ -96,16 +79,16 @@ class Budget:
             values.update(BUDGETS[self.name][stage] or {})
             if eq2:
                 values.update(BUDGETS[self.name]["eq2"])
-        for flag, (name, stages) in FLAGS.items():
-            if stage in stages and self.overrides.get(flag) is not None:
-                values[name] = self.overrides[flag]
+        for dest, flag in CONFIG_FLAGS.items():
+            if stage in flag.stages and self.overrides.get(dest) is not None:
+                values[flag.field] = self.overrides[dest]
         return values
 
     def describe(self) -> str:
         """The budget in the words of the command line, printed under a table."""
-        given = [f"--{k.replace('_', '-')} {self.overrides[k]}" for k in FLAGS if self.overrides.get(k) is not None]
-        given += [f"--{k.replace('_', '-')} {v}" for k, v in (("max_length", self.max_length),
-                                                              ("limit", self.limit)) if v is not None]
+        given = [f"{option(k)} {self.overrides[k]}" for k in CONFIG_FLAGS if self.overrides.get(k) is not None]
+        given += [f"{option(k)} {v}" for k, v in (("max_length", self.max_length), ("limit", self.limit))
+                  if v is not None]
         if self.warm_head_steps is not None:
             given.append(f"--warm-head-steps {self.warm_head_steps}")
         if self.no_final_finetune:

@@ -8,12 +8,23 @@ from .paper import FIGURES, TABLES, TEXT_MODES, VISION_MODES
 from .runs import Run, Workspace, execute_all, make_run
 
 
+def table_columns(number: int, modes=None) -> list:
+    """The columns of a table that a command runs: those of `modes` (default: all)."""
+    return [c for c in TABLES[number].columns if not modes or c.mode in modes]
+
+
 def table_runs(number: int, tasks, modes, seeds, dapt) -> dict:
     """(task, column label) -> the cell's runs, one per seed; tasks, modes: only these rows and columns."""
-    table = TABLES[number]
-    cols = [c for c in table.columns if not modes or c.mode in modes]
     return {(task, c.label): [make_run(task, c.mode, c.aux, s, dapt) for s in seeds]
-            for task in table.tasks if not tasks or task in tasks for c in cols}
+            for task in TABLES[number].tasks if not tasks or task in tasks for c in table_columns(number, modes)}
+
+
+def reads_dapt(table: int | None, modes, aux: str | None) -> bool:
+    """Whether a run trains on DAPT text: of the table's columns of `modes` (all without), or without a table of
+    --mode `modes` with --aux `aux`."""
+    runs = [r for cell in table_runs(table, None, modes, [0], "10x").values() for r in cell] if table else \
+        [make_run("", mode, aux, 0, "10x") for mode in modes]
+    return any(corpus.startswith("dapt") for r in runs for corpus in r.aux)
 
 
 def run_table(number: int, ws: Workspace, seeds=None, tasks=None, modes=None, dapt: str | None = None) -> str:
@@ -42,6 +53,11 @@ def figure_runs(number: int, tasks, seeds) -> dict:
         return {(t, label): [make_run(t, mode, "dapt", s, "10x") for s in seeds] for t in chosen
                 for label, mode in (("separate head phi*", "meta"), ("same head phi'", "meta-samehead"))}
     return {(t, "META-TARTAN"): [make_run(t, "meta", "dapt+tapt", s, "10x") for s in seeds] for t in chosen}
+
+
+def figure_modes(number: int) -> tuple[str, ...]:
+    """The modes a figure's runs train."""
+    return tuple(dict.fromkeys(r.mode for runs in figure_runs(number, None, [0]).values() for r in runs))
 
 
 def run_figure(number: int, ws: Workspace, seeds=None, tasks=None) -> str:

@@ -7,7 +7,7 @@ import torch
 
 import reproduce
 import tartan
-from experiments import paper, runs
+from experiments import flags, paper, runs
 
 # The committed result files of the CPU sweep (experiments/results/README.md), each with the flags that made
 # it. Today's runner must build the very config stored in each file (the one compared on resume), or --report-only
@@ -137,13 +137,14 @@ def test_help_shows_the_paper_defaults_read_from_tartans_configs(capsys):
     assert "benchmark (--bench;" in text and "--bench-steps" in text and "--default-malloc" in text
 
 
-def test_every_budget_flag_is_on_the_command_line_and_applies_to_the_modes_that_run_its_stage():
+def test_every_flag_has_one_row_and_config_flags_apply_to_the_modes_that_run_their_stage():
+    """experiments.flags.FLAGS is the one table of what a flag applies to: every flag of the parser has its row."""
     _, scope = reproduce.build_parser()
+    assert set(scope) == set(flags.FLAGS)
     only = {("pretrain",): paper.PRETRAIN_MODES, ("final",): paper.TARTAN_MODES}  # a stage that not every mode runs
-    for flag, (_, stages) in runs.FLAGS.items():
-        option, _, _, modes = scope[flag]
-        assert option == "--" + flag.replace("_", "-")
-        assert modes == only.get(stages, modes)
-    assert [f for f, (_, stages) in runs.FLAGS.items() if stages in only] == [
+    for dest, flag in flags.CONFIG_FLAGS.items():
+        assert scope[dest][0] == flags.option(dest)
+        assert flag.modes == only.get(flag.stages, flag.modes)
+    assert [d for d, flag in flags.CONFIG_FLAGS.items() if flag.stages in only] == [
         "pretrain_epochs", "pretrain_steps", "pretrain_lr", "pretrain_head_lr",
         "final_epochs", "final_steps", "final_lr", "final_head_lr"]

@@ -1,0 +1,78 @@
+"""The command line's flags as data, in one table: for each flag (its argparse dest) the commands and modes it applies
+to, the config field it sets and in which stages, and whether it applies to text tasks only or is a count taken from 1.
+reproduce.py builds its parser beside the table and checks the flags given against it; runs.Budget reads the config
+fields from it."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .paper import META_MODES, PRETRAIN_MODES, PRETRAIN_TEXT_MODES, TARTAN_MODES, WITH_AUX
+
+# The commands: runs = --task/--mode, a table, a figure, the demo, the benchmark, META's diagnostics.
+RUNS, TABLE, FIGURE, DEMO, BENCH, DIAGNOSE = "runs", "table", "figure", "demo", "bench", "diagnostics"
+TRAINING = (RUNS, TABLE, FIGURE)
+
+
+@dataclass(frozen=True)
+class Flag:
+    commands: tuple[str, ...]             # the commands it applies to
+    modes: tuple[str, ...] | None = None  # of a training command, the modes it changes something in (None: every one)
+    field: str | None = None              # the config field it sets,
+    stages: tuple[str, ...] = ()          # in the configs of these stages ("train", "pretrain", "final")
+    text: bool = False                    # it does nothing for the vision experiment (mammals)
+    positive: bool = False                # a count the command line takes from 1
+
+
+def _stage_flags(prefix: str, stage: str, modes) -> dict:
+    """The four flags every training stage takes: --<prefix>epochs, steps, lr, head-lr (--steps of 0 would mean
+    "derive from epochs", which leaving it out says)."""
+    return {f"{prefix}{name}": Flag(TRAINING, modes, field, (stage,), positive=name == "steps")
+            for name, field in (("epochs", "epochs"), ("steps", "max_steps"), ("lr", "lr"), ("head_lr", "head_lr"))}
+
+
+FLAGS = {
+    # what to run
+    "task": Flag(TRAINING + (DEMO,)), "mode": Flag((RUNS, TABLE)), "task_dir": Flag((RUNS,)),
+    "metric": Flag((RUNS,)), "baseline": Flag((RUNS,)),
+    "aux": Flag((RUNS,), TARTAN_MODES, text=True), "aux_file": Flag((RUNS,), WITH_AUX, text=True),
+    "dapt_corpus": Flag((RUNS, TABLE), text=True), "seeds": Flag(TRAINING + (DEMO,)), "table": Flag((TABLE,)),
+    "figure": Flag((FIGURE,)), "diagnostics": Flag((DIAGNOSE,)), "bench": Flag((BENCH,)),
+    # model, data, results
+    "model": Flag(TRAINING, text=True), "baselines": Flag(TRAINING, PRETRAIN_TEXT_MODES, text=True),
+    "checkpoint_dir": Flag(TRAINING, text=True), "data_dir": Flag(TRAINING), "data_url": Flag(TRAINING),
+    "out": Flag(TRAINING + (DEMO, BENCH)), "device": Flag(TRAINING + (BENCH,)), "rerun": Flag(TRAINING),
+    "report_only": Flag(TRAINING), "save_model": Flag((RUNS,)), "shard": Flag(TRAINING),
+    "download_only": Flag(TRAINING), "progress": Flag(TRAINING + (DEMO, BENCH)),
+    # budget; runs.Budget.describe lists the config flags given in this order
+    "quick": Flag(TRAINING + (DEMO, BENCH)), "budget": Flag(TRAINING),
+    "max_length": Flag(TRAINING + (BENCH,), text=True, positive=True), "limit": Flag(TRAINING, positive=True),
+    "batch_size": Flag(TRAINING + (BENCH,), None, "batch_size", ("train", "final"), positive=True),
+    "aux_batch_size": Flag(TRAINING + (BENCH,), WITH_AUX, "aux_batch_size", ("train", "pretrain"), positive=True),
+    "grad_accum": Flag(TRAINING, None, "grad_accum", ("train", "pretrain", "final"), positive=True),
+    **_stage_flags("", "train", None),
+    "eval_every": Flag(TRAINING, None, "eval_every", ("train",)),
+    "patience": Flag(TRAINING, None, "patience", ("train",)),
+    "meta_lr": Flag(TRAINING, META_MODES, "meta_lr", ("train",)),
+    "meta_batch_size": Flag(TRAINING + (BENCH,), META_MODES, "meta_batch_size", ("train",), positive=True),
+    "meta_head_steps": Flag(TRAINING, META_MODES, "meta_head_steps", ("train",), positive=True),
+    "meta_head_lr": Flag(TRAINING, META_MODES, "meta_head_lr", ("train",)),
+    "meta_head_data": Flag(TRAINING, ("meta",), "meta_head_data", ("train",)),
+    "meta_head_tol": Flag(TRAINING, ("meta",), "meta_head_tol", ("train",)),
+    "meta_val_batch_size": Flag(TRAINING, META_MODES, "meta_val_batch_size", ("train",)),
+    **_stage_flags("pretrain_", "pretrain", PRETRAIN_MODES),
+    **_stage_flags("final_", "final", TARTAN_MODES),
+    "warm_head_steps": Flag(TRAINING, WITH_AUX, text=True),
+    "no_final_finetune": Flag(TRAINING, TARTAN_MODES, stages=("final",)),
+    # the benchmark
+    "bench_model": Flag((BENCH,)), "bench_n_aux": Flag((BENCH,), positive=True),
+    "bench_steps": Flag((BENCH,), positive=True), "bench_warmup": Flag((BENCH,), positive=True),
+    "bench_rounds": Flag((BENCH,), positive=True), "bench_threads": Flag((BENCH,), positive=True),
+    "bench_peak_tflops": Flag((BENCH,)), "bf16": Flag((BENCH,)), "default_malloc": Flag((BENCH,)),
+}
+CONFIG_FLAGS = {dest: flag for dest, flag in FLAGS.items() if flag.field}  # the flags runs.Budget puts in configs
+
+
+def option(dest: str) -> str:
+    """The option string of a config flag: --meta-batch-size for meta_batch_size."""
+    return "--" + dest.replace("_", "-")
+
