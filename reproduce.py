@@ -314,8 +314,8 @@ def _given(argv) -> set[str]:
 def _check_flags(parser, args, scope: dict, command: str, named: str, modes: tuple[str, ...],
                  given: set[str] = frozenset()) -> None:
     """A flag given that does not apply (experiments.flags.FLAGS) to the command, to none of the modes it trains or to
-    its tasks is an error, and so is a count under 1. given: the flags written (_given); without it, a flag counts as
-    given where its value is not the default."""
+    its tasks is an error, and so is a count under 1 (runs.check_configs checks the configs the flags make). given:
+    the flags written (_given); without it, a flag counts as given where its value is not the default."""
     vision = set(args.task or (TABLES[args.table].tasks if args.table else ())) == {"mammals"}
     for dest, (flag, default) in scope.items():
         value, applies = getattr(args, dest), FLAGS[dest]

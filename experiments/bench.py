@@ -31,7 +31,8 @@ import torch
 
 import tartan
 
-from .common import PeakMemory, ReproduceError, atomic_write_json, device_name, progress_bar, resolve_device, set_seed
+from .common import PeakMemory, atomic_write_json, device_name, progress_bar, resolve_device, set_seed
+from .flags import BENCH, check_flag_config
 
 
 BENCH_SHAPES = {  # RoBERTa-style encoders built from a config, random weights
@@ -115,7 +116,7 @@ def _run_bench(model, device, batch_size, aux_batch_size, meta_batch_size, max_l
                out_dir, quick, bf16, peak_tflops, num_labels, seed, malloc, progress, log):
     device = resolve_device(device)
     model = model or ("tiny" if quick else "roberta-base" if device.type == "cuda" else "small")
-    sizes = [given or default for given, default in
+    sizes = [default if given is None else given for given, default in
              zip((batch_size, aux_batch_size, meta_batch_size, max_length), BENCH_SIZES[model])]
     counts = BENCH_COUNTS["quick" if quick else "full"]
     steps, warmup, rounds = steps or counts["steps"], warmup or counts["warmup"], rounds or counts["rounds"]
@@ -141,11 +142,12 @@ class _Bench:
     step, tartan.train's steps (the items), their timing, and the summary of the timings."""
 
     def __init__(self, model, device, B, A, M, T, n_aux, bf16, num_labels, seed):
+        common = dict(batch_size=B, aux_batch_size=A, grad_accum=1, eval_every=-1, bf16=bf16, seed=seed,
+                      final_finetune=None)
+        self.cfg_train, self.cfg_meta = tartan.TrainConfig(**common), tartan.MetaConfig(meta_batch_size=M, **common)
+        check_flag_config(self.cfg_meta, "train", "the benchmark's META step", BENCH)  # before the model is built
         from transformers import AutoModelForMaskedLM, RobertaConfig
 
-        if M > B:
-            raise ReproduceError(f"--meta-batch-size {M} exceeds the end-task batch {B} (phi* is fitted on end-task "
-                                 f"batch rows)")
         self.device, self.B, self.A, self.M, self.T, self.n_aux, self.bf16 = device, B, A, M, T, n_aux, bf16
         self.seed = seed
         set_seed(seed)
@@ -167,9 +169,6 @@ class _Bench:
                                 train=_FixedData(aux_inputs, aux_labels)) for i in range(n_aux)]
         self.heads = [self.end.head] + [t.head for t in self.aux]
         self.autocast = tartan.autocast(device, bf16)  # as tartan.train builds it
-        common = dict(batch_size=B, aux_batch_size=A, grad_accum=1, eval_every=-1, bf16=bf16, seed=seed,
-                      final_finetune=None)
-        self.cfg_train, self.cfg_meta = tartan.TrainConfig(**common), tartan.MetaConfig(meta_batch_size=M, **common)
         self.floors = {"floor_end": (self.end.head, self.end.train), "floor_aux": (self.aux[0].head, self.aux[0].train),
                        "floor_val": (self.end.head, self.end.dev)}
         self.items = self._items()

@@ -1,16 +1,22 @@
 """The command line's flags as data, in one table: for each flag (its argparse dest) the commands and modes it applies
 to, the config field it sets and in which stages, and whether it applies to text tasks only or is a count taken from 1.
 reproduce.py builds its parser beside the table and checks the flags given against it; runs.Budget reads the config
-fields from it."""
+fields from it. The configs that the flags make are checked by tartan.check_config alone; check_flag_config says its
+refusal in the words of the command line."""
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
+import tartan
+
+from .common import ReproduceError
 from .paper import META_MODES, PRETRAIN_MODES, PRETRAIN_TEXT_MODES, TARTAN_MODES, WITH_AUX
 
 # The commands: runs = --task/--mode, a table, a figure, the demo, the benchmark, META's diagnostics.
 RUNS, TABLE, FIGURE, DEMO, BENCH, DIAGNOSE = "runs", "table", "figure", "demo", "bench", "diagnostics"
 TRAINING = (RUNS, TABLE, FIGURE)
+STAGES = {"train": "end-task stage", "pretrain": "Eq. 1 stage", "final": "final Eq. 2 stage"}  # a config's stage
 
 
 @dataclass(frozen=True)
@@ -18,9 +24,9 @@ class Flag:
     commands: tuple[str, ...]             # the commands it applies to
     modes: tuple[str, ...] | None = None  # of a training command, the modes it changes something in (None: every one)
     field: str | None = None              # the config field it sets,
-    stages: tuple[str, ...] = ()          # in the configs of these stages ("train", "pretrain", "final")
+    stages: tuple[str, ...] = ()          # in the configs of these stages (STAGES)
     text: bool = False                    # it does nothing for the vision experiment (mammals)
-    positive: bool = False                # a count the command line takes from 1
+    positive: bool = False                # taken from 1 (of a config field, only where check_config allows 0)
 
 
 def _stage_flags(prefix: str, stage: str, modes) -> dict:
@@ -46,15 +52,15 @@ FLAGS = {
     # budget; runs.Budget.describe lists the config flags given in this order
     "quick": Flag(TRAINING + (DEMO, BENCH)), "budget": Flag(TRAINING),
     "max_length": Flag(TRAINING + (BENCH,), text=True, positive=True), "limit": Flag(TRAINING, positive=True),
-    "batch_size": Flag(TRAINING + (BENCH,), None, "batch_size", ("train", "final"), positive=True),
-    "aux_batch_size": Flag(TRAINING + (BENCH,), WITH_AUX, "aux_batch_size", ("train", "pretrain"), positive=True),
-    "grad_accum": Flag(TRAINING, None, "grad_accum", ("train", "pretrain", "final"), positive=True),
+    "batch_size": Flag(TRAINING + (BENCH,), None, "batch_size", ("train", "final")),
+    "aux_batch_size": Flag(TRAINING + (BENCH,), WITH_AUX, "aux_batch_size", ("train", "pretrain")),
+    "grad_accum": Flag(TRAINING, None, "grad_accum", ("train", "pretrain", "final")),
     **_stage_flags("", "train", None),
     "eval_every": Flag(TRAINING, None, "eval_every", ("train",)),
     "patience": Flag(TRAINING, None, "patience", ("train",)),
     "meta_lr": Flag(TRAINING, META_MODES, "meta_lr", ("train",)),
-    "meta_batch_size": Flag(TRAINING + (BENCH,), META_MODES, "meta_batch_size", ("train",), positive=True),
-    "meta_head_steps": Flag(TRAINING, META_MODES, "meta_head_steps", ("train",), positive=True),
+    "meta_batch_size": Flag(TRAINING + (BENCH,), META_MODES, "meta_batch_size", ("train",)),
+    "meta_head_steps": Flag(TRAINING, META_MODES, "meta_head_steps", ("train",)),
     "meta_head_lr": Flag(TRAINING, META_MODES, "meta_head_lr", ("train",)),
     "meta_head_data": Flag(TRAINING, ("meta",), "meta_head_data", ("train",)),
     "meta_head_tol": Flag(TRAINING, ("meta",), "meta_head_tol", ("train",)),
@@ -76,3 +82,17 @@ def option(dest: str) -> str:
     """The option string of a config flag: --meta-batch-size for meta_batch_size."""
     return "--" + dest.replace("_", "-")
 
+
+def check_flag_config(cfg: tartan.TrainConfig, stage: str, where: str, command: str = RUNS) -> None:
+    """tartan.check_config of a config the flags made for `stage`; its refusal as one ReproduceError in the words of
+    the command line: each config field that a flag of `command` sets in that stage is named as the flag
+    (batch_size=0 as --batch-size 0, meta_head_data='dev' as --meta-head-data dev), then where (e.g. the run)."""
+    try:
+        tartan.check_config(cfg, isinstance(cfg, tartan.MetaConfig))
+    except ValueError as e:
+        names = {flag.field: dest for dest, flag in CONFIG_FLAGS.items()
+                 if stage in flag.stages and command in flag.commands}
+        # a field, after its config's class name if any, with its value if it has one ('quoted' or not)
+        pattern = r"\b(?:[A-Za-z]+Config\.)?(" + "|".join(names) + r")\b(?:=(?:'([^']*)'|([^\s:,;)]+)))?"
+        text = re.sub(pattern, lambda m: " ".join(filter(None, (option(names[m[1]]), m[2] or m[3]))), str(e))
+        raise ReproduceError(f"{text} ({where})") from None

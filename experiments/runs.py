@@ -1,5 +1,6 @@
-"""Runs: the budget a run is made under, what the settings decide for it, its configs, its identity, building its
-tasks, its result file, and resume. What the runs of a command share (data files, model checkpoints) is in store.py.
+"""Runs: the budget a run is made under, what the settings decide for it, its configs and their check, its identity,
+building its tasks, training it (resumed from its progress file) and its result file. What the runs of a command share
+(data files, model checkpoints) is in store.py; which runs a command makes, in tables.py.
 
 A run is one (task, mode, auxiliary corpora, seed). Its config (run_config) is everything that determines its result;
 it is stored in the result file and compared on resume, so a result is never mixed in from other settings.
@@ -24,13 +25,13 @@ import tartan
 
 from .common import PeakMemory, ReproduceError, atomic_write_json, describe_device, progress_bar, set_seed, warn
 from .data import DATA_URL, corpus_file, file_digest
-from .flags import CONFIG_FLAGS, option
+from .flags import CONFIG_FLAGS, STAGES, check_flag_config, option
 from .keep import check_save_dir, predictions_path, save_model_atomic, write_predictions
 from .launch import Finished, Shard
 from .own import own_corpus_file
 from . import resume, tasks
-from .paper import (BUDGETS, PAPER_MAX_LENGTH, PAPER_WARM_HEAD, PRETRAIN_TEXT_MODES, QUICK, RELEASED, TARTAN_MODES,
-                    TASKS, VISION, VISION_META, metric_field, tartan_mode)
+from .paper import (BUDGETS, PAPER_MAX_LENGTH, PAPER_WARM_HEAD, PRETRAIN_MODES, PRETRAIN_TEXT_MODES, QUICK, RELEASED,
+                    TARTAN_MODES, TASKS, VISION, VISION_META, metric_field, tartan_mode)
 from .store import Checkpoints, DataFiles, corpus_texts, progress_path
 from .vision import MAMMALS, WideResNet, mammals_tasks
 
@@ -202,6 +203,17 @@ def make_configs(budget: Budget, task: str, mode: str, seed: int, n_pretrain: in
     pre = _with(tartan.PretrainConfig(), {**(VISION if vision else {}), "eval_every": -1,
                                            **budget.stage_values("pretrain"), **common})
     return cfg, [pre] * n_pretrain
+
+
+def check_configs(budget: Budget, runs: list[Run]) -> None:
+    """tartan.check_config of every stage's config that the runs would train with (make_configs), before anything is
+    fetched or loaded: a ReproduceError naming the flag (flags.check_flag_config)."""
+    for run in runs:
+        cfg, pre = make_configs(budget, run.task, run.mode, run.seed, 1)
+        stages = {"train": cfg, "final": cfg.final_finetune, "pretrain": pre[0] if run.mode in PRETRAIN_MODES else None}
+        for stage, c in stages.items():
+            if c is not None:  # a stage the run has
+                check_flag_config(c, stage, f"the {STAGES[stage]} of {run}")
 
 
 @dataclass(frozen=True)
@@ -397,16 +409,6 @@ class Workspace:
         return self.models.warm_head(name, plan, corpus, self.data.sha256(plan["corpus"]), self.settings.budget.length,
                                      self.settings.budget.examples)
 
-    def check_flags(self, run: Run) -> None:
-        """Settings no run of this mode can train with, caught before anything is loaded or trained (tartan checks
-        the same at the run's first step, in its own terms)."""
-        cfg, _ = make_configs(self.settings.budget, run.task, run.mode, run.seed, 0)
-        if isinstance(cfg, tartan.MetaConfig) and cfg.head_rows_short():
-            raise ReproduceError(f"--meta-batch-size {cfg.meta_batch_size} exceeds the end-task batch of {run} "
-                                 f"({cfg.batch_size}, --batch-size): phi* is fitted on rows of that batch; give "
-                                 f"--meta-head-data dev to fit it on dev rows, or a smaller --meta-batch-size "
-                                 f"(B*_val's size is --meta-val-batch-size)")
-
     def prepare(self, run: Run) -> None:
         """Fetch and read everything a run needs, before any training (so that bad input fails early)."""
         if run.task == "mammals":
@@ -508,6 +510,8 @@ def execute_all(ws: Workspace, runs: list[Run]) -> dict[Run, dict]:
     """Run what is missing (resume), check that existing results were made with the same config, return all. A shard
     (Settings.shard) runs its share of the list and raises launch.Finished; --download-only fetches and raises it."""
     out, shard = ws.settings.out, ws.settings.shard
+    if not ws.settings.report_only:  # --report-only trains nothing and takes the result files as they are
+        check_configs(ws.settings.budget, runs)
     if ws.settings.download_only:
         fetch_all(ws, runs)
     ws.save_dirs = {run: save_dir(ws.settings.save_model, run, len(runs) > 1) for run in runs}
@@ -525,8 +529,7 @@ def execute_all(ws: Workspace, runs: list[Run]) -> dict[Run, dict]:
             raise ReproduceError(f"--report-only: none of the {len(runs)} run(s) has a result file in {out} (drop "
                                  f"--report-only to run them, or give the --out they used)")
         return results
-    for run in todo:  # fail early on bad input: every run's settings and model folder, then every model, data
-        ws.check_flags(run)  # file and corpus
+    for run in todo:  # fail early on bad input: every run's model folder, then every model, data file and corpus
         if ws.save_dirs.get(run):
             check_save_dir(ws.save_dirs[run])
     for run in todo:

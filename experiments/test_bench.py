@@ -61,7 +61,7 @@ def test_peak_tflops_is_read_from_the_cuda_device_name(monkeypatch):
 def test_bench_bad_sizes_give_one_message_and_no_file(tmp_path, capsys):
     assert reproduce.main(["--bench", "--quick", "--meta-batch-size", "99", "--out", str(tmp_path)]) == 1
     err = capsys.readouterr().err
-    assert err.startswith("error: --meta-batch-size 99 exceeds the end-task batch") and "Traceback" not in err
+    assert err.startswith("error: --meta-batch-size 99 > --batch-size 4: ") and "Traceback" not in err
     assert not (tmp_path / "bench_quick.json").exists()
 
 

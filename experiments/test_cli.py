@@ -148,3 +148,27 @@ def test_every_flag_has_one_row_and_config_flags_apply_to_the_modes_that_run_the
     assert [d for d, flag in flags.CONFIG_FLAGS.items() if flag.stages in only] == [
         "pretrain_epochs", "pretrain_steps", "pretrain_lr", "pretrain_head_lr",
         "final_epochs", "final_steps", "final_lr", "final_head_lr"]
+
+
+@pytest.mark.parametrize("mode, overrides, message", [
+    ("finetune", {"batch_size": 0}, "--batch-size 0: must be a number of at least 1 (the end-task stage of aclarc "
+                                    "finetune seed 0)"),
+    ("mt", {"final_lr": -1.0}, "--final-lr -1.0: must be a number of at least 0 (the final Eq. 2 stage of aclarc mt "
+                               "aux=tapt seed 0)"),
+    ("tapt", {"pretrain_head_lr": -1.0}, "--pretrain-head-lr -1.0: must be a number of at least 0 (the Eq. 1 stage"),
+    ("meta", {"epochs": 0.0}, "--epochs 0.0: must be above 0 (or set --steps)"),
+    ("meta", {"meta_batch_size": 8, "batch_size": 4}, "--meta-batch-size 8 > --batch-size 4: "),
+    ("meta", {"meta_batch_size": 8, "batch_size": 4}, "set --meta-head-data dev (the end-task stage of aclarc meta"),
+])
+def test_tartans_config_check_refuses_in_the_words_of_the_command_line(mode, overrides, message):
+    run = runs.make_run("aclarc", mode, None, 0, "10x")
+    with pytest.raises(reproduce.ReproduceError) as e:
+        runs.check_configs(runs.Budget(overrides=overrides), [run])
+    assert message in str(e.value)
+
+
+def test_the_papers_settings_and_every_budget_pass_tartans_config_check():
+    fits = [runs.Budget(overrides={"meta_batch_size": 8, "batch_size": 4, "meta_head_data": "dev"})]
+    for budget in [runs.Budget(), runs.Budget(quick=True), *fits] + [runs.Budget(name=n) for n in paper.BUDGETS]:
+        runs.check_configs(budget, [runs.make_run(task, mode, None, 0, "10x") for task in ("aclarc", "mammals")
+                                    for mode in (paper.VISION_MODES if task == "mammals" else paper.TEXT_MODES)])

@@ -243,7 +243,7 @@ def test_bad_input_gives_one_clear_message_and_no_result(model_dir, data_dir, tm
     assert reproduce.main(["--task", "aclarc", "--mode", "finetune", "meta", "--seeds", "0", "--batch-size", "4",
                            "--meta-batch-size", "8", *cli_flags(model_dir, data_dir, out)]) == 1
     err = capsys.readouterr().err
-    assert "error: --meta-batch-size 8 exceeds the end-task batch of aclarc meta" in err and "--meta-head-data dev" in err
+    assert "error: --meta-batch-size 8 > --batch-size 4: " in err and "--meta-head-data dev" in err and "aclarc meta" in err
     assert "Traceback" not in err and not os.path.exists(out)
 
     with open(os.path.join(data_dir, "citation_intent", "dev.jsonl"), "a") as f:
