@@ -240,6 +240,9 @@ def _budget_flags(budget, add) -> None:
              f"budget's value with --budget, none with --quick; 0 = none)")
     add(budget, "--no-final-finetune", action="store_true",
         help="skip the optional Eq. 2 stage after MT/META (it is kept only if dev improves)")
+    add(budget, "--precision", choices=["auto", "bf16", "fp32"], default="auto", help="autocast: auto = bf16 on "
+        "CUDA, fp32 on a CPU; bf16 = also on a CPU with native bf16 (avx512_bf16, AMX); fp32 everywhere")
+    add(budget, "--no-test-curves", action="store_true", help="no test scores at every evaluation (a budget's curves)")
 
 
 def _bench_flags(p, add) -> None:
@@ -393,6 +396,7 @@ def _corpora(parser, aux_files: list[str], dapt_corpus: str | None) -> tuple[dic
 def make_settings(args, extra_corpora: dict) -> Settings:
     """The settings of the training commands, from the parsed flags: the only place that reads them."""
     budget = Budget(quick=args.quick, name=args.budget, no_final_finetune=args.no_final_finetune,
+                    precision=args.precision, test_curves=not args.no_test_curves,
                     overrides={k: getattr(args, k) for k in CONFIG_FLAGS if getattr(args, k) is not None},
                     max_length=args.max_length, limit=args.limit, warm_head_steps=args.warm_head_steps)
     paper_run = args.model == PAPER_BODY and not (args.quick or args.budget)

@@ -69,6 +69,8 @@ FLAGS = {
     **_stage_flags("final_", "final", TARTAN_MODES),
     "warm_head_steps": Flag(TRAINING, WITH_AUX, text=True),
     "no_final_finetune": Flag(TRAINING, TARTAN_MODES, stages=("final",)),
+    "precision": Flag(TRAINING, stages=("train", "pretrain", "final")),
+    "no_test_curves": Flag(TRAINING, stages=("train", "final")),
     # the benchmark
     "bench_model": Flag((BENCH,)), "bench_n_aux": Flag((BENCH,), positive=True),
     "bench_steps": Flag((BENCH,), positive=True), "bench_warmup": Flag((BENCH,), positive=True),

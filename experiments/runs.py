@@ -43,6 +43,8 @@ class Budget:
     name: str | None = None
     overrides: dict = field(default_factory=dict)
     no_final_finetune: bool = False
+    precision: str = "auto"  # --precision: auto (bf16 on CUDA, fp32 on a CPU), bf16 (on a CPU too), fp32
+    test_curves: bool = True  # --no-test-curves turns off a budget's test scores at every evaluation
     max_length: int | None = None
     limit: int | None = None
     warm_head_steps: int | None = None  # --warm-head-steps
@@ -83,6 +85,10 @@ class Budget:
         for dest, flag in CONFIG_FLAGS.items():
             if stage in flag.stages and self.overrides.get(dest) is not None:
                 values[flag.field] = self.overrides[dest]
+        if self.precision != "auto":  # TrainConfig.bf16: None (auto), True, False
+            values["bf16"] = self.precision == "bf16"
+        if not self.test_curves:
+            values["eval_test"] = False
         return values
 
     def describe(self) -> str:
@@ -94,6 +100,10 @@ class Budget:
             given.append(f"--warm-head-steps {self.warm_head_steps}")
         if self.no_final_finetune:
             given.append("--no-final-finetune")
+        if self.precision != "auto":
+            given.append(f"--precision {self.precision}")
+        if not self.test_curves:
+            given.append("--no-test-curves")
         if self.quick:
             given.insert(0, "--quick")
         if self.name:

@@ -279,6 +279,26 @@ def test_aux_file_adds_one_named_mlm_task(model_dir, data_dir, tmp_path):
     assert rec["data_sizes"]["aux:file-my_corpus"] == 20 and rec["tokens"]["file-my_corpus"] > 0
 
 
+@pytest.mark.parametrize("precision, bf16", [("auto", None), ("bf16", True), ("fp32", False)])
+def test_precision_and_test_curves_are_set_and_recorded(model_dir, data_dir, tmp_path, monkeypatch, precision, bf16):
+    """--precision sets TrainConfig.bf16 in every stage and the result file records the precision autocast ran in
+    (here on a CPU said to have native bf16); --no-test-curves turns off a budget's test scores at evaluations."""
+    for isa in ("avx512_bf16", "amx_tile"):
+        monkeypatch.setattr(torch.cpu, f"_is_{isa}_supported", lambda: True)
+    out = str(tmp_path / "o")
+    assert reproduce.main(["--task", "aclarc", "--mode", "mt", "--seeds", "0", "--precision", precision,
+                           "--eval-every", "1", "--no-test-curves", *cli_flags(model_dir, data_dir, out)]) == 0
+    rec = json.load(open(os.path.join(out, "aclarc", "mt__tapt__seed0.json")))
+    assert rec["precision"] == ("bf16" if bf16 else "fp32")
+    assert rec["config"]["train"]["bf16"] is bf16 and "eval_test" not in rec["config"]["train"]  # absent: False
+    assert rec["history"] and all("test" not in h for h in rec["history"])
+    es = {curves: runs.make_configs(runs.Budget(name="cpu-es", test_curves=curves), "aclarc", "mt", 0, 0)[0]
+          for curves in (True, False)}
+    assert es[True].eval_test and es[True].final_finetune.eval_test and not es[False].eval_test \
+        and not es[False].final_finetune.eval_test
+    assert runs.load_result(os.path.join(out, "aclarc", "mt__tapt__seed0.json"))["config"] == rec["config"]
+
+
 def test_make_run_corpora_and_configs():
     r = runs.make_run("scierc", "dapt+tapt", None, 3, "10x")
     assert r.aux == ("dapt10x", "tapt") and r.path("o") == os.path.join("o", "scierc", "dapt+tapt__dapt10x+tapt__seed3.json")
