@@ -25,6 +25,7 @@ import dataclasses
 import os
 import platform
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -129,6 +130,11 @@ def _run_bench(model, device, batch_size, aux_batch_size, meta_batch_size, max_l
     peak_tf = _peak_tflops(device, bench.bf16, peak_tflops)
     res = bench.summarise(samples, bench.peak_memory(), peak_tf)
     report = _bench_report(bench, samples, res, steps, warmup, rounds, peak_tf, malloc, t_start)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a CPU without native bf16 has nothing to compare
+        native = device.type == "cpu" and tartan.bf16_enabled(device, True)
+    if native:  # what bf16 autocast gains on this CPU, beside the fp32 figures above
+        report["bf16_over_fp32_on_cpu"] = bench.bf16_ratios(warmup, steps)
     _print_bench(report, log)
     path = os.path.join(out_dir, "bench_quick.json" if quick else "bench.json")
     atomic_write_json(path, report)
@@ -246,6 +252,23 @@ class _Bench:
             "meta_same_head": (lambda *n: self.step(end, aux, meta_same, tartan.meta_step, with_val, *n),
                                (B + n_aux * A) * T, (B + n_aux * A + M) * T),
         }
+
+    def bf16_ratios(self, warmup, steps) -> dict:
+        """On a CPU: the time in fp32 over the time under bf16 autocast of tartan.train's MT step and of evaluating
+        the end-task batch, each measured twice, fp32 and bf16 in turn; medians."""
+        times = {False: ([], []), True: ([], [])}
+        for bf16 in (False, True, False, True):
+            cfg = dataclasses.replace(self.cfg_train, bf16=bf16)
+            times[bf16][0].extend(self.step(self.end, self.aux, cfg, tartan.multitask_step, {}, warmup, steps)["step"])
+            for i in range(warmup + steps):
+                t0 = time.perf_counter()
+                tartan.evaluate(self.body, self.end.head, self.end.train, len(self.end.train), bf16)
+                if i >= warmup:
+                    times[bf16][1].append(time.perf_counter() - t0)
+        med = {bf16: [float(np.median(t)) for t in ts] for bf16, ts in times.items()}
+        return {"mt_step": med[False][0] / med[True][0], "evaluation": med[False][1] / med[True][1],
+                "seconds": {"fp32": dict(zip(("mt_step", "evaluation"), med[False])),
+                            "bf16": dict(zip(("mt_step", "evaluation"), med[True]))}}
 
     def time_items(self, rounds, warmup, steps, progress, log) -> dict:
         """An untimed pass of every item, then rounds x (every item: warmup + steps); per item, one dict per round
@@ -385,6 +408,11 @@ def _print_bench(report, log):
     if report["peak_memory_meta_over_mt"] is not None:
         log(f"{'peak_memory_meta_over_mt':32s} {report['peak_memory_meta_over_mt']:.3f}")
     log(f"MFU: {FLOPS_FORMULA}; device peak {report['machine']['peak_tflops'] or 'unknown'} TFLOP/s")
+    if "bf16_over_fp32_on_cpu" in report:
+        r = report["bf16_over_fp32_on_cpu"]
+        log(f"bf16 autocast on this CPU: MT step {r['mt_step']:.2f}x, evaluation {r['evaluation']:.2f}x as fast as "
+            f"fp32 (fp32 s / bf16 s: {r['seconds']['fp32']['mt_step']:.4f} / {r['seconds']['bf16']['mt_step']:.4f}, "
+            f"{r['seconds']['fp32']['evaluation']:.4f} / {r['seconds']['bf16']['evaluation']:.4f})")
 
 
 def tune_malloc(enabled: bool = True) -> str:

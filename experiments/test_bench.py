@@ -46,6 +46,30 @@ def test_quick_bench_prints_and_writes_its_ratios(tmp_path, capsys, monkeypatch)
     assert "mt_over_floor_plus_optimizer" not in saved["ratio_spread"]  # no round has one of its own
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_on_a_cpu_with_native_bf16_the_bench_compares_it_with_fp32(tmp_path, capsys, monkeypatch, native):
+    """On a CPU with native bf16 the benchmark times tartan.train's MT step and an evaluation in fp32 and under bf16
+    autocast, in turn, and reports fp32 time over bf16 time; on one without, there is nothing to compare."""
+    for isa in ("avx512_bf16", "amx_tile"):
+        monkeypatch.setattr(torch.cpu, f"_is_{isa}_supported", lambda: native)
+    used, real = [], bench.tartan.evaluate
+
+    def evaluate(*args, **kwargs):
+        used.append(args[4] if len(args) > 4 else kwargs.get("bf16"))
+        return real(*args, **kwargs)
+    monkeypatch.setattr(bench.tartan, "evaluate", evaluate)
+    monkeypatch.setattr(reproduce, "tune_malloc", lambda enabled=True: "test setting")
+    assert reproduce.main(["--bench", "--quick", "--device", "cpu", "--out", str(tmp_path)]) == 0
+    saved = json.load(open(tmp_path / "bench_quick.json"))
+    if not native:
+        assert "bf16_over_fp32_on_cpu" not in saved and not used
+        return
+    r = saved["bf16_over_fp32_on_cpu"]
+    assert "bf16 autocast on this CPU: MT step" in capsys.readouterr().out and sorted(set(used)) == [False, True]
+    for key in ("mt_step", "evaluation"):
+        assert r[key] == pytest.approx(r["seconds"]["fp32"][key] / r["seconds"]["bf16"][key])
+
+
 def test_peak_tflops_is_read_from_the_cuda_device_name(monkeypatch):
     monkeypatch.setattr(bench, "device_name", lambda device: "NVIDIA H200")
     assert bench._peak_tflops(torch.device("cuda"), True, None) == 989
