@@ -610,10 +610,9 @@ def evaluate(body, head, data, batch_size: int = 64, bf16: bool | None = False, 
             preds.append(logits.argmax(-1))
             total_loss = total_loss + loss.double() * len(labels)  # on the device: read once, after the last batch
     body.train(modes[0]), head.train(modes[1])
-    gold = data.labels if isinstance(data.labels, list) else data.labels.tolist()
     in_order = torch.empty(len(data), dtype=torch.long)
     in_order[order] = torch.cat(preds).cpu()
-    return {**f1_scores(gold, in_order.numpy()), "loss": float(total_loss) / len(data),
+    return {**f1_scores(torch.as_tensor(data.labels).numpy(), in_order.numpy()), "loss": float(total_loss) / len(data),
             **({"predictions": in_order.tolist()} if predictions else {})}
 
 
