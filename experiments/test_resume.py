@@ -44,14 +44,14 @@ def test_an_interrupted_run_resumes_to_the_uninterrupted_result(tok, task_dir, t
     cfg = small_config(mode == "meta", final_finetune=final, **({"meta_head_data": head_data} if mode == "meta"
                                                                  else {})) if mode != "pretrain" else final
     pre = [tartan.PretrainConfig(max_steps=6, aux_batch_size=8, grad_accum=1)]
-    folder = tmp_path / "checkpoints"
+    folder = tmp_path / "progress"
     folder.mkdir()
 
-    def run(stop_at=None, checkpoint=None, seed=0):
+    def run(stop_at=None, path=None, seed=0):
         stop.update(at=stop_at, calls=0)
         body, end, aux = build(tok, task_dir)
         torch.manual_seed(seed)  # dropout: a resumed run must take the random state from its progress file
-        out = resume.run_end_task(body, end, aux, mode, cfg, pre, path=checkpoint, every=0)
+        out = resume.run_end_task(body, end, aux, mode, cfg, pre, path=path, every=0)
         return out, [p.detach().clone() for p in body.parameters()]
 
     want, want_weights = run()
@@ -72,11 +72,11 @@ def test_a_run_killed_between_saving_a_stage_and_removing_its_progress_file_resu
                                                                                   monkeypatch):
     """The window after a stage's record is saved and before its own progress file is removed: the next stage must not
     read the finished stage's file."""
-    def run(checkpoint=None):
+    def run(path=None):
         body, end, aux = build(tok, task_dir)
         torch.manual_seed(0)
         cfg = small_config(False, final_finetune=tartan.FinetuneConfig(max_steps=4, eval_every=2, batch_size=8))
-        return _without_seconds(resume.run_end_task(body, end, aux, "mt", cfg, path=checkpoint, every=0))
+        return _without_seconds(resume.run_end_task(body, end, aux, "mt", cfg, path=path, every=0))
     (tmp_path / "ck").mkdir()
     want, path, real_remove = run(), str(tmp_path / "ck" / "run.pt"), resume.ProgressFile.remove
 
@@ -92,12 +92,12 @@ def test_a_run_killed_between_saving_a_stage_and_removing_its_progress_file_resu
     assert run(path) == want and os.listdir(tmp_path / "ck") == []
 
 
-def _short_mt_run(tok, task_dir, checkpoint=None):
-    """A short MT run, saving at every chance to `checkpoint`; its result without timings."""
+def _short_mt_run(tok, task_dir, path=None):
+    """A short MT run, saving at every chance to `path`; its result without timings."""
     body, end, aux = build(tok, task_dir)
     torch.manual_seed(0)
     return _without_seconds(resume.run_end_task(body, end, aux, "mt", small_config(False, final_finetune=None),
-                                                path=checkpoint, every=0))
+                                                path=path, every=0))
 
 
 @pytest.mark.parametrize("fails", ["torch.save", "tempfile.mkstemp"])  # writing the file, or making it at all
@@ -147,12 +147,12 @@ def test_a_resumed_run_may_change_what_changes_no_number(tok, task_dir, tmp_path
     checked against: a run resumed with them changed continues, to the uninterrupted result."""
     final = tartan.FinetuneConfig(max_steps=4, eval_every=2, batch_size=8)
 
-    def run(progress, pretrain_steps, checkpoint=None):
+    def run(progress, pretrain_steps, path=None):
         body, end, aux = build(tok, task_dir)
         torch.manual_seed(0)
         cfg = small_config(False, progress=progress, final_finetune=dataclasses.replace(final, progress=progress))
         pre = [tartan.PretrainConfig(max_steps=pretrain_steps, progress=progress)]
-        return _without_seconds(resume.run_end_task(body, end, aux, "mt", cfg, pre, path=checkpoint, every=0))
+        return _without_seconds(resume.run_end_task(body, end, aux, "mt", cfg, pre, path=path, every=0))
     (tmp_path / "ck").mkdir()
     want, path = run(False, 2), str(tmp_path / "ck" / "run.pt")
     undo = _killed_at(monkeypatch, 3)
