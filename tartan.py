@@ -397,7 +397,7 @@ class MetaWeighting(TaskWeighting):
     meta_batch_size rows, takes g_meta through phi* on val (a dev batch (inputs, labels), or a callable val(head) -> the
     loss), updates w and writes sum_k alpha_k g_k into the body's .grad; heads keep their own gradients. num_labels:
     phi*'s C; end_head: phi' (Eq. 6, same_head); amp: the context g_meta's pass runs in (None: the autocast the
-    training's backward or head_data ran under). A step whose gradients are not finite (an fp16 GradScaler's overflow)
+    training's backward, step or head_data ran under). A step whose gradients are not finite (an fp16 GradScaler's overflow)
     leaves w as it was. Returns {"losses", "alpha", "cosines", "val_loss", "grad_norms", "head_fit", "skipped"}."""
 
     def __init__(self, body: nn.Module, n_tasks: int, num_labels: int = 0, cfg: MetaConfig | None = None,
@@ -429,10 +429,14 @@ class MetaWeighting(TaskWeighting):
         # comes (a tied MLM decoder is the body's embedding: its gradient is part of that task's g_k)
         if self._open is not None and self._open != k:
             self._close()
-        device = self.G.device.type  # backward inside an autocast block: g_meta's pass takes the same autocast
-        self._dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else self._dtype
+        self._seen_autocast()
         (loss / self.grad_accum).backward(retain_graph=retain_graph)
         self._open = k
+
+    def _seen_autocast(self):
+        """Called inside an autocast block (backward or step): g_meta's pass takes the same autocast."""
+        device = self.G.device.type
+        self._dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else self._dtype
 
     def _close(self):
         """Moves the open task's body gradient into G[k] (added to what its earlier micro-batches left there)."""
@@ -465,6 +469,7 @@ class MetaWeighting(TaskWeighting):
     def step(self, head_data=None, val=None, sync: bool = True) -> dict:
         """Algorithm 1's update for this step; see the class docstring (sync=False: values as tensors)."""
         _check_grads_kept(self)
+        self._seen_autocast()
         with torch.autocast(self.G.device.type, enabled=False):  # called inside an autocast block: G's math in fp32
             return self._step(head_data, val, sync)
 

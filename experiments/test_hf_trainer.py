@@ -1,4 +1,5 @@
 """experiments/hf_trainer.py: TARTAN's weighting inside a Hugging Face Trainer, with a tiny BERT from a config."""
+import os
 import random
 
 import pytest
@@ -41,19 +42,23 @@ def _setup(n_train=32):
     return model, rows, streams
 
 
-def _args(tmp_path, steps, accum):
+def _args(tmp_path, steps, accum, **more):
+    """The Trainer's arguments, its default saving included (a checkpoint at the last step, every 500 before)."""
     return transformers.TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=8, max_steps=steps,
                                           gradient_accumulation_steps=accum, learning_rate=1e-3, report_to=[],
-                                          save_strategy="no", logging_steps=1, use_cpu=True, seed=0,
-                                          remove_unused_columns=False, disable_tqdm=True)
+                                          logging_steps=1, use_cpu=True, seed=0, remove_unused_columns=False,
+                                          disable_tqdm=True, **more)
+
+
+def _weighting(model, meta):
+    cfg = tartan.MetaConfig(meta_batch_size=8, grad_accum=2, meta_lr=0.1)
+    return tartan.MetaWeighting(model.body, 2, 3, cfg) if meta else tartan.MTWeighting(model.body, 2, grad_accum=2)
 
 
 @pytest.mark.parametrize("meta", [True, False])
 def test_trainer_subclass_trains_every_task_with_tartans_weights(tmp_path, meta):
     model, rows, streams = _setup()
-    cfg = tartan.MetaConfig(meta_batch_size=8, grad_accum=2, meta_lr=0.1)
-    weighting = tartan.MetaWeighting(model.body, 2, 3, cfg) if meta else tartan.MTWeighting(model.body, 2,
-                                                                                          grad_accum=2)
+    weighting = _weighting(model, meta)
     heads_before = [p.detach().clone() for p in model.heads.parameters()]
     body_before = [p.detach().clone() for p in model.body.parameters()]
     trainer = TartanTrainer(model=model, args=_args(tmp_path, 4, 2), train_dataset=rows, weighting=weighting,
@@ -86,3 +91,53 @@ def test_trainer_subclass_refuses_mismatched_accumulation(tmp_path):
                             aux=streams["aux"])
     with pytest.raises(ValueError, match="an epoch ended after 1 of 2 accumulated micro-batches"):
         trainer.train()
+
+
+def _trainer(tmp_path, meta, **args):
+    model, rows, streams = _setup()
+    weighting = _weighting(model, meta)
+    return TartanTrainer(model=model, args=_args(tmp_path, 4, 2, **args), train_dataset=rows, weighting=weighting,
+                         aux=streams["aux"], dev=streams["dev"] if meta else None)
+
+
+@pytest.mark.parametrize("meta", [True, False])
+def test_trainer_saves_tied_heads_logs_the_weights_and_resumes_the_weighting(tmp_path, meta):
+    """With a tied MLM head, the Trainer's default save (and save_model) crashed with safetensors' "Some tensors share
+    memory"; a resumed Trainer began from a new weighting (steps 2 at global step 4); alpha never reached the logs.
+    Now a checkpoint every 2 steps holds the weighting; a new Trainer resumed from step 2 continues its w and step
+    count; the decoder is saved once and tied again on loading; log_history has alpha_k (and META's cos_k)."""
+    trainer = _trainer(tmp_path, meta, save_steps=2)
+    trainer.train()
+    assert sorted(d for d in os.listdir(tmp_path) if d.startswith("checkpoint")) == ["checkpoint-2", "checkpoint-4"]
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logs) == 4 and [e["alpha_1"] for e in logs] == [info["alpha"][1] for info in trainer.history]
+    assert all(("cos_0" in e and "cos_1" in e) == meta for e in logs)
+    trainer.save_model(str(tmp_path / "final"))
+    safetensors = pytest.importorskip("safetensors.torch")
+    saved = safetensors.load_file(str(tmp_path / "final" / "model.safetensors"))
+    fresh, _, _ = _setup()
+    fresh.load_state_dict(saved, strict=False)
+    decoder = fresh.heads[1].lm_head.predictions.decoder.weight
+    assert decoder is fresh.body.encoder.get_input_embeddings().weight
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), trainer.model.state_dict().values()))
+
+    resumed = _trainer(tmp_path / "again", meta)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    assert resumed.weighting.steps == resumed.state.global_step == 4 and len(resumed.history) == 2
+    if meta:  # w after step 2 of the first run, then the resumed run's own cosine at step 3
+        w = 0.5 + 0.1 * torch.tensor([info["cosines"] for info in trainer.history[:2]], dtype=torch.float64).sum(0)
+        w = w + 0.1 * torch.tensor(resumed.history[0]["cosines"], dtype=torch.float64)
+        assert resumed.history[0]["alpha"] == pytest.approx(torch.softmax(w, 0).tolist())
+
+
+@pytest.mark.parametrize("meta", [True, False])
+def test_trainer_honours_bf16(tmp_path, meta):
+    """bf16=True was ignored in training (the body ran in fp32): now every forward of every task runs under the
+    Trainer's bf16 autocast, and META's g_meta pass with it."""
+    trainer = _trainer(tmp_path, meta, bf16=True, save_strategy="no")
+    dtypes = []
+    trainer.model.body.register_forward_pre_hook(lambda module, args: dtypes.append(
+        torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu")))
+    trainer.train()
+    assert len(dtypes) >= 16 and set(dtypes) == {torch.bfloat16}
+    assert trainer.weighting.steps == 4 and (not meta or trainer.weighting._dtype == torch.bfloat16)
