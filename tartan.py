@@ -297,8 +297,18 @@ class TaskWeighting:
         self.body, self.scaler = body, scaler  # scaler: a torch.amp.GradScaler that scales each loss (fp16)
         self.n_tasks, self.grad_accum = n_tasks, grad_accum
         self.steps = 0  # completed optimizer steps
+        # a DistributedDataParallel body: no all-reduce at each backward (as under no_sync); the weighting takes the
+        # mean over the ranks of what it needs, once per step, in `group` (the body's process group)
+        self.group = body.process_group if isinstance(body, nn.parallel.DistributedDataParallel) else None
+        if self.group is not None:
+            body.require_backward_grad_sync = False
         self._set_params([p for p in body.parameters() if p.requires_grad])
         self._new_step()
+
+    def _mean(self, flat: torch.Tensor, async_op: bool = False):
+        """flat <- its mean over the ranks of self.group, in place: one all-reduce (async_op: returns its handle)."""
+        flat.div_(torch.distributed.get_world_size(self.group))
+        return torch.distributed.all_reduce(flat, group=self.group, async_op=async_op)
 
     def _set_params(self, params):
         self.params = params  # theta_body: the parameters weighted here (picked up again when requires_grad changes)
@@ -364,6 +374,13 @@ class MTWeighting(TaskWeighting):
         losses as a tensor on the device, for a loop that reads the step once)."""
         _check_grads_kept(self)
         info = {"losses": self._finish(), "alpha": list(self._w)}
+        if self.group is not None:  # one all-reduce: the body's gradient and the losses, averaged over the ranks
+            grads = _flat_grad(self.params, [p.grad for p in self.params])
+            flat = torch.cat([grads, info["losses"].to(grads.dtype)])
+            self._mean(flat)
+            for p, g in zip(self.params, flat.split([p.numel() for p in self.params] + [self.n_tasks])):
+                p.grad = None if p.grad is None else p.grad.copy_(g.view_as(p))
+            info["losses"] = flat[-self.n_tasks:]
         return read_step(info) if sync else info
 
     def load_state_dict(self, state: dict) -> None:
@@ -480,14 +497,24 @@ class MetaWeighting(TaskWeighting):
         _check_meta_step(val, fit_data, self.cfg)
         reached = self._reached
         losses = self._finish()
+        G = None if self.group is None else self._mean(self.G, async_op=True)  # DDP: G's mean, while phi* is fitted
         # phi* <- estimate_meta_head(B*_tr), a new head every step; the Eq. 6 ablation (same_head) uses phi' itself
         head_star, fit = (self.end_head, None) if self.cfg.same_head else \
             estimate_meta_head(*fit_data, self.num_labels, self.cfg)
+        if G is not None and fit is not None:  # DDP: the first rank's phi* on every rank
+            phi = torch.nn.utils.parameters_to_vector(head_star.parameters())
+            torch.distributed.broadcast(phi, torch.distributed.get_global_rank(self.group, 0), group=self.group)
+            torch.nn.utils.vector_to_parameters(phi, head_star.parameters())
         # g_meta <- grad_theta L_T*(theta, phi*, B*_val), B*_val ~ T*_val (Eq. 7; Eq. 6 with phi'), in the training's
         # autocast unless amp says otherwise
         amp = self.amp if self.amp is not None else torch.autocast(self.G.device.type, self._dtype or torch.bfloat16,
                                                                    enabled=self._dtype is not None)
         g_meta, val_loss = meta_gradient(self.body, head_star, val, self.params, amp)
+        if G is not None:  # DDP: g_meta, its loss and the losses averaged over the ranks (a second all-reduce)
+            flat = torch.cat([g_meta, val_loss.view(1).to(g_meta.dtype), losses.to(g_meta.dtype)])
+            self._mean(flat)
+            g_meta, val_loss, losses = flat[:-self.n_tasks - 1], flat[-self.n_tasks - 1], flat[-self.n_tasks:]
+            G.wait()
         # w_k <- w_k + eta * cos(g_meta, g_k); alpha = softmax(w); a step with a non-finite gradient (fp16 overflow:
         # the GradScaler skips it) leaves w as it was
         w0, scale = self.w, getattr(self.scaler, "_scale", None)

@@ -56,6 +56,8 @@ class TartanTrainer(transformers.Trainer):
         self.weighting, self.aux, self.dev = weighting, list(aux), dev
         if weighting.scaler is None:  # fp16: the losses are scaled by the Trainer's GradScaler, which unscales .grad
             weighting.scaler = self.accelerator.scaler
+        if self.args.world_size > 1:  # torchrun: the weighting averages the body's gradient over the ranks once a
+            weighting.group = torch.distributed.group.WORLD  # step (training_step bypasses the DDP wrapper's hooks)
         self.history, self._head_data = [], None
 
     def training_step(self, model, inputs, num_items_in_batch=None):
@@ -87,6 +89,13 @@ class TartanTrainer(transformers.Trainer):
                 info = self.weighting.step()
             self.history.append(info)
             self._head_data = None
+            if self.weighting.group is not None:  # torchrun: the heads' gradients averaged over the ranks, as DDP would
+                grads = [p.grad for head in model.heads for p in tartan.head_parameters(head, model.body)
+                         if p.grad is not None]
+                flat = torch.cat([g.reshape(-1) for g in grads])
+                self.weighting._mean(flat)
+                for g, mean in zip(grads, flat.split([g.numel() for g in grads])):
+                    g.copy_(mean.view_as(g))
         return end_loss.detach() / self.weighting.grad_accum  # what the Trainer logs: the end-task's loss
 
     def log(self, logs: dict, *args, **kwargs) -> None:

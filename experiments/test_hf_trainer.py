@@ -1,6 +1,7 @@
 """experiments/hf_trainer.py: TARTAN's weighting inside a Hugging Face Trainer, with a tiny BERT from a config."""
 import os
 import random
+import sys
 
 import pytest
 import torch
@@ -141,3 +142,41 @@ def test_trainer_honours_bf16(tmp_path, meta):
     trainer.train()
     assert len(dtypes) >= 16 and set(dtypes) == {torch.bfloat16}
     assert trainer.weighting.steps == 4 and (not meta or trainer.weighting._dtype == torch.bfloat16)
+
+
+def _rank(out):
+    """One process of test_trainer_under_torchrun: MT then META, each 4 steps with a checkpoint every 2, then again
+    resumed from checkpoint-2; each rank saves its parameters, w and logged alpha."""
+    import torch.distributed as dist
+    results = {}
+    for meta in (False, True):
+        first = _trainer(os.path.join(out, f"run{meta:d}"), meta, save_steps=2)
+        first.train()
+        again = _trainer(os.path.join(out, f"again{meta:d}"), meta, save_steps=2)
+        again.train(resume_from_checkpoint=os.path.join(out, f"run{meta:d}", "checkpoint-2"))
+        results[meta] = [{"params": torch.cat([p.detach().reshape(-1) for p in t.model.parameters()]),
+                          "w": t.weighting.w.cpu(), "steps": t.weighting.steps,
+                          "alpha": [info["alpha"] for info in t.history]} for t in (first, again)]
+    torch.save(results, os.path.join(out, f"rank{dist.get_rank()}.pt"))
+
+
+def test_trainer_under_torchrun(tmp_path):
+    """Under torchrun the Trainer hands training_step its DDP wrapper ("'DistributedDataParallel' object has no
+    attribute 'body'"): now two processes (gloo, CPU), each with its shard of the end-task, keep identical parameters
+    and w, for MT and META, from the start and resumed from a checkpoint; META's w moved."""
+    import subprocess
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "experiments.test_hf_trainer", str(tmp_path)], cwd=root, capture_output=True,
+                         text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    for meta in (False, True):
+        for a, b in zip(ranks[0][meta], ranks[1][meta]):
+            assert torch.equal(a["params"], b["params"]) and torch.equal(a["w"], b["w"]), meta
+            assert a["alpha"] == b["alpha"] and a["steps"] == b["steps"] == 4
+    assert ranks[0][True][1]["alpha"][-1] != pytest.approx([0.5, 0.5], abs=1e-4)
+
+
+if __name__ == "__main__":  # a rank of test_trainer_under_torchrun
+    _rank(sys.argv[1])
