@@ -379,7 +379,8 @@ class MTWeighting(TaskWeighting):
             flat = torch.cat([grads, info["losses"].to(grads.dtype)])
             self._mean(flat)
             for p, g in zip(self.params, flat.split([p.numel() for p in self.params] + [self.n_tasks])):
-                p.grad = None if p.grad is None else p.grad.copy_(g.view_as(p))
+                if p.grad is not None:
+                    p.grad.copy_(g.view_as(p))
             info["losses"] = flat[-self.n_tasks:]
         return read_step(info) if sync else info
 
@@ -413,18 +414,19 @@ class MetaWeighting(TaskWeighting):
     every task's micro-batches are in, step(head_data=(features, labels), val) fits phi* on head_data's first
     meta_batch_size rows, takes g_meta through phi* on val (a dev batch (inputs, labels), or a callable val(head) -> the
     loss), updates w and writes sum_k alpha_k g_k into the body's .grad; heads keep their own gradients. num_labels:
-    phi*'s C; end_head: phi' (Eq. 6, same_head); amp: the context g_meta's pass runs in (None: the autocast the
-    training's backward, step or head_data ran under). A step whose gradients are not finite (an fp16 GradScaler's overflow)
-    leaves w as it was. Returns {"losses", "alpha", "cosines", "val_loss", "grad_norms", "head_fit", "skipped"}."""
+    phi*'s C; end_head: phi' (Eq. 6, same_head); amp: the context g_meta's pass runs in (None: the autocast that
+    backward, step or head_data's features ran in); scaler: fp16's GradScaler. A step with non-finite gradients (a
+    scaler's overflow) leaves w as it was. Returns {"losses", "alpha", "cosines", "val_loss", "grad_norms",
+    "head_fit", "skipped"}."""
 
     def __init__(self, body: nn.Module, n_tasks: int, num_labels: int = 0, cfg: MetaConfig | None = None,
                  end_head: nn.Module | None = None, amp=None, scaler=None):
-        cfg = cfg or MetaConfig()
+        cfg = cfg or MetaConfig(grad_accum=1)  # without a config, one micro-batch a step, as MTWeighting
         super().__init__(body, n_tasks, cfg.grad_accum, scaler)
         _check_meta_head(cfg, num_labels, end_head)
         self.cfg, self.num_labels, self.end_head, self.amp = cfg, num_labels, end_head, amp
-        self._dtype, self._warned, self._undo = None, False, None  # the training's autocast dtype, once seen;
-        # whether head_data was short; the scaler's scale at the last step and w before it
+        # the training's autocast dtype once seen; whether head_data was short; the scaler's last scale and w before it
+        self._dtype, self._warned, self._undo = None, False, None
         device = self.params[0].device  # w lives beside G: updating it needs no sync
         self.w = torch.full((n_tasks,), 1.0 / n_tasks, dtype=torch.float64, device=device)  # w*, w_i = 1/(n+1)
         self._open = None  # the task whose gradient the body's .grad holds now (not yet moved into G)
@@ -433,13 +435,13 @@ class MetaWeighting(TaskWeighting):
         super()._set_params(params)
         self.G = torch.empty(self.n_tasks, sum(p.numel() for p in params), device=params[0].device,  # (K, P)
                              dtype=torch.promote_types(params[0].dtype, torch.float32))  # float64 body: float64
-        self._reached = [False] * len(params)  # whether any task's loss reached the parameter this step
+        self._reached = [False] * len(params)
 
     def _new_step(self):
         super()._new_step()
         self._head_data = None  # phi*'s fitting data, the first given in this step
         self._filled = [False] * self.n_tasks  # whether G[k] holds a gradient of this step yet
-        self._reached = [False] * len(self.params)
+        self._reached = [False] * len(self.params)  # whether any task's loss reached the parameter this step
 
     def _backward(self, k, loss, retain_graph):
         # [g_k, g_phi] <- [grad_theta, grad_phi] L_Tk; the body's part moves into G[k] when another task's backward

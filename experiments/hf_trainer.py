@@ -124,7 +124,7 @@ class TartanTrainer(transformers.Trainer):
             self.weighting.load_state_dict(torch.load(saved, weights_only=True))
 
     def _issue_warnings_after_load(self, load_result) -> None:
-        """The Trainer's warnings on loading a checkpoint, less the tied tensors (saved once, under their first name)."""
+        """The Trainer's warnings on loading a checkpoint, less the tied tensors (saved once, under the first name)."""
         tied = _tied(self.accelerator.unwrap_model(self.model).state_dict())
         super()._issue_warnings_after_load(load_result._replace(missing_keys=[
             k for k in load_result.missing_keys if k not in tied]))

@@ -9,7 +9,7 @@ import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import tartan
-from test_weighting_loops import data, setup, val_batch
+from experiments.test_weighting_loops import data, setup, val_batch
 
 WORLD, STEPS = 2, 3
 
@@ -20,7 +20,8 @@ def train(meta, rank=0, world=1):
     body, heads, plain = setup(meta)  # the same initialisation on every rank
     wrap = (lambda m: DDP(m)) if world > 1 else (lambda m: m)  # noqa: E731
     ddp_body, ddp_heads = wrap(body), [wrap(h) for h in heads]
-    weighting = tartan.MetaWeighting(ddp_body, 2, 2, plain.cfg) if meta else tartan.MTWeighting(ddp_body, 2, grad_accum=2)
+    weighting = tartan.MetaWeighting(ddp_body, 2, 2, plain.cfg) if meta else \
+        tartan.MTWeighting(ddp_body, 2, grad_accum=2)
     opt = torch.optim.AdamW([*body.parameters(), *heads.parameters()], lr=1e-2)
     torch.manual_seed(7)  # phi*'s initialisations (DDP: rank 0's phi* is used everywhere)
     for step in range(STEPS):

@@ -143,6 +143,14 @@ def test_head_data_shorter_than_meta_batch_size_warns_once():
     assert len(short) == 1 and "head_data has 8 rows, fewer than meta_batch_size=64" in str(short[0].message)
 
 
+def test_meta_without_a_config_steps_at_every_call_as_mt():
+    """MetaWeighting without a config took MetaConfig's grad_accum=2 (MTWeighting's default is 1): its first call
+    quietly returned None. Now both step at every call unless told otherwise."""
+    body, heads, _ = setup(True)
+    weighting = tartan.MetaWeighting(body, 2, 2)
+    assert weighting.grad_accum == 1 and micro_batch(weighting, body, heads, 0, 0, True)["alpha"]
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # val's forms
 
