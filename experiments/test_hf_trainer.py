@@ -158,6 +158,7 @@ def _rank(out):
                           "w": t.weighting.w.cpu(), "steps": t.weighting.steps,
                           "alpha": [info["alpha"] for info in t.history]} for t in (first, again)]
     torch.save(results, os.path.join(out, f"rank{dist.get_rank()}.pt"))
+    dist.destroy_process_group()  # before the interpreter exits: gloo's threads left running abort the process
 
 
 def test_trainer_under_torchrun(tmp_path):
