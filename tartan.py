@@ -459,7 +459,7 @@ class MetaWeighting(TaskWeighting):
 
     def _close(self):
         """Moves the open task's body gradient into G[k] (added to what its earlier micro-batches left there)."""
-        k, self._open = self._open, None
+        k, self._open, self._kept = self._open, None, None  # already checked: _kept must not keep the moved .grad alive
         _flat_grad(self.params, [p.grad for p in self.params], self.G[k], add=self._filled[k])
         for i, p in enumerate(self.params):
             self._reached[i] |= p.grad is not None

@@ -89,6 +89,20 @@ def test_a_gradient_lost_before_step_is_refused(meta):
         weighting.step(head_data=(body(x), y), val=val_batch(0)) if meta else weighting.step()
 
 
+def test_meta_frees_a_task_gradient_once_it_is_in_g():
+    """Remembering what the weighting left must not keep a task's gradient alive after it moved into G: during the
+    next task's backward the previous task's .grad tensors are already freed (P floats of peak memory)."""
+    import weakref
+    body, heads, weighting = setup(True, grad_accum=1)
+    x, y, y_aux = data(0, 0)
+    weighting.task_backward(0, heads[0](body(x), y)[1])
+    moved, alive = weakref.ref(body[0].weight.grad), []
+    hook = body[0].weight.register_hook(lambda g: alive.append(moved() is not None))
+    weighting.task_backward(1, heads[1](body(x), y_aux)[1])
+    hook.remove()
+    assert alive == [False]
+
+
 def reference_grads(body, heads, step, grad_accum, params):
     """Each task's body gradient g_k (the mean over the step's micro-batches), computed apart from the weighting."""
     g = [[torch.zeros_like(p) for p in params] for _ in range(2)]
