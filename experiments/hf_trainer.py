@@ -41,7 +41,10 @@ class TartanTrainer(transformers.Trainer):
     Each micro-batch backward-s one task at a time (one task's activations alive at a time); on the Trainer's
     last micro-batch of a step the weighting completes the step's gradient in .grad, then the Trainer clips and steps.
     self.history holds the weighting's info of every step (alpha; META also the cosines and phi*'s fit); the
-    Trainer's logs carry the last step's alpha_k (and cos_k), k in model.heads order."""
+    Trainer's logs carry the last step's alpha_k (and cos_k), k in model.heads order. Checkpoints hold the weighting's
+    state (resume_from_checkpoint restores it; the aux and dev iterators are the caller's). Under torchrun the body's
+    and heads' gradients are averaged over the ranks once per step (META: G and g_meta, through rank 0's phi*);
+    give each rank aux iterators of its own (e.g. seeded by the rank)."""
 
     WEIGHTING = "tartan_weighting.pt"  # the weighting's state_dict, in each checkpoint and save_model's folder
 
