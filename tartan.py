@@ -292,13 +292,27 @@ def train(body: nn.Module, end: Task | None, aux: list[Task], cfg: TrainConfig, 
 class TaskWeighting:
     """What the weightings share: the body parameters whose .grad they fill, each task's micro-batches this step."""
 
-    def __init__(self, body: nn.Module, n_tasks: int, grad_accum: int = 1):
+    def __init__(self, body: nn.Module, n_tasks: int, grad_accum: int = 1, scaler=None):
         _check_weighting(body, n_tasks, grad_accum)
-        self.body = body
-        self.params = [p for p in body.parameters() if p.requires_grad]  # theta_body: the parameters weighted here
+        self.body, self.scaler = body, scaler  # scaler: a torch.amp.GradScaler that scales each loss (fp16)
         self.n_tasks, self.grad_accum = n_tasks, grad_accum
         self.steps = 0  # completed optimizer steps
+        # a DistributedDataParallel body: no all-reduce at each backward (as under no_sync); the weighting takes the
+        # mean over the ranks of what it needs, once per step, in `group` (the body's process group)
+        self.group = body.process_group if isinstance(body, nn.parallel.DistributedDataParallel) else None
+        if self.group is not None:
+            body.require_backward_grad_sync = False
+        self._set_params([p for p in body.parameters() if p.requires_grad])
         self._new_step()
+
+    def _mean(self, flat: torch.Tensor, async_op: bool = False):
+        """flat <- its mean over the ranks of self.group, in place: one all-reduce (async_op: returns its handle)."""
+        flat.div_(torch.distributed.get_world_size(self.group))
+        return torch.distributed.all_reduce(flat, group=self.group, async_op=async_op)
+
+    def _set_params(self, params):
+        self.params = params  # theta_body: the parameters weighted here (picked up again when requires_grad changes)
+        self._kept = None  # the body's .grad as this weighting left it within a step: (tensor, version) per parameter
 
     def _new_step(self):
         self._micro = [0] * self.n_tasks      # micro-batches each task has given in this optimizer step
@@ -308,7 +322,8 @@ class TaskWeighting:
         """One micro-batch of task k (0 = end-task): backward of its unscaled mean loss at once (the weighting
         divides by grad_accum), so that only this task's activations need be alive."""
         _check_task_backward(self, k, loss)
-        self._backward(k, loss, retain_graph)
+        self._backward(k, loss if self.scaler is None else self.scaler.scale(loss), retain_graph)
+        self._kept = [(p.grad, p.grad._version if p.grad is not None else 0) for p in self.params]
         self._micro[k] += 1
         self._losses[k] = self._losses[k] + loss.detach() / self.grad_accum  # on the device: no sync
 
@@ -325,16 +340,26 @@ class TaskWeighting:
         """The end of a step: every task gave it grad_accum micro-batches; returns its per-task losses (K,)."""
         _check_step_complete(self)
         losses = torch.stack(self._losses)
-        self.steps += 1
+        self.steps, self._kept = self.steps + 1, None
         self._new_step()
         return losses
+
+    def state_dict(self) -> dict:
+        """What a resumed loop needs (taken between optimizer steps): w and the step count."""
+        _require(not any(self._micro), "state_dict() within an optimizer step: save after the step")
+        return {"w": self.w.detach().cpu().clone(), "steps": self.steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        _require(len(state["w"]) == self.n_tasks, f"a saved weighting of {len(state['w'])} tasks into one of "
+                 f"{self.n_tasks}")
+        self.w, self.steps = torch.as_tensor(state["w"], dtype=torch.float64).to(self.w.device), state["steps"]
 
 class MTWeighting(TaskWeighting):
     """Eq. 3 with static weights w = (w*, w_1..w_n) (default uniform 1/(n+1), Sec. 4): each task micro-batch adds
     grad(w_k L_Tk) / grad_accum to .grad, body and heads alike. step() returns {"losses", "alpha"} with alpha = w."""
 
-    def __init__(self, body: nn.Module, n_tasks: int, weights=None, grad_accum: int = 1):
-        super().__init__(body, n_tasks, grad_accum)
+    def __init__(self, body: nn.Module, n_tasks: int, weights=None, grad_accum: int = 1, scaler=None):
+        super().__init__(body, n_tasks, grad_accum, scaler)
         if weights is not None and len(weights) != n_tasks:
             raise ValueError(f"weights has {len(weights)} entries for {n_tasks} tasks")
         self.w = torch.tensor([1.0 / n_tasks] * n_tasks if weights is None else weights, dtype=torch.float64)
@@ -347,8 +372,21 @@ class MTWeighting(TaskWeighting):
     def step(self, sync: bool = True) -> dict:
         """The step's gradient is complete in .grad; returns {"losses": per-task mean losses, "alpha": w} (sync=False:
         losses as a tensor on the device, for a loop that reads the step once)."""
+        _check_grads_kept(self)
         info = {"losses": self._finish(), "alpha": list(self._w)}
+        if self.group is not None:  # one all-reduce: the body's gradient and the losses, averaged over the ranks
+            grads = _flat_grad(self.params, [p.grad for p in self.params])
+            flat = torch.cat([grads, info["losses"].to(grads.dtype)])
+            self._mean(flat)
+            for p, g in zip(self.params, flat.split([p.numel() for p in self.params] + [self.n_tasks])):
+                if p.grad is not None:
+                    p.grad.copy_(g.view_as(p))
+            info["losses"] = flat[-self.n_tasks:]
         return read_step(info) if sync else info
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self._w = self.w.tolist()
 
 def multitask_step(body, tasks, streams, weighting: MTWeighting, cfg, amp, tokens, sync: bool = True) -> dict:
     """One step of Eq. 3 for tasks = [end-task, T_1..T_n]: leaves grad(sum_k w_k L_Tk) in .grad."""
@@ -376,20 +414,28 @@ class MetaWeighting(TaskWeighting):
     every task's micro-batches are in, step(head_data=(features, labels), val) fits phi* on head_data's first
     meta_batch_size rows, takes g_meta through phi* on val (a dev batch (inputs, labels), or a callable val(head) -> the
     loss), updates w and writes sum_k alpha_k g_k into the body's .grad; heads keep their own gradients. num_labels:
-    phi*'s C; end_head: phi' (Eq. 6, same_head). Returns {"losses", "alpha", "cosines", "val_loss", "grad_norms",
-    "head_fit"}."""
+    phi*'s C; end_head: phi' (Eq. 6, same_head); amp: the context g_meta's pass runs in (None: the autocast that
+    backward, step or head_data's features ran in); scaler: fp16's GradScaler. A step with non-finite gradients (a
+    scaler's overflow) leaves w as it was. Returns {"losses", "alpha", "cosines", "val_loss", "grad_norms",
+    "head_fit", "skipped"}."""
 
     def __init__(self, body: nn.Module, n_tasks: int, num_labels: int = 0, cfg: MetaConfig | None = None,
-                 end_head: nn.Module | None = None, amp=None):
-        cfg = cfg or MetaConfig()
-        super().__init__(body, n_tasks, cfg.grad_accum)
+                 end_head: nn.Module | None = None, amp=None, scaler=None):
+        cfg = cfg or MetaConfig(grad_accum=1)  # without a config, one micro-batch a step, as MTWeighting
+        super().__init__(body, n_tasks, cfg.grad_accum, scaler)
         _check_meta_head(cfg, num_labels, end_head)
         self.cfg, self.num_labels, self.end_head, self.amp = cfg, num_labels, end_head, amp
+        # the training's autocast dtype once seen; whether head_data was short; the scaler's last scale and w before it
+        self._dtype, self._warned, self._undo = None, False, None
         device = self.params[0].device  # w lives beside G: updating it needs no sync
         self.w = torch.full((n_tasks,), 1.0 / n_tasks, dtype=torch.float64, device=device)  # w*, w_i = 1/(n+1)
-        self.G = torch.empty(n_tasks, sum(p.numel() for p in self.params), device=device,  # (K, P)
-                             dtype=torch.promote_types(self.params[0].dtype, torch.float32))  # float64 body: float64
         self._open = None  # the task whose gradient the body's .grad holds now (not yet moved into G)
+
+    def _set_params(self, params):
+        super()._set_params(params)
+        self.G = torch.empty(self.n_tasks, sum(p.numel() for p in params), device=params[0].device,  # (K, P)
+                             dtype=torch.promote_types(params[0].dtype, torch.float32))  # float64 body: float64
+        self._reached = [False] * len(params)
 
     def _new_step(self):
         super()._new_step()
@@ -402,12 +448,18 @@ class MetaWeighting(TaskWeighting):
         # comes (a tied MLM decoder is the body's embedding: its gradient is part of that task's g_k)
         if self._open is not None and self._open != k:
             self._close()
+        self._seen_autocast()
         (loss / self.grad_accum).backward(retain_graph=retain_graph)
         self._open = k
 
+    def _seen_autocast(self):
+        """Called inside an autocast block (backward or step): g_meta's pass takes the same autocast."""
+        device = self.G.device.type
+        self._dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else self._dtype
+
     def _close(self):
         """Moves the open task's body gradient into G[k] (added to what its earlier micro-batches left there)."""
-        k, self._open = self._open, None
+        k, self._open, self._kept = self._open, None, None  # already checked: _kept must not keep the moved .grad alive
         _flat_grad(self.params, [p.grad for p in self.params], self.G[k], add=self._filled[k])
         for i, p in enumerate(self.params):
             self._reached[i] |= p.grad is not None
@@ -426,30 +478,62 @@ class MetaWeighting(TaskWeighting):
         features are not kept alive for them."""
         _check_head_data(features, labels)
         x = features[:, 0] if features.dim() == 3 else features  # (B, H)
+        self._dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else self._dtype  # autocast's features
+        if len(x) < self.cfg.meta_batch_size and not self._warned:
+            self._warned = True
+            warnings.warn(f"head_data has {len(x)} rows, fewer than meta_batch_size={self.cfg.meta_batch_size}: phi* "
+                          f"is fitted on {len(x)} (give a larger batch, or lower meta_batch_size)")
         return x[:self.cfg.meta_batch_size].detach().clone(), labels[:self.cfg.meta_batch_size]
 
     def step(self, head_data=None, val=None, sync: bool = True) -> dict:
         """Algorithm 1's update for this step; see the class docstring (sync=False: values as tensors)."""
+        _check_grads_kept(self)
+        self._seen_autocast()
+        with torch.autocast(self.G.device.type, enabled=False):  # called inside an autocast block: G's math in fp32
+            return self._step(head_data, val, sync)
+
+    def _step(self, head_data, val, sync: bool) -> dict:
         if self._open is not None:
             self._close()
         fit_data = self._rows(*head_data) if head_data is not None else self._head_data
         _check_meta_step(val, fit_data, self.cfg)
         reached = self._reached
         losses = self._finish()
+        G = None if self.group is None else self._mean(self.G, async_op=True)  # DDP: G's mean, while phi* is fitted
         # phi* <- estimate_meta_head(B*_tr), a new head every step; the Eq. 6 ablation (same_head) uses phi' itself
         head_star, fit = (self.end_head, None) if self.cfg.same_head else \
             estimate_meta_head(*fit_data, self.num_labels, self.cfg)
-        # g_meta <- grad_theta L_T*(theta, phi*, B*_val), B*_val ~ T*_val (Eq. 7; Eq. 6 with phi')
-        g_meta, val_loss = meta_gradient(self.body, head_star, val, self.params, self.amp)
-        # w_k <- w_k + eta * cos(g_meta, g_k); alpha = softmax(w)
-        self.w, alpha, cos = update_task_weights(self.w, self.G, g_meta, self.cfg.meta_lr, self.cfg.cos_eps)
+        if G is not None and fit is not None:  # DDP: the first rank's phi* on every rank
+            phi = torch.nn.utils.parameters_to_vector(head_star.parameters())
+            torch.distributed.broadcast(phi, torch.distributed.get_global_rank(self.group, 0), group=self.group)
+            torch.nn.utils.vector_to_parameters(phi, head_star.parameters())
+        # g_meta <- grad_theta L_T*(theta, phi*, B*_val), B*_val ~ T*_val (Eq. 7; Eq. 6 with phi'), in the training's
+        # autocast unless amp says otherwise
+        amp = self.amp if self.amp is not None else torch.autocast(self.G.device.type, self._dtype or torch.bfloat16,
+                                                                   enabled=self._dtype is not None)
+        g_meta, val_loss = meta_gradient(self.body, head_star, val, self.params, amp)
+        if G is not None:  # DDP: g_meta, its loss and the losses averaged over the ranks (a second all-reduce)
+            flat = torch.cat([g_meta, val_loss.view(1).to(g_meta.dtype), losses.to(g_meta.dtype)])
+            self._mean(flat)
+            g_meta, val_loss, losses = flat[:-self.n_tasks - 1], flat[-self.n_tasks - 1], flat[-self.n_tasks:]
+            G.wait()
+        # w_k <- w_k + eta * cos(g_meta, g_k); alpha = softmax(w); a step with a non-finite gradient (fp16 overflow:
+        # the GradScaler skips it) leaves w as it was
+        w0, scale = self.w, getattr(self.scaler, "_scale", None)
+        if scale is not None:  # the scaler lowered its scale: it skipped the last step (a head overflowed), undone here
+            w0 = w0 if self._undo is None else torch.where(scale < self._undo[0], self._undo[1], w0)
+            self._undo = (scale.clone(), w0)
+        w, alpha, cos = update_task_weights(w0, self.G, g_meta, self.cfg.meta_lr, self.cfg.cos_eps)
+        finite = cos.isfinite().all()
+        self.w = torch.where(finite, w, w0)
+        alpha = torch.where(finite, alpha, torch.softmax(w0, dim=0))
         norms = self.G.norm(dim=-1)  # |g_k|, recorded beside the cosine: which task dominates the body's gradient
         # theta_body's gradient: sum_k alpha_k g_k (views into one buffer); the heads' gradients are already in place
         combined = alpha.to(self.G.device, self.G.dtype) @ self.G  # (P,)
         for p, g, used in zip(self.params, combined.split([p.numel() for p in self.params]), reached):
             p.grad = g.view_as(p) if used else None  # as in MT: a parameter no task used is not decayed either
         info = {"losses": losses, "alpha": alpha, "cosines": cos, "val_loss": val_loss, "grad_norms": norms,
-                "head_fit": fit}
+                "head_fit": fit, "skipped": ~finite}
         return read_step(info) if sync else info
 
 def estimate_meta_head(features: torch.Tensor, labels: torch.Tensor, num_labels: int, cfg: MetaConfig):
@@ -475,13 +559,14 @@ def estimate_meta_head(features: torch.Tensor, labels: torch.Tensor, num_labels:
 def meta_gradient(body: nn.Module, head_star: nn.Module, val, params: list[nn.Parameter], amp=None):
     """g_meta = grad_theta_body L_T*(theta_body, phi*, B*_val), flat (P,), and the loss; in train mode, as the g_k
     are, leaving .grad and the body's buffers (BatchNorm statistics) alone."""
-    with _buffers_kept(body):
+    with _buffers_kept(body), amp if amp is not None else autocast(params[0].device, False):
         if callable(val):
             loss = val(head_star)
         else:
-            inputs, labels = to_device(*val, params[0].device)
-            with amp if amp is not None else autocast(params[0].device, False):
-                _, loss = head_star(_features(body(**inputs)), labels)
+            inputs, labels = (v.to(params[0].device) for v in val) if torch.is_tensor(val[0]) else \
+                to_device(*val, params[0].device)  # a tensor: the body's one input
+            _, loss = head_star(_features(body(inputs) if torch.is_tensor(inputs) else body(**inputs)), labels)
+        _check_val_loss(loss)
         grads = torch.autograd.grad(loss, params, allow_unused=True)
     return _flat_grad(params, grads), loss.detach()
 
@@ -878,11 +963,25 @@ def _check_task_backward(weighting, k: int, loss):
     if weighting._micro[k] >= weighting.grad_accum:
         raise ValueError(f"task {k} gave more than grad_accum={weighting.grad_accum} micro-batches in one optimizer "
                          f"step: call step() (or let backward() call it) before the next one")
+    now = [p for p in weighting.body.parameters() if p.requires_grad]  # picked up between steps, refused within one
+    if len(now) != len(weighting.params) or any(a is not b for a, b in zip(now, weighting.params)):
+        _require(not any(weighting._micro), f"requires_grad of a body parameter changed within step "
+                 f"{weighting.steps + 1}: freeze or unfreeze parameters between optimizer steps")
+        weighting._set_params(now)
+    _check_grads_kept(weighting)
     held = [p.grad for p in weighting.params if p.grad is not None] if not any(weighting._micro) else []
     if held and bool(torch.stack([g.ne(0).any() for g in held]).any()):
         raise ValueError(f"the body's .grad already holds a gradient that this {type(weighting).__name__} did not put "
                          f"there (step {weighting.steps + 1}): clear gradients after each optimizer step (zero_grad()) "
                          f"and give the weighting every loss, unscaled (grad_accum=N to accumulate)")
+
+def _check_grads_kept(weighting):
+    """Within a step, the body's .grad must be as the weighting left it: the same tensors, not written since."""
+    kept = weighting._kept
+    _require(kept is None or all(p.grad is g and (g is None or g._version == v) for p, (g, v) in zip(
+        weighting.params, kept)), f"the body's .grad changed between this {type(weighting).__name__}'s calls in step "
+             f"{weighting.steps + 1} (a backward of your own, or zero_grad() within the step): zero gradients only "
+             f"after the optimizer step, and add any other loss (a regulariser) to a task's loss")
 
 def _check_step_complete(weighting):
     short = [k for k, m in enumerate(weighting._micro) if m != weighting.grad_accum]
@@ -895,13 +994,19 @@ def _check_meta_head(cfg: MetaConfig, num_labels: int, end_head):
     _require(cfg.same_head or num_labels >= 1, f"num_labels={num_labels}: phi* has one output per end-task class, "
              f"so give num_labels=C (the end-task's number of classes)")
 
+def _check_val_loss(loss):
+    _require(isinstance(loss, torch.Tensor) and loss.dim() == 0, f"val(head) must return the validation loss alone, a "
+             f"scalar tensor, not {_describe(loss)} (a head returns (logits, loss): return head(...)[1])", TypeError)
+
 def _check_head_data(features, labels):
     _require(isinstance(features, torch.Tensor) and isinstance(labels, torch.Tensor), f"head_data must be (features, "
              f"labels) tensors, not ({_describe(features)}, {_describe(labels)})", TypeError)
 
 def _check_meta_step(val, fit_data, cfg: MetaConfig):
-    _require(val is not None, "META's step needs val: an end-task dev batch (inputs, labels), or a callable "
-             "val(head) -> the validation loss through head")
+    _require(callable(val) or isinstance(val, (tuple, list)) and len(val) == 2 and isinstance(val[1], torch.Tensor)
+             and isinstance(val[0], (dict, torch.Tensor)), f"META's step needs val: an end-task dev batch (inputs, "
+             f"labels), inputs a dict of the body's arguments or its one tensor, or a callable val(head) -> the "
+             f"validation loss through head; not {_describe(val)}", TypeError)
     _require(fit_data is not None or cfg.same_head, "META's step needs head_data=(features, labels) of an end-task "
              "batch, to fit phi*")
 
@@ -1056,8 +1161,8 @@ def read_step(info: dict, **more) -> dict:
     if keys:
         flat = torch.cat([info[k].detach().reshape(-1).to(torch.float64) for k in keys]).tolist()  # the one sync
         for k in keys:
-            n = info[k].numel()
-            info[k], flat = (flat[:n] if info[k].dim() else flat[0]), flat[n:]
+            n, kind = info[k].numel(), bool if info[k].dtype == torch.bool else float  # a flag stays a bool
+            info[k], flat = (flat[:n] if info[k].dim() else kind(flat[0])), flat[n:]
     return info
 
 def head_parameters(head: nn.Module, body: nn.Module) -> list[nn.Parameter]:
