@@ -479,7 +479,7 @@ class MetaWeighting(TaskWeighting):
         _check_head_data(features, labels)
         x = features[:, 0] if features.dim() == 3 else features  # (B, H)
         self._dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else self._dtype  # autocast's features
-        if len(x) < self.cfg.meta_batch_size and not self._warned:
+        if len(x) < self.cfg.meta_batch_size and not (self._warned or self.cfg.same_head):  # Eq. 6 fits no phi*
             self._warned = True
             warnings.warn(f"head_data has {len(x)} rows, fewer than meta_batch_size={self.cfg.meta_batch_size}: phi* "
                           f"is fitted on {len(x)} (give a larger batch, or lower meta_batch_size)")
