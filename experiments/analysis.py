@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
 
 import numpy as np
@@ -19,6 +20,10 @@ from .paper import metric_field
 N_BOOTSTRAP = 10_000
 LEVEL = 0.90      # the intervals: 5th to 95th percentile
 Z_ALPHA, Z_POWER = 1.6449, 0.8416  # normal quantiles: one-sided alpha 0.05, power 0.8
+# the protocol's looks at the data, by planned seeds per arm: one-sided alpha, its normal quantile and the permutations
+# of the unpaired test (None: compare's default). 5: PROTOCOL.md; 10: AMENDMENT.md's second look (overall error 0.075,
+# look 2 at p < 0.043, the exact p over all C(20, 10) splits)
+LOOKS = {5: (0.05, Z_ALPHA, None), 10: (0.043, 1.717, math.comb(20, 10))}
 
 
 def paired_p(a, b) -> float:
@@ -140,7 +145,7 @@ def checks(rec: dict) -> list[str]:
     return issues
 
 
-def detectable_difference(a, b) -> float:
+def detectable_difference(a, b, z_alpha: float = Z_ALPHA) -> float:
     """The smallest difference of means that seeds a and b could have detected (one-sided alpha 0.05, power 0.8,
     normal approximation): (z_0.95 + z_0.80) * pooled seed std * sqrt(1/n_a + 1/n_b), which is the protocol's 1.57
     pooled stds at 5 v 5 seeds and shrinks with more seeds (1.11 at the paper's 10 v 10). NaN under 2 seeds a side."""
@@ -148,12 +153,12 @@ def detectable_difference(a, b) -> float:
     if min(len(a), len(b)) < 2:
         return float("nan")
     pooled = np.sqrt(((len(a) - 1) * a.var(ddof=1) + (len(b) - 1) * b.var(ddof=1)) / (len(a) + len(b) - 2))
-    return float((Z_ALPHA + Z_POWER) * pooled * np.sqrt(1 / len(a) + 1 / len(b)))
+    return float((z_alpha + Z_POWER) * pooled * np.sqrt(1 / len(a) + 1 / len(b)))
 
 
-def verdict(p: float, diff_ci, micro_d: float, nll_d: float, detectable: float) -> str:
-    """The protocol's decision rule; `detectable` is detectable_difference of the two columns."""
-    if p < 0.05 and diff_ci[0] > 0:
+def verdict(p: float, diff_ci, micro_d: float, nll_d: float, detectable: float, alpha: float = 0.05) -> str:
+    """The protocol's decision rule at one-sided `alpha`; `detectable` is detectable_difference of the two columns."""
+    if p < alpha and diff_ci[0] > 0:
         return "shown"
     if diff_ci[1] < 0 and micro_d < 0 and nll_d > 0:
         return "refuted at this scale"
@@ -166,6 +171,7 @@ def sweep_report(title: str, columns: dict, baseline: str, png: str | None = Non
     label -> the number of seeds the design has (default: as many as there are), every column the design has. The
     rule gives a verdict only once both columns have all their planned seeds."""
     planned = planned or {label: len(runs) for label, runs in columns.items()}
+    alpha, z_alpha, n_perm = LOOKS.get(planned[baseline], LOOKS[5])
     seeds = {label: [rec["key"]["seed"] for _, rec in runs] for label, runs in columns.items()}
     field = metric_field(columns[baseline][0][1]["headline"]["metric"])
     main = {label: np.array([100 * rec["test"][field] for _, rec in runs]) for label, runs in columns.items()}
@@ -186,7 +192,7 @@ def sweep_report(title: str, columns: dict, baseline: str, png: str | None = Non
              f"| micro-F1 | test NLL | verdict |", "|" + "---|" * 10]
     for label, runs in columns.items():
         x, b = main[label], main[baseline]
-        p = compare(x, b)["p_greater"] if label != baseline else None
+        p = compare(x, b, *([n_perm] if n_perm else []))["p_greater"] if label != baseline else None
         row = [label, ",".join(map(str, seeds[label])), f"{x.mean():.2f} ± {x.std(ddof=1) if len(x) > 1 else 0:.2f}",
                "[{:.2f}, {:.2f}]".format(*boot[label]["score"])]
         if label == baseline:
@@ -206,7 +212,7 @@ def sweep_report(title: str, columns: dict, baseline: str, png: str | None = Non
         else:
             row.append(verdict(p, boot[label]["diff"],
                                micro[label].mean() - micro[baseline].mean(), nll[label].mean() - nll[baseline].mean(),
-                               detectable_difference(x, b)))
+                               detectable_difference(x, b, z_alpha), alpha))
         lines.append("| " + " | ".join(row) + " |")
     absent = [label for label in planned if label not in columns]
     lines += ([""] + [f"Not run yet: {', '.join(absent)}."] if absent else []) + [
@@ -215,7 +221,9 @@ def sweep_report(title: str, columns: dict, baseline: str, png: str | None = Non
               f"replacement. p unpaired: the tables' one-sided permutation test; p paired: one-sided, every sign flip "
               f"of the per-seed differences (seeds present in both columns; the same seed gives every arm the same "
               f"end-task data order). Smallest detectable difference: (z_0.95 + z_0.80) x pooled seed std x "
-              f"sqrt(1/n_a + 1/n_b), 1.57 pooled stds at 5 v 5 seeds.", "",
+              f"sqrt(1/n_a + 1/n_b), 1.57 pooled stds at 5 v 5 seeds."
+              + (f" This is the second look (AMENDMENT.md): shown needs p < {alpha}, p is exact over all {n_perm} "
+                 f"splits, and z_{1 - alpha:.3f} = {z_alpha} replaces z_0.95." if n_perm else ""), "",
               f"| method | wall-clock min/run | CPU min/run | steps (end-task stages) | final fine-tune kept | "
               f"minutes to reach {baseline}'s dev score (same seed) | stopped at a cap |", "|" + "---|" * 7]
     for label, runs in columns.items():

@@ -70,6 +70,20 @@ def test_verdicts_follow_the_pre_registered_rule():
     assert v.startswith("inconclusive") and "3.14 points" in v
 
 
+def test_the_second_look_uses_the_amendments_threshold_and_the_exact_p():
+    """AMENDMENT.md: at 10 v 10 seeds (the second look) "shown" needs p < 0.043, z_alpha 1.717 for the detectable
+    difference, and the p exact over all C(20, 10) splits; the 5-seed look keeps PROTOCOL.md's 0.05."""
+    assert analysis.LOOKS[5] == (0.05, analysis.Z_ALPHA, None)
+    assert analysis.LOOKS[10] == (0.043, 1.717, 184756)
+    assert analysis.verdict(0.045, (0.5, 3.0), 1.0, -0.1, 1.0) == "shown"  # the first look's 0.05
+    assert analysis.verdict(0.045, (0.5, 3.0), 1.0, -0.1, 1.0, alpha=0.043).startswith("inconclusive")
+    a = np.arange(10.0)
+    assert analysis.detectable_difference(a, a + 1, 1.717) == pytest.approx(
+        (1.717 + 0.8416) * np.sqrt(a.var(ddof=1)) * np.sqrt(2 / 10), rel=1e-6)
+    exact = analysis.compare(a + 0.5, a, 184756)
+    assert exact["exact"] and exact["n_permutations"] == 184756
+
+
 def test_the_detectable_difference_depends_on_the_number_of_seeds():
     a, b = np.array([1.0, 2, 3, 4, 5]), np.array([3.0, 4, 5, 6, 7])  # both with std sqrt(2.5)
     assert analysis.detectable_difference(a, b) == pytest.approx(1.57 * np.sqrt(2.5), rel=2e-3)  # the protocol's 5 v 5
