@@ -119,17 +119,17 @@ class LoopProgress:
         self.file = file
 
     def __call__(self, event: str, loop: tartan.Loop) -> None:
-        what = {"config": settings(loop.cfg), "tasks": loop.names,
-                "device": next(loop.modules[0].parameters()).device.type}  # another loop's file, or device's: refused
         parts = loop.modules, loop.optimizers, loop.weighting, loop.streams
-        if event == "start":
-            saved = self.file.load(what)
+        if event == "start":  # what the file must hold: another loop's file, or another device's, is refused
+            self.what = {"config": settings(loop.cfg), "tasks": loop.names,
+                         "device": next(loop.modules[0].parameters()).device.type}
+            saved = self.file.load(self.what)
             if saved is not None:
                 load_training(saved, *parts)
                 for name in LOOP_FIELDS:
                     setattr(loop, name, saved["loop"][name])
         elif self.file.due():
-            self.file.save(training_state(*parts), what, loop={name: getattr(loop, name) for name in LOOP_FIELDS})
+            self.file.save(training_state(*parts), self.what, loop={name: getattr(loop, name) for name in LOOP_FIELDS})
 
 
 class Stages:
