@@ -1,15 +1,13 @@
 """TARTAN: end-task aware training (Dery, Michel, Talwalkar, Neubig, ICLR 2022, https://arxiv.org/abs/2109.07437).
 
-Instead of continued pre-training on auxiliary text (DAPT/TAPT, Eq. 1) and then fine-tuning (Eq. 2), train the
-end-task T* together with the auxiliary objectives T_1..T_n: MT-TARTAN (Eq. 3) with static task weights w; META-TARTAN
-(Eq. 7, Algorithm 1) with weights learned online from cos(g_meta, g_i), g_meta the end-task validation gradient through
-a freshly fitted meta head phi* (Sec. 3.3). Sections, in the paper's order: 1 body and heads, 2 masking, 3 tasks,
-4 configs, 5 the loop, 6 MT-TARTAN, 7 META-TARTAN, 8 entry points, 9 evaluation, 10 the permutation test (A.2);
-appendix: A data and heads, B contracts, C plumbing. MTWeighting and MetaWeighting run inside any training loop.
-Shapes: B batch, T tokens, H hidden, C classes, V vocabulary, M masked positions, P body parameters, K = n + 1 tasks
-(end-task first). Where the paper and the authors' released code disagree, this file follows the paper and says so.
-Data order and masking use a torch.Generator seeded by the config; initialisation and dropout use torch's global
-generator, which the caller seeds.
+Rather than continued pre-training (DAPT/TAPT, Eq. 1) then fine-tuning (Eq. 2), train the end-task T* with auxiliary
+objectives T_1..T_n: MT-TARTAN (Eq. 3) with static weights w; META-TARTAN (Eq. 7, Algorithm 1) with weights learned
+from cos(g_meta, g_i), g_meta the end-task validation gradient through a fitted meta head phi* (Sec. 3.3). Sections:
+1 body and heads, 2 masking, 3 tasks, 4 configs, 5 the loop, 6 MT-TARTAN, 7 META-TARTAN, 8 entry points, 9 evaluation,
+10 the permutation test (A.2); appendix: A data, B contracts, C plumbing. Shapes: B batch, T tokens, H hidden,
+C classes, V vocabulary, M masked positions, P body parameters, K = n + 1 tasks (end-task first). Where the paper and
+the authors' released code disagree, this file follows the paper and says so. Data order and masking use generators
+seeded by the config; initialisation and dropout use torch's global generator, which the caller seeds.
 """
 from __future__ import annotations
 
@@ -25,7 +23,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
 
 # ----------------------------------------------------------------------------------------------------------------------
 # 1. Body and heads (Sec. 2: theta = [theta_body; phi^1..phi^n, phi']; Sec. 4 "Model details"). A head maps
@@ -51,13 +48,12 @@ class ClassificationHead(nn.Module):
 
     def forward(self, features, labels=None):
         """(B, T, H) or (B, H) features, (B,) class ids or None -> (logits (B, C), mean loss or None)."""
-        if features.dim() not in (2, 3):
-            raise ValueError(f"a ClassificationHead takes body features (B, H) or token features (B, T, H), not "
-                             f"{tuple(features.shape)}: pool or flatten them to (B, H) in the body's forward")
+        _require(features.dim() in (2, 3), f"a ClassificationHead takes body features (B, H) or token features "
+                 f"(B, T, H), not {tuple(features.shape)}: pool or flatten them to (B, H) in the body's forward")
         x = features[:, 0] if features.dim() == 3 else features  # (B, H)
-        if x.shape[-1] != self.mlp[1].in_features:
-            raise ValueError(f"a ClassificationHead built for hidden_size={self.mlp[1].in_features} got body features "
-                             f"{tuple(features.shape)}: build it with hidden_size={x.shape[-1]}")
+        h = self.mlp[1].in_features
+        _require(x.shape[-1] == h, f"a ClassificationHead built for hidden_size={h} got body features "
+                 f"{tuple(features.shape)}: build it with hidden_size={x.shape[-1]}")
         logits = self.mlp(x)  # (B, C)
         return logits, None if labels is None else F.cross_entropy(logits.float(), labels)
 
@@ -76,7 +72,6 @@ class MLMHead(nn.Module):
             return logits, features.sum() * 0.0
         return logits, F.cross_entropy(logits.float(), labels[masked])
 
-
 # ----------------------------------------------------------------------------------------------------------------------
 # 2. Masking (Devlin et al. 2018): 15% of the non-special, non-pad tokens are chosen; of those 80% become the mask
 #    token, 10% a random token, 10% stay unchanged; labels are -100 everywhere else.
@@ -92,8 +87,8 @@ class Masking:
 
     @classmethod
     def for_tokenizer(cls, tokenizer) -> "Masking":
-        if tokenizer.mask_token_id is None:
-            raise ValueError(f"tokenizer {type(tokenizer).__name__} has no mask token: it cannot drive an MLM task")
+        _require(tokenizer.mask_token_id is not None, f"tokenizer {type(tokenizer).__name__} has no mask token: it "
+                 f"cannot drive an MLM task")
         return cls(tokenizer.mask_token_id, len(tokenizer), tuple(sorted(set(tokenizer.all_special_ids))))
 
 def mask_tokens(input_ids, attention_mask, masking: Masking, generator: torch.Generator):
@@ -107,7 +102,6 @@ def mask_tokens(input_ids, attention_mask, masking: Masking, generator: torch.Ge
     random_ids = torch.randint(masking.vocab_size, input_ids.shape, generator=generator)
     corrupted = torch.where(to_mask, torch.full_like(input_ids, masking.mask_id), input_ids)
     return torch.where(to_random, random_ids, corrupted), labels
-
 
 # ----------------------------------------------------------------------------------------------------------------------
 # 3. Tasks: T = (loss, data) (Sec. 2). A task owns its head and its training data; the end-task also has dev/test.
@@ -124,8 +118,7 @@ class Task:
     metric: str = "macro_f1"                   # headline metric: "macro_f1" or "micro_f1" (Table 1)
 
 def batches(task: Task, batch_size: int, generator: torch.Generator):
-    """Endless shuffled epochs of (inputs, labels); MLM tasks are masked here. An epoch's last partial batch is
-    dropped (unless the data is smaller than one batch)."""
+    """Endless shuffled epochs of (inputs, labels), MLM tasks masked; an epoch's last partial batch is dropped."""
     while True:
         order = torch.randperm(len(task.train), generator=generator).tolist()
         last = len(order) - batch_size + 1 if len(order) >= batch_size else 1
@@ -135,7 +128,6 @@ def batches(task: Task, batch_size: int, generator: torch.Generator):
                 inputs["input_ids"], labels = mask_tokens(inputs["input_ids"], inputs["attention_mask"],
                                                           task.masking, generator)
             yield inputs, labels
-
 
 # ----------------------------------------------------------------------------------------------------------------------
 # 4. Configs hold the paper's values (Sec. 4) and, where the paper is silent, those of the authors' launch scripts
@@ -173,7 +165,6 @@ class FinetuneConfig(TrainConfig):
     lr: float = 2e-5
     head_lr: float = 2e-5
     weight_decay: float = 0.1
-    head_weight_decay: float = 0.1
     batch_size: int = 16
     grad_accum: int = 1
     epochs: float = 10
@@ -188,11 +179,9 @@ def tartan_finetune() -> FinetuneConfig:
 @dataclass
 class PretrainConfig(TrainConfig):
     """Eq. 1: end-task agnostic MLM on the auxiliary corpora (TAPT: Gururangan et al. 2020, App. B)."""
-    lr: float = 1e-4
     head_lr: float = 1e-4
     weight_decay: float = 0.01
     head_weight_decay: float = 0.01   # Gururangan et al. (2020), App. B: 0.01 for the whole model, LM head included
-    aux_batch_size: int = 64
     grad_accum: int = 4               # 64 x 4 = TAPT's batch 256
     epochs: float = 100
     eval_every: int = -1              # never: pre-training does not see the end-task
@@ -217,7 +206,6 @@ class MetaConfig(TrainConfig):
     def head_rows_short(self) -> bool:
         """Whether phi* would need more rows than B*_tr holds (meta_head_data="train", not same_head)."""
         return not self.same_head and self.meta_head_data == "train" and self.meta_batch_size > self.batch_size
-
 
 # ----------------------------------------------------------------------------------------------------------------------
 # 5. The training loop, one for every mode: Eq. 1 (no end-task), Eq. 2 (no auxiliary task), Eq. 3 and Algorithm 1.
@@ -283,32 +271,21 @@ def train(body: nn.Module, end: Task | None, aux: list[Task], cfg: TrainConfig, 
             "seconds": time.perf_counter() - t0, "final_alpha": dict(zip(names, loop.log[-1]["alpha"])),
             "best_alpha": loop.best_alpha, "trace": _trace(loop.log, names)}
 
-
 # ----------------------------------------------------------------------------------------------------------------------
 # 6. MT-TARTAN (Eq. 3): theta <- theta - beta * grad( w* L_T* + sum_i w_i L_Ti ), static w. The end-task alone: Eq. 2;
 #    no end-task: Eq. 1. A weighting (MT or META) is called per micro-batch by any loop and returns the step's info
 #    once the step's gradient is complete in .grad (None before): then step your optimizer.
 
 class TaskWeighting:
-    """What the weightings share: the body parameters whose .grad they fill, each task's micro-batches this step."""
+    """What the weightings share: the body parameters whose .grad they fill, each task's micro-batches this step.
+    scaler: fp16's torch.amp.GradScaler. A DistributedDataParallel body is averaged over the ranks once per step."""
 
     def __init__(self, body: nn.Module, n_tasks: int, grad_accum: int = 1, scaler=None):
         _check_weighting(body, n_tasks, grad_accum)
-        self.body, self.scaler = body, scaler  # scaler: a torch.amp.GradScaler that scales each loss (fp16)
-        self.n_tasks, self.grad_accum = n_tasks, grad_accum
-        self.steps = 0  # completed optimizer steps
-        # a DistributedDataParallel body: no all-reduce at each backward (as under no_sync); the weighting takes the
-        # mean over the ranks of what it needs, once per step, in `group` (the body's process group)
-        self.group = body.process_group if isinstance(body, nn.parallel.DistributedDataParallel) else None
-        if self.group is not None:
-            body.require_backward_grad_sync = False
+        self.body, self.scaler, self.n_tasks, self.grad_accum = body, scaler, n_tasks, grad_accum
+        self.steps, self.group = 0, _ddp_group(body)  # completed optimizer steps; a DDP body's process group or None
         self._set_params([p for p in body.parameters() if p.requires_grad])
         self._new_step()
-
-    def _mean(self, flat: torch.Tensor, async_op: bool = False):
-        """flat <- its mean over the ranks of self.group, in place: one all-reduce (async_op: returns its handle)."""
-        flat.div_(torch.distributed.get_world_size(self.group))
-        return torch.distributed.all_reduce(flat, group=self.group, async_op=async_op)
 
     def _set_params(self, params):
         self.params = params  # theta_body: the parameters weighted here (picked up again when requires_grad changes)
@@ -319,8 +296,8 @@ class TaskWeighting:
         self._losses = [0.0] * self.n_tasks   # each task's mean loss over them
 
     def task_backward(self, k: int, loss: torch.Tensor, retain_graph: bool = False) -> None:
-        """One micro-batch of task k (0 = end-task): backward of its unscaled mean loss at once (the weighting
-        divides by grad_accum), so that only this task's activations need be alive."""
+        """One micro-batch of task k (0 = end-task): backward of its unscaled mean loss at once (divided by
+        grad_accum here), so that only this task's activations need be alive."""
         _check_task_backward(self, k, loss)
         self._backward(k, loss if self.scaler is None else self.scaler.scale(loss), retain_graph)
         self._kept = [(p.grad, p.grad._version if p.grad is not None else 0) for p in self.params]
@@ -330,17 +307,16 @@ class TaskWeighting:
     def backward(self, losses, retain_graph: bool = False, **step_inputs) -> dict | None:
         """One micro-batch of every task (losses[k] unscaled, end-task first); the grad_accum-th call of a step
         returns step(**step_inputs). retain_graph=True when the losses share one forward pass."""
-        if len(losses) != self.n_tasks:
-            raise ValueError(f"{len(losses)} losses for a weighting of {self.n_tasks} tasks (end-task first)")
+        _require(len(losses) == self.n_tasks, f"{len(losses)} losses for a weighting of {self.n_tasks} tasks "
+                 f"(end-task first)")
         for k, loss in enumerate(losses):
             self.task_backward(k, loss, retain_graph and k < self.n_tasks - 1)
         return self.step(**step_inputs) if self._micro[0] == self.grad_accum else None
 
     def _finish(self) -> torch.Tensor:
-        """The end of a step: every task gave it grad_accum micro-batches; returns its per-task losses (K,)."""
+        """The end of a complete step: returns its per-task losses (K,)."""
         _check_step_complete(self)
-        losses = torch.stack(self._losses)
-        self.steps, self._kept = self.steps + 1, None
+        losses, self.steps, self._kept = torch.stack(self._losses), self.steps + 1, None
         self._new_step()
         return losses
 
@@ -353,6 +329,7 @@ class TaskWeighting:
         _require(len(state["w"]) == self.n_tasks, f"a saved weighting of {len(state['w'])} tasks into one of "
                  f"{self.n_tasks}")
         self.w, self.steps = torch.as_tensor(state["w"], dtype=torch.float64).to(self.w.device), state["steps"]
+        self._w = self.w.tolist()  # MT scales each loss by these floats
 
 class MTWeighting(TaskWeighting):
     """Eq. 3 with static weights w = (w*, w_1..w_n) (default uniform 1/(n+1), Sec. 4): each task micro-batch adds
@@ -375,27 +352,15 @@ class MTWeighting(TaskWeighting):
         _check_grads_kept(self)
         info = {"losses": self._finish(), "alpha": list(self._w)}
         if self.group is not None:  # one all-reduce: the body's gradient and the losses, averaged over the ranks
-            grads = _flat_grad(self.params, [p.grad for p in self.params])
-            flat = torch.cat([grads, info["losses"].to(grads.dtype)])
-            self._mean(flat)
-            for p, g in zip(self.params, flat.split([p.numel() for p in self.params] + [self.n_tasks])):
-                if p.grad is not None:
-                    p.grad.copy_(g.view_as(p))
-            info["losses"] = flat[-self.n_tasks:]
+            info["losses"] = _mean_grads_over_ranks(self.params, info["losses"], self.group)
         return read_step(info) if sync else info
-
-    def load_state_dict(self, state: dict) -> None:
-        super().load_state_dict(state)
-        self._w = self.w.tolist()
 
 def multitask_step(body, tasks, streams, weighting: MTWeighting, cfg, amp, tokens, sync: bool = True) -> dict:
     """One step of Eq. 3 for tasks = [end-task, T_1..T_n]: leaves grad(sum_k w_k L_Tk) in .grad."""
-    device = next(body.parameters()).device
     for _ in range(weighting.grad_accum):
         for k, (task, stream) in enumerate(zip(tasks, streams)):
-            weighting.task_backward(k, _forward(body, task, stream, device, amp, tokens)[0])
+            weighting.task_backward(k, _forward(body, task, stream, weighting.params[0].device, amp, tokens)[0])
     return weighting.step(sync=sync)
-
 
 # ----------------------------------------------------------------------------------------------------------------------
 # 7. META-TARTAN (Eq. 6-7, Sec. 3.3, Algorithm 1 of A.3). Per step, in Algorithm 1's order:
@@ -404,20 +369,15 @@ def multitask_step(body, tasks, streams, weighting: MTWeighting, cfg, amp, token
 #      g_meta     = grad_theta_body L_T*(theta_body, phi*, B*_val)                                    (Eq. 7)
 #      w_k       += eta * cos(g_meta, g_k)
 #      alpha      = softmax(w);   theta_body -= beta_1 * sum_k alpha_k g_k;   phi_k -= beta_2 * grad phi_k L_Tk
-#    Unlike the released code: the weights used at step t include the cosines of step t (Alg. 1 order); the cosine is
-#    over the body parameters only, in numerator and norms alike, with an epsilon; phi* is fitted on end-task
-#    *training* features (Sec. 3.3 and A.1 say training data; the release used validation data) computed once,
-#    not by re-running the body 10 times.
+#    Unlike the released code: step t's weights include step t's cosines (Alg. 1's order); the cosine is over the body
+#    only, with an epsilon; phi* is fitted on end-task *training* features (Sec. 3.3, A.1), computed once.
 
 class MetaWeighting(TaskWeighting):
-    """Algorithm 1 as an object: w (logits, equal at first), the (K, P) buffer G of the step's body gradients. Once
-    every task's micro-batches are in, step(head_data=(features, labels), val) fits phi* on head_data's first
-    meta_batch_size rows, takes g_meta through phi* on val (a dev batch (inputs, labels), or a callable val(head) -> the
-    loss), updates w and writes sum_k alpha_k g_k into the body's .grad; heads keep their own gradients. num_labels:
-    phi*'s C; end_head: phi' (Eq. 6, same_head); amp: the context g_meta's pass runs in (None: the autocast that
-    backward, step or head_data's features ran in); scaler: fp16's GradScaler. A step with non-finite gradients (a
-    scaler's overflow) leaves w as it was. Returns {"losses", "alpha", "cosines", "val_loss", "grad_norms",
-    "head_fit", "skipped"}."""
+    """Algorithm 1 as an object: w (logits, equal at first), G (K, P) the step's body gradients. step(head_data=
+    (features, labels), val) fits phi* on head_data's first meta_batch_size rows, takes g_meta through phi* on val (a
+    dev batch (inputs, labels), or val(head) -> loss), updates w (not on non-finite gradients) and writes sum_k alpha_k
+    g_k into the body's .grad. num_labels: phi*'s C; end_head: phi' (same_head); amp: g_meta's autocast (None: the
+    training's). Returns {"losses", "alpha", "cosines", "val_loss", "grad_norms", "head_fit", "skipped"}."""
 
     def __init__(self, body: nn.Module, n_tasks: int, num_labels: int = 0, cfg: MetaConfig | None = None,
                  end_head: nn.Module | None = None, amp=None, scaler=None):
@@ -427,8 +387,7 @@ class MetaWeighting(TaskWeighting):
         self.cfg, self.num_labels, self.end_head, self.amp = cfg, num_labels, end_head, amp
         # the training's autocast dtype once seen; whether head_data was short; the scaler's last scale and w before it
         self._dtype, self._warned, self._undo = None, False, None
-        device = self.params[0].device  # w lives beside G: updating it needs no sync
-        self.w = torch.full((n_tasks,), 1.0 / n_tasks, dtype=torch.float64, device=device)  # w*, w_i = 1/(n+1)
+        self.w = torch.full((n_tasks,), 1.0 / n_tasks, dtype=torch.float64, device=self.G.device)  # beside G: no sync
         self._open = None  # the task whose gradient the body's .grad holds now (not yet moved into G)
 
     def _set_params(self, params):
@@ -474,8 +433,7 @@ class MetaWeighting(TaskWeighting):
         return super().backward(losses, retain_graph, val=val)
 
     def _rows(self, features, labels):
-        """The first meta_batch_size rows of a batch's first-position features (B, H), a copy: the batch's (B, T, H)
-        features are not kept alive for them."""
+        """A copy of the first meta_batch_size rows of a batch's first-position features (B, H), and their labels."""
         _check_head_data(features, labels)
         x = features[:, 0] if features.dim() == 3 else features  # (B, H)
         self._dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else self._dtype  # autocast's features
@@ -490,57 +448,48 @@ class MetaWeighting(TaskWeighting):
         _check_grads_kept(self)
         self._seen_autocast()
         with torch.autocast(self.G.device.type, enabled=False):  # called inside an autocast block: G's math in fp32
-            return self._step(head_data, val, sync)
-
-    def _step(self, head_data, val, sync: bool) -> dict:
-        if self._open is not None:
-            self._close()
-        fit_data = self._rows(*head_data) if head_data is not None else self._head_data
-        _check_meta_step(val, fit_data, self.cfg)
-        reached = self._reached
-        losses = self._finish()
-        G = None if self.group is None else self._mean(self.G, async_op=True)  # DDP: G's mean, while phi* is fitted
-        # phi* <- estimate_meta_head(B*_tr), a new head every step; the Eq. 6 ablation (same_head) uses phi' itself
-        head_star, fit = (self.end_head, None) if self.cfg.same_head else \
-            estimate_meta_head(*fit_data, self.num_labels, self.cfg)
-        if G is not None and fit is not None:  # DDP: the first rank's phi* on every rank
-            phi = torch.nn.utils.parameters_to_vector(head_star.parameters())
-            torch.distributed.broadcast(phi, torch.distributed.get_global_rank(self.group, 0), group=self.group)
-            torch.nn.utils.vector_to_parameters(phi, head_star.parameters())
-        # g_meta <- grad_theta L_T*(theta, phi*, B*_val), B*_val ~ T*_val (Eq. 7; Eq. 6 with phi'), in the training's
-        # autocast unless amp says otherwise
-        amp = self.amp if self.amp is not None else torch.autocast(self.G.device.type, self._dtype or torch.bfloat16,
-                                                                   enabled=self._dtype is not None)
-        g_meta, val_loss = meta_gradient(self.body, head_star, val, self.params, amp)
-        if G is not None:  # DDP: g_meta, its loss and the losses averaged over the ranks (a second all-reduce)
-            flat = torch.cat([g_meta, val_loss.view(1).to(g_meta.dtype), losses.to(g_meta.dtype)])
-            self._mean(flat)
-            g_meta, val_loss, losses = flat[:-self.n_tasks - 1], flat[-self.n_tasks - 1], flat[-self.n_tasks:]
-            G.wait()
-        # w_k <- w_k + eta * cos(g_meta, g_k); alpha = softmax(w); a step with a non-finite gradient (fp16 overflow:
-        # the GradScaler skips it) leaves w as it was
-        w0, scale = self.w, getattr(self.scaler, "_scale", None)
-        if scale is not None:  # the scaler lowered its scale: it skipped the last step (a head overflowed), undone here
-            w0 = w0 if self._undo is None else torch.where(scale < self._undo[0], self._undo[1], w0)
-            self._undo = (scale.clone(), w0)
-        w, alpha, cos = update_task_weights(w0, self.G, g_meta, self.cfg.meta_lr, self.cfg.cos_eps)
-        finite = cos.isfinite().all()
-        self.w = torch.where(finite, w, w0)
-        alpha = torch.where(finite, alpha, torch.softmax(w0, dim=0))
-        norms = self.G.norm(dim=-1)  # |g_k|, recorded beside the cosine: which task dominates the body's gradient
-        # theta_body's gradient: sum_k alpha_k g_k (views into one buffer); the heads' gradients are already in place
-        combined = alpha.to(self.G.device, self.G.dtype) @ self.G  # (P,)
-        for p, g, used in zip(self.params, combined.split([p.numel() for p in self.params]), reached):
-            p.grad = g.view_as(p) if used else None  # as in MT: a parameter no task used is not decayed either
-        info = {"losses": losses, "alpha": alpha, "cosines": cos, "val_loss": val_loss, "grad_norms": norms,
-                "head_fit": fit, "skipped": ~finite}
+            if self._open is not None:
+                self._close()
+            fit_data = self._rows(*head_data) if head_data is not None else self._head_data
+            _check_meta_step(val, fit_data, self.cfg)
+            reached, losses = self._reached, self._finish()
+            # DDP: G averaged over the ranks while phi* is fitted
+            G = None if self.group is None else _mean_over_ranks(self.G, self.group, async_op=True)
+            # phi* <- estimate_meta_head(B*_tr), a new head every step; the Eq. 6 ablation (same_head) uses phi'
+            head_star, fit = (self.end_head, None) if self.cfg.same_head else \
+                estimate_meta_head(*fit_data, self.num_labels, self.cfg)
+            if G is not None and fit is not None:  # DDP: the first rank's phi* on every rank
+                _broadcast_head(head_star, self.group)
+            # g_meta <- grad_theta L_T*(theta, phi*, B*_val), B*_val ~ T*_val (Eq. 7; Eq. 6 with phi')
+            amp = self.amp if self.amp is not None else torch.autocast(
+                self.G.device.type, self._dtype or torch.bfloat16, enabled=self._dtype is not None)
+            g_meta, val_loss = meta_gradient(self.body, head_star, val, self.params, amp)
+            if G is not None:  # DDP: g_meta, its loss and the losses averaged over the ranks (a second all-reduce)
+                flat = torch.cat([g_meta, val_loss.view(1).to(g_meta.dtype), losses.to(g_meta.dtype)])
+                _mean_over_ranks(flat, self.group)
+                g_meta, val_loss, losses = flat[:-self.n_tasks - 1], flat[-self.n_tasks - 1], flat[-self.n_tasks:]
+                G.wait()
+            # w_k <- w_k + eta * cos(g_meta, g_k); alpha = softmax(w); a non-finite cosine (fp16 overflow, which the
+            # GradScaler skips) leaves w as it was, and so does a step the scaler skipped after a head overflowed
+            w0, scale = self.w, getattr(self.scaler, "_scale", None)
+            if scale is not None:
+                w0 = w0 if self._undo is None else torch.where(scale < self._undo[0], self._undo[1], w0)
+                self._undo = (scale.clone(), w0)
+            w, alpha, cos = update_task_weights(w0, self.G, g_meta, self.cfg.meta_lr, self.cfg.cos_eps)
+            finite = cos.isfinite().all()
+            self.w, alpha = torch.where(finite, w, w0), torch.where(finite, alpha, torch.softmax(w0, dim=0))
+            # theta_body's gradient: sum_k alpha_k g_k (views into one buffer); the heads' gradients are already there
+            combined = alpha.to(self.G.device, self.G.dtype) @ self.G  # (P,)
+            for p, g, used in zip(self.params, combined.split([p.numel() for p in self.params]), reached):
+                p.grad = g.view_as(p) if used else None  # as in MT: a parameter no task used is not decayed either
+            info = {"losses": losses, "alpha": alpha, "cosines": cos, "val_loss": val_loss,
+                    "grad_norms": self.G.norm(dim=-1), "head_fit": fit, "skipped": ~finite}  # |g_k| beside cos
         return read_step(info) if sync else info
 
 def estimate_meta_head(features: torch.Tensor, labels: torch.Tensor, num_labels: int, cfg: MetaConfig):
     """phi*: a new ClassificationHead trained cfg.meta_head_steps full-batch AdamW steps on fixed features (B, H), at
     every step (Sec. 3.3). Returns (phi*, its loss at the first and last step as a (2,) tensor, or None)."""
-    features = features.detach()  # bf16 features (autocast) are fitted in float32; float64 ones stay float64
-    features = features.to(torch.promote_types(features.dtype, torch.float32))
+    features = features.detach().to(torch.promote_types(features.dtype, torch.float32))  # bf16 fitted in float32
     head = ClassificationHead(features.shape[-1], num_labels).to(features.device, features.dtype)
     opt = torch.optim.AdamW(head.parameters(), lr=cfg.meta_head_lr, weight_decay=cfg.meta_head_wd)
     first, seen = None, []
@@ -559,12 +508,12 @@ def estimate_meta_head(features: torch.Tensor, labels: torch.Tensor, num_labels:
 def meta_gradient(body: nn.Module, head_star: nn.Module, val, params: list[nn.Parameter], amp=None):
     """g_meta = grad_theta_body L_T*(theta_body, phi*, B*_val), flat (P,), and the loss; in train mode, as the g_k
     are, leaving .grad and the body's buffers (BatchNorm statistics) alone."""
-    with _buffers_kept(body), amp if amp is not None else autocast(params[0].device, False):
+    device = params[0].device
+    with _buffers_kept(body), amp if amp is not None else autocast(device, False):
         if callable(val):
             loss = val(head_star)
-        else:
-            inputs, labels = (v.to(params[0].device) for v in val) if torch.is_tensor(val[0]) else \
-                to_device(*val, params[0].device)  # a tensor: the body's one input
+        else:  # a tensor is the body's one input; a dict its keyword arguments
+            inputs, labels = (v.to(device) for v in val) if torch.is_tensor(val[0]) else to_device(*val, device)
             _, loss = head_star(_features(body(inputs) if torch.is_tensor(inputs) else body(**inputs)), labels)
         _check_val_loss(loss)
         grads = torch.autograd.grad(loss, params, allow_unused=True)
@@ -605,7 +554,6 @@ def task_gradients(body, tasks, streams, weighting: MetaWeighting, amp, tokens) 
             b_tr = b_tr or weighting._rows(features, labels)  # only the rows phi* is fitted on outlive the pass
     return b_tr
 
-
 # ----------------------------------------------------------------------------------------------------------------------
 # 8. Entry points: the paper's objectives, and one row of a table. `hook` is train's.
 
@@ -630,19 +578,17 @@ def run_end_task(body, end: Task, aux: list[Task], mode: str, cfg: TrainConfig |
                  pretrain_cfgs: list[PretrainConfig] | None = None, stage=None) -> dict:
     """One row of a table: "finetune" (Eq. 2), "pretrain" (Eq. 1 per auxiliary task, in order, then Eq. 2), "mt" or
     "meta" (then the Eq. 2 stage, kept if dev improves); then test, once. Returns dev and test metrics,
-    test_predictions, each stage's result and the main stage's history, alphas and trace. stage(name, fn, *args)
-    runs each stage as fn(*args, hook=...) -> {"stage": name, ...} (how experiments/resume.py resumes)."""
-    if mode not in ("finetune", "pretrain", "mt", "meta"):
-        raise ValueError(f"unknown mode '{mode}' (finetune, pretrain, mt, meta)")
+    test_predictions, the stages' results, the main stage's history, alphas and trace. stage(name, fn, *args) ->
+    {"stage": name, **fn(*args, hook=...)} runs each stage (experiments/resume.py resumes through it)."""
+    _require(mode in ("finetune", "pretrain", "mt", "meta"), f"unknown mode '{mode}' (finetune, pretrain, mt, meta)")
     cfg = cfg or {"meta": MetaConfig, "mt": TrainConfig}.get(mode, FinetuneConfig)()
     cfg = _mt_config(cfg) if mode == "mt" else cfg
     check_tasks(end, aux if mode in ("mt", "meta") else [], cfg, meta=True if mode == "meta" else None)
-    if end.test is None or not len(end.test):
-        raise ValueError(f"end-task '{end.name}' has {'no' if end.test is None else 'an empty'} test split: "
-                         f"run_end_task scores the selected model on it")
+    _require(end.test is not None and len(end.test), f"end-task '{end.name}' has "
+             f"{'no' if end.test is None else 'an empty'} test split: run_end_task scores the selected model on it")
     pretrain_cfgs = pretrain_cfgs or [PretrainConfig()] * len(aux)
-    if mode == "pretrain" and len(pretrain_cfgs) != len(aux):
-        raise ValueError(f"{len(pretrain_cfgs)} pre-training configs for {len(aux)} auxiliary tasks")
+    _require(mode != "pretrain" or len(pretrain_cfgs) == len(aux), f"{len(pretrain_cfgs)} pre-training configs for "
+             f"{len(aux)} auxiliary tasks")
     stage, stages = stage or _run_stage, []
     if mode == "pretrain":
         for i, pcfg in enumerate(pretrain_cfgs):  # sub-stages follow the run's seed
@@ -660,7 +606,6 @@ def run_end_task(body, end: Task, aux: list[Task], mode: str, cfg: TrainConfig |
     out["test_predictions"] = out["test"].pop("predictions")  # the predicted class of every test example, in order
     main = next(s for s in reversed(stages) if s["stage"] in ("mt", "meta", "finetune"))
     return {**out, **{k: main[k] for k in ("history", "final_alpha", "best_alpha", "trace")}}
-
 
 # ----------------------------------------------------------------------------------------------------------------------
 # 9. Evaluation: macro-F1 and micro-F1 always both (micro-F1 = accuracy for single-label classification).
@@ -680,13 +625,11 @@ def f1_scores(y_true, y_pred) -> dict:
 def evaluate(body, head, data, batch_size: int = 64, bf16: bool | None = False, predictions: bool = False) -> dict:
     """f1_scores and the mean loss of body + head on a labelled split, in eval mode, without autograd, bf16 as
     autocast() takes it; the train/eval mode is restored. predictions=True adds every example's predicted class."""
-    if data.labels is None:
-        raise ValueError("evaluate scores a labelled split; this one has no labels (an MLM task's text)")
+    _require(data.labels is not None, "evaluate scores a labelled split; this one has no labels (an MLM task's text)")
     device, modes = next(body.parameters()).device, (body.training, head.training)
     body.eval(), head.eval()
     # text in batches of similar length, so that little is padding; the predictions go back to the split's order
-    order = sorted(range(len(data)), key=lambda i: len(data.ids[i])) if isinstance(data, TextData) else \
-        list(range(len(data)))
+    order = sorted(range(len(data)), key=lambda i: len(data.ids[i]) if isinstance(data, TextData) else 0)
     preds, total_loss = [], 0.0
     with autocast(device, bf16):
         for i in range(0, len(data), batch_size):
@@ -700,7 +643,6 @@ def evaluate(body, head, data, batch_size: int = 64, bf16: bool | None = False, 
     return {**f1_scores(torch.as_tensor(data.labels).numpy(), in_order.numpy()), "loss": float(total_loss) / len(data),
             **({"predictions": in_order.tolist()} if predictions else {})}
 
-
 # ----------------------------------------------------------------------------------------------------------------------
 # 10. Significance (A.2): unpaired two-sample permutation test of per-seed scores.
 
@@ -710,8 +652,7 @@ def permutation_test(a, b, n_permutations: int = 10_000, seed: int = 0) -> dict:
     difference, p two-sided, 'greater' (H1: a > b) and 'less', counting splits at least as extreme as the observed
     (which is among them), and min_p_greater, min_p_two_sided: the smallest p these sample sizes can give."""
     a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
-    if len(a) < 1 or len(b) < 1:
-        raise ValueError("permutation_test needs at least one score on each side")
+    _require(len(a) >= 1 and len(b) >= 1, "permutation_test needs at least one score on each side")
     pooled, n = np.concatenate([a, b]), len(a)
     observed = a.mean() - b.mean()
     n_splits = math.comb(len(pooled), n)
@@ -722,14 +663,11 @@ def permutation_test(a, b, n_permutations: int = 10_000, seed: int = 0) -> dict:
     np.put_along_axis(in_a, picks, True, axis=1)
     diffs = (in_a @ pooled) / n - (~in_a @ pooled) / (len(pooled) - n)
     tol, extra = 1e-12 * max(1.0, abs(observed)), int(not exact)  # sampled: the observed split counts once more
-
-    def p(hits):
-        return float((hits.sum() + extra) / (len(diffs) + extra))
-    return {"diff": float(observed), "p_two_sided": p(np.abs(diffs) >= abs(observed) - tol),
-            "p_greater": p(diffs >= observed - tol), "p_less": p(diffs <= observed + tol),
-            "n_permutations": int(len(diffs)), "exact": exact,
+    hits = {"p_two_sided": np.abs(diffs) >= abs(observed) - tol, "p_greater": diffs >= observed - tol,
+            "p_less": diffs <= observed + tol}
+    return {"diff": float(observed), **{k: float((h.sum() + extra) / (len(diffs) + extra)) for k, h in hits.items()},
+            "n_permutations": int(len(diffs)), "exact": exact, "min_p_greater": 1 / (len(diffs) + extra),
             # exact: one split alone (two-sided with equal sizes: a split and its mirror); sampled: the observed alone
-            "min_p_greater": 1 / (len(diffs) + extra),
             "min_p_two_sided": (2 if n == len(b) else 1) / n_splits if exact else 1 / (n_permutations + 1)}
 
 
@@ -1288,3 +1226,32 @@ def _final_finetune(body, end: Task, cfg: FinetuneConfig, main_best_dev, hook=No
     if not ft["kept"]:
         _restore(before, body, end.head)
     return ft
+
+def _ddp_group(body: nn.Module):
+    """A DistributedDataParallel body's process group, its all-reduce at each backward turned off (as under
+    no_sync): the weighting averages what it needs over the ranks once per step. None for any other body."""
+    if not isinstance(body, nn.parallel.DistributedDataParallel):
+        return None
+    body.require_backward_grad_sync = False
+    return body.process_group
+
+def _mean_over_ranks(flat: torch.Tensor, group, async_op: bool = False):
+    """flat <- its mean over the ranks of group, in place: one all-reduce (async_op: returns its handle)."""
+    flat.div_(torch.distributed.get_world_size(group))
+    return torch.distributed.all_reduce(flat, group=group, async_op=async_op)
+
+def _mean_grads_over_ranks(params: list[nn.Parameter], losses: torch.Tensor, group) -> torch.Tensor:
+    """The body's .grad and the losses (K,) averaged over the ranks in one all-reduce; returns the losses."""
+    grads = _flat_grad(params, [p.grad for p in params])
+    flat = torch.cat([grads, losses.to(grads.dtype)])
+    _mean_over_ranks(flat, group)
+    for p, g in zip(params, flat.split([p.numel() for p in params] + [len(losses)])):
+        if p.grad is not None:
+            p.grad.copy_(g.view_as(p))
+    return flat[-len(losses):]
+
+def _broadcast_head(head: nn.Module, group) -> None:
+    """The first rank's head (phi*) on every rank of group."""
+    phi = torch.nn.utils.parameters_to_vector(head.parameters())
+    torch.distributed.broadcast(phi, torch.distributed.get_global_rank(group, 0), group=group)
+    torch.nn.utils.vector_to_parameters(phi, head.parameters())

@@ -96,7 +96,7 @@ class TartanTrainer(transformers.Trainer):
                 grads = [p.grad for head in model.heads for p in tartan.head_parameters(head, model.body)
                          if p.grad is not None]
                 flat = torch.cat([g.reshape(-1) for g in grads])
-                self.weighting._mean(flat)
+                tartan._mean_over_ranks(flat, self.weighting.group)
                 for g, mean in zip(grads, flat.split([g.numel() for g in grads])):
                     g.copy_(mean.view_as(g))
         return end_loss.detach() / self.weighting.grad_accum  # what the Trainer logs: the end-task's loss
