@@ -672,8 +672,7 @@ def permutation_test(a, b, n_permutations: int = 10_000, seed: int = 0) -> dict:
 
 
 # ======================================================================================================================
-# APPENDIX: what the method needs but the paper does not describe. (A) data and heads, (B) contracts and
-# divergence, (C) plumbing.
+# APPENDIX: what the method needs but the paper does not describe: (A) data and heads, (B) contracts, (C) plumbing.
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -681,8 +680,7 @@ def permutation_test(a, b, n_permutations: int = 10_000, seed: int = 0) -> dict:
 
 @dataclass
 class TextData:
-    """Token ids of one split with special tokens (labels None for an MLM corpus); batches are padded to their
-    longest row."""
+    """Token ids of one split with special tokens (labels None for an MLM corpus); a batch pads to its longest row."""
     ids: list[list[int]]
     labels: list[int] | None
     pad_id: int
@@ -691,34 +689,27 @@ class TextData:
         return len(self.ids)
 
     def batch(self, idx) -> tuple[dict, torch.Tensor | None]:
-        rows = [self.ids[i] for i in idx]
-        input_ids = torch.full((len(rows), max(map(len, rows))), self.pad_id, dtype=torch.long)  # (B, T)
-        attention_mask = torch.zeros_like(input_ids)
-        for r, row in enumerate(rows):
-            input_ids[r, :len(row)] = torch.tensor(row)
-            attention_mask[r, :len(row)] = 1
+        rows = [torch.tensor(self.ids[i], dtype=torch.long) for i in idx]
+        input_ids = nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=self.pad_id)  # (B, T)
+        attention_mask = nn.utils.rnn.pad_sequence([torch.ones_like(r) for r in rows], batch_first=True)  # (B, T)
         labels = None if self.labels is None else torch.tensor([self.labels[i] for i in idx])
         return {"input_ids": input_ids, "attention_mask": attention_mask}, labels
 
 @dataclass
 class TensorData:
-    """Examples in a tensor (images, features) for a plain torch body called as body(x=...). x and labels may be
-    tensors, numpy arrays or lists (a float64 x from numpy or a list becomes torch's default dtype); labels are class
-    ids 0..C-1 (any integer dtype, or whole-number floats), kept as int64."""
+    """Examples x for a plain torch body called as body(x=...), and their class ids 0..C-1 (kept as int64); tensors,
+    numpy arrays or lists (a float64 x from numpy or a list becomes torch's default dtype)."""
     x: torch.Tensor
     labels: torch.Tensor
 
     def __post_init__(self):
         x = _as_tensor(self.x, "TensorData x", "the examples, one row each")
-        if not isinstance(self.x, torch.Tensor) and x.dtype == torch.float64:
-            x = x.to(torch.get_default_dtype())
+        x = x.to(torch.get_default_dtype()) if x.dtype == torch.float64 and not torch.is_tensor(self.x) else x
         labels = _as_tensor(self.labels, "TensorData labels", "integer class ids 0..C-1")
-        if labels.dtype == torch.bool or labels.is_complex() or (
-                labels.is_floating_point() and not torch.equal(labels, labels.round())):
-            raise TypeError(f"TensorData labels must be integer class ids 0..C-1, not {_describe(self.labels)}")
-        if labels.dim() != 1 or len(labels) != len(x):
-            raise ValueError(f"TensorData labels must be one class id per row of x: labels {tuple(labels.shape)}, "
-                             f"x {tuple(x.shape)}")
+        _require(labels.dtype != torch.bool and not labels.is_complex() and torch.equal(labels, labels.round()),
+                 f"TensorData labels must be integer class ids 0..C-1, not {_describe(self.labels)}", TypeError)
+        _require(labels.dim() == 1 and len(labels) == len(x), f"TensorData labels must be one class id per row of x: "
+                 f"labels {tuple(labels.shape)}, x {tuple(x.shape)}")
         self.x, self.labels = x, labels.long()
 
     def __len__(self):
@@ -731,33 +722,27 @@ class TensorData:
 def split_masked_lm(model: nn.Module) -> tuple[HFBody, MLMHead]:
     """A transformers *ForMaskedLM model -> (body, MLM head); the tied decoder weight stays the body's embedding."""
     heads = [m for _, m in model.named_children() if m is not model.base_model]
-    if len(heads) != 1:
-        raise ValueError(f"cannot find the LM head of {type(model).__name__}")
+    _require(len(heads) == 1, f"cannot find the LM head of {type(model).__name__}")
     return HFBody(model.base_model), MLMHead(heads[0])
 
 def new_mlm_head(template: MLMHead, body: nn.Module, init: str = "checkpoint") -> MLMHead:
-    """A separate MLM head phi^i per auxiliary task, copied from `template`; weights shared with the body (the tied
-    decoder) stay shared. init="random" re-initialises every weight the head owns (loose biases to zero), as
-    Algorithm 1 says ("randomly initialize phi^i"); "checkpoint" (default) keeps the checkpoint's."""
-    if init not in ("checkpoint", "random"):
-        raise ValueError(f"init must be 'checkpoint' or 'random', not '{init}'")
-    body_ids = {id(p) for p in body.parameters()}
+    """A copy of `template` for one auxiliary task (phi^i), still sharing the body's weights (the tied decoder);
+    init="random" re-initialises the weights it owns, loose biases to zero (Algorithm 1), "checkpoint" keeps them."""
+    _require(init in ("checkpoint", "random"), f"init must be 'checkpoint' or 'random', not '{init}'")
+    body_ids, done = {id(p) for p in body.parameters()}, set()
     head = copy.deepcopy(template, {id(p): p for p in body.parameters()})  # shared weights stay shared
     if init == "checkpoint":
         return head
-    done = set()
     for m in head.modules():  # a layer that holds a body weight (the tied decoder) is not reset
         own = list(m.parameters(recurse=False))
         if own and hasattr(m, "reset_parameters") and not any(id(p) in body_ids for p in own):
             m.reset_parameters()
             done |= {id(p) for p in own}
-    with torch.no_grad():
-        for name, p in head.named_parameters():  # left over: parameters outside any resettable layer
-            if id(p) not in body_ids and id(p) not in done:
-                if p.dim() > 1:
-                    raise ValueError(f"cannot re-initialise the MLM head weight '{name}': it is in no layer with "
-                                     f"reset_parameters")
-                p.zero_()  # a loose bias, e.g. the vocabulary bias of the tied decoder
+    for name, p in head.named_parameters():  # left over: parameters outside any resettable layer
+        if id(p) not in body_ids | done:
+            _require(p.dim() <= 1, f"cannot re-initialise the MLM head weight '{name}': it is in no layer with "
+                     f"reset_parameters")
+            p.detach().zero_()  # a loose bias, e.g. the vocabulary bias of the tied decoder
     return head
 
 
@@ -775,21 +760,18 @@ def _require(ok, message: str, error=ValueError):
         raise error(message)
 
 def check_tasks(end: Task | None, aux: list[Task], cfg: TrainConfig, meta: bool | None = None) -> None:
-    """The contracts the loops rely on, before the first step: a ValueError (TypeError) naming the task and what is
-    wrong. meta: whether META-TARTAN runs (None: whether cfg is a MetaConfig)."""
+    """Before the first step: a ValueError (TypeError) naming the task and what is wrong. meta None: a MetaConfig's."""
     meta = isinstance(cfg, MetaConfig) if meta is None else meta
     _require(not meta or isinstance(cfg, MetaConfig), f"META-TARTAN (train_meta) needs a MetaConfig, not "
              f"{type(cfg).__name__}", TypeError)
     check_config(cfg, meta)
     _require(isinstance(aux, (list, tuple)), f"aux must be a list of Tasks, not {type(aux).__name__}", TypeError)
     _require(not meta or cfg.weights is None, "META-TARTAN starts from equal weights (Algorithm 1); leave weights=None")
-    tasks = ([end] if end is not None else []) + list(aux)
-    names, heads = set(), {}
+    tasks, heads = ([end] if end is not None else []) + list(aux), {}  # heads: id(head) -> task name
     for t in tasks:  # names key the weights, losses and token counts: a repeated one would merge two tasks
-        _require(t.name not in names, f"two tasks are named '{t.name}': task names must be unique")
+        _require(t.name not in heads.values(), f"two tasks are named '{t.name}': task names must be unique")
         _require(id(t.head) not in heads, f"tasks '{heads.get(id(t.head))}' and '{t.name}' share one head object: "
                  f"each task needs its own head (tartan.new_mlm_head makes one per MLM task)")
-        names.add(t.name)
         heads[id(t.head)] = t.name
         splits = {"train": t.train, "dev": t.dev, "test": t.test}
         for split, data in splits.items():
@@ -803,8 +785,8 @@ def check_tasks(end: Task | None, aux: list[Task], cfg: TrainConfig, meta: bool 
         out = t.head.mlp[-1].out_features if isinstance(t.head, ClassificationHead) else None
         C = t.num_labels or out or 0
         for split, data in splits.items():
-            labels = torch.as_tensor(data.labels) if C and data is not None and data.labels is not None else None
-            bad = [] if labels is None else labels[(labels < 0) | (labels >= C)]
+            labels = torch.as_tensor(data.labels if C and data is not None and data.labels is not None else [])
+            bad = labels[(labels < 0) | (labels >= C)]
             if len(bad):
                 why = f"num_labels={C}" if t.num_labels else f"its head predicts {C} classes; num_labels is not set"
                 raise ValueError(f"task '{t.name}': its {split} split has label {bad[0].item()}, outside 0..{C - 1} "
@@ -832,29 +814,26 @@ def check_classes(name: str, C: int) -> None:
     _require(C >= 2, f"end-task '{name}': its train split has one class: a classifier needs at least two", DataError)
 
 def _check_tied_heads(body: nn.Module, tasks: list[Task]) -> None:
-    """An MLM head whose decoder should be tied to this HFBody's input embedding but holds another body's."""
-    if not (isinstance(body, HFBody) and getattr(body.encoder.config, "tie_word_embeddings", False)):
-        return
-    embedding = body.encoder.get_input_embeddings().weight
-    for t in (t for t in tasks if isinstance(t.head, MLMHead)):
-        params = list(t.head.parameters())
+    """A ValueError for an MLM head that should be tied to this HFBody's input embedding but holds another body's."""
+    tied = isinstance(body, HFBody) and getattr(body.encoder.config, "tie_word_embeddings", False)
+    for t in (t for t in tasks if tied and isinstance(t.head, MLMHead)):
+        params, embedding = list(t.head.parameters()), body.encoder.get_input_embeddings().weight
         _require(any(p is embedding for p in params) or not any(p.shape == embedding.shape for p in params),
                  f"task '{t.name}': its MLM head's decoder is not tied to this body's input embedding, as the "
                  f"checkpoint's config says: it was built for another body (build it again with this body)")
 
 def check_config(cfg: TrainConfig, meta: bool) -> None:
-    """Settings no run can train with (a negative batch loops forever, a zero one divides by zero), or that would
-    silently train something else (patience 0 stops at the first evaluation)."""
+    """A ValueError for settings no run can train with, or that would silently train something else."""
     at_least_one = ["batch_size", "aux_batch_size", "grad_accum", "eval_batch_size", "patience"]
     at_least_zero = ["max_steps", "lr", "head_lr", "weight_decay", "head_weight_decay", "adam_eps", "grad_clip"]
     if meta:
         at_least_one += ["meta_batch_size"] + ([] if cfg.same_head else ["meta_head_steps"])
         at_least_zero += ["meta_lr", "meta_val_batch_size", "meta_head_lr", "meta_head_wd", "meta_head_tol"]
     name = type(cfg).__name__
-    for field_ in at_least_one + at_least_zero:
-        value, low = getattr(cfg, field_), 1 if field_ in at_least_one else 0
+    for key in at_least_one + at_least_zero:
+        value, low = getattr(cfg, key), 1 if key in at_least_one else 0
         _require(isinstance(value, (int, float)) and math.isfinite(value) and value >= low,
-                 f"{name}.{field_}={value!r}: must be a number of at least {low}")
+                 f"{name}.{key}={value!r}: must be a number of at least {low}")
     _require(cfg.max_steps or (math.isfinite(cfg.epochs) and cfg.epochs > 0),
              f"{name}.epochs={cfg.epochs!r}: must be above 0 (or set max_steps)")
     _require(cfg.eval_every >= -1, f"{name}.eval_every={cfg.eval_every}: steps between evaluations, 0 = once per "
@@ -869,8 +848,8 @@ def check_config(cfg: TrainConfig, meta: bool) -> None:
                  f"phi* is fitted on rows of the end-task micro-batch B*_tr: lower it, or set meta_head_data='dev'")
 
 def _finite(value: float, what: str, where: str, hint: str = ""):
-    if not math.isfinite(value):
-        raise DivergedError(f"{what} is {value} {where}{f' ({hint})' if hint else ''}; the run is stopped")
+    _require(math.isfinite(value), f"{what} is {value} {where}{f' ({hint})' if hint else ''}; the run is stopped",
+             DivergedError)
 
 def _check_step(info: dict, norm: float, names: list[str], where: str):
     """A DivergedError if a step's task loss, META's validation loss or cosine, or the gradient norm is not finite."""
@@ -885,46 +864,41 @@ def _check_step(info: dict, norm: float, names: list[str], where: str):
 def _check_weighting(body, n_tasks: int, grad_accum: int):
     _require(isinstance(body, nn.Module), f"body must be the shared torch module (nn.Module), not "
              f"{type(body).__name__}", TypeError)
-    _require(n_tasks >= 1 and grad_accum >= 1, f"n_tasks={n_tasks} and grad_accum={grad_accum} must both be at "
-             f"least 1")
+    _require(n_tasks >= 1 and grad_accum >= 1, f"n_tasks={n_tasks} and grad_accum={grad_accum} must both be at least 1")
     _require(any(p.requires_grad for p in body.parameters()), "body has no parameter that requires a gradient: "
              "there is nothing to weight")
 
-def _check_task_backward(weighting, k: int, loss):
-    """A scalar loss with a graph, of a task the weighting has, within grad_accum; at a step's first backward, no
-    body gradient that the weighting did not put there (zeros from zero_grad(set_to_none=False) are fine)."""
-    if not isinstance(loss, torch.Tensor) or loss.dim() != 0 or not loss.requires_grad:
-        raise TypeError(f"the loss of task {k} must be a scalar tensor with a graph (the mean loss of its "
-                        f"micro-batch, not detached, not .item()), not {_describe(loss)}")
-    if not 0 <= k < weighting.n_tasks:
-        raise IndexError(f"task index {k}: this weighting has {weighting.n_tasks} tasks (0 = end-task)")
-    if weighting._micro[k] >= weighting.grad_accum:
-        raise ValueError(f"task {k} gave more than grad_accum={weighting.grad_accum} micro-batches in one optimizer "
-                         f"step: call step() (or let backward() call it) before the next one")
-    now = [p for p in weighting.body.parameters() if p.requires_grad]  # picked up between steps, refused within one
-    if len(now) != len(weighting.params) or any(a is not b for a, b in zip(now, weighting.params)):
-        _require(not any(weighting._micro), f"requires_grad of a body parameter changed within step "
-                 f"{weighting.steps + 1}: freeze or unfreeze parameters between optimizer steps")
-        weighting._set_params(now)
-    _check_grads_kept(weighting)
-    held = [p.grad for p in weighting.params if p.grad is not None] if not any(weighting._micro) else []
-    if held and bool(torch.stack([g.ne(0).any() for g in held]).any()):
-        raise ValueError(f"the body's .grad already holds a gradient that this {type(weighting).__name__} did not put "
-                         f"there (step {weighting.steps + 1}): clear gradients after each optimizer step (zero_grad()) "
-                         f"and give the weighting every loss, unscaled (grad_accum=N to accumulate)")
+def _check_task_backward(w, k: int, loss):
+    """Task k's loss: a scalar with a graph, k < n_tasks, within grad_accum; at a step's start, .grad zeros or None."""
+    _require(isinstance(loss, torch.Tensor) and loss.dim() == 0 and loss.requires_grad, f"the loss of task {k} must be "
+             f"a scalar tensor with a graph (the mean loss of its micro-batch, not detached, not .item()), not "
+             f"{_describe(loss)}", TypeError)
+    _require(0 <= k < w.n_tasks, f"task index {k}: this weighting has {w.n_tasks} tasks (0 = end-task)", IndexError)
+    _require(w._micro[k] < w.grad_accum, f"task {k} gave more than grad_accum={w.grad_accum} micro-batches in one "
+             f"optimizer step: call step() (or let backward() call it) before the next one")
+    now = [p for p in w.body.parameters() if p.requires_grad]  # picked up between steps, refused within one
+    if len(now) != len(w.params) or any(a is not b for a, b in zip(now, w.params)):
+        _require(not any(w._micro), f"requires_grad of a body parameter changed within step {w.steps + 1}: freeze or "
+                 f"unfreeze parameters between optimizer steps")
+        w._set_params(now)
+    _check_grads_kept(w)
+    held = [p.grad for p in w.params if p.grad is not None] if not any(w._micro) else []
+    _require(not held or not torch.stack([g.ne(0).any() for g in held]).any(), f"the body's .grad already holds a "
+             f"gradient that this {type(w).__name__} did not put there (step {w.steps + 1}): clear gradients after "
+             f"each optimizer step (zero_grad()) and give the weighting every loss, unscaled (grad_accum=N to "
+             f"accumulate)")
 
-def _check_grads_kept(weighting):
+def _check_grads_kept(w):
     """Within a step, the body's .grad must be as the weighting left it: the same tensors, not written since."""
-    kept = weighting._kept
-    _require(kept is None or all(p.grad is g and (g is None or g._version == v) for p, (g, v) in zip(
-        weighting.params, kept)), f"the body's .grad changed between this {type(weighting).__name__}'s calls in step "
-             f"{weighting.steps + 1} (a backward of your own, or zero_grad() within the step): zero gradients only "
-             f"after the optimizer step, and add any other loss (a regulariser) to a task's loss")
+    _require(w._kept is None or all(p.grad is g and (g is None or g._version == v) for p, (g, v) in zip(w.params,
+             w._kept)), f"the body's .grad changed between this {type(w).__name__}'s calls in step {w.steps + 1} (a "
+             f"backward of your own, or zero_grad() within the step): zero gradients only after the optimizer step, "
+             f"and add any other loss (a regulariser) to a task's loss")
 
-def _check_step_complete(weighting):
-    short = [k for k, m in enumerate(weighting._micro) if m != weighting.grad_accum]
-    _require(not short, f"step() with tasks {short} short of grad_accum={weighting.grad_accum} micro-batches (got "
-             f"{[weighting._micro[k] for k in short]})")
+def _check_step_complete(w):
+    short = [k for k, m in enumerate(w._micro) if m != w.grad_accum]
+    _require(not short, f"step() with tasks {short} short of grad_accum={w.grad_accum} micro-batches (got "
+             f"{[w._micro[k] for k in short]})")
 
 def _check_meta_head(cfg: MetaConfig, num_labels: int, end_head):
     _require(not cfg.same_head or end_head is not None, "cfg.same_head=True takes g_meta through the end-task head "
@@ -950,8 +924,7 @@ def _check_meta_step(val, fit_data, cfg: MetaConfig):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# C. Plumbing: devices, autocast, batches and their token counts, the progress bar, snapshots, clipping, head
-#    parameters, the flat gradient, the optimizers and their schedule, the per-step log's averages, the step budget.
+# C. Plumbing: the loop's state, devices, autocast, batches, snapshots, clipping, optimizers, logs, META state, stages.
 
 @dataclass
 class Loop:
@@ -974,15 +947,13 @@ class Loop:
     test_seconds: float = 0.0        # of which scoring test for the curves (eval_test)
 
 def _evaluation(loop: Loop, body, end: Task, t0: float) -> float:
-    """Scores end-task dev after loop.step, records it in the history and keeps the model if it is the best; with
-    cfg.eval_test also scores test, for learning curves only. Returns the dev score."""
+    """Scores end-task dev after loop.step into the history (cfg.eval_test: test too, for curves); keeps the best."""
     cfg = loop.cfg
     dev = evaluate(body, end.head, end.dev, cfg.eval_batch_size, cfg.bf16)
     _finite(dev["loss"], f"the dev loss of task '{end.name}'", f"at the evaluation after optimizer step {loop.step}",
             "a diverged model, or a NaN in the dev data")
-    curve = {}
+    curve, started = {}, time.perf_counter()
     if cfg.eval_test and end.test is not None:
-        started = time.perf_counter()
         curve["test"] = evaluate(body, end.head, end.test, cfg.eval_batch_size, cfg.bf16)
         loop.test_seconds += time.perf_counter() - started
         curve["analysis_seconds"] = loop.test_seconds
@@ -990,12 +961,11 @@ def _evaluation(loop: Loop, body, end: Task, t0: float) -> float:
     loop.history.append({"step": loop.step, "alpha": dict(zip(loop.names, loop.log[-1]["alpha"])),
                          **_averages(loop.log[since:], loop.names), "dev": dev, "seconds": time.perf_counter() - t0,
                          **curve})
-    if dev[end.metric] > loop.best:
-        loop.best, loop.since_best = dev[end.metric], 0
-        loop.best_state, loop.best_alpha = _snapshot(body, end.head), loop.history[-1]["alpha"]
-    else:
-        loop.since_best += 1
-    return dev[end.metric]
+    score = dev[end.metric]
+    loop.since_best = 0 if score > loop.best else loop.since_best + 1
+    if not loop.since_best:
+        loop.best, loop.best_state, loop.best_alpha = score, _snapshot(body, end.head), loop.history[-1]["alpha"]
+    return score
 
 class Stream:
     """batches() that counts what it has given (a resumed run draws as many again)."""
@@ -1012,8 +982,7 @@ class Stream:
 
 def _device(body: nn.Module) -> torch.device:
     first = next(body.parameters(), None)
-    if first is None:
-        raise ValueError(f"the body ({type(body).__name__}) has no parameters: there is nothing to train")
+    _require(first is not None, f"the body ({type(body).__name__}) has no parameters: there is nothing to train")
     return first.device
 
 def to_device(inputs: dict, labels, device):
@@ -1030,8 +999,7 @@ def bf16_enabled(device: torch.device, bf16: bool | None) -> bool:
     native = any(getattr(torch.cpu, f"_is_{isa}_supported", bool)() for isa in ("avx512_bf16", "amx_tile"))
     if bf16 and device.type == "cpu" and not native:
         warnings.warn("bf16 was asked for, but this CPU has no native bf16 (avx512_bf16, AMX): the run goes on in fp32")
-        return False
-    return bool(bf16)
+    return bool(bf16) and (device.type != "cpu" or native)
 
 def _features(out) -> torch.Tensor:
     """The body's output, which must be the features tensor itself (B, T, H) or (B, H), else a TypeError."""
@@ -1049,10 +1017,8 @@ def _describe(x) -> str:
 
 def _as_tensor(value, name: str, what: str) -> torch.Tensor:
     """A tensor from a tensor, numpy array or (nested) list of numbers; a TypeError naming `name` otherwise."""
-    if isinstance(value, torch.Tensor):
-        return value
     try:
-        return torch.as_tensor(np.asarray(value))
+        return value if isinstance(value, torch.Tensor) else torch.as_tensor(np.asarray(value))
     except (TypeError, ValueError, RuntimeError):
         raise TypeError(f"{name} must be numbers ({what}) as a tensor, numpy array or list, not "
                         f"{_describe(value)}") from None
@@ -1085,8 +1051,7 @@ def _restore(snapshot, body, head):
         m.load_state_dict(sd)
 
 def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
-    """torch.nn.utils.clip_grad_norm_ without a sync (gradients under max_norm are multiplied by exactly 1); max_norm 0:
-    the norm only. Returns the norm, a tensor."""
+    """clip_grad_norm_ without a sync (under max_norm, the factor is exactly 1; max_norm 0: none) -> the norm tensor."""
     norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
     if max_norm > 0:
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
@@ -1096,11 +1061,10 @@ def read_step(info: dict, **more) -> dict:
     """A step's info (and `more`) with every tensor as Python numbers, read from the device in one transfer."""
     info = {**info, **more}
     keys = [k for k, v in info.items() if isinstance(v, torch.Tensor)]
-    if keys:
-        flat = torch.cat([info[k].detach().reshape(-1).to(torch.float64) for k in keys]).tolist()  # the one sync
-        for k in keys:
-            n, kind = info[k].numel(), bool if info[k].dtype == torch.bool else float  # a flag stays a bool
-            info[k], flat = (flat[:n] if info[k].dim() else kind(flat[0])), flat[n:]
+    flat = torch.cat([info[k].detach().reshape(-1).to(torch.float64) for k in keys]).tolist() if keys else []
+    for k in keys:
+        n, kind = info[k].numel(), bool if info[k].dtype == torch.bool else float  # a flag stays a bool
+        info[k], flat = (flat[:n] if info[k].dim() else kind(flat[0])), flat[n:]
     return info
 
 def head_parameters(head: nn.Module, body: nn.Module) -> list[nn.Parameter]:
@@ -1113,22 +1077,18 @@ def _buffers_kept(body: nn.Module):
     """Restores the body's buffers (e.g. BatchNorm running statistics) after a forward pass on dev rows."""
     saved = [(b, b.clone()) for b in body.buffers()]
     yield
-    with torch.no_grad():
-        for b, value in saved:
-            b.copy_(value)
+    for b, value in saved:
+        b.detach().copy_(value)
 
 def _flat_grad(params, grads, out: torch.Tensor | None = None, add: bool = False) -> torch.Tensor:
     """Per-parameter gradients -> one (P,) vector, zeros where there is none: new, or written (added) into `out`."""
     flat = [torch.zeros(p.numel(), device=p.device, dtype=p.dtype) if g is None else g.reshape(-1)
             for p, g in zip(params, grads)]
-    if out is None:
-        return torch.cat(flat)
-    return out.add_(torch.cat(flat)) if add else torch.cat(flat, out=out)
+    return torch.cat(flat) if out is None else out.add_(torch.cat(flat)) if add else torch.cat(flat, out=out)
 
 def make_optimizer(params: list[nn.Parameter], lr: float, weight_decay: float, cfg: TrainConfig):
-    decay = [p for p in params if p.dim() >= 2]  # biases and LayerNorm/BatchNorm weights get no decay
-    groups = [{"params": decay, "weight_decay": weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]  # biases, norm weights: no decay
     try:  # the fused kernel: one pass over the parameters rather than a loop over them
         return torch.optim.AdamW(groups, lr=lr, betas=cfg.betas, eps=cfg.adam_eps, fused=True)
     except (RuntimeError, ValueError):  # a device or dtype without a fused kernel
@@ -1147,8 +1107,7 @@ def _column(log: list[dict], key: str) -> list:
     return [info[key] for info in log if info.get(key) is not None]
 
 def _averages(log: list[dict], names: list[str]) -> dict:
-    """A history entry's per-step values averaged since the evaluation before: task losses; META: cos(g_meta, g_k),
-    the loss on B*_val, and phi*'s training loss at its first and last fitting step."""
+    """Task losses averaged over `log`; META: also cos(g_meta, g_k), B*_val's loss, phi*'s first and last fit loss."""
     cos, val, fit = (_column(log, key) for key in ("cosines", "val_loss", "head_fit"))
     return {"losses": dict(zip(names, np.mean(_column(log, "losses"), axis=0).tolist())),
             "cosines": dict(zip(names, np.mean(cos, axis=0).tolist())) if cos else None,
@@ -1156,12 +1115,10 @@ def _averages(log: list[dict], names: list[str]) -> dict:
             "meta_head_fit_loss": np.mean(fit, axis=0).tolist() if fit else None}
 
 def _trace(log: list[dict], names: list[str]) -> dict:
-    """Per task, alpha (META: also cos(g_meta, g_k) and |g_k|) at every optimizer step, step s at index s - 1; and
-    META's validation loss per step."""
-    def per_task(key):
-        return {n: list(v) for n, v in zip(names, zip(*_column(log, key)))} or None
-    return {"alpha": per_task("alpha"), "cosines": per_task("cosines"), "grad_norms": per_task("grad_norms"),
-            "meta_val_loss": _column(log, "val_loss") or None}
+    """Per task, alpha (META: also cos(g_meta, g_k) and |g_k|) at every step s, at index s - 1; META's B*_val loss."""
+    trace = {key: {n: list(v) for n, v in zip(names, zip(*_column(log, key)))} or None
+             for key in ("alpha", "cosines", "grad_norms")}
+    return {**trace, "meta_val_loss": _column(log, "val_loss") or None}
 
 def _budget(end: Task | None, tasks: list[Task], cfg: TrainConfig) -> tuple[int, int]:
     """(total optimizer steps, steps per epoch); an epoch is a pass over the task with the most batches."""
@@ -1180,8 +1137,7 @@ class MetaState:
         return [s for s in (self.val, self.head_rows) if s is not None]
 
 def meta_state(body: nn.Module, tasks: list[Task], cfg: MetaConfig) -> MetaState:
-    """Algorithm 1's "Initialize" for tasks = [end-task, T_1..T_n]: the weighting, the B*_val stream and, with
-    meta_head_data="dev", phi*'s dev rows (their own generators, seeded by cfg.seed)."""
+    """Algorithm 1's "Initialize" (tasks: end-task first): the weighting, B*_val's and phi*'s dev streams, own seeds."""
     end, device = tasks[0], next(body.parameters()).device
     weighting = MetaWeighting(body, len(tasks), end.num_labels, cfg, end_head=end.head, amp=autocast(device, cfg.bf16))
     dev = Task(end.name + ":val", end.head, train=end.dev)
