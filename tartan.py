@@ -203,10 +203,6 @@ class MetaConfig(TrainConfig):
     same_head: bool = False           # True: meta gradient through phi' itself (Eq. 6), the ablation of Fig. 3
     cos_eps: float = 1e-8             # epsilon in cos(a, b) = a.b / (|a||b| + eps)
 
-    def head_rows_short(self) -> bool:
-        """Whether phi* would need more rows than B*_tr holds (meta_head_data="train", not same_head)."""
-        return not self.same_head and self.meta_head_data == "train" and self.meta_batch_size > self.batch_size
-
 # ----------------------------------------------------------------------------------------------------------------------
 # 5. The training loop, one for every mode: Eq. 1 (no end-task), Eq. 2 (no auxiliary task), Eq. 3 and Algorithm 1.
 
@@ -214,9 +210,8 @@ def train(body: nn.Module, end: Task | None, aux: list[Task], cfg: TrainConfig, 
     """Evaluates dev every cfg.eval_every steps, keeps the best-dev body and head (end.metric, as the release), stops
     after cfg.patience evaluations without a new best, restores the best. A NaN or infinite loss raises DivergedError.
     hook(event, loop): called with "start" before the first step (it may restore a saved Loop), "step" before each."""
-    check_tasks(end, aux, cfg, meta=True if step_fn is meta_step else None)
+    check_tasks(end, aux, cfg, meta=True if step_fn is meta_step else None, body=body)
     tasks = ([end] if end is not None else []) + list(aux)
-    _check_tied_heads(body, tasks)
     step_fn = step_fn or (meta_step if isinstance(cfg, MetaConfig) else multitask_step)
     device = _device(body)
     body.train()
@@ -225,8 +220,7 @@ def train(body: nn.Module, end: Task | None, aux: list[Task], cfg: TrainConfig, 
     # one generator per task (data order and masking): the end-task's batches do not depend on the other tasks
     streams = [Stream(t, cfg.batch_size if t is end else cfg.aux_batch_size, cfg.seed * 1009 + k)
                for k, t in enumerate(tasks)]
-    total, per_epoch = _budget(end, tasks, cfg)
-    eval_every = per_epoch if cfg.eval_every == 0 else cfg.eval_every
+    total, eval_every = _budget(end, tasks, cfg)
     body_params, head_params = list(body.parameters()), [p for t in tasks for p in head_parameters(t.head, body)]
     opts = [make_optimizer(body_params, cfg.lr, cfg.weight_decay, cfg),
             make_optimizer(head_params, cfg.head_lr, cfg.head_weight_decay, cfg)]
@@ -280,8 +274,8 @@ class TaskWeighting:
     """What the weightings share: the body parameters whose .grad they fill, each task's micro-batches this step.
     scaler: fp16's torch.amp.GradScaler. A DistributedDataParallel body is averaged over the ranks once per step."""
 
-    def __init__(self, body: nn.Module, n_tasks: int, grad_accum: int = 1, scaler=None):
-        _check_weighting(body, n_tasks, grad_accum)
+    def __init__(self, body: nn.Module, n_tasks: int, grad_accum: int = 1, scaler=None, weights=None):
+        _check_weighting(body, n_tasks, grad_accum, weights)
         self.body, self.scaler, self.n_tasks, self.grad_accum = body, scaler, n_tasks, grad_accum
         self.steps, self.group = 0, _ddp_group(body)  # completed optimizer steps; a DDP body's process group or None
         self._set_params([p for p in body.parameters() if p.requires_grad])
@@ -336,9 +330,7 @@ class MTWeighting(TaskWeighting):
     grad(w_k L_Tk) / grad_accum to .grad, body and heads alike. step() returns {"losses", "alpha"} with alpha = w."""
 
     def __init__(self, body: nn.Module, n_tasks: int, weights=None, grad_accum: int = 1, scaler=None):
-        super().__init__(body, n_tasks, grad_accum, scaler)
-        if weights is not None and len(weights) != n_tasks:
-            raise ValueError(f"weights has {len(weights)} entries for {n_tasks} tasks")
+        super().__init__(body, n_tasks, grad_accum, scaler, weights)
         self.w = torch.tensor([1.0 / n_tasks] * n_tasks if weights is None else weights, dtype=torch.float64)
         self._w = self.w.tolist()  # python floats: scaling a loss by one needs no device work
 
@@ -407,14 +399,9 @@ class MetaWeighting(TaskWeighting):
         # comes (a tied MLM decoder is the body's embedding: its gradient is part of that task's g_k)
         if self._open is not None and self._open != k:
             self._close()
-        self._seen_autocast()
+        self._dtype = _autocast_dtype(self.G.device, self._dtype)  # g_meta's pass takes the training's autocast
         (loss / self.grad_accum).backward(retain_graph=retain_graph)
         self._open = k
-
-    def _seen_autocast(self):
-        """Called inside an autocast block (backward or step): g_meta's pass takes the same autocast."""
-        device = self.G.device.type
-        self._dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else self._dtype
 
     def _close(self):
         """Moves the open task's body gradient into G[k] (added to what its earlier micro-batches left there)."""
@@ -434,19 +421,14 @@ class MetaWeighting(TaskWeighting):
 
     def _rows(self, features, labels):
         """A copy of the first meta_batch_size rows of a batch's first-position features (B, H), and their labels."""
-        _check_head_data(features, labels)
-        x = features[:, 0] if features.dim() == 3 else features  # (B, H)
+        x = _check_head_data(self, features, labels)  # (B, H)
         self._dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else self._dtype  # autocast's features
-        if len(x) < self.cfg.meta_batch_size and not (self._warned or self.cfg.same_head):  # Eq. 6 fits no phi*
-            self._warned = True
-            warnings.warn(f"head_data has {len(x)} rows, fewer than meta_batch_size={self.cfg.meta_batch_size}: phi* "
-                          f"is fitted on {len(x)} (give a larger batch, or lower meta_batch_size)")
         return x[:self.cfg.meta_batch_size].detach().clone(), labels[:self.cfg.meta_batch_size]
 
     def step(self, head_data=None, val=None, sync: bool = True) -> dict:
         """Algorithm 1's update for this step; see the class docstring (sync=False: values as tensors)."""
         _check_grads_kept(self)
-        self._seen_autocast()
+        self._dtype = _autocast_dtype(self.G.device, self._dtype)
         with torch.autocast(self.G.device.type, enabled=False):  # called inside an autocast block: G's math in fp32
             if self._open is not None:
                 self._close()
@@ -465,16 +447,11 @@ class MetaWeighting(TaskWeighting):
                 self.G.device.type, self._dtype or torch.bfloat16, enabled=self._dtype is not None)
             g_meta, val_loss = meta_gradient(self.body, head_star, val, self.params, amp)
             if G is not None:  # DDP: g_meta, its loss and the losses averaged over the ranks (a second all-reduce)
-                flat = torch.cat([g_meta, val_loss.view(1).to(g_meta.dtype), losses.to(g_meta.dtype)])
-                _mean_over_ranks(flat, self.group)
-                g_meta, val_loss, losses = flat[:-self.n_tasks - 1], flat[-self.n_tasks - 1], flat[-self.n_tasks:]
+                g_meta, val_loss, losses = _mean_all_over_ranks([g_meta, val_loss, losses], self.group)
                 G.wait()
             # w_k <- w_k + eta * cos(g_meta, g_k); alpha = softmax(w); a non-finite cosine (fp16 overflow, which the
             # GradScaler skips) leaves w as it was, and so does a step the scaler skipped after a head overflowed
-            w0, scale = self.w, getattr(self.scaler, "_scale", None)
-            if scale is not None:
-                w0 = w0 if self._undo is None else torch.where(scale < self._undo[0], self._undo[1], w0)
-                self._undo = (scale.clone(), w0)
+            w0 = _w_before_skipped_step(self)
             w, alpha, cos = update_task_weights(w0, self.G, g_meta, self.cfg.meta_lr, self.cfg.cos_eps)
             finite = cos.isfinite().all()
             self.w, alpha = torch.where(finite, w, w0), torch.where(finite, alpha, torch.softmax(w0, dim=0))
@@ -759,8 +736,9 @@ def _require(ok, message: str, error=ValueError):
     if not ok:
         raise error(message)
 
-def check_tasks(end: Task | None, aux: list[Task], cfg: TrainConfig, meta: bool | None = None) -> None:
-    """Before the first step: a ValueError (TypeError) naming the task and what is wrong. meta None: a MetaConfig's."""
+def check_tasks(end: Task | None, aux: list[Task], cfg: TrainConfig, meta: bool | None = None, body=None) -> None:
+    """Before the first step: a ValueError (TypeError) naming the task and what is wrong. meta None: a MetaConfig's;
+    body: the HFBody whose tied embedding the MLM heads must hold."""
     meta = isinstance(cfg, MetaConfig) if meta is None else meta
     _require(not meta or isinstance(cfg, MetaConfig), f"META-TARTAN (train_meta) needs a MetaConfig, not "
              f"{type(cfg).__name__}", TypeError)
@@ -796,6 +774,7 @@ def check_tasks(end: Task | None, aux: list[Task], cfg: TrainConfig, meta: bool 
                  f"predicts {out} classes but num_labels={t.num_labels}")
         if t is end and C > 0:
             check_classes(t.name, C)
+        _check_tied_head(body, t)
     _require(cfg.weights is None or len(cfg.weights) == len(tasks), f"weights has {len(cfg.weights or ())} entries "
              f"for {len(tasks)} tasks ({[t.name for t in tasks]})")
     if end is None:
@@ -813,10 +792,10 @@ def check_classes(name: str, C: int) -> None:
     """An end-task with one class has a loss of 0 and an F1 of 1 whatever the body does: a DataError."""
     _require(C >= 2, f"end-task '{name}': its train split has one class: a classifier needs at least two", DataError)
 
-def _check_tied_heads(body: nn.Module, tasks: list[Task]) -> None:
+def _check_tied_head(body: nn.Module | None, t: Task) -> None:
     """A ValueError for an MLM head that should be tied to this HFBody's input embedding but holds another body's."""
-    tied = isinstance(body, HFBody) and getattr(body.encoder.config, "tie_word_embeddings", False)
-    for t in (t for t in tasks if tied and isinstance(t.head, MLMHead)):
+    if isinstance(body, HFBody) and getattr(body.encoder.config, "tie_word_embeddings", False) and \
+            isinstance(t.head, MLMHead):
         params, embedding = list(t.head.parameters()), body.encoder.get_input_embeddings().weight
         _require(any(p is embedding for p in params) or not any(p.shape == embedding.shape for p in params),
                  f"task '{t.name}': its MLM head's decoder is not tied to this body's input embedding, as the "
@@ -844,8 +823,9 @@ def check_config(cfg: TrainConfig, meta: bool) -> None:
     if meta:
         _require(cfg.meta_head_data in ("train", "dev"), f"meta_head_data must be 'train' or 'dev', not "
                  f"'{cfg.meta_head_data}'")
-        _require(not cfg.head_rows_short(), f"meta_batch_size={cfg.meta_batch_size} > batch_size={cfg.batch_size}: "
-                 f"phi* is fitted on rows of the end-task micro-batch B*_tr: lower it, or set meta_head_data='dev'")
+        _require(cfg.same_head or cfg.meta_head_data == "dev" or cfg.meta_batch_size <= cfg.batch_size, f"meta_batch_"
+                 f"size={cfg.meta_batch_size} > batch_size={cfg.batch_size}: phi* is fitted on rows of the end-task "
+                 f"micro-batch B*_tr: lower it, or set meta_head_data='dev'")
 
 def _finite(value: float, what: str, where: str, hint: str = ""):
     _require(math.isfinite(value), f"{what} is {value} {where}{f' ({hint})' if hint else ''}; the run is stopped",
@@ -861,12 +841,14 @@ def _check_step(info: dict, norm: float, names: list[str], where: str):
             _finite(c, f"cos(g_meta, g_k) of task '{name}'", where, "a gradient turned NaN or infinite")
     _finite(norm, f"the gradient norm of tasks {names}", where, "learning rate too high?")
 
-def _check_weighting(body, n_tasks: int, grad_accum: int):
+def _check_weighting(body, n_tasks: int, grad_accum: int, weights):
     _require(isinstance(body, nn.Module), f"body must be the shared torch module (nn.Module), not "
              f"{type(body).__name__}", TypeError)
     _require(n_tasks >= 1 and grad_accum >= 1, f"n_tasks={n_tasks} and grad_accum={grad_accum} must both be at least 1")
     _require(any(p.requires_grad for p in body.parameters()), "body has no parameter that requires a gradient: "
              "there is nothing to weight")
+    if weights is not None and len(weights) != n_tasks:
+        raise ValueError(f"weights has {len(weights)} entries for {n_tasks} tasks")
 
 def _check_task_backward(w, k: int, loss):
     """Task k's loss: a scalar with a graph, k < n_tasks, within grad_accum; at a step's start, .grad zeros or None."""
@@ -910,9 +892,16 @@ def _check_val_loss(loss):
     _require(isinstance(loss, torch.Tensor) and loss.dim() == 0, f"val(head) must return the validation loss alone, a "
              f"scalar tensor, not {_describe(loss)} (a head returns (logits, loss): return head(...)[1])", TypeError)
 
-def _check_head_data(features, labels):
+def _check_head_data(w, features, labels) -> torch.Tensor:
+    """phi*'s rows: tensors, first-position features (B, H); a warning, once, if fewer than meta_batch_size."""
     _require(isinstance(features, torch.Tensor) and isinstance(labels, torch.Tensor), f"head_data must be (features, "
              f"labels) tensors, not ({_describe(features)}, {_describe(labels)})", TypeError)
+    x = features[:, 0] if features.dim() == 3 else features  # (B, H)
+    if len(x) < w.cfg.meta_batch_size and not (w._warned or w.cfg.same_head):  # Eq. 6 fits no phi*
+        w._warned = True
+        warnings.warn(f"head_data has {len(x)} rows, fewer than meta_batch_size={w.cfg.meta_batch_size}: phi* is "
+                      f"fitted on {len(x)} (give a larger batch, or lower meta_batch_size)")
+    return x
 
 def _check_meta_step(val, fit_data, cfg: MetaConfig):
     _require(callable(val) or isinstance(val, (tuple, list)) and len(val) == 2 and isinstance(val[1], torch.Tensor)
@@ -1121,10 +1110,10 @@ def _trace(log: list[dict], names: list[str]) -> dict:
     return {**trace, "meta_val_loss": _column(log, "val_loss") or None}
 
 def _budget(end: Task | None, tasks: list[Task], cfg: TrainConfig) -> tuple[int, int]:
-    """(total optimizer steps, steps per epoch); an epoch is a pass over the task with the most batches."""
+    """(total optimizer steps, steps between evaluations); an epoch is a pass over the task with the most batches."""
     sizes = [math.ceil(len(t.train) / (cfg.batch_size if t is end else cfg.aux_batch_size)) for t in tasks]
     per_epoch = max(1, math.ceil(max(sizes) / cfg.grad_accum))
-    return (cfg.max_steps or max(1, math.ceil(cfg.epochs * per_epoch))), per_epoch
+    return cfg.max_steps or max(1, math.ceil(cfg.epochs * per_epoch)), cfg.eval_every or per_epoch
 
 @dataclass
 class MetaState:
@@ -1211,3 +1200,22 @@ def _broadcast_head(head: nn.Module, group) -> None:
     phi = torch.nn.utils.parameters_to_vector(head.parameters())
     torch.distributed.broadcast(phi, torch.distributed.get_global_rank(group, 0), group=group)
     torch.nn.utils.vector_to_parameters(phi, head.parameters())
+
+def _mean_all_over_ranks(tensors: list[torch.Tensor], group) -> list[torch.Tensor]:
+    """The tensors averaged over the ranks in one all-reduce, in the first one's dtype."""
+    flat = torch.cat([t.reshape(-1).to(tensors[0].dtype) for t in tensors])
+    _mean_over_ranks(flat, group)
+    return [v.view_as(t) for v, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
+
+def _autocast_dtype(device: torch.device, seen: torch.dtype | None) -> torch.dtype | None:
+    """The autocast dtype enabled on device now (called within the training's autocast block), else `seen`."""
+    return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else seen
+
+def _w_before_skipped_step(w: MetaWeighting) -> torch.Tensor:
+    """META's w to update; fp16: if the GradScaler lowered its scale it skipped the last step (a head overflowed),
+    so w goes back to what it was before that step."""
+    w0, scale = w.w, getattr(w.scaler, "_scale", None)
+    if scale is not None:
+        w0 = w0 if w._undo is None else torch.where(scale < w._undo[0], w._undo[1], w0)
+        w._undo = (scale.clone(), w0)
+    return w0
