@@ -1211,11 +1211,11 @@ def _autocast_dtype(device: torch.device, seen: torch.dtype | None) -> torch.dty
     """The autocast dtype enabled on device now (called within the training's autocast block), else `seen`."""
     return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else seen
 
-def _w_before_skipped_step(w: MetaWeighting) -> torch.Tensor:
+def _w_before_skipped_step(weighting: MetaWeighting) -> torch.Tensor:
     """META's w to update; fp16: if the GradScaler lowered its scale it skipped the last step (a head overflowed),
     so w goes back to what it was before that step."""
-    w0, scale = w.w, getattr(w.scaler, "_scale", None)
+    w, scale, undo = weighting.w, getattr(weighting.scaler, "_scale", None), weighting._undo
     if scale is not None:
-        w0 = w0 if w._undo is None else torch.where(scale < w._undo[0], w._undo[1], w0)
-        w._undo = (scale.clone(), w0)
-    return w0
+        w = w if undo is None else torch.where(scale < undo[0], undo[1], w)
+        weighting._undo = (scale.clone(), w)
+    return w

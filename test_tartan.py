@@ -1,9 +1,11 @@
 """Tests for tartan.py (and reproduce.py): offline, CPU, tiny models built from configs, data made here."""
+import ast
 import dataclasses
 import itertools
 import json
 import math
 import os
+import pathlib
 import random
 import sys
 import warnings
@@ -1489,3 +1491,19 @@ def test_a_short_run_gives_the_pinned_numbers(tok, task_dir, mode):
     got = _pinned_run(tok, task_dir, mode)
     for key, want in zip(PINNED_KEYS, PINNED[mode]):  # 1e-5: summation order differs with the thread count (~1e-7)
         assert np.allclose(got[key], want, rtol=1e-5, atol=1e-6), (mode, key, got[key], want)
+
+
+def test_tartan_py_keeps_the_method_first_and_imports_only_torch_and_numpy():
+    """The reference file's shape (issue 32): the method before the appendix marker in at most 650 lines, no file,
+    network or serialisation module imported, no lambda bound to a name."""
+    source = pathlib.Path(tartan.__file__).read_text()
+    lines = source.splitlines()
+    marker = next(i for i, line in enumerate(lines) if line.startswith("# =====") and "APPENDIX" in lines[i + 1])
+    assert marker <= 650, f"the method part runs to line {marker}"
+    tree = ast.parse(source)
+    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom))
+                for alias in (node.names if isinstance(node, ast.Import) else [ast.alias(node.module or "")])}
+    assert imported <= {"__future__", "contextlib", "copy", "itertools", "math", "time", "warnings", "dataclasses",
+                        "numpy", "torch", "tqdm"}, imported
+    assert not [node.lineno for node in ast.walk(tree) if isinstance(node, ast.Assign)
+                and isinstance(node.value, ast.Lambda)], "a lambda bound to a name"
