@@ -118,7 +118,8 @@ class Task:
     metric: str = "macro_f1"                   # headline metric: "macro_f1" or "micro_f1" (Table 1)
 
 def batches(task: Task, batch_size: int, generator: torch.Generator):
-    """Endless shuffled epochs of (inputs, labels), MLM tasks masked; an epoch's last partial batch is dropped."""
+    """Endless shuffled epochs of (inputs, labels), MLM tasks masked; an epoch's last partial batch is dropped (unless
+    the data is smaller than one batch)."""
     while True:
         order = torch.randperm(len(task.train), generator=generator).tolist()
         last = len(order) - batch_size + 1 if len(order) >= batch_size else 1
@@ -165,6 +166,7 @@ class FinetuneConfig(TrainConfig):
     lr: float = 2e-5
     head_lr: float = 2e-5
     weight_decay: float = 0.1
+    head_weight_decay: float = 0.1
     batch_size: int = 16
     grad_accum: int = 1
     epochs: float = 10
@@ -179,9 +181,11 @@ def tartan_finetune() -> FinetuneConfig:
 @dataclass
 class PretrainConfig(TrainConfig):
     """Eq. 1: end-task agnostic MLM on the auxiliary corpora (TAPT: Gururangan et al. 2020, App. B)."""
+    lr: float = 1e-4
     head_lr: float = 1e-4
     weight_decay: float = 0.01
     head_weight_decay: float = 0.01   # Gururangan et al. (2020), App. B: 0.01 for the whole model, LM head included
+    aux_batch_size: int = 64
     grad_accum: int = 4               # 64 x 4 = TAPT's batch 256
     epochs: float = 100
     eval_every: int = -1              # never: pre-training does not see the end-task
@@ -202,6 +206,9 @@ class MetaConfig(TrainConfig):
     #                                   ("to convergence", Sec. 3.3); 0 = always meta_head_steps (Sec. 4)
     same_head: bool = False           # True: meta gradient through phi' itself (Eq. 6), the ablation of Fig. 3
     cos_eps: float = 1e-8             # epsilon in cos(a, b) = a.b / (|a||b| + eps)
+
+    def head_rows_short(self) -> bool:  # phi* would need more rows than B*_tr holds
+        return not self.same_head and self.meta_head_data == "train" and self.meta_batch_size > self.batch_size
 
 # ----------------------------------------------------------------------------------------------------------------------
 # 5. The training loop, one for every mode: Eq. 1 (no end-task), Eq. 2 (no auxiliary task), Eq. 3 and Algorithm 1.
@@ -290,8 +297,7 @@ class TaskWeighting:
         self._losses = [0.0] * self.n_tasks   # each task's mean loss over them
 
     def task_backward(self, k: int, loss: torch.Tensor, retain_graph: bool = False) -> None:
-        """One micro-batch of task k (0 = end-task): backward of its unscaled mean loss at once (divided by
-        grad_accum here), so that only this task's activations need be alive."""
+        """One micro-batch of task k (0 = end-task): backward of its unscaled mean loss now (divided by grad_accum)."""
         _check_task_backward(self, k, loss)
         self._backward(k, loss if self.scaler is None else self.scaler.scale(loss), retain_graph)
         self._kept = [(p.grad, p.grad._version if p.grad is not None else 0) for p in self.params]
@@ -339,8 +345,8 @@ class MTWeighting(TaskWeighting):
         (self._w[k] / self.grad_accum * loss).backward(retain_graph=retain_graph)
 
     def step(self, sync: bool = True) -> dict:
-        """The step's gradient is complete in .grad; returns {"losses": per-task mean losses, "alpha": w} (sync=False:
-        losses as a tensor on the device, for a loop that reads the step once)."""
+        """The step's gradient is complete in .grad: {"losses": per-task mean losses, "alpha": w} (sync=False: on
+        the device)."""
         _check_grads_kept(self)
         info = {"losses": self._finish(), "alpha": list(self._w)}
         if self.group is not None:  # one all-reduce: the body's gradient and the losses, averaged over the ranks
@@ -349,9 +355,10 @@ class MTWeighting(TaskWeighting):
 
 def multitask_step(body, tasks, streams, weighting: MTWeighting, cfg, amp, tokens, sync: bool = True) -> dict:
     """One step of Eq. 3 for tasks = [end-task, T_1..T_n]: leaves grad(sum_k w_k L_Tk) in .grad."""
+    device = next(body.parameters()).device
     for _ in range(weighting.grad_accum):
         for k, (task, stream) in enumerate(zip(tasks, streams)):
-            weighting.task_backward(k, _forward(body, task, stream, weighting.params[0].device, amp, tokens)[0])
+            weighting.task_backward(k, _forward(body, task, stream, device, amp, tokens)[0])
     return weighting.step(sync=sync)
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -362,14 +369,15 @@ def multitask_step(body, tasks, streams, weighting: MTWeighting, cfg, amp, token
 #      w_k       += eta * cos(g_meta, g_k)
 #      alpha      = softmax(w);   theta_body -= beta_1 * sum_k alpha_k g_k;   phi_k -= beta_2 * grad phi_k L_Tk
 #    Unlike the released code: step t's weights include step t's cosines (Alg. 1's order); the cosine is over the body
-#    only, with an epsilon; phi* is fitted on end-task *training* features (Sec. 3.3, A.1), computed once.
+#    only, in numerator and norms alike, with an epsilon; phi* is fitted on end-task *training* features (Sec. 3.3,
+#    A.1), computed once, not by re-running the body 10 times.
 
 class MetaWeighting(TaskWeighting):
-    """Algorithm 1 as an object: w (logits, equal at first), G (K, P) the step's body gradients. step(head_data=
-    (features, labels), val) fits phi* on head_data's first meta_batch_size rows, takes g_meta through phi* on val (a
-    dev batch (inputs, labels), or val(head) -> loss), updates w (not on non-finite gradients) and writes sum_k alpha_k
-    g_k into the body's .grad. num_labels: phi*'s C; end_head: phi' (same_head); amp: g_meta's autocast (None: the
-    training's). Returns {"losses", "alpha", "cosines", "val_loss", "grad_norms", "head_fit", "skipped"}."""
+    """Algorithm 1 as an object: w (logits, equal at first), G (K, P) the step's body gradients. step(head_data, val)
+    fits phi* on head_data's (features, labels) first meta_batch_size rows, takes g_meta through phi* on val (a dev
+    batch (inputs, labels), or val(head) -> loss), updates w (unless a gradient is non-finite) and writes sum_k alpha_k
+    g_k into the body's .grad (heads keep their own). num_labels: phi*'s C; end_head: phi' (same_head); amp: g_meta's
+    autocast (None: the one step ran in). Returns losses, alpha, cosines, val_loss, grad_norms, head_fit, skipped."""
 
     def __init__(self, body: nn.Module, n_tasks: int, num_labels: int = 0, cfg: MetaConfig | None = None,
                  end_head: nn.Module | None = None, amp=None, scaler=None):
@@ -377,8 +385,7 @@ class MetaWeighting(TaskWeighting):
         super().__init__(body, n_tasks, cfg.grad_accum, scaler)
         _check_meta_head(cfg, num_labels, end_head)
         self.cfg, self.num_labels, self.end_head, self.amp = cfg, num_labels, end_head, amp
-        # the training's autocast dtype once seen; whether head_data was short; the scaler's last scale and w before it
-        self._dtype, self._warned, self._undo = None, False, None
+        self._dtype, self._warned, self._undo = None, False, None  # autocast's dtype; warned; GradScaler's (scale, w)
         self.w = torch.full((n_tasks,), 1.0 / n_tasks, dtype=torch.float64, device=self.G.device)  # beside G: no sync
         self._open = None  # the task whose gradient the body's .grad holds now (not yet moved into G)
 
@@ -413,17 +420,10 @@ class MetaWeighting(TaskWeighting):
         self._filled[k] = True
 
     def backward(self, losses, retain_graph: bool = False, head_data=None, val=None) -> dict | None:
-        """As TaskWeighting.backward; head_data is kept from the first call of a step that gives it, val is used by
-        the call that completes the step."""
+        """As TaskWeighting.backward; head_data: kept from the step's first call that gives it; val: used at its end."""
         if head_data is not None and self._head_data is None:
-            self._head_data = self._rows(*head_data)
+            self._head_data = _head_rows(self, *head_data)
         return super().backward(losses, retain_graph, val=val)
-
-    def _rows(self, features, labels):
-        """A copy of the first meta_batch_size rows of a batch's first-position features (B, H), and their labels."""
-        x = _check_head_data(self, features, labels)  # (B, H)
-        self._dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else self._dtype  # autocast's features
-        return x[:self.cfg.meta_batch_size].detach().clone(), labels[:self.cfg.meta_batch_size]
 
     def step(self, head_data=None, val=None, sync: bool = True) -> dict:
         """Algorithm 1's update for this step; see the class docstring (sync=False: values as tensors)."""
@@ -432,7 +432,7 @@ class MetaWeighting(TaskWeighting):
         with torch.autocast(self.G.device.type, enabled=False):  # called inside an autocast block: G's math in fp32
             if self._open is not None:
                 self._close()
-            fit_data = self._rows(*head_data) if head_data is not None else self._head_data
+            fit_data = _head_rows(self, *head_data) if head_data is not None else self._head_data
             _check_meta_step(val, fit_data, self.cfg)
             reached, losses = self._reached, self._finish()
             # DDP: G averaged over the ranks while phi* is fitted
@@ -528,7 +528,7 @@ def task_gradients(body, tasks, streams, weighting: MetaWeighting, amp, tokens) 
         for _ in range(weighting.grad_accum):
             loss, features, labels = _forward(body, task, stream, weighting.G.device, amp, tokens)
             weighting.task_backward(k, loss)
-            b_tr = b_tr or weighting._rows(features, labels)  # only the rows phi* is fitted on outlive the pass
+            b_tr = b_tr or _head_rows(weighting, features, labels)  # only phi*'s rows outlive the pass
     return b_tr
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -564,8 +564,9 @@ def run_end_task(body, end: Task, aux: list[Task], mode: str, cfg: TrainConfig |
     _require(end.test is not None and len(end.test), f"end-task '{end.name}' has "
              f"{'no' if end.test is None else 'an empty'} test split: run_end_task scores the selected model on it")
     pretrain_cfgs = pretrain_cfgs or [PretrainConfig()] * len(aux)
-    _require(mode != "pretrain" or len(pretrain_cfgs) == len(aux), f"{len(pretrain_cfgs)} pre-training configs for "
-             f"{len(aux)} auxiliary tasks")
+    if mode == "pretrain":
+        _require(len(pretrain_cfgs) == len(aux), f"{len(pretrain_cfgs)} pre-training configs for {len(aux)} "
+                 f"auxiliary tasks")
     stage, stages = stage or _run_stage, []
     if mode == "pretrain":
         for i, pcfg in enumerate(pretrain_cfgs):  # sub-stages follow the run's seed
@@ -605,7 +606,7 @@ def evaluate(body, head, data, batch_size: int = 64, bf16: bool | None = False, 
     _require(data.labels is not None, "evaluate scores a labelled split; this one has no labels (an MLM task's text)")
     device, modes = next(body.parameters()).device, (body.training, head.training)
     body.eval(), head.eval()
-    # text in batches of similar length, so that little is padding; the predictions go back to the split's order
+    # text in batches of similar length (a stable sort: other data keeps its order); predictions go back in order
     order = sorted(range(len(data)), key=lambda i: len(data.ids[i]) if isinstance(data, TextData) else 0)
     preds, total_loss = [], 0.0
     with autocast(device, bf16):
@@ -624,10 +625,9 @@ def evaluate(body, head, data, batch_size: int = 64, bf16: bool | None = False, 
 # 10. Significance (A.2): unpaired two-sample permutation test of per-seed scores.
 
 def permutation_test(a, b, n_permutations: int = 10_000, seed: int = 0) -> dict:
-    """H0: a's and b's scores come from one distribution; statistic mean(a) - mean(b). Exact over every split of the
-    pooled scores when there are at most n_permutations, else n_permutations random splits (seeded). Returns the
-    difference, p two-sided, 'greater' (H1: a > b) and 'less', counting splits at least as extreme as the observed
-    (which is among them), and min_p_greater, min_p_two_sided: the smallest p these sample sizes can give."""
+    """H0: a's and b's scores share one distribution; statistic mean(a) - mean(b), over every split of the pooled
+    scores if there are at most n_permutations, else n_permutations seeded random splits. Returns the difference, p
+    two-sided, 'greater' (H1: a > b) and 'less' (the observed split counts), and the smallest p these sizes can give."""
     a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
     _require(len(a) >= 1 and len(b) >= 1, "permutation_test needs at least one score on each side")
     pooled, n = np.concatenate([a, b]), len(a)
@@ -774,19 +774,19 @@ def check_tasks(end: Task | None, aux: list[Task], cfg: TrainConfig, meta: bool 
                  f"predicts {out} classes but num_labels={t.num_labels}")
         if t is end and C > 0:
             check_classes(t.name, C)
-        _check_tied_head(body, t)
     _require(cfg.weights is None or len(cfg.weights) == len(tasks), f"weights has {len(cfg.weights or ())} entries "
              f"for {len(tasks)} tasks ({[t.name for t in tasks]})")
-    if end is None:
-        return
-    _require(end.dev is not None and len(end.dev) or (cfg.eval_every < 0 and not meta), f"end-task '{end.name}' has "
-             f"{'no' if end.dev is None else 'an empty'} dev split: model selection needs one"
-             + (", and META-TARTAN draws B*_val from it" if meta else ""))
-    _require(end.metric in ("macro_f1", "micro_f1"), f"end-task '{end.name}': metric must be 'macro_f1' or "
-             f"'micro_f1', not '{end.metric}'")
-    if meta:
-        _require(cfg.same_head or end.num_labels >= 1, f"end-task '{end.name}' has num_labels={end.num_labels}: "
-                 f"META-TARTAN fits its meta head phi* with one output per class: set Task(..., num_labels=C)")
+    if end is not None:
+        _require(end.dev is not None and len(end.dev) or (cfg.eval_every < 0 and not meta), f"end-task '{end.name}' "
+                 f"has {'no' if end.dev is None else 'an empty'} dev split: model selection needs one"
+                 + (", and META-TARTAN draws B*_val from it" if meta else ""))
+        _require(end.metric in ("macro_f1", "micro_f1"), f"end-task '{end.name}': metric must be 'macro_f1' or "
+                 f"'micro_f1', not '{end.metric}'")
+        _require(not meta or cfg.same_head or end.num_labels >= 1, f"end-task '{end.name}' has num_labels="
+                 f"{end.num_labels}: META-TARTAN fits its meta head phi* with one output per class: set "
+                 f"Task(..., num_labels=C)")
+    for t in tasks:
+        _check_tied_head(body, t)
 
 def check_classes(name: str, C: int) -> None:
     """An end-task with one class has a loss of 0 and an F1 of 1 whatever the body does: a DataError."""
@@ -823,9 +823,8 @@ def check_config(cfg: TrainConfig, meta: bool) -> None:
     if meta:
         _require(cfg.meta_head_data in ("train", "dev"), f"meta_head_data must be 'train' or 'dev', not "
                  f"'{cfg.meta_head_data}'")
-        _require(cfg.same_head or cfg.meta_head_data == "dev" or cfg.meta_batch_size <= cfg.batch_size, f"meta_batch_"
-                 f"size={cfg.meta_batch_size} > batch_size={cfg.batch_size}: phi* is fitted on rows of the end-task "
-                 f"micro-batch B*_tr: lower it, or set meta_head_data='dev'")
+        _require(not cfg.head_rows_short(), f"meta_batch_size={cfg.meta_batch_size} > batch_size={cfg.batch_size}: "
+                 f"phi* is fitted on rows of the end-task micro-batch B*_tr: lower it, or set meta_head_data='dev'")
 
 def _finite(value: float, what: str, where: str, hint: str = ""):
     _require(math.isfinite(value), f"{what} is {value} {where}{f' ({hint})' if hint else ''}; the run is stopped",
@@ -850,37 +849,39 @@ def _check_weighting(body, n_tasks: int, grad_accum: int, weights):
     if weights is not None and len(weights) != n_tasks:
         raise ValueError(f"weights has {len(weights)} entries for {n_tasks} tasks")
 
-def _check_task_backward(w, k: int, loss):
+def _check_task_backward(weighting, k: int, loss):
     """Task k's loss: a scalar with a graph, k < n_tasks, within grad_accum; at a step's start, .grad zeros or None."""
+    micro, name, step = weighting._micro, type(weighting).__name__, weighting.steps + 1
     _require(isinstance(loss, torch.Tensor) and loss.dim() == 0 and loss.requires_grad, f"the loss of task {k} must be "
              f"a scalar tensor with a graph (the mean loss of its micro-batch, not detached, not .item()), not "
              f"{_describe(loss)}", TypeError)
-    _require(0 <= k < w.n_tasks, f"task index {k}: this weighting has {w.n_tasks} tasks (0 = end-task)", IndexError)
-    _require(w._micro[k] < w.grad_accum, f"task {k} gave more than grad_accum={w.grad_accum} micro-batches in one "
-             f"optimizer step: call step() (or let backward() call it) before the next one")
-    now = [p for p in w.body.parameters() if p.requires_grad]  # picked up between steps, refused within one
-    if len(now) != len(w.params) or any(a is not b for a, b in zip(now, w.params)):
-        _require(not any(w._micro), f"requires_grad of a body parameter changed within step {w.steps + 1}: freeze or "
-                 f"unfreeze parameters between optimizer steps")
-        w._set_params(now)
-    _check_grads_kept(w)
-    held = [p.grad for p in w.params if p.grad is not None] if not any(w._micro) else []
+    _require(0 <= k < len(micro), f"task index {k}: this weighting has {len(micro)} tasks (0 = end-task)", IndexError)
+    _require(micro[k] < weighting.grad_accum, f"task {k} gave more than grad_accum={weighting.grad_accum} "
+             f"micro-batches in one optimizer step: call step() (or let backward() call it) before the next one")
+    now = [p for p in weighting.body.parameters() if p.requires_grad]  # picked up between steps, refused within one
+    if len(now) != len(weighting.params) or any(a is not b for a, b in zip(now, weighting.params)):
+        _require(not any(micro), f"requires_grad of a body parameter changed within step {step}: freeze or unfreeze "
+                 f"parameters between optimizer steps")
+        weighting._set_params(now)
+    _check_grads_kept(weighting)
+    held = [p.grad for p in weighting.params if p.grad is not None] if not any(micro) else []
     _require(not held or not torch.stack([g.ne(0).any() for g in held]).any(), f"the body's .grad already holds a "
-             f"gradient that this {type(w).__name__} did not put there (step {w.steps + 1}): clear gradients after "
-             f"each optimizer step (zero_grad()) and give the weighting every loss, unscaled (grad_accum=N to "
-             f"accumulate)")
+             f"gradient that this {name} did not put there (step {step}): clear gradients after each optimizer step "
+             f"(zero_grad()) and give the weighting every loss, unscaled (grad_accum=N to accumulate)")
 
-def _check_grads_kept(w):
+def _check_grads_kept(weighting):
     """Within a step, the body's .grad must be as the weighting left it: the same tensors, not written since."""
-    _require(w._kept is None or all(p.grad is g and (g is None or g._version == v) for p, (g, v) in zip(w.params,
-             w._kept)), f"the body's .grad changed between this {type(w).__name__}'s calls in step {w.steps + 1} (a "
-             f"backward of your own, or zero_grad() within the step): zero gradients only after the optimizer step, "
-             f"and add any other loss (a regulariser) to a task's loss")
+    kept = weighting._kept
+    _require(kept is None or all(p.grad is g and (g is None or g._version == v) for p, (g, v) in zip(weighting.params,
+             kept)), f"the body's .grad changed between this {type(weighting).__name__}'s calls in step "
+             f"{weighting.steps + 1} (a backward of your own, or zero_grad() within the step): zero gradients only "
+             f"after the optimizer step, and add any other loss (a regulariser) to a task's loss")
 
-def _check_step_complete(w):
-    short = [k for k, m in enumerate(w._micro) if m != w.grad_accum]
-    _require(not short, f"step() with tasks {short} short of grad_accum={w.grad_accum} micro-batches (got "
-             f"{[w._micro[k] for k in short]})")
+def _check_step_complete(weighting):
+    micro = weighting._micro
+    short = [k for k, m in enumerate(micro) if m != weighting.grad_accum]
+    _require(not short, f"step() with tasks {short} short of grad_accum={weighting.grad_accum} micro-batches (got "
+             f"{[micro[k] for k in short]})")
 
 def _check_meta_head(cfg: MetaConfig, num_labels: int, end_head):
     _require(not cfg.same_head or end_head is not None, "cfg.same_head=True takes g_meta through the end-task head "
@@ -892,16 +893,19 @@ def _check_val_loss(loss):
     _require(isinstance(loss, torch.Tensor) and loss.dim() == 0, f"val(head) must return the validation loss alone, a "
              f"scalar tensor, not {_describe(loss)} (a head returns (logits, loss): return head(...)[1])", TypeError)
 
-def _check_head_data(w, features, labels) -> torch.Tensor:
-    """phi*'s rows: tensors, first-position features (B, H); a warning, once, if fewer than meta_batch_size."""
+def _head_rows(weighting: MetaWeighting, features, labels) -> tuple:
+    """phi*'s data from a batch's (features, labels): a copy of the first meta_batch_size rows of its first-position
+    features (B, H), and their labels; warns once if the batch is shorter; notes autocast's dtype."""
     _require(isinstance(features, torch.Tensor) and isinstance(labels, torch.Tensor), f"head_data must be (features, "
              f"labels) tensors, not ({_describe(features)}, {_describe(labels)})", TypeError)
-    x = features[:, 0] if features.dim() == 3 else features  # (B, H)
-    if len(x) < w.cfg.meta_batch_size and not (w._warned or w.cfg.same_head):  # Eq. 6 fits no phi*
-        w._warned = True
-        warnings.warn(f"head_data has {len(x)} rows, fewer than meta_batch_size={w.cfg.meta_batch_size}: phi* is "
+    x, cfg = features[:, 0] if features.dim() == 3 else features, weighting.cfg  # (B, H)
+    if x.dtype in (torch.bfloat16, torch.float16):  # features computed under autocast: g_meta's pass takes it too
+        weighting._dtype = x.dtype
+    if len(x) < cfg.meta_batch_size and not (weighting._warned or cfg.same_head):  # Eq. 6 fits no phi*
+        weighting._warned = True
+        warnings.warn(f"head_data has {len(x)} rows, fewer than meta_batch_size={cfg.meta_batch_size}: phi* is "
                       f"fitted on {len(x)} (give a larger batch, or lower meta_batch_size)")
-    return x
+    return x[:cfg.meta_batch_size].detach().clone(), labels[:cfg.meta_batch_size]
 
 def _check_meta_step(val, fit_data, cfg: MetaConfig):
     _require(callable(val) or isinstance(val, (tuple, list)) and len(val) == 2 and isinstance(val[1], torch.Tensor)
@@ -951,9 +955,11 @@ def _evaluation(loop: Loop, body, end: Task, t0: float) -> float:
                          **_averages(loop.log[since:], loop.names), "dev": dev, "seconds": time.perf_counter() - t0,
                          **curve})
     score = dev[end.metric]
-    loop.since_best = 0 if score > loop.best else loop.since_best + 1
-    if not loop.since_best:
-        loop.best, loop.best_state, loop.best_alpha = score, _snapshot(body, end.head), loop.history[-1]["alpha"]
+    if score > loop.best:  # strictly better: keep this model
+        loop.best, loop.since_best = score, 0
+        loop.best_state, loop.best_alpha = _snapshot(body, end.head), loop.history[-1]["alpha"]
+    else:
+        loop.since_best += 1
     return score
 
 class Stream:
@@ -1073,7 +1079,9 @@ def _flat_grad(params, grads, out: torch.Tensor | None = None, add: bool = False
     """Per-parameter gradients -> one (P,) vector, zeros where there is none: new, or written (added) into `out`."""
     flat = [torch.zeros(p.numel(), device=p.device, dtype=p.dtype) if g is None else g.reshape(-1)
             for p, g in zip(params, grads)]
-    return torch.cat(flat) if out is None else out.add_(torch.cat(flat)) if add else torch.cat(flat, out=out)
+    if out is None:
+        return torch.cat(flat)
+    return out.add_(torch.cat(flat)) if add else torch.cat(flat, out=out)
 
 def make_optimizer(params: list[nn.Parameter], lr: float, weight_decay: float, cfg: TrainConfig):
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
@@ -1096,7 +1104,8 @@ def _column(log: list[dict], key: str) -> list:
     return [info[key] for info in log if info.get(key) is not None]
 
 def _averages(log: list[dict], names: list[str]) -> dict:
-    """Task losses averaged over `log`; META: also cos(g_meta, g_k), B*_val's loss, phi*'s first and last fit loss."""
+    """Averages over `log` (the steps since the evaluation before): task losses; META: cos(g_meta, g_k), B*_val's loss,
+    phi*'s first and last fitting loss."""
     cos, val, fit = (_column(log, key) for key in ("cosines", "val_loss", "head_fit"))
     return {"losses": dict(zip(names, np.mean(_column(log, "losses"), axis=0).tolist())),
             "cosines": dict(zip(names, np.mean(cos, axis=0).tolist())) if cos else None,
@@ -1110,7 +1119,8 @@ def _trace(log: list[dict], names: list[str]) -> dict:
     return {**trace, "meta_val_loss": _column(log, "val_loss") or None}
 
 def _budget(end: Task | None, tasks: list[Task], cfg: TrainConfig) -> tuple[int, int]:
-    """(total optimizer steps, steps between evaluations); an epoch is a pass over the task with the most batches."""
+    """(total optimizer steps, steps between evaluations, -1 = never); an epoch: a pass over the task with the most
+    batches."""
     sizes = [math.ceil(len(t.train) / (cfg.batch_size if t is end else cfg.aux_batch_size)) for t in tasks]
     per_epoch = max(1, math.ceil(max(sizes) / cfg.grad_accum))
     return cfg.max_steps or max(1, math.ceil(cfg.epochs * per_epoch)), cfg.eval_every or per_epoch
