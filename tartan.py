@@ -1197,13 +1197,11 @@ def _mean_over_ranks(flat: torch.Tensor, group, async_op: bool = False):
 
 def _mean_grads_over_ranks(params: list[nn.Parameter], losses: torch.Tensor, group) -> torch.Tensor:
     """The body's .grad and the losses (K,) averaged over the ranks in one all-reduce; returns the losses."""
-    grads = _flat_grad(params, [p.grad for p in params])
-    flat = torch.cat([grads, losses.to(grads.dtype)])
-    _mean_over_ranks(flat, group)
-    for p, g in zip(params, flat.split([p.numel() for p in params] + [len(losses)])):
+    grads, losses = _mean_all_over_ranks([_flat_grad(params, [p.grad for p in params]), losses], group)
+    for p, g in zip(params, grads.split([p.numel() for p in params])):
         if p.grad is not None:
             p.grad.copy_(g.view_as(p))
-    return flat[-len(losses):]
+    return losses
 
 def _broadcast_head(head: nn.Module, group) -> None:
     """The first rank's head (phi*) on every rank of group."""
