@@ -95,10 +95,8 @@ class TartanTrainer(transformers.Trainer):
             if self.weighting.group is not None:  # torchrun: the heads' gradients averaged over the ranks, as DDP would
                 grads = [p.grad for head in model.heads for p in tartan.head_parameters(head, model.body)
                          if p.grad is not None]
-                flat = torch.cat([g.reshape(-1) for g in grads])
-                tartan._mean_over_ranks(flat, self.weighting.group)
-                for g, mean in zip(grads, flat.split([g.numel() for g in grads])):
-                    g.copy_(mean.view_as(g))
+                for g, mean in zip(grads, tartan._mean_all_over_ranks(grads, self.weighting.group)):
+                    g.copy_(mean)
         return end_loss.detach() / self.weighting.grad_accum  # what the Trainer logs: the end-task's loss
 
     def log(self, logs: dict, *args, **kwargs) -> None:
