@@ -844,6 +844,9 @@ def _check_weighting(body, n_tasks: int, grad_accum: int, weights):
     _require(isinstance(body, nn.Module), f"body must be the shared torch module (nn.Module), not "
              f"{type(body).__name__}", TypeError)
     _require(n_tasks >= 1 and grad_accum >= 1, f"n_tasks={n_tasks} and grad_accum={grad_accum} must both be at least 1")
+    _require(not any(c.__name__ in ("FullyShardedDataParallel", "FSDPModule") for m in body.modules()  # FSDP 1 and 2
+             for c in type(m).__mro__), "an FSDP body holds a shard of each task's gradient on each rank; the weighting "
+             "needs them whole: wrap the body in DistributedDataParallel instead", TypeError)
     _require(any(p.requires_grad for p in body.parameters()), "body has no parameter that requires a gradient: "
              "there is nothing to weight")
     if weights is not None and len(weights) != n_tasks:

@@ -61,3 +61,26 @@ def test_ddp_keeps_every_rank_identical_for_mt_and_meta(tmp_path):
     whole = train(False)
     torch.testing.assert_close(ranks[0][False]["params"], whole["params"], rtol=1e-5, atol=1e-6)
     assert ranks[0][False]["losses"] == pytest.approx(whole["losses"], rel=1e-5)
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch without torch.distributed")
+@pytest.mark.parametrize("meta", [False, True])
+def test_an_fsdp_body_is_refused_by_name(meta, tmp_path):
+    """FSDP shards each parameter, and so each task's gradient, over the ranks: under fully_shard the weighting said
+    "requires_grad of a body parameter changed", under FullyShardedDataParallel META died in torch ("size mismatch")
+    and with use_orig_params it blamed a backward of the user's own. Now the weighting refuses FSDP when it is built,
+    naming DDP, whether FSDP wraps the body or a layer inside it."""
+    from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        for shard in (fully_shard, lambda m: FullyShardedDataParallel(m, device_id=torch.device("cpu"))):
+            for inner in (False, True):
+                body, heads, plain = setup(meta)
+                if inner:
+                    body[0] = shard(body[0])
+                else:
+                    body = shard(body)
+                with pytest.raises(TypeError, match="an FSDP body .* wrap the body in DistributedDataParallel"):
+                    tartan.MetaWeighting(body, 2, 2, plain.cfg) if meta else tartan.MTWeighting(body, 2)
+    finally:
+        dist.destroy_process_group()
