@@ -458,7 +458,7 @@ class MetaWeighting(TaskWeighting):
             # theta_body's gradient: sum_k alpha_k g_k (views into one buffer); the heads' gradients are already there
             combined = alpha.to(self.G.device, self.G.dtype) @ self.G  # (P,)
             for p, g, used in zip(self.params, combined.split([p.numel() for p in self.params]), reached):
-                p.grad = g.view_as(p) if used else None  # as in MT: a parameter no task used is not decayed either
+                p.grad = g.view_as(p).to(p.dtype) if used else None  # as in MT: a parameter no task used is not decayed
             info = {"losses": losses, "alpha": alpha, "cosines": cos, "val_loss": val_loss,
                     "grad_norms": self.G.norm(dim=-1), "head_fit": fit, "skipped": ~finite}  # |g_k| beside cos
         return read_step(info) if sync else info
@@ -494,7 +494,7 @@ def meta_gradient(body: nn.Module, head_star: nn.Module, val, params: list[nn.Pa
             _, loss = head_star(_features(body(inputs) if torch.is_tensor(inputs) else body(**inputs)), labels)
         _check_val_loss(loss)
         grads = torch.autograd.grad(loss, params, allow_unused=True)
-    return _flat_grad(params, grads), loss.detach()
+    return _flat_grad(params, grads).to(torch.promote_types(params[0].dtype, torch.float32)), loss.detach()  # as G
 
 def cosine(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     """cos(a, b) of flat vectors; rows of a (K, P) against b (P,) give (K,)."""
@@ -844,9 +844,10 @@ def _check_weighting(body, n_tasks: int, grad_accum: int, weights):
     _require(isinstance(body, nn.Module), f"body must be the shared torch module (nn.Module), not "
              f"{type(body).__name__}", TypeError)
     _require(n_tasks >= 1 and grad_accum >= 1, f"n_tasks={n_tasks} and grad_accum={grad_accum} must both be at least 1")
-    _require(not any(c.__name__ in ("FullyShardedDataParallel", "FSDPModule") for m in body.modules()  # FSDP 1 and 2
-             for c in type(m).__mro__), "an FSDP body holds a shard of each task's gradient on each rank; the weighting "
-             "needs them whole: wrap the body in DistributedDataParallel instead", TypeError)
+    fsdp = ("FullyShardedDataParallel", "FSDPModule")  # FSDP 1 and 2 (fully_shard), around the body or in it
+    _require(not any(c.__name__ in fsdp for m in body.modules() for c in type(m).__mro__), "an FSDP body holds a shard "
+             "of each task's gradient on each rank; the weighting needs them whole: wrap the body in "
+             "DistributedDataParallel instead", TypeError)
     _require(any(p.requires_grad for p in body.parameters()), "body has no parameter that requires a gradient: "
              "there is nothing to weight")
     if weights is not None and len(weights) != n_tasks:

@@ -229,6 +229,28 @@ def test_bf16_autocast_with_backward_inside_or_outside_the_block(inside):
     assert seen == [torch.bfloat16, False]
 
 
+@pytest.mark.parametrize("meta", [True, False])
+def test_bf16_parameters_without_autocast(meta):
+    """A body and heads cast to bf16 (pure bf16 training, no autocast) stopped META at cos(g_meta, g_k) with torch's
+    "addmv input tensors must have the same dtype": now g_meta is in G's float32, the body's .grad in the parameters'
+    bf16, and it is sum_k alpha_k g_k (MT: with alpha = w) to bf16's precision."""
+    body, heads, weighting = setup(meta, grad_accum=1)
+    body.to(torch.bfloat16), heads.to(torch.bfloat16)
+    weighting = tartan.MetaWeighting(body, 2, 2, weighting.cfg) if meta else tartan.MTWeighting(body, 2)
+    x, y, y_aux = data(0, 0)
+    features = body(x.bfloat16())
+    losses = [heads[0](features, y)[1], heads[1](body(x.bfloat16()), y_aux)[1]]
+    g = [torch.autograd.grad(loss, list(body.parameters()), retain_graph=True) for loss in losses]
+    xv, yv = val_batch(0)
+    info = weighting.backward(losses, head_data=(features, y), val=(xv.bfloat16(), yv)) if meta else \
+        weighting.backward(losses)
+    assert meta == (info["alpha"] != pytest.approx([0.5, 0.5])) and not info.get("skipped")
+    for p, g0, g1 in zip(body.parameters(), *g):
+        assert p.grad.dtype == torch.bfloat16
+        want = info["alpha"][0] * g0.double() + info["alpha"][1] * g1.double()
+        torch.testing.assert_close(p.grad.double(), want, rtol=2e-2, atol=1e-3)
+
+
 def test_fp16_grad_scaler_skipped_steps_leave_w_untouched():
     """A GradScaler step that overflows made w [nan, nan] for good: now a step whose body gradient overflowed says
     skipped=True and leaves w and alpha as they were; a step the scaler skipped for a head's overflow alone is undone
