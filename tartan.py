@@ -321,15 +321,14 @@ class TaskWeighting:
         return losses
 
     def state_dict(self) -> dict:
-        """What a resumed loop needs (taken between optimizer steps): w and the step count."""
-        _require(not any(self._micro), "state_dict() within an optimizer step: save after the step")
-        return {"w": self.w.detach().cpu().clone(), "steps": self.steps}
+        """What a resumed loop needs (taken between optimizer steps): w, the step count, and fp16 META's undo state."""
+        return _weighting_state(self)
 
     def load_state_dict(self, state: dict) -> None:
         _require(len(state["w"]) == self.n_tasks, f"a saved weighting of {len(state['w'])} tasks into one of "
                  f"{self.n_tasks}")
         self.w, self.steps = torch.as_tensor(state["w"], dtype=torch.float64).to(self.w.device), state["steps"]
-        self._w = self.w.tolist()  # MT scales each loss by these floats
+        self._w, self._undo = self.w.tolist(), _undo_on(state.get("undo"), self.w.device)  # _w: MT's loss scales
 
 class MTWeighting(TaskWeighting):
     """Eq. 3 with static weights w = (w*, w_1..w_n) (default uniform 1/(n+1), Sec. 4): each task micro-batch adds
@@ -1222,6 +1221,15 @@ def _mean_all_over_ranks(tensors: list[torch.Tensor], group) -> list[torch.Tenso
 def _autocast_dtype(device: torch.device, seen: torch.dtype | None) -> torch.dtype | None:
     """The autocast dtype enabled on device now (called within the training's autocast block), else `seen`."""
     return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else seen
+
+def _weighting_state(weighting) -> dict:
+    _require(not any(weighting._micro), "state_dict() within an optimizer step: save after the step")
+    return {"w": weighting.w.detach().cpu().clone(), "steps": weighting.steps,
+            "undo": _undo_on(getattr(weighting, "_undo", None), torch.device("cpu"))}
+
+def _undo_on(undo, device: torch.device) -> tuple | None:
+    """fp16 META's GradScaler scale and w before its last step (to undo it if the scaler skipped it), on device."""
+    return None if undo is None else tuple(t.to(device) for t in undo)
 
 def _w_before_skipped_step(weighting: MetaWeighting) -> torch.Tensor:
     """META's w to update; fp16: if the GradScaler lowered its scale it skipped the last step (a head overflowed),

@@ -2,6 +2,7 @@
 weighting did not put there or that was lost, parameters unfrozen later, short head_data, mixed precision (bf16
 autocast, fp16's GradScaler), the forms of val, and saving and resuming a weighting. A plain torch body on tensors."""
 import contextlib
+import io
 import warnings
 
 import pytest
@@ -278,6 +279,45 @@ def test_fp16_grad_scaler_skipped_steps_leave_w_untouched():
         w = weighting.w.clone()
     assert len(taken) >= 3 and taken[-1] == info["cosines"] and head_only >= 1  # the case undone at the next step
     assert weighting.w.tolist() == pytest.approx((0.5 + 0.5 * torch.tensor(taken, dtype=torch.float64).sum(0)).tolist())
+
+
+def fp16_run(steps, saved=None, save_after=None):
+    """The fp16 loop above, continued from `saved` (a round trip through torch.save, weights_only), or saved after
+    step `save_after`. Returns (w, the steps the scaler skipped for a head's overflow alone) or the saved state."""
+    body, heads, _ = setup(True, grad_accum=1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 24)
+    weighting = tartan.MetaWeighting(body, 2, 2, tartan.MetaConfig(meta_batch_size=8, grad_accum=1, meta_lr=0.5),
+                                     scaler=scaler)
+    opt = torch.optim.AdamW([*body.parameters(), *heads.parameters()], lr=1e-2)
+    parts = {"body": body, "heads": heads, "opt": opt, "scaler": scaler, "weighting": weighting}
+    if saved is not None:
+        saved = torch.load(io.BytesIO(saved), weights_only=True)
+        for name, part in parts.items():
+            part.load_state_dict(saved[name])
+        torch.set_rng_state(saved["rng"])
+    head_only = []
+    for step in range(0 if saved is None else saved["next"], steps):
+        before = [p.detach().clone() for p in body.parameters()]
+        info = micro_batch(weighting, body, heads, step, 0, True, torch.autocast("cpu", dtype=torch.float16))
+        scaler.step(opt), scaler.update(), opt.zero_grad()
+        if not info["skipped"] and all(torch.equal(a, p) for a, p in zip(before, body.parameters())):
+            head_only.append(step)
+        if step == save_after:
+            buffer = io.BytesIO()
+            torch.save({**{name: part.state_dict() for name, part in parts.items()}, "rng": torch.get_rng_state(),
+                        "next": step + 1}, buffer)
+            return buffer.getvalue()
+    return weighting.w.clone(), head_only
+
+
+def test_fp16_a_run_saved_after_a_skipped_step_resumes_to_the_same_weights():
+    """Saved right after a step that the GradScaler skipped for a head's overflow alone, a resumed META run kept
+    that step's change of w, which an unbroken run undoes at the next step: the weighting's state now holds the
+    scale and w that the undo needs, and the resumed run ends with the unbroken run's w."""
+    whole, head_only = fp16_run(16)
+    assert head_only
+    resumed, _ = fp16_run(16, saved=fp16_run(16, save_after=head_only[0]))
+    assert torch.equal(resumed, whole)
 
 
 def test_mt_with_a_grad_scaler_reports_unscaled_losses():
