@@ -895,6 +895,7 @@ def _check_meta_head(cfg: MetaConfig, num_labels: int, end_head):
 def _check_val_loss(loss):
     _require(isinstance(loss, torch.Tensor) and loss.dim() == 0, f"val(head) must return the validation loss alone, a "
              f"scalar tensor, not {_describe(loss)} (a head returns (logits, loss): return head(...)[1])", TypeError)
+    _require(loss.requires_grad, "val(head)'s loss has no graph: g_meta needs it (no torch.no_grad, no detach)")
 
 def _head_rows(weighting: MetaWeighting, features, labels) -> tuple:
     """phi*'s data from a batch's (features, labels): a copy of the first meta_batch_size rows of its first-position

@@ -173,7 +173,8 @@ def test_meta_without_a_config_steps_at_every_call_as_mt():
 def test_val_may_be_a_tensor_batch_and_a_wrong_val_is_named():
     """val=(x, y) as tensors gave "'Tensor' object has no attribute 'items'": a tensor is now the body's one input, as
     in the README's loop, with the same weights as the callable form; a callable returning the head's (logits, loss)
-    gave torch's "grad can be implicitly created only for scalar outputs", now a message naming the fix."""
+    gave torch's "grad can be implicitly created only for scalar outputs", and one computed under torch.no_grad
+    torch's "element 0 of tensors does not require grad": now messages naming the fix."""
     alphas = []
     for form in ("tensors", "callable"):
         body, heads, weighting = setup(True, grad_accum=1)
@@ -187,9 +188,11 @@ def test_val_may_be_a_tensor_batch_and_a_wrong_val_is_named():
     assert alphas[0] == alphas[1] != pytest.approx([0.5, 0.5])
     for val, message in [(lambda head: head(body(xv), yv), "val\\(head\\) must return the validation loss alone, a "
                                                            "scalar tensor, not tuple .*return head\\(...\\)\\[1\\]"),
-                         ({"x": xv}, "META's step needs val: an end-task dev batch \\(inputs, labels\\).*not dict")]:
+                         ({"x": xv}, "META's step needs val: an end-task dev batch \\(inputs, labels\\).*not dict"),
+                         (torch.no_grad()(lambda head: head(body(xv), yv)[1]), "val\\(head\\)'s loss has no graph: "
+                                                                               "g_meta needs it \\(no torch.no_grad")]:
         body, heads, weighting = setup(True, grad_accum=1)
-        with pytest.raises(TypeError, match=message):
+        with pytest.raises((TypeError, ValueError), match=message):
             weighting.backward([heads[0](body(x), y)[1], heads[1](body(x), y_aux)[1]], head_data=(body(x), y),
                                val=val)
 
