@@ -284,7 +284,7 @@ class TaskWeighting:
     def __init__(self, body: nn.Module, n_tasks: int, grad_accum: int = 1, scaler=None, weights=None):
         _check_weighting(body, n_tasks, grad_accum, weights)
         self.body, self.scaler, self.n_tasks, self.grad_accum = body, scaler, n_tasks, grad_accum
-        self.steps, self.group = 0, _ddp_group(body)  # completed optimizer steps; a DDP body's process group or None
+        self.steps, self.group, self._undo = 0, _ddp_group(body), None  # steps done; DDP group; fp16 META's undo
         self._set_params([p for p in body.parameters() if p.requires_grad])
         self._new_step()
 
@@ -322,7 +322,8 @@ class TaskWeighting:
 
     def state_dict(self) -> dict:
         """What a resumed loop needs (taken between optimizer steps): w, the step count, and fp16 META's undo state."""
-        return _weighting_state(self)
+        _require(not any(self._micro), "state_dict() within an optimizer step: save after the step")
+        return {"w": self.w.detach().cpu().clone(), "steps": self.steps, "undo": _undo_on(self._undo, "cpu")}
 
     def load_state_dict(self, state: dict) -> None:
         _require(len(state["w"]) == self.n_tasks, f"a saved weighting of {len(state['w'])} tasks into one of "
@@ -384,7 +385,7 @@ class MetaWeighting(TaskWeighting):
         super().__init__(body, n_tasks, cfg.grad_accum, scaler)
         _check_meta_head(cfg, num_labels, end_head)
         self.cfg, self.num_labels, self.end_head, self.amp = cfg, num_labels, end_head, amp
-        self._dtype, self._warned, self._undo = None, False, None  # autocast's dtype; warned; GradScaler's (scale, w)
+        self._dtype, self._warned = None, False  # the training's autocast dtype (seen in task_backward); warned
         self.w = torch.full((n_tasks,), 1.0 / n_tasks, dtype=torch.float64, device=self.G.device)  # beside G: no sync
         self._open = None  # the task whose gradient the body's .grad holds now (not yet moved into G)
 
@@ -1222,11 +1223,6 @@ def _mean_all_over_ranks(tensors: list[torch.Tensor], group) -> list[torch.Tenso
 def _autocast_dtype(device: torch.device, seen: torch.dtype | None) -> torch.dtype | None:
     """The autocast dtype enabled on device now (called within the training's autocast block), else `seen`."""
     return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else seen
-
-def _weighting_state(weighting) -> dict:
-    _require(not any(weighting._micro), "state_dict() within an optimizer step: save after the step")
-    return {"w": weighting.w.detach().cpu().clone(), "steps": weighting.steps,
-            "undo": _undo_on(getattr(weighting, "_undo", None), torch.device("cpu"))}
 
 def _undo_on(undo, device: torch.device) -> tuple | None:
     """fp16 META's GradScaler scale and w before its last step (to undo it if the scaler skipped it), on device."""
