@@ -289,8 +289,8 @@ class TaskWeighting:
         self._new_step()
 
     def _set_params(self, params):
-        self.params = params  # theta_body: the parameters weighted here (picked up again when requires_grad changes)
-        self._kept = None  # the body's .grad as this weighting left it within a step: (tensor, version) per parameter
+        self.params = params  # theta_body: picked up again when requires_grad changes (META: or the body is recast)
+        self._kept = None  # within a step, per parameter: its .grad as this weighting left it, their versions
 
     def _new_step(self):
         self._micro = [0] * self.n_tasks      # micro-batches each task has given in this optimizer step
@@ -300,7 +300,7 @@ class TaskWeighting:
         """One micro-batch of task k (0 = end-task): backward of its unscaled mean loss now (divided by grad_accum)."""
         _check_task_backward(self, k, loss)
         self._backward(k, loss if self.scaler is None else self.scaler.scale(loss), retain_graph)
-        self._kept = [(p.grad, p.grad._version if p.grad is not None else 0) for p in self.params]
+        self._kept = [(p.grad, p.grad._version if p.grad is not None else 0, p._version) for p in self.params]
         self._micro[k] += 1
         self._losses[k] = self._losses[k] + loss.detach() / self.grad_accum  # on the device: no sync
 
@@ -323,11 +323,11 @@ class TaskWeighting:
     def state_dict(self) -> dict:
         """What a resumed loop needs (taken between optimizer steps): w, the step count, and fp16 META's undo state."""
         _require(not any(self._micro), "state_dict() within an optimizer step: save after the step")
-        return {"w": self.w.detach().cpu().clone(), "steps": self.steps, "undo": _undo_on(self._undo, "cpu")}
+        return {"w": self.w.detach().cpu().clone(), "steps": self.steps, "undo": _undo_on(self._undo, "cpu"),
+                "kind": type(self).__name__}  # MT's w are Eq. 3's weights, META's the logits of alpha
 
     def load_state_dict(self, state: dict) -> None:
-        _require(len(state["w"]) == self.n_tasks, f"a saved weighting of {len(state['w'])} tasks into one of "
-                 f"{self.n_tasks}")
+        _check_state(self, state)
         self.w, self.steps = torch.as_tensor(state["w"], dtype=torch.float64).to(self.w.device), state["steps"]
         self._w, self._undo = self.w.tolist(), _undo_on(state.get("undo"), self.w.device)  # _w: MT's loss scales
 
@@ -383,9 +383,9 @@ class MetaWeighting(TaskWeighting):
                  end_head: nn.Module | None = None, amp=None, scaler=None):
         cfg = cfg or MetaConfig(grad_accum=1)  # without a config, one micro-batch a step, as MTWeighting
         super().__init__(body, n_tasks, cfg.grad_accum, scaler)
-        _check_meta_head(cfg, num_labels, end_head)
+        _check_meta_head(cfg, num_labels, end_head, body)
         self.cfg, self.num_labels, self.end_head, self.amp = cfg, num_labels, end_head, amp
-        self._dtype, self._warned = None, False  # the training's autocast dtype (seen in task_backward); warned
+        self._warned, self._seen = False, _AutocastSeen.on(body)  # warned; the autocast the body's forwards run in
         self.w = torch.full((n_tasks,), 1.0 / n_tasks, dtype=torch.float64, device=self.G.device)  # beside G: no sync
         self._open = None  # the task whose gradient the body's .grad holds now (not yet moved into G)
 
@@ -393,6 +393,7 @@ class MetaWeighting(TaskWeighting):
         super()._set_params(params)
         self.G = torch.empty(self.n_tasks, sum(p.numel() for p in params), device=params[0].device,  # (K, P)
                              dtype=torch.promote_types(params[0].dtype, torch.float32))  # float64 body: float64
+        self.w = self.w.to(self.G.device) if hasattr(self, "w") else None  # a body moved after building: w follows
         self._reached = [False] * len(params)
 
     def _new_step(self):
@@ -406,7 +407,6 @@ class MetaWeighting(TaskWeighting):
         # comes (a tied MLM decoder is the body's embedding: its gradient is part of that task's g_k)
         if self._open is not None and self._open != k:
             self._close()
-        self._dtype = _autocast_dtype(self.G.device, self._dtype)  # g_meta's pass takes the training's autocast
         (loss / self.grad_accum).backward(retain_graph=retain_graph)
         self._open = k
 
@@ -428,12 +428,11 @@ class MetaWeighting(TaskWeighting):
     def step(self, head_data=None, val=None, sync: bool = True) -> dict:
         """Algorithm 1's update for this step; see the class docstring (sync=False: values as tensors)."""
         _check_grads_kept(self)
-        self._dtype = _autocast_dtype(self.G.device, self._dtype)
-        with torch.autocast(self.G.device.type, enabled=False):  # called inside an autocast block: G's math in fp32
+        with torch.autocast(self.G.device.type, enabled=False), torch.enable_grad():  # G's math in fp32, always
             if self._open is not None:
                 self._close()
             fit_data = _head_rows(self, *head_data) if head_data is not None else self._head_data
-            _check_meta_step(val, fit_data, self.cfg)
+            _check_meta_step(self, val, fit_data)
             reached, losses = self._reached, self._finish()
             # DDP: G averaged over the ranks while phi* is fitted
             G = None if self.group is None else _mean_over_ranks(self.G, self.group, async_op=True)
@@ -443,11 +442,11 @@ class MetaWeighting(TaskWeighting):
             if G is not None and fit is not None:  # DDP: the first rank's phi* on every rank
                 _broadcast_head(head_star, self.group)
             # g_meta <- grad_theta L_T*(theta, phi*, B*_val), B*_val ~ T*_val (Eq. 7; Eq. 6 with phi')
-            amp = self.amp if self.amp is not None else torch.autocast(
-                self.G.device.type, self._dtype or torch.bfloat16, enabled=self._dtype is not None)
-            g_meta, val_loss = meta_gradient(self.body, head_star, val, self.params, amp)
+            amp = self.amp if self.amp is not None else torch.autocast(  # the training's autocast, as its forwards
+                self.G.device.type, self._seen.dtype or torch.bfloat16, enabled=self._seen.dtype is not None)
+            g_meta, val_loss = meta_gradient(self.body, head_star, val, self.params, amp, self.scaler)
             if G is not None:  # DDP: g_meta, its loss and the losses averaged over the ranks (a second all-reduce)
-                g_meta, val_loss, losses = _mean_all_over_ranks([g_meta, val_loss, losses], self.group)
+                g_meta, val_loss, losses, reached = _mean_meta_over_ranks(g_meta, val_loss, losses, reached, self.group)
                 G.wait()
             # w_k <- w_k + eta * cos(g_meta, g_k); alpha = softmax(w); a non-finite cosine (fp16 overflow, which the
             # GradScaler skips) leaves w as it was, and so does a step the scaler skipped after a head overflowed
@@ -482,9 +481,9 @@ def estimate_meta_head(features: torch.Tensor, labels: torch.Tensor, num_labels:
         opt.step()
     return head, None if first is None else torch.stack([first, loss.detach()])
 
-def meta_gradient(body: nn.Module, head_star: nn.Module, val, params: list[nn.Parameter], amp=None):
+def meta_gradient(body: nn.Module, head_star: nn.Module, val, params: list[nn.Parameter], amp=None, scaler=None):
     """g_meta = grad_theta_body L_T*(theta_body, phi*, B*_val), flat (P,), and the loss; in train mode, as the g_k
-    are, leaving .grad and the body's buffers (BatchNorm statistics) alone."""
+    are, leaving .grad and the body's buffers (BatchNorm statistics) alone; fp16: scaled as the g_k by scaler."""
     device = params[0].device
     with _buffers_kept(body), amp if amp is not None else autocast(device, False):
         if callable(val):
@@ -492,8 +491,7 @@ def meta_gradient(body: nn.Module, head_star: nn.Module, val, params: list[nn.Pa
         else:  # a tensor is the body's one input; a dict its keyword arguments
             inputs, labels = (v.to(device) for v in val) if torch.is_tensor(val[0]) else to_device(*val, device)
             _, loss = head_star(_features(body(inputs) if torch.is_tensor(inputs) else body(**inputs)), labels)
-        _check_val_loss(loss)
-        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        grads = _val_grads(loss, params, scaler)
     return _flat_grad(params, grads).to(torch.promote_types(params[0].dtype, torch.float32)), loss.detach()  # as G
 
 def cosine(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
@@ -850,8 +848,12 @@ def _check_weighting(body, n_tasks: int, grad_accum: int, weights):
              "DistributedDataParallel instead", TypeError)
     _require(any(p.requires_grad for p in body.parameters()), "body has no parameter that requires a gradient: "
              "there is nothing to weight")
-    if weights is not None and len(weights) != n_tasks:
-        raise ValueError(f"weights has {len(weights)} entries for {n_tasks} tasks")
+    _require(not any(isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse for m in body.modules()), "the body "
+             "has an embedding with sparse=True: the weighting needs dense gradients (sparse=False)", TypeError)
+    _require(weights is None or hasattr(weights, "__len__"), f"weights={weights!r}: one number per task (grad_accum "
+             f"is given by name: MTWeighting(body, n_tasks, grad_accum=N))", TypeError)
+    _require(weights is None or len(weights) == n_tasks, f"weights has {len(weights or ())} entries for {n_tasks} "
+             f"tasks")
 
 def _check_task_backward(weighting, k: int, loss):
     """Task k's loss: a scalar with a graph, k < n_tasks, within grad_accum; at a step's start, .grad zeros or None."""
@@ -863,23 +865,29 @@ def _check_task_backward(weighting, k: int, loss):
     _require(micro[k] < weighting.grad_accum, f"task {k} gave more than grad_accum={weighting.grad_accum} "
              f"micro-batches in one optimizer step: call step() (or let backward() call it) before the next one")
     now = [p for p in weighting.body.parameters() if p.requires_grad]  # picked up between steps, refused within one
-    if len(now) != len(weighting.params) or any(a is not b for a, b in zip(now, weighting.params)):
+    G = getattr(weighting, "G", None)  # META: a body cast or moved after building needs a G of its dtype and device
+    recast = G is not None and (now[0].device != G.device or torch.promote_types(now[0].dtype, G.dtype) != G.dtype)
+    if recast or len(now) != len(weighting.params) or any(a is not b for a, b in zip(now, weighting.params)):
         _require(not any(micro), f"requires_grad of a body parameter changed within step {step}: freeze or unfreeze "
-                 f"parameters between optimizer steps")
+                 f"parameters between optimizer steps (tie, cast or move them too)")
         weighting._set_params(now)
     _check_grads_kept(weighting)
     held = [p.grad for p in weighting.params if p.grad is not None] if not any(micro) else []
     _require(not held or not torch.stack([g.ne(0).any() for g in held]).any(), f"the body's .grad already holds a "
              f"gradient that this {name} did not put there (step {step}): clear gradients after each optimizer step "
-             f"(zero_grad()) and give the weighting every loss, unscaled (grad_accum=N to accumulate)")
+             f"(zero_grad() over all the body's parameters) and give the weighting every loss, unscaled (grad_accum=N "
+             f"to accumulate)")
 
 def _check_grads_kept(weighting):
-    """Within a step, the body's .grad must be as the weighting left it: the same tensors, not written since."""
-    kept = weighting._kept
-    _require(kept is None or all(p.grad is g and (g is None or g._version == v) for p, (g, v) in zip(weighting.params,
-             kept)), f"the body's .grad changed between this {type(weighting).__name__}'s calls in step "
-             f"{weighting.steps + 1} (a backward of your own, or zero_grad() within the step): zero gradients only "
-             f"after the optimizer step, and add any other loss (a regulariser) to a task's loss")
+    """Within a step, the body's parameters and .grad must be as the weighting left them: not written since."""
+    kept, name, step = weighting._kept or [], type(weighting).__name__, weighting.steps + 1
+    _require(all(p._version == v for p, (_, _, v) in zip(weighting.params, kept)), f"the body's parameters changed "
+             f"within step {step}: step the optimizer only when the {name} returns the step's info (its "
+             f"grad_accum={weighting.grad_accum}-th call)")
+    _require(all(p.grad is g and (g is None or g._version == v) for p, (g, v, _) in zip(weighting.params, kept)),
+             f"the body's .grad changed between this {name}'s calls in step {step} (a backward of your own, or "
+             f"zero_grad() within the step): zero gradients only after the optimizer step, and add any other loss (a "
+             f"regulariser) to a task's loss")
 
 def _check_step_complete(weighting):
     micro = weighting._micro
@@ -887,32 +895,53 @@ def _check_step_complete(weighting):
     _require(not short, f"step() with tasks {short} short of grad_accum={weighting.grad_accum} micro-batches (got "
              f"{[micro[k] for k in short]})")
 
-def _check_meta_head(cfg: MetaConfig, num_labels: int, end_head):
+def _check_meta_head(cfg: MetaConfig, num_labels: int, end_head, body):
+    _require(not any(isinstance(m, (ClassificationHead, MLMHead)) for m in body.modules()), "the body holds a task "
+             "head: META would weight the heads' gradients by alpha and count them in the cosines: give the body alone")
     _require(not cfg.same_head or end_head is not None, "cfg.same_head=True takes g_meta through the end-task head "
              "phi' (Eq. 6): give end_head")
     _require(cfg.same_head or num_labels >= 1, f"num_labels={num_labels}: phi* has one output per end-task class, "
              f"so give num_labels=C (the end-task's number of classes)")
 
-def _check_val_loss(loss):
+def _val_grads(loss, params: list[nn.Parameter], scaler=None) -> tuple:
+    """The body's gradients of val's loss (scaled as the training's, fp16), which must reach the body."""
     _require(isinstance(loss, torch.Tensor) and loss.dim() == 0, f"val(head) must return the validation loss alone, a "
              f"scalar tensor, not {_describe(loss)} (a head returns (logits, loss): return head(...)[1])", TypeError)
     _require(loss.requires_grad, "val(head)'s loss has no graph: g_meta needs it (no torch.no_grad, no detach)")
+    grads = torch.autograd.grad(loss if scaler is None else scaler.scale(loss), params, allow_unused=True)
+    _require(any(g is not None for g in grads), "val's loss does not reach the body: g_meta needs the body's forward "
+             "with a graph (no torch.no_grad or detach around body(...) in val)")
+    return grads
+
+def _check_state(weighting, state: dict):
+    name, kind = type(weighting).__name__, state.get("kind", type(weighting).__name__)
+    _require(kind == name, f"load_state_dict() of a {name} got a {kind}'s state: MT's w are Eq. 3's weights, META's "
+             f"the logits of alpha")
+    _require(len(state["w"]) == weighting.n_tasks, f"a saved weighting of {len(state['w'])} tasks into one of "
+             f"{weighting.n_tasks}")
+    _require(not any(weighting._micro), "load_state_dict() within an optimizer step: load before the step")
 
 def _head_rows(weighting: MetaWeighting, features, labels) -> tuple:
     """phi*'s data from a batch's (features, labels): a copy of the first meta_batch_size rows of its first-position
-    features (B, H), and their labels; warns once if the batch is shorter; notes autocast's dtype."""
+    features (B, H), and their labels; warns once if the batch is shorter."""
     _require(isinstance(features, torch.Tensor) and isinstance(labels, torch.Tensor), f"head_data must be (features, "
              f"labels) tensors, not ({_describe(features)}, {_describe(labels)})", TypeError)
     x, cfg = features[:, 0] if features.dim() == 3 else features, weighting.cfg  # (B, H)
-    if x.dtype in (torch.bfloat16, torch.float16):  # features computed under autocast: g_meta's pass takes it too
-        weighting._dtype = x.dtype
+    if x.dtype in (torch.bfloat16, torch.float16) and weighting._seen.dtype is None:  # a half body, no autocast:
+        weighting._seen.dtype = x.dtype  # g_meta's pass autocasts, for phi*'s float32 weights
     if len(x) < cfg.meta_batch_size and not (weighting._warned or cfg.same_head):  # Eq. 6 fits no phi*
         weighting._warned = True
         warnings.warn(f"head_data has {len(x)} rows, fewer than meta_batch_size={cfg.meta_batch_size}: phi* is "
                       f"fitted on {len(x)} (give a larger batch, or lower meta_batch_size)")
     return x[:cfg.meta_batch_size].detach().clone(), labels[:cfg.meta_batch_size]
 
-def _check_meta_step(val, fit_data, cfg: MetaConfig):
+def _check_meta_step(weighting: MetaWeighting, val, fit_data):
+    """val and phi*'s data as META's step needs them; at the first step, a warning if ranks run without DDP."""
+    dist, cfg = torch.distributed, weighting.cfg
+    if weighting.steps == 0 and weighting.group is None and dist.is_available() and dist.is_initialized() and \
+            dist.get_world_size() > 1:  # e.g. ddp.module given, or DDP that torch.compile wraps
+        warnings.warn(f"torch.distributed has {dist.get_world_size()} ranks but META's body is not wrapped in "
+                      f"DistributedDataParallel: each rank learns its own w (give the weighting the DDP-wrapped body)")
     _require(callable(val) or isinstance(val, (tuple, list)) and len(val) == 2 and isinstance(val[1], torch.Tensor)
              and isinstance(val[0], (dict, torch.Tensor)), f"META's step needs val: an end-task dev batch (inputs, "
              f"labels), inputs a dict of the body's arguments or its one tensor, or a callable val(head) -> the "
@@ -1190,6 +1219,7 @@ def _final_finetune(body, end: Task, cfg: FinetuneConfig, main_best_dev, hook=No
 def _ddp_group(body: nn.Module):
     """A DistributedDataParallel body's process group, its all-reduce at each backward turned off (as under
     no_sync): the weighting averages what it needs over the ranks once per step. None for any other body."""
+    body = getattr(body, "_orig_mod", body)  # torch.compile(DDP(body)), the order torch recommends
     if not isinstance(body, nn.parallel.DistributedDataParallel):
         return None
     body.require_backward_grad_sync = False
@@ -1201,12 +1231,20 @@ def _mean_over_ranks(flat: torch.Tensor, group, async_op: bool = False):
     return torch.distributed.all_reduce(flat, group=group, async_op=async_op)
 
 def _mean_grads_over_ranks(params: list[nn.Parameter], losses: torch.Tensor, group) -> torch.Tensor:
-    """The body's .grad and the losses (K,) averaged over the ranks in one all-reduce; returns the losses."""
-    grads, losses = _mean_all_over_ranks([_flat_grad(params, [p.grad for p in params]), losses], group)
-    for p, g in zip(params, grads.split([p.numel() for p in params])):
-        if p.grad is not None:
-            p.grad.copy_(g.view_as(p))
+    """The body's .grad and the losses (K,) averaged over the ranks in one all-reduce, a parameter's wherever a rank
+    has one (a layer one rank skipped too); returns the losses."""
+    had = torch.tensor([p.grad is not None for p in params], device=losses.device)
+    grads, losses, had = _mean_all_over_ranks([_flat_grad(params, [p.grad for p in params]), losses, had], group)
+    for p, g, any_rank in zip(params, grads.split([p.numel() for p in params]), had.tolist()):
+        p.grad = g.view_as(p).to(p.dtype) if any_rank else None
     return losses
+
+def _mean_meta_over_ranks(g_meta, val_loss, losses, reached: list[bool], group) -> tuple:
+    """META: g_meta, its loss and the losses averaged over the ranks in one all-reduce, and the parameters that any
+    rank's tasks reached."""
+    flags = torch.tensor(reached, dtype=g_meta.dtype, device=g_meta.device)
+    g_meta, val_loss, losses, flags = _mean_all_over_ranks([g_meta, val_loss, losses, flags], group)
+    return g_meta, val_loss, losses, (flags > 0).tolist()
 
 def _broadcast_head(head: nn.Module, group) -> None:
     """The first rank's head (phi*) on every rank of group."""
@@ -1220,9 +1258,20 @@ def _mean_all_over_ranks(tensors: list[torch.Tensor], group) -> list[torch.Tenso
     _mean_over_ranks(flat, group)
     return [v.view_as(t) for v, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
 
-def _autocast_dtype(device: torch.device, seen: torch.dtype | None) -> torch.dtype | None:
-    """The autocast dtype enabled on device now (called within the training's autocast block), else `seen`."""
-    return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else seen
+class _AutocastSeen:
+    """A forward pre-hook on META's body: the autocast dtype of its last forward with autograd on (None: no autocast),
+    on its parameters' device, whether the loop calls the weighting inside the autocast block or after it."""
+    dtype = None
+
+    @classmethod
+    def on(cls, body: nn.Module) -> "_AutocastSeen":
+        body.register_forward_pre_hook(seen := cls())
+        return seen
+
+    def __call__(self, module, args):
+        device = next(module.parameters()).device.type
+        if torch.is_grad_enabled():  # not an evaluation
+            self.dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
 
 def _undo_on(undo, device: torch.device) -> tuple | None:
     """fp16 META's GradScaler scale and w before its last step (to undo it if the scaler skipped it), on device."""

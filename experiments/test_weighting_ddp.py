@@ -1,6 +1,7 @@
 """The weightings under DistributedDataParallel (issue 30 item 2): two gloo processes on the CPU, each with its half of
 every batch, body and heads wrapped in DDP, the wrapped body handed to the weighting."""
 import os
+import warnings
 
 import pytest
 import torch
@@ -84,3 +85,91 @@ def test_an_fsdp_body_is_refused_by_name(meta, tmp_path):
                     tartan.MetaWeighting(body, 2, 2, plain.cfg) if meta else tartan.MTWeighting(body, 2)
     finally:
         dist.destroy_process_group()
+
+
+class Skipping(torch.nn.Module):
+    """A body whose second layer this rank may skip (LayerDrop, a mixture of experts, a data-dependent branch)."""
+
+    def __init__(self, use_extra: bool):
+        super().__init__()
+        self.first, self.extra, self.use_extra = torch.nn.Linear(8, 16), torch.nn.Linear(16, 16), use_extra
+
+    def forward(self, x):
+        h = torch.tanh(self.first(x))
+        return h + torch.tanh(self.extra(h)) if self.use_extra else h
+
+
+def one_step(rank, world, mode):
+    """One optimizer step of rank's half of a batch; rank 1 skips the body's second layer. Returns its gradient on
+    this rank and the body's parameters after the step."""
+    torch.manual_seed(0)
+    body, (_, heads, plain) = Skipping(use_extra=rank == 0), setup(True, grad_accum=1)
+    ddp_body, ddp_heads = DDP(body, find_unused_parameters=True), [DDP(h) for h in heads]
+    weighting = None if mode == "DDP" else tartan.MTWeighting(ddp_body, 2) if mode == "MT" else \
+        tartan.MetaWeighting(ddp_body, 2, 2, plain.cfg)
+    opt = torch.optim.AdamW([*body.parameters(), *heads.parameters()], lr=1e-2)
+    torch.manual_seed(7)
+    x, y, y_aux = (t[rank::world] for t in data(0, 0, n=16))
+    features = ddp_body(x)
+    losses = [ddp_heads[0](features, y)[1], ddp_heads[1](ddp_body(x), y_aux)[1]]
+    if weighting is None:  # plain DDP, Eq. 3 with w = (1/2, 1/2): the gradient MT must give
+        (losses[0] / 2 + losses[1] / 2).backward()
+    else:
+        xv, yv = (t[rank::world] for t in val_batch(0))
+        weighting.backward(losses, head_data=(features, y), val=(xv, yv)) if mode == "META" else \
+            weighting.backward(losses)
+    grad = body.extra.weight.grad
+    opt.step()
+    return grad is not None and grad.clone(), torch.cat([p.detach().reshape(-1) for p in body.parameters()])
+
+
+def compiled_or_inner(rank, world, wrap):
+    """Two META steps with the weighting given torch.compile(DDP(body)) or, wrongly, DDP's inner module; returns w,
+    the body's parameters and the warnings."""
+    body, heads, plain = setup(True, grad_accum=1)
+    ddp_body, ddp_heads = DDP(body), [DDP(h) for h in heads]
+    given = torch.compile(ddp_body, backend="eager") if wrap == "compiled" else ddp_body.module
+    weighting = tartan.MetaWeighting(given, 2, 2, plain.cfg)
+    opt = torch.optim.AdamW([*body.parameters(), *heads.parameters()], lr=1e-2)
+    torch.manual_seed(7)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(2):
+            x, y, y_aux = (t[rank::world] for t in data(step, 0, n=16))
+            features = given(x)
+            xv, yv = (t[rank::world] for t in val_batch(step))
+            weighting.backward([ddp_heads[0](features, y)[1], ddp_heads[1](given(x), y_aux)[1]],
+                               head_data=(features, y), val=(xv, yv))
+            opt.step(), opt.zero_grad()
+    params = torch.cat([p.detach().reshape(-1) for p in body.parameters()])
+    return weighting.w.clone(), params, [str(w.message) for w in caught if "DistributedDataParallel" in str(w.message)]
+
+
+def worker_more(rank, init, out):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=WORLD)
+    results = {mode: one_step(rank, WORLD, mode) for mode in ("DDP", "MT", "META")}
+    results.update({wrap: compiled_or_inner(rank, WORLD, wrap) for wrap in ("compiled", "inner")})
+    torch.save(results, os.path.join(out, f"{rank}.pt"))
+    dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch without torch.distributed")
+def test_ddp_a_layer_one_rank_skips_compiled_ddp_and_an_unwrapped_body(tmp_path):
+    """A body layer that one rank used and the other skipped kept its gradient on one rank only (MT: the mean copied
+    back only where .grad existed; META: which parameters the tasks reached, per rank), and the replicas drifted
+    apart 1e-2 in one step; torch.compile(DDP(body)) hid DDP from the weighting, and META's w drifted per rank. Now
+    both ranks get the layer's mean gradient, as DDP gives it, and a compiled DDP body is seen through; a body
+    given without its DDP wrapper is warned about at the first step."""
+    mp.spawn(worker_more, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True)
+    ranks = [torch.load(tmp_path / f"{r}.pt", weights_only=False) for r in range(WORLD)]
+    ddp_grad = ranks[0]["DDP"][0]
+    for mode in ("MT", "META"):
+        (grad0, params0), (grad1, params1) = ranks[0][mode], ranks[1][mode]
+        assert torch.equal(params0, params1) and torch.equal(grad0, grad1), mode
+    torch.testing.assert_close(ranks[0]["MT"][0], ddp_grad)  # MT's w = (1/2, 1/2): DDP's own gradient
+    (w0, params0, warned0), (w1, params1, warned1) = ranks[0]["compiled"], ranks[1]["compiled"]
+    assert torch.equal(w0, w1) and torch.equal(params0, params1) and not warned0 and not warned1
+    (w0, _, warned0), (w1, _, warned1) = ranks[0]["inner"], ranks[1]["inner"]
+    assert not torch.equal(w0, w1) and len(warned0) == len(warned1) == 1
+    assert "2 ranks but META's body is not wrapped in DistributedDataParallel" in warned0[0]

@@ -197,15 +197,109 @@ def test_val_may_be_a_tensor_batch_and_a_wrong_val_is_named():
                                val=val)
 
 
+@pytest.mark.parametrize("cut", ["no_grad", "detach"])
+def test_a_val_that_does_not_reach_the_body_is_refused(cut):
+    """A val(head) whose body forward ran under torch.no_grad, or whose features were detached, still had a graph
+    through phi*: g_meta was 0, every cosine 0, and META quietly became MT with equal weights. Now it raises."""
+    body, heads, weighting = setup(True, grad_accum=1)
+    x, y, y_aux = data(0, 0)
+    xv, yv = val_batch(0)
+
+    def val(head):
+        if cut == "no_grad":
+            with torch.no_grad():
+                features = body(xv)
+        else:
+            features = body(xv).detach()
+        return head(features, yv)[1]
+    with pytest.raises(ValueError, match="val's loss does not reach the body: g_meta needs the body's forward with a "
+                                         "graph \(no torch.no_grad or detach around body"):
+        weighting.backward([heads[0](body(x), y)[1], heads[1](body(x), y_aux)[1]], head_data=(body(x), y), val=val)
+
+
+def test_meta_refuses_a_body_that_holds_the_heads():
+    """Heads registered inside the module given as the body became body parameters: each head got alpha_k times its
+    own gradient, and the heads' gradients entered the cosines. MT is unaffected (w_k scales heads too, Eq. 3)."""
+    body, heads, weighting = setup(True)
+    both = nn.ModuleDict({"trunk": body, "heads": heads})
+    with pytest.raises(ValueError, match="the body holds a task head: META would weight the heads' gradients"):
+        tartan.MetaWeighting(both, 2, 2, weighting.cfg)
+    tartan.MTWeighting(both, 2)
+
+
+@pytest.mark.parametrize("meta", [True, False])
+def test_an_optimizer_step_before_the_weighting_returns_is_refused(meta):
+    """A loop that stepped its optimizer before the weighting's step was complete (a partial accumulation at an
+    epoch's end, or MetaConfig's default grad_accum=2 unnoticed) went on as if nothing had happened, its next step
+    blaming a backward of the user's own. Now the next call names it."""
+    body, heads, weighting = setup(meta)
+    opt = torch.optim.SGD([*body.parameters(), *heads.parameters()], lr=0.1)
+    assert micro_batch(weighting, body, heads, 0, 0, meta) is None
+    opt.step(), opt.zero_grad()
+    with pytest.raises(ValueError, match="the body's parameters changed within step 1: step the optimizer only when "
+                                         "the (MT|Meta)Weighting returns the step's info \(its grad_accum=2-th call"):
+        micro_batch(weighting, body, heads, 0, 1, meta)
+
+
+def test_meta_step_inside_torch_no_grad_is_the_same_step():
+    """step() called within torch.no_grad (a loop's own wrapper) died in phi*'s fit with torch's "element 0 of
+    tensors does not require grad": phi*'s fit and g_meta now take autograd back, and give the same weights."""
+    alphas = []
+    for no_grad in (False, True):
+        body, heads, weighting = setup(True, grad_accum=1)
+        x, y, y_aux = data(0, 0)
+        for k, (head, labels) in enumerate(zip(heads, (y, y_aux))):
+            weighting.task_backward(k, head(body(x), labels)[1])
+        torch.manual_seed(3)
+        with torch.no_grad() if no_grad else contextlib.nullcontext():
+            alphas.append(weighting.step(head_data=(body(x), y), val=val_batch(0))["alpha"])
+    assert alphas[0] == alphas[1] != pytest.approx([0.5, 0.5])
+
+
+def test_a_body_cast_after_building_is_picked_up():
+    """META built on a float32 body that is then cast to float64 in place (parameters keep their identity) stopped
+    at the cosine with torch's "addmv input tensors must have the same dtype": G now follows the body's dtype at the
+    next step, and the body's gradient is sum_k alpha_k g_k in float64."""
+    body, heads, weighting = setup(True, grad_accum=1)
+    body.double(), heads.double()
+    x, y, y_aux = (t.double() if t.is_floating_point() else t for t in data(0, 0))
+    xv, yv = val_batch(0)
+    features = body(x)
+    losses = [heads[0](features, y)[1], heads[1](body(x), y_aux)[1]]
+    g = [torch.autograd.grad(loss, list(body.parameters()), retain_graph=True) for loss in losses]
+    info = weighting.backward(losses, head_data=(features, y), val=(xv.double(), yv))
+    assert weighting.G.dtype == torch.float64 and info["alpha"] != pytest.approx([0.5, 0.5])
+    for p, g0, g1 in zip(body.parameters(), *g):
+        torch.testing.assert_close(p.grad, info["alpha"][0] * g0 + info["alpha"][1] * g1)
+
+
+def test_a_sparse_embedding_and_a_positional_grad_accum_are_named():
+    """A body with nn.Embedding(sparse=True) failed in torch ("reshape is not implemented for sparse tensors");
+    MTWeighting(body, 2, 2), meant as grad_accum=2, with "object of type 'int' has no len()"."""
+    body = nn.Sequential(nn.Embedding(10, H, sparse=True), nn.Tanh())
+    for build in (lambda: tartan.MTWeighting(body, 2), lambda: tartan.MetaWeighting(body, 2, 2)):
+        with pytest.raises(TypeError, match="an embedding with sparse=True: the weighting needs dense gradients"):
+            build()
+    with pytest.raises(TypeError, match="weights=2: one number per task \(grad_accum is given by name"):
+        tartan.MTWeighting(setup(False)[0], 2, 2)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # mixed precision
 
 
+class Float(nn.Module):
+    def forward(self, x):
+        return x.float()
+
+
+@pytest.mark.parametrize("float_features", [False, True])
 @pytest.mark.parametrize("inside", [True, False])
-def test_bf16_autocast_with_backward_inside_or_outside_the_block(inside):
+def test_bf16_autocast_with_backward_inside_or_outside_the_block(inside, float_features):
     """weighting.backward inside the autocast block gave a dtype error at alpha @ G; inside or outside, META now
     gives the body sum_k alpha_k g_k in the parameters' dtype, and g_meta's pass runs under the training's bf16
-    autocast (unless amp says otherwise)."""
+    autocast (unless amp says otherwise). Also where the body's features come out in float32 under autocast (as an
+    encoder's final LayerNorm on CUDA): with backward after the block, g_meta's pass ran without autocast."""
     seen = []
 
     def val(body):
@@ -216,6 +310,8 @@ def test_bf16_autocast_with_backward_inside_or_outside_the_block(inside):
         return loss
     for amp in (None, contextlib.nullcontext()):
         body, heads, weighting = setup(True, grad_accum=1)
+        if float_features:
+            body.append(Float())
         weighting.amp = amp
         x, y, y_aux = data(0, 0)
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -282,6 +378,26 @@ def test_fp16_grad_scaler_skipped_steps_leave_w_untouched():
         w = weighting.w.clone()
     assert len(taken) >= 3 and taken[-1] == info["cosines"] and head_only >= 1  # the case undone at the next step
     assert weighting.w.tolist() == pytest.approx((0.5 + 0.5 * torch.tensor(taken, dtype=torch.float64).sum(0)).tolist())
+
+
+def test_fp16_g_meta_is_scaled_as_the_task_gradients():
+    """Under fp16 with a GradScaler, G comes from scaled losses but g_meta's pass backpropagated the unscaled
+    validation loss in fp16: small gradients underflowed to 0 (here every entry of the first layer's, of an 8-layer
+    body). g_meta is now scaled as the g_k (the cosines do not depend on the scale), and matches float32's."""
+    torch.manual_seed(0)
+    body = nn.Sequential(*[m for i in range(8) for m in (nn.Linear(8 if i == 0 else H, H), nn.Tanh())])
+    for layer in body[::2]:
+        nn.init.normal_(layer.weight, std=0.03)
+    head, (xv, yv), params = tartan.ClassificationHead(H, 2, dropout=0.0), val_batch(0), list(body.parameters())
+    exact, _ = tartan.meta_gradient(body, head, (xv, yv), params)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
+    scaled, _ = tartan.meta_gradient(body, head, (xv, yv), params, torch.autocast("cpu", dtype=torch.float16), scaler)
+    unscaled, _ = tartan.meta_gradient(body, head, (xv, yv), params, torch.autocast("cpu", dtype=torch.float16))
+    first = params[0].numel()
+    assert (exact[:first] != 0).all() and (unscaled[:first] == 0).all()  # what fp16 loses without the scale
+    for part in (slice(None), slice(first)):  # the whole g_meta, and the first layer's part of it
+        error = (scaled[part] / 2.0 ** 16 - exact[part]).norm() / exact[part].norm()
+        assert error < 1e-2, (part, error)
 
 
 def fp16_run(steps, saved=None, save_after=None):
@@ -371,3 +487,9 @@ def test_a_weighting_saved_mid_run_resumes_to_the_same_weights(meta, tmp_path):
         weighting.state_dict()
     with pytest.raises(ValueError, match="a saved weighting of 3 tasks into one of 2"):
         weighting.load_state_dict({"w": [0.2, 0.3, 0.5], "steps": 1})
+    with pytest.raises(ValueError, match="load_state_dict\\(\\) within an optimizer step: load before the step"):
+        weighting.load_state_dict(whole["weighting"])
+    other = setup(not meta)[2]
+    with pytest.raises(ValueError, match=f"load_state_dict\\(\\) of a {type(other).__name__} got a "
+                                         f"{type(weighting).__name__}'s state: MT's w are Eq. 3's weights"):
+        other.load_state_dict(whole["weighting"])
