@@ -559,8 +559,7 @@ def run_end_task(body, end: Task, aux: list[Task], mode: str, cfg: TrainConfig |
     cfg = cfg or {"meta": MetaConfig, "mt": TrainConfig}.get(mode, FinetuneConfig)()
     cfg = _mt_config(cfg) if mode == "mt" else cfg
     check_tasks(end, aux if mode in ("mt", "meta") else [], cfg, meta=True if mode == "meta" else None)
-    _require(end.test is not None and len(end.test), f"end-task '{end.name}' has "
-             f"{'no' if end.test is None else 'an empty'} test split: run_end_task scores the selected model on it")
+    _check_run(end, cfg if mode in ("mt", "meta") else None)
     pretrain_cfgs = pretrain_cfgs or [PretrainConfig()] * len(aux)
     if mode == "pretrain":
         _require(len(pretrain_cfgs) == len(aux), f"{len(pretrain_cfgs)} pre-training configs for {len(aux)} "
@@ -574,8 +573,8 @@ def run_end_task(body, end: Task, aux: list[Task], mode: str, cfg: TrainConfig |
     else:
         stages.append(stage(mode, train_meta if mode == "meta" else train_multitask, body, end, aux, cfg))
         if cfg.final_finetune is not None:
-            stages.append(stage("final_finetune", _final_finetune, body, end,
-                                replace(cfg.final_finetune, seed=cfg.seed), stages[-1]["best_dev"]))
+            stages.append(stage("final_finetune", _final_finetune, body, end, _final_config(cfg),
+                                stages[-1]["best_dev"]))
     out = {"mode": mode, "stages": stages, "metric": end.metric,
            "dev": evaluate(body, end.head, end.dev, cfg.eval_batch_size, cfg.bf16),
            "test": evaluate(body, end.head, end.test, cfg.eval_batch_size, cfg.bf16, predictions=True)}
@@ -588,7 +587,7 @@ def run_end_task(body, end: Task, aux: list[Task], mode: str, cfg: TrainConfig |
 
 def f1_scores(y_true, y_pred) -> dict:
     """Macro-F1 over the classes present in gold or predictions (as scikit-learn), and micro-F1 (= accuracy)."""
-    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    y_true, y_pred = _scores(y_true, "y_true"), _scores(y_pred, "y_pred", len(y_true))
     f1s = []
     for c in np.union1d(y_true, y_pred):
         tp = np.sum((y_pred == c) & (y_true == c))
@@ -626,8 +625,7 @@ def permutation_test(a, b, n_permutations: int = 10_000, seed: int = 0) -> dict:
     """H0: a's and b's scores share one distribution; statistic mean(a) - mean(b), over every split of the pooled
     scores if there are at most n_permutations, else n_permutations seeded random splits. Returns the difference, p
     two-sided, 'greater' (H1: a > b) and 'less' (the observed split counts), and the smallest p these sizes can give."""
-    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
-    _require(len(a) >= 1 and len(b) >= 1, "permutation_test needs at least one score on each side")
+    a, b = _scores(a, "permutation_test's a", finite=True), _scores(b, "permutation_test's b", finite=True)
     pooled, n = np.concatenate([a, b]), len(a)
     observed = a.mean() - b.mean()
     n_splits = math.comb(len(pooled), n)
@@ -660,6 +658,12 @@ class TextData:
     labels: list[int] | None
     pad_id: int
 
+    def __post_init__(self):
+        _require(not any(len(row) and self.pad_id in (row[0], row[-1]) for row in self.ids), f"TextData rows begin or "
+                 f"end in pad_id={self.pad_id}: give them unpadded (a batch pads and masks them)")
+        if self.labels is not None:
+            self.labels = _class_ids(self.labels, "TextData", "ids", (len(self.ids),)).tolist()
+
     def __len__(self):
         return len(self.ids)
 
@@ -680,12 +684,7 @@ class TensorData:
     def __post_init__(self):
         x = _as_tensor(self.x, "TensorData x", "the examples, one row each")
         x = x.to(torch.get_default_dtype()) if x.dtype == torch.float64 and not torch.is_tensor(self.x) else x
-        labels = _as_tensor(self.labels, "TensorData labels", "integer class ids 0..C-1")
-        _require(labels.dtype != torch.bool and not labels.is_complex() and torch.equal(labels, labels.round()),
-                 f"TensorData labels must be integer class ids 0..C-1, not {_describe(self.labels)}", TypeError)
-        _require(labels.dim() == 1 and len(labels) == len(x), f"TensorData labels must be one class id per row of x: "
-                 f"labels {tuple(labels.shape)}, x {tuple(x.shape)}")
-        self.x, self.labels = x, labels.long()
+        self.x, self.labels = x, _class_ids(self.labels, "TensorData", "x", tuple(x.shape))
 
     def __len__(self):
         return len(self.x)
@@ -785,10 +784,29 @@ def check_tasks(end: Task | None, aux: list[Task], cfg: TrainConfig, meta: bool 
                  f"Task(..., num_labels=C)")
     for t in tasks:
         _check_tied_head(body, t)
+        _check_head_body(body, t)
 
 def check_classes(name: str, C: int) -> None:
     """An end-task with one class has a loss of 0 and an F1 of 1 whatever the body does: a DataError."""
     _require(C >= 2, f"end-task '{name}': its train split has one class: a classifier needs at least two", DataError)
+
+def _check_run(end: Task, cfg: TrainConfig | None) -> None:
+    """run_end_task scores the selected model on dev and test: both must be there; MT/META's final fine-tune config
+    is checked with the run, not after its main stage."""
+    for split, data in (("dev", end.dev), ("test", end.test)):
+        _require(data is not None and len(data), f"end-task '{end.name}' has {'no' if data is None else 'an empty'} "
+                 f"{split} split: run_end_task scores the selected model on it")
+    if cfg is not None and cfg.final_finetune is not None:
+        check_config(cfg.final_finetune, False)
+
+def _scores(x, name: str, n: int | None = None, finite: bool = False) -> np.ndarray:
+    """x as a 1-D array of at least one value (n of them if given; finite if asked), else a ValueError naming it."""
+    x = np.asarray(x, dtype=float if finite else None)
+    _require(x.ndim == 1 and len(x) >= 1 and len(x) == (n or len(x)), f"{name} must be a flat list of at least one "
+             f"value{f' ({n}, one per y_true)' if n else ''}, not one of shape {x.shape}")
+    _require(not finite or np.isfinite(x).all(), f"{name} has a non-finite score ({x.tolist()}): leave a run "
+             f"without a score out, rather than giving NaN")
+    return x
 
 def _check_tied_head(body: nn.Module | None, t: Task) -> None:
     """A ValueError for an MLM head that should be tied to this HFBody's input embedding but holds another body's."""
@@ -798,6 +816,14 @@ def _check_tied_head(body: nn.Module | None, t: Task) -> None:
         _require(any(p is embedding for p in params) or not any(p.shape == embedding.shape for p in params),
                  f"task '{t.name}': its MLM head's decoder is not tied to this body's input embedding, as the "
                  f"checkpoint's config says: it was built for another body (build it again with this body)")
+
+def _check_head_body(body: nn.Module | None, t: Task) -> None:
+    """A head that trained with another body (a Task reused across runs) would start this run trained: refused; the
+    head is marked with this body's id."""
+    if body is not None:
+        _require(getattr(t.head, "_tartan_body", id(body)) == id(body), f"task '{t.name}': its head has trained with "
+                 f"another body (a Task reused across runs?): build the tasks again for each run")
+        t.head._tartan_body = id(body)
 
 def check_config(cfg: TrainConfig, meta: bool) -> None:
     """A ValueError for settings no run can train with, or that would silently train something else."""
@@ -811,6 +837,10 @@ def check_config(cfg: TrainConfig, meta: bool) -> None:
         value, low = getattr(cfg, key), 1 if key in at_least_one else 0
         _require(isinstance(value, (int, float)) and math.isfinite(value) and value >= low,
                  f"{name}.{key}={value!r}: must be a number of at least {low}")
+    counts = {"batch_size", "aux_batch_size", "grad_accum", "eval_batch_size", "patience", "max_steps", "eval_every",
+              "meta_batch_size", "meta_val_batch_size", "meta_head_steps"}
+    for key in sorted(counts & {f.name for f in fields(cfg)}):
+        _require(isinstance(getattr(cfg, key), int), f"{name}.{key}={getattr(cfg, key)!r}: a count: must be an int")
     _require(cfg.max_steps or (math.isfinite(cfg.epochs) and cfg.epochs > 0),
              f"{name}.epochs={cfg.epochs!r}: must be above 0 (or set max_steps)")
     _require(cfg.eval_every >= -1, f"{name}.eval_every={cfg.eval_every}: steps between evaluations, 0 = once per "
@@ -1052,6 +1082,15 @@ def _as_tensor(value, name: str, what: str) -> torch.Tensor:
         raise TypeError(f"{name} must be numbers ({what}) as a tensor, numpy array or list, not "
                         f"{_describe(value)}") from None
 
+def _class_ids(value, data: str, rows: str, shape: tuple) -> torch.Tensor:
+    """Labels as int64 class ids, one per row (of `rows`, of this shape), else a TypeError or ValueError naming them."""
+    labels = _as_tensor(value, f"{data} labels", "integer class ids 0..C-1")
+    _require(labels.dtype != torch.bool and not labels.is_complex() and torch.equal(labels, labels.round()),
+             f"{data} labels must be integer class ids 0..C-1, not {_describe(value)}", TypeError)
+    _require(labels.dim() == 1 and len(labels) == shape[0], f"{data} labels must be one class id per row of {rows}: "
+             f"labels {tuple(labels.shape)}, {rows} {shape}")
+    return labels.long()
+
 def _draw(stream, tokens: dict, key: str) -> tuple:
     """The next batch of a stream; its tokens (rows, without an attention mask) counted under `key` in `tokens`."""
     inputs, labels = next(stream)
@@ -1184,8 +1223,10 @@ def _forward(body, task, stream, device, amp, tokens):
     inputs, labels = to_device(*_draw(stream, tokens, task.name), device)
     with amp:
         features = _features(body(**inputs))
-        _, loss = task.head(features, labels)
-    return loss, features, labels
+        out = task.head(features, labels)
+    _require(isinstance(out, tuple) and len(out) == 2, f"task '{task.name}': its head must return (logits, mean loss),"
+             f" not {_describe(out)}", TypeError)
+    return out[1], features, labels
 
 def _dev_features(body, state: MetaState, amp, tokens, end_name: str) -> tuple:
     """meta_head_data="dev": features and labels of a dev batch of phi*'s own, without a graph."""
@@ -1215,6 +1256,11 @@ def _final_finetune(body, end: Task, cfg: FinetuneConfig, main_best_dev, hook=No
     if not ft["kept"]:
         _restore(before, body, end.head)
     return ft
+
+def _final_config(cfg: TrainConfig) -> FinetuneConfig:
+    """The Eq. 2 stage after MT/META: its own config, with the run's seed, and the run's bf16 unless it sets one."""
+    final = cfg.final_finetune
+    return replace(final, seed=cfg.seed, bf16=cfg.bf16 if final.bf16 is None else final.bf16)
 
 def _ddp_group(body: nn.Module):
     """A DistributedDataParallel body's process group, its all-reduce at each backward turned off (as under

@@ -250,6 +250,25 @@ def _misuse(case, tok, task_dir):
         tartan.train_multitask(Lin(), end(), [], tartan.TrainConfig(
             **{**dict(batch_size=4, aux_batch_size=4, grad_accum=1, max_steps=1, final_finetune=None),
                name: float(value) if "." in value else int(value)}))
+    elif case == "an end-task reused with a new body":  # a loop over seeds that builds a new body but keeps the task
+        task = end()
+        _train_plain(Lin(), task)
+        _train_plain(Lin(), task)
+    elif case == "pre-padded text rows":
+        tartan.TextData([[2, 5, 6, 3, 0, 0]], [1], pad_id=0)
+    elif case == "text labels of another length":
+        tartan.TextData([[2, 5, 3], [2, 6, 3]], [0], pad_id=0)
+    elif case == "text labels as strings":
+        tartan.TextData([[2, 5, 3]], ["positive"], pad_id=0)
+    elif case == "a head that returns logits alone":
+        class LogitsOnly(tartan.ClassificationHead):
+            def forward(self, features, labels=None):
+                return super().forward(features, labels)[0]
+        _train_plain(Lin(), end(LogitsOnly(4, 2)))
+    elif case == "run_end_task without a dev split":
+        task = tartan.Task("end", tartan.ClassificationHead(4, 2), data, test=data, num_labels=2)
+        tartan.run_end_task(Lin(), task, [], "finetune", tartan.FinetuneConfig(batch_size=4, max_steps=1,
+                                                                                eval_every=-1))
     elif case in ("aux labels out of range", "aux labels out of range, no num_labels"):
         aux = tartan.Task("aux", tartan.ClassificationHead(4, 3), tartan.TensorData(x, torch.arange(8)),
                           num_labels=3 if "no num_labels" not in case else 0)
@@ -299,6 +318,21 @@ def _misuse(case, tok, task_dir):
     ("config warmup_frac=2.0", ValueError, r"TrainConfig.warmup_frac=2.0: a fraction of the steps, in \[0, 1\]"),
     ("config eval_every=-2", ValueError, r"TrainConfig.eval_every=-2: steps between evaluations"),
     ("config lr=-1.0", ValueError, r"TrainConfig.lr=-1.0: must be a number of at least 0"),
+    # a float count failed in torch (randperm, range), a fractional max_steps trained its rounded-up number of steps
+    ("config batch_size=4.0", ValueError, r"TrainConfig.batch_size=4.0: a count: must be an int"),
+    ("config max_steps=2.5", ValueError, r"TrainConfig.max_steps=2.5: a count: must be an int"),
+    # a Task built once and trained again with a new body started from the trained head: other numbers, no word
+    ("an end-task reused with a new body", ValueError, r"task 'end': its head has trained with another body \(a Task "
+                                                       r"reused across runs\?\): build the tasks again for each run"),
+    # rows padded by the tokenizer were attended to as tokens; TextData's labels were not checked at all
+    ("pre-padded text rows", ValueError, r"TextData rows begin or end in pad_id=0: give them unpadded"),
+    ("text labels of another length", ValueError, r"TextData labels must be one class id per row of ids: labels "
+                                                  r"\(1,\), ids \(2,\)"),
+    ("text labels as strings", TypeError, r"TextData labels must be numbers \(integer class ids"),
+    ("a head that returns logits alone", TypeError, r"task 'end': its head must return \(logits, mean loss\), not "
+                                                    r"Tensor"),
+    ("run_end_task without a dev split", ValueError, r"end-task 'end' has no dev split: run_end_task scores the "
+                                                     r"selected model on it"),
 ])
 def test_every_misuse_gets_one_message_naming_the_argument_and_the_fix(tok, task_dir, case, error, message):
     with pytest.raises(error, match=message):
@@ -1076,6 +1110,31 @@ def test_per_step_trace_and_weights_at_the_top_of_the_result(tok, task_dir):
     json.dumps(out)  # the result stays JSON
 
 
+def test_final_finetune_config_is_checked_first_and_takes_the_runs_precision(tok, task_dir):
+    """A final fine-tune config that no run can use was refused only after the whole main stage had trained; and the
+    stage took only the run's seed, so TrainConfig(bf16=False) on CUDA still fine-tuned in bf16 (its own default
+    None) and compared a bf16 dev score with the main stage's fp32 one. Now its bf16 is the run's unless it sets
+    its own."""
+    body, end, aux = build(tok, task_dir)
+    steps = []
+    body.register_forward_pre_hook(lambda module, args: steps.append(1))
+    bad = tartan.TrainConfig(**SMALL, final_finetune=tartan.FinetuneConfig(patience=0))
+    with pytest.raises(ValueError, match=r"FinetuneConfig.patience=0: must be a number of at least 1"):
+        tartan.run_end_task(body, end, aux, "mt", bad)
+    assert not steps  # refused before the first forward
+    for own, run, want in ((None, False, False), (None, True, True), (True, False, True), (False, None, False)):
+        body, end, aux = build(tok, task_dir)
+        final = tartan.FinetuneConfig(batch_size=8, max_steps=1, bf16=own)
+        cfg = tartan.TrainConfig(**{**SMALL, "max_steps": 1}, bf16=run, final_finetune=final)
+        seen = {}
+
+        def stage(name, fn, *args):
+            seen[name] = args
+            return {"stage": name, **fn(*args)}
+        tartan.run_end_task(body, end, aux, "mt", cfg, stage=stage)
+        assert seen["final_finetune"][2].bf16 is want and seen["final_finetune"][2].seed == cfg.seed
+
+
 def test_final_finetune_is_kept_only_when_dev_improves(tok, task_dir, monkeypatch):
     """run_end_task keeps the optional Eq. 2 stage only when its best dev score is strictly higher than the main
     stage's; otherwise body and head go back to the main stage's selected model."""
@@ -1343,6 +1402,22 @@ def test_f1_scores_against_hand_computation():
     # class 0: tp1 fp1 fn1 -> 0.5; class 1: tp2 fp1 fn0 -> 0.8; class 2: tp1 fp0 fn1 -> 2/3
     s = tartan.f1_scores(y_true, y_pred)
     assert s["macro_f1"] == pytest.approx((0.5 + 0.8 + 2 / 3) / 3) and s["micro_f1"] == pytest.approx(4 / 6)
+
+
+def test_scores_that_would_give_a_wrong_number_are_refused():
+    """A failed seed stored as NaN gave p = 0 ("significant"), nested scores p-values above 1, and a column of
+    predictions (argmax with keepdim) an F1 of 0.33 for all-correct ones; unequal lengths a numpy error."""
+    for a, b, message in [([70.1, float("nan")], [66.0, 67.3], r"permutation_test's a has a non-finite score"),
+                          ([[70.1], [68.2]], [66.0, 67.3], r"permutation_test's a must be a flat list of at least one "
+                                                           r"value, not one of shape \(2, 1\)"),
+                          ([70.1], [], r"permutation_test's b must be a flat list of at least one value")]:
+        with pytest.raises(ValueError, match=message):
+            tartan.permutation_test(a, b)
+    for y_pred, message in [([[0], [1], [1]], r"y_pred must be a flat list of at least one value \(3, one per "
+                                              r"y_true\), not one of shape \(3, 1\)"),
+                            ([0, 1], r"y_pred must be .* \(3, one per y_true\), not one of shape \(2,\)")]:
+        with pytest.raises(ValueError, match=message):
+            tartan.f1_scores([0, 1, 1], y_pred)
 
 
 def _brute_force(a, b):
