@@ -357,7 +357,7 @@ def _check_combinations(parser, args, command: str, modes: tuple[str, ...]) -> N
                          f"tables)")
     if args.baseline and args.baseline not in (args.mode or ()):
         parser.error(f"--baseline {args.baseline} is not one of the modes run (--mode {' '.join(args.mode or ())})")
-    for flag, given in (("--shard", args.shard), ("--save-model", args.save_model)):
+    for flag, given in (("--shard", args.shard), ("--save-model", args.save_model), ("--rerun", args.rerun)):
         for other, on in (("--report-only", args.report_only), ("--download-only", args.download_only)):
             if given and on:
                 parser.error(f"{flag} does not apply to {other} (it trains nothing)")
@@ -436,6 +436,7 @@ def _main(argv) -> int:
         print(USAGE)
         return 0
     args = parser.parse_args(argv)
+    args.task, args.mode = (list(dict.fromkeys(v)) if v else v for v in (args.task, args.mode))  # each named once
     command, named, modes = _command(parser, args)
     _check_flags(parser, args, scope, command, named, modes, _given(argv))
     _check_combinations(parser, args, command, modes)

@@ -353,6 +353,11 @@ def text_run(settings: Settings, data: DataFiles, checkpoint: tuple, warm: dict 
                 if n in warm["state"]:
                     p.copy_(warm["state"][n])
     length, limit = settings.budget.length, settings.budget.examples
+    positions = getattr(body0.encoder.config, "max_position_embeddings", None) or tokenizer.model_max_length
+    most = min(positions, tokenizer.model_max_length)  # RoBERTa: 512 of its 514 positions
+    if not 3 <= length <= most:  # [CLS] a token [SEP] at the least; beyond the position embeddings the body fails
+        raise ReproduceError(f"max length {length} (--max-length, or the budget's): the model takes 3 to {most} tokens "
+                             f"a row; give --max-length within that")
     end = tasks.end_task(run.task, data.end_task_dir(settings.task_folder(run.task)), tokenizer, body.hidden_size,
                           length, metric_field(settings.task_metric(run.task)), limit=limit)
     mode, corpora = settings.stages(run)
@@ -473,8 +478,9 @@ class Workspace:
         if (done := self.finished(run)) is not None:
             print(f"{run}: finished meanwhile by another process; its result {path} is kept", flush=True)
             return done
-        if os.path.exists(path):  # --rerun, or a file cut off: it goes first, so that no new predictions or model
-            os.remove(path)       # ever sit beside it
+        for old in (path, predictions_path(path)):  # --rerun, or a file cut off: it goes first, its predictions
+            if os.path.exists(old):                 # with it, so that no new predictions or model ever sit beside it
+                os.remove(old)
         mode, corpora = self.settings.stages(run)
         cfg, pre = make_configs(self.settings.budget, run.task, run.mode, run.seed, len(corpora),
                                 self.settings.progress)

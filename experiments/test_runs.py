@@ -262,6 +262,35 @@ def test_bad_input_gives_one_clear_message_and_no_result(model_dir, data_dir, tm
     assert reproduce.main([]) == 0 and "usage: python reproduce.py" in capsys.readouterr().out
 
 
+def test_max_length_beyond_the_model_repeated_modes_and_an_interrupted_rerun(model_dir, data_dir, tmp_path, capsys,
+                                                                             monkeypatch):
+    """Found by a review of the command line: --max-length above the model's position embeddings died in the body
+    with a torch traceback; --task aclarc aclarc --mode finetune finetune ran each seed twice and counted it twice in
+    the mean ± std; --rerun with --report-only hid the result files there; a --rerun stopped part-way left the old
+    run's predictions file beside no result."""
+    out = str(tmp_path / "out")
+    run = ["--task", "aclarc", "--mode", "finetune", "--seeds", "0", *cli_flags(model_dir, data_dir, out)]
+    positions = transformers.AutoConfig.from_pretrained(model_dir).max_position_embeddings
+    assert reproduce.main(run + ["--max-length", str(positions + 1)]) == 1
+    err = capsys.readouterr().err
+    assert f"error: max length {positions + 1} (--max-length, or the budget's): the model takes 3 to {positions} " \
+           f"tokens a row; give --max-length within that" in err and "Traceback" not in err and not results_in(out)
+    twice = ["--task", "aclarc", "aclarc", "--mode", "finetune", "finetune", *run[4:]]
+    assert reproduce.main(twice) == 0
+    printed = capsys.readouterr().out
+    assert "over 1 seed(s)" in printed and "over 2 seed(s)" not in printed
+    assert results_in(out) == ["aclarc/finetune__none__seed0.json"]
+    with pytest.raises(SystemExit):
+        reproduce.main(run + ["--report-only", "--rerun"])
+    assert "--rerun does not apply to --report-only (it trains nothing)" in capsys.readouterr().err
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(runs.resume, "run_end_task", stopped)
+    assert reproduce.main(run + ["--rerun"]) == 130
+    assert not [f for _, _, fs in os.walk(out) for f in fs if f.startswith("finetune__none__seed0")]
+
+
 def test_no_arguments_prints_usage_pointing_to_the_demo(capsys):
     assert reproduce.main([]) == 0
     out = capsys.readouterr().out
