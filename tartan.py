@@ -17,6 +17,7 @@ import itertools
 import math
 import time
 import warnings
+import weakref
 from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
@@ -817,13 +818,23 @@ def _check_tied_head(body: nn.Module | None, t: Task) -> None:
                  f"task '{t.name}': its MLM head's decoder is not tied to this body's input embedding, as the "
                  f"checkpoint's config says: it was built for another body (build it again with this body)")
 
+class _TrainedWith:
+    """A head's mark: the body it trained with, weakly (a pickled or copied head forgets it)."""
+
+    def __init__(self, body: nn.Module):
+        self.body = weakref.ref(body)
+
+    def __reduce__(self):
+        return object.__new__, (_TrainedWith,)
+
 def _check_head_body(body: nn.Module | None, t: Task) -> None:
     """A head that trained with another body (a Task reused across runs) would start this run trained: refused; the
-    head is marked with this body's id."""
+    head is marked with this body."""
     if body is not None:
-        _require(getattr(t.head, "_tartan_body", id(body)) == id(body), f"task '{t.name}': its head has trained with "
-                 f"another body (a Task reused across runs?): build the tasks again for each run")
-        t.head._tartan_body = id(body)
+        seen = getattr(getattr(t.head, "_tartan_trained_with", None), "body", None)
+        _require(seen is None or seen() is body, f"task '{t.name}': its head has trained with another body (a Task "
+                 f"reused across runs?): build the tasks again for each run")
+        t.head._tartan_trained_with = _TrainedWith(body)
 
 def check_config(cfg: TrainConfig, meta: bool) -> None:
     """A ValueError for settings no run can train with, or that would silently train something else."""

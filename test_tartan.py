@@ -1578,7 +1578,7 @@ def test_tartan_py_keeps_the_method_first_and_imports_only_torch_and_numpy():
     tree = ast.parse(source)
     imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom))
                 for alias in (node.names if isinstance(node, ast.Import) else [ast.alias(node.module or "")])}
-    assert imported <= {"__future__", "contextlib", "copy", "itertools", "math", "time", "warnings", "dataclasses",
-                        "numpy", "torch", "tqdm"}, imported
+    assert imported <= {"__future__", "contextlib", "copy", "itertools", "math", "time", "warnings", "weakref",
+                        "dataclasses", "numpy", "torch", "tqdm"}, imported
     assert not [node.lineno for node in ast.walk(tree) if isinstance(node, ast.Assign)
                 and isinstance(node.value, ast.Lambda)], "a lambda bound to a name"

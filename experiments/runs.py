@@ -224,6 +224,26 @@ def check_configs(budget: Budget, runs: list[Run]) -> None:
         for stage, c in stages.items():
             if c is not None:  # a stage the run has
                 check_flag_config(c, stage, f"the {STAGES[stage]} of {run}")
+            given = [d for d, f in CONFIG_FLAGS.items() if stage in f.stages and budget.overrides.get(d) is not None]
+            epochs = [d for d in given if CONFIG_FLAGS[d].field == "epochs"]
+            if c is not None and c.max_steps and epochs:  # tartan.train counts max_steps, not epochs, once it is set
+                raise ReproduceError(f"{option(epochs[0])} does not apply to the {STAGES[stage]} of {run}: its steps "
+                                     f"are set ({c.max_steps}, by --quick, --budget or a --steps flag)")
+            final = [d for d in given if CONFIG_FLAGS[d].stages == ("final",)]
+            if c is None and final and run.mode in TARTAN_MODES and budget.no_final_finetune:
+                raise ReproduceError(f"{option(final[0])} does not apply beside --no-final-finetune")
+
+
+def check_released(settings: Settings, runs: list[Run]) -> None:
+    """An Eq. 1 stage flag where a released checkpoint stands for every Eq. 1 stage of the runs does nothing: a
+    ReproduceError naming it."""
+    given = [d for d, f in CONFIG_FLAGS.items() if f.stages == ("pretrain",) and settings.budget.overrides.get(d)
+             is not None]
+    eq1 = [run for run in runs if run.mode in PRETRAIN_MODES]
+    if given and eq1 and all(settings.released(run) for run in eq1):
+        raise ReproduceError(f"{option(given[0])} does not apply: the released checkpoint "
+                             f"{settings.released(eq1[0])} stands for the Eq. 1 stage of {eq1[0]} (--baselines "
+                             f"retrain trains it)")
 
 
 @dataclass(frozen=True)
@@ -528,6 +548,7 @@ def execute_all(ws: Workspace, runs: list[Run]) -> dict[Run, dict]:
     out, shard = ws.settings.out, ws.settings.shard
     if not ws.settings.report_only:  # --report-only trains nothing and takes the result files as they are
         check_configs(ws.settings.budget, runs)
+        check_released(ws.settings, runs)
     if ws.settings.download_only:
         fetch_all(ws, runs)
     ws.save_dirs = {run: save_dir(ws.settings.save_model, run, len(runs) > 1) for run in runs}

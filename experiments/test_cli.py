@@ -1,5 +1,6 @@
 """The command line (reproduce.py): settings from flags, flags that do not apply, help read from tartan's configs,
 and result files that stay readable across versions of the runner."""
+import dataclasses
 import os
 
 import pytest
@@ -167,8 +168,40 @@ def test_tartans_config_check_refuses_in_the_words_of_the_command_line(mode, ove
     assert message in str(e.value)
 
 
+def test_an_epochs_flag_where_the_stage_counts_steps_is_refused():
+    """--epochs beside --quick, a budget or --steps did nothing (tartan.train counts max_steps once it is set), yet
+    went into the config, so a rerun without it was refused as another config; --final-* beside --no-final-finetune
+    did nothing either. Where no step count is set, --epochs applies."""
+    run, mt = runs.make_run("aclarc", "finetune", None, 0, "10x"), runs.make_run("aclarc", "mt", None, 0, "10x")
+    for budget, what in [(runs.Budget(quick=True, overrides={"epochs": 7.0}), "--epochs does not apply to the "
+                          "end-task stage of aclarc finetune seed 0: its steps are set (4, by --quick"),
+                         (runs.Budget(overrides={"epochs": 3.0, "steps": 9}), "its steps are set (9, by"),
+                         (runs.Budget(name="cpu-es", overrides={"final_epochs": 2.0}), "--final-epochs does not "
+                          "apply to the final Eq. 2 stage of aclarc mt")]:
+        with pytest.raises(reproduce.ReproduceError, match=what.replace("(", "\\(")):
+            runs.check_configs(budget, [run, mt])
+    runs.check_configs(runs.Budget(overrides={"epochs": 3.0, "final_epochs": 2.0}), [run, mt])
+    with pytest.raises(reproduce.ReproduceError, match="--final-lr does not apply beside --no-final-finetune"):
+        runs.check_configs(runs.Budget(overrides={"final_lr": 0.5}, no_final_finetune=True), [run, mt])
+    runs.check_configs(runs.Budget(overrides={"batch_size": 8}, no_final_finetune=True), [run, mt])  # train's too
+
+
 def test_the_papers_settings_and_every_budget_pass_tartans_config_check():
     fits = [runs.Budget(overrides={"meta_batch_size": 8, "batch_size": 4, "meta_head_data": "dev"})]
     for budget in [runs.Budget(), runs.Budget(quick=True), *fits] + [runs.Budget(name=n) for n in paper.BUDGETS]:
         runs.check_configs(budget, [runs.make_run(task, mode, None, 0, "10x") for task in ("aclarc", "mammals")
                                     for mode in (paper.VISION_MODES if task == "mammals" else paper.TEXT_MODES)])
+
+
+def test_an_eq1_flag_where_a_released_checkpoint_stands_for_eq1_is_refused():
+    """--pretrain-* flags for a TAPT run that Gururangan et al.'s released checkpoint serves did nothing (no Eq. 1
+    stage ran, no word); with --baselines retrain, or beside a run that trains its Eq. 1 stage, they apply."""
+    tapt, dapt = runs.make_run("aclarc", "tapt", None, 0, "10x"), runs.make_run("aclarc", "dapt", None, 0, "1x")
+    released = runs.Settings("roberta-base", "data", "out", runs.Budget(overrides={"pretrain_lr": 0.5}),
+                             baselines="auto")
+    with pytest.raises(reproduce.ReproduceError, match="--pretrain-lr does not apply: the released checkpoint "
+                                                       "allenai/dsp_roberta_base_tapt_citation_intent_1688 stands for "
+                                                       "the Eq. 1 stage of aclarc tapt"):
+        runs.check_released(released, [tapt])
+    runs.check_released(dataclasses.replace(released, baselines="retrain"), [tapt])
+    runs.check_released(released, [tapt, dapt])  # the 1x DAPT corpus has no released checkpoint: trained here
