@@ -23,9 +23,11 @@ def from_pretrained(name_or_path: str):
 
     name_or_path = os.path.expanduser(name_or_path)
     local = os.path.isdir(name_or_path)
+    if not local and os.path.exists(name_or_path):
+        raise FileNotFoundError(f"model '{name_or_path}': a file, not a model directory")
     if not local and (name_or_path.startswith((".", "/", "~")) or os.sep + os.sep in name_or_path
-                      or name_or_path.count("/") > 1):
-        raise FileNotFoundError(f"model '{name_or_path}': no such local directory")
+                      or name_or_path.count("/") > 1 or os.path.isdir(name_or_path.split("/")[0])):
+        raise FileNotFoundError(f"model '{name_or_path}': no such local directory")  # its folder is here: not a Hub id
     if local and not os.path.isfile(os.path.join(name_or_path, "config.json")):
         raise FileNotFoundError(f"model '{name_or_path}': the directory has no config.json (not a model saved by "
                                 f"transformers' save_pretrained)")

@@ -49,6 +49,10 @@ class Budget:
     limit: int | None = None
     warm_head_steps: int | None = None  # --warm-head-steps
 
+    def __post_init__(self):
+        if self.quick and self.name:  # each sets the lengths, steps and sizes: which wins would be a guess
+            raise ReproduceError(f"--quick and --budget {self.name} both set the run's size: give one of them")
+
     @property
     def warm_head(self) -> dict | None:
         """How a checkpoint without an LM head gets one fitted before any MLM stage (models.warm_mlm_head): the

@@ -88,7 +88,8 @@ def _numbered_lines(path: str):
 
 def read_lines(path: str) -> list[str]:
     """One auxiliary MLM example per non-blank line (the TAPT/DAPT corpora)."""
-    lines = [line.strip() for _, line in _numbered_lines(path) if line.strip()]
+    lines = [line.removeprefix("\ufeff").strip() for _, line in _numbered_lines(path)  # a BOM is no text
+             if line.removeprefix("\ufeff").strip()]
     if not lines:
         raise DataError(f"{path}: empty file (no lines of text)")
     return lines

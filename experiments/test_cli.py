@@ -193,6 +193,13 @@ def test_the_papers_settings_and_every_budget_pass_tartans_config_check():
                                     for mode in (paper.VISION_MODES if task == "mammals" else paper.TEXT_MODES)])
 
 
+def test_quick_and_a_budget_together_are_refused():
+    """--quick --budget cpu ran a mix of the two (the budget's steps and batch, --quick's example limit and no warmed
+    head) that neither documents."""
+    with pytest.raises(reproduce.ReproduceError, match="--quick and --budget cpu both set the run's size: give one"):
+        runs.Budget(quick=True, name="cpu")
+
+
 def test_an_eq1_flag_where_a_released_checkpoint_stands_for_eq1_is_refused():
     """--pretrain-* flags for a TAPT run that Gururangan et al.'s released checkpoint serves did nothing (no Eq. 1
     stage ran, no word); with --baselines retrain, or beside a run that trains its Eq. 1 stage, they apply."""

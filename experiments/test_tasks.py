@@ -65,11 +65,27 @@ def test_missing_and_empty_files(tmp_path):
     (tmp_path / "aux.txt").write_text("\n  \n")
     with pytest.raises(tartan.DataError, match="aux.txt: empty file"):
         tasks.read_lines(str(tmp_path / "aux.txt"))
+    (tmp_path / "bom.txt").write_text("\ufeffw1 w2\nw3\n", encoding="utf-8")  # saved by an editor that adds a BOM
+    assert tasks.read_lines(str(tmp_path / "bom.txt")) == ["w1 w2", "w3"]  # it stayed in line 1's first word
+    (tmp_path / "bom-only.txt").write_text("\ufeff\n", encoding="utf-8")
+    with pytest.raises(tartan.DataError, match="bom-only.txt: empty file"):
+        tasks.read_lines(str(tmp_path / "bom-only.txt"))
 
 
 def test_missing_model_path_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such local directory"):
         models.from_pretrained(str(tmp_path / "not-there"))
+    # a relative path in a folder that is here, and a file: "the Hub cannot be reached" named neither
+    (tmp_path / "scratch").mkdir(), (tmp_path / "scratch" / "notes.txt").write_text("x")
+    monkeypatch = pytest.MonkeyPatch()
+    monkeypatch.chdir(tmp_path)
+    try:
+        with pytest.raises(FileNotFoundError, match="model 'scratch/nomodel': no such local directory"):
+            models.from_pretrained("scratch/nomodel")
+        with pytest.raises(FileNotFoundError, match="model 'scratch/notes.txt': a file, not a model directory"):
+            models.from_pretrained("scratch/notes.txt")
+    finally:
+        monkeypatch.undo()
     with pytest.raises(FileNotFoundError, match="the directory has no config.json"):
         models.from_pretrained(str(tmp_path))  # exists but holds no model
 
