@@ -382,7 +382,7 @@ def _corpora(parser, aux_files: list[str], dapt_corpus: str | None) -> tuple[dic
         if name in extra:
             parser.error(f"two --aux-file corpora are both named '{name}'")
         if not os.path.isfile(path):
-            parser.error(f"--aux-file {path}: no such file")
+            parser.error(f"--aux-file {path}: {'a folder, not a' if os.path.isdir(path) else 'no such'} file")
         extra[name] = path
     names = tuple(extra)
     if dapt_corpus and dapt_corpus not in DAPT_FILES:

@@ -77,7 +77,7 @@ def _encodes(text: str) -> bool:
 def _numbered_lines(path: str):
     """(line number, line) of a UTF-8 text file; a missing file, or a byte that is not UTF-8, is a DataError."""
     if not os.path.isfile(path):
-        raise DataError(f"{path}: no such file")
+        raise DataError(f"{path}: {'a folder, not a' if os.path.isdir(path) else 'no such'} file")
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
             try:

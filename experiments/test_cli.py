@@ -193,6 +193,13 @@ def test_the_papers_settings_and_every_budget_pass_tartans_config_check():
                                     for mode in (paper.VISION_MODES if task == "mammals" else paper.TEXT_MODES)])
 
 
+def test_an_aux_file_that_is_a_folder_is_named_so(tmp_path, capsys):
+    """--aux-file given a folder said "no such file"."""
+    with pytest.raises(SystemExit):
+        reproduce.main(["--task", "aclarc", "--mode", "mt", "--aux-file", str(tmp_path)])
+    assert f"--aux-file {tmp_path}: a folder, not a file" in capsys.readouterr().err
+
+
 def test_quick_and_a_budget_together_are_refused():
     """--quick --budget cpu ran a mix of the two (the budget's steps and batch, --quick's example limit and no warmed
     head) that neither documents."""

@@ -62,6 +62,8 @@ def test_unseen_dev_label_is_an_error(task_dir):
 def test_missing_and_empty_files(tmp_path):
     with pytest.raises(tartan.DataError, match="no such file"):
         tasks.read_end_task(str(tmp_path))
+    with pytest.raises(tartan.DataError, match=f"{tmp_path}: a folder, not a file"):
+        tasks.read_lines(str(tmp_path))
     (tmp_path / "aux.txt").write_text("\n  \n")
     with pytest.raises(tartan.DataError, match="aux.txt: empty file"):
         tasks.read_lines(str(tmp_path / "aux.txt"))
