@@ -1326,8 +1326,8 @@ class _AutocastSeen:
         return seen
 
     def __call__(self, module, args):
-        device = next(module.parameters()).device.type
-        if torch.is_grad_enabled():  # not an evaluation
+        if torch.is_grad_enabled():  # not an evaluation (which need not pay for the lookup below)
+            device = next(module.parameters()).device.type
             self.dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
 
 def _undo_on(undo, device: torch.device) -> tuple | None:
