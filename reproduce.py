@@ -403,7 +403,7 @@ def make_settings(args, extra_corpora: dict) -> Settings:
     return Settings(model=args.model, data_dir=args.data_dir, out=args.out, budget=budget, data_url=args.data_url,
                     extra_corpora=extra_corpora, progress=args.progress, rerun=args.rerun,
                     report_only=args.report_only, baselines=args.baselines or ("auto" if paper_run else "retrain"),
-                    checkpoint_dir=args.checkpoint_dir, **launch_settings(args))
+                    checkpoint_dir=args.checkpoint_dir, command=getattr(args, "argv", None), **launch_settings(args))
 
 
 def launch_settings(args, environ=None) -> dict:
@@ -435,7 +435,7 @@ def _main(argv) -> int:
     if not argv:
         print(USAGE)
         return 0
-    args = parser.parse_args(argv)
+    args = parser.parse_args(argv, argparse.Namespace(argv=["reproduce.py", *argv]))  # argv: what results record
     args.task, args.mode = (list(dict.fromkeys(v)) if v else v for v in (args.task, args.mode))  # each named once
     command, named, modes = _command(parser, args)
     _check_flags(parser, args, scope, command, named, modes, _given(argv))

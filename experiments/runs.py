@@ -146,6 +146,7 @@ class Settings:
     save_model: str | None = None  # folder that receives each run's selected body and end-task head (--save-model)
     shard: Shard = Shard(0, 1)  # this process's share of the run list (--shard, torchrun, SLURM array)
     download_only: bool = False  # fetch and check what the runs need, train nothing
+    command: list | None = None  # the command line as given (None: sys.argv), recorded without local paths
 
     # What the settings decide for one run, before anything is fetched or loaded.
 
@@ -186,6 +187,15 @@ class Settings:
             return None
         return {**plan, "corpus": self.corpus(run.task, "tapt")}
 
+    def shown(self, path: str) -> str:
+        """A data file as result files name it: under the data folder, by its path there; a user's file by its task's
+        name or its corpus name, and its file name; never by where it sits on this machine."""
+        if not os.path.isabs(path):
+            return path
+        task = next((n for n, folder in self.own_tasks.items() if os.path.dirname(path) == folder), None)
+        corpus = next((n for n, p in self.extra_corpora.items() if os.path.abspath(p) == path), "file")
+        return f"{task}/{os.path.basename(path)}" if task else f"{corpus}: {os.path.basename(path)}"
+
     def run_files(self, run: Run) -> list[str]:
         """The data files a run reads (relative to the data folder, or a user's absolute paths)."""
         if run.task == "mammals":
@@ -193,6 +203,12 @@ class Settings:
         folder = self.task_folder(run.task)
         return [f"{folder}/{s}.jsonl" for s in ("train", "dev", "test")] + [self.corpus(run.task, n)
                                                                      for n in self.stages(run)[1]]
+
+
+def _placeless(arg: str) -> str:
+    """A command-line word as a result file keeps it: an absolute path (also in --flag=PATH) by its last name."""
+    flag, eq, value = arg.rpartition("=") if arg.startswith("--") else ("", "", arg)
+    return flag + eq + (os.path.basename(value.rstrip(os.sep)) or value if os.path.isabs(value) else value)
 
 
 def _with(cfg, values: dict):
@@ -344,7 +360,8 @@ def run_config(settings: Settings, models: Checkpoints, run: Run) -> dict:
     if settings.released(run):
         out["released_checkpoint"] = settings.released(run)
     if settings.warm_head_plan(run):
-        out["warm_mlm_head"] = settings.warm_head_plan(run)
+        plan = settings.warm_head_plan(run)
+        out["warm_mlm_head"] = {**plan, "corpus": settings.shown(plan["corpus"])}
     if out["train"] and out["train"].get("final_finetune"):
         out["train"]["final_finetune"].pop("progress", None)
     if run.task == "mammals":
@@ -352,9 +369,7 @@ def run_config(settings: Settings, models: Checkpoints, run: Run) -> dict:
                                                                      n_test=200, classes=MAMMALS))
     else:
         out.update(model=models.identity(), max_length=settings.budget.length, metric=settings.task_metric(run.task),
-                   corpora={n: settings.corpus(run.task, n) for n in corpora})
-        if run.task in settings.own_tasks:
-            out["task_dir"] = settings.own_tasks[run.task]
+                   corpora={n: settings.shown(settings.corpus(run.task, n)) for n in corpora})
     return json.loads(json.dumps(out))
 
 
@@ -485,8 +500,9 @@ class Workspace:
         # --report-only re-prints what was measured, whatever data sits here; a command that trains takes the file
         # as its own run, so each data file it recorded and that is here must be the one it trained on
         if rec is not None and not self.settings.report_only:
+            here = {self.settings.shown(f): f for f in self.settings.run_files(run)}
             for rel, made in (rec.get("data_files") or {}).items():
-                now = self.data.local_sha256(rel)
+                now = self.data.local_sha256(here.get(rel, rel))
                 if now is not None and now != made["sha256"]:
                     raise ReproduceError(f"{path} was made from another {rel} (SHA-256 {made['sha256'][:12]}..., "
                                          f"{now[:12]}... here). Use another --out, or --rerun to replace it.")
@@ -514,7 +530,8 @@ class Workspace:
             peak.reset()
         body, end, aux, sizes = self.build(run)
         config = self.config(run)
-        files = {rel: {"sha256": h} for rel, (_, h) in self.data.files.items() if rel in self.settings.run_files(run)}
+        files = {self.settings.shown(rel): {"sha256": h} for rel, (_, h) in self.data.files.items()
+                 if rel in self.settings.run_files(run)}
         # an interrupted run continues from its last save (every 10 minutes, and each stage's end), if its config,
         # its data files' contents and tartan.py are the same
         progress = progress_path({**config, "files": files}, TARTAN_SHA256)
@@ -525,7 +542,8 @@ class Workspace:
             print(f"{run}: resuming from its progress file {progress} (last saved {when})", flush=True)
         out = resume.run_end_task(body, end, aux, mode, cfg, pre, progress, keep=True)
         metric = self.settings.task_metric(run.task)
-        command = [self.models.identity() if a == self.settings.model else a for a in sys.argv]  # no local path
+        command = [self.models.identity() if a == self.settings.model else _placeless(a)
+                   for a in self.settings.command or sys.argv]
         record = result_record(run, config, out, metric, sizes, files, self.warm_head(run), self.device,
                                started, peak, command)
         record["precision"] = "bf16" if tartan.bf16_enabled(self.device, cfg.bf16) else "fp32"  # what autocast ran

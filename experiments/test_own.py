@@ -2,6 +2,7 @@
 (--save-model, per-example predictions)."""
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -29,8 +30,12 @@ def test_own_task_runs_every_mode_and_prints_its_table(model_dir, own_dir, tmp_p
     assert "| meta | 0 | my_task (end-task) |" in table and "The meta head's loss on B*_val" in table \
         and "phi*'s training loss, first -> last" in table
     rec = json.load(open(os.path.join(out, "my_task", "meta__tapt+file-reviews__seed0.json")))
-    assert rec["config"]["task_dir"] == own_dir and rec["config"]["metric"] == "micro_f1"
-    assert rec["config"]["corpora"]["tapt"] == os.path.join(own_dir, "train.jsonl")  # no train.txt: its texts
+    assert rec["config"]["metric"] == "micro_f1"
+    # the user's files by the task's or the corpus's name, never by where they sat here (no train.txt: train.jsonl)
+    assert rec["config"]["corpora"] == {"tapt": "my_task/train.jsonl", "file-reviews": "file-reviews: reviews.txt"}
+    assert sorted(rec["data_files"]) == ["file-reviews: reviews.txt"] + [f"my_task/{s}.jsonl" for s in
+                                                                         ("dev", "test", "train")]
+    assert str(tmp_path) not in json.dumps(rec) and "reviews.txt" in rec["command"]
     assert rec["headline"]["test"] == rec["test"]["micro_f1"]
     # --report-only prints the same table again, from the files
     assert reproduce.main(["--task-dir", own_dir, "--mode", "finetune", "tapt", "mt", "meta", "--seeds", "0-1",
@@ -45,6 +50,28 @@ def test_own_task_runs_every_mode_and_prints_its_table(model_dir, own_dir, tmp_p
                            "micro_f1", "--report-only", *own_flags(model_dir, out)]) == 1
     assert (f"error: --report-only: none of the 1 run(s) has a result file in {out} (drop --report-only"
             in capsys.readouterr().err)
+
+
+def test_a_moved_task_folder_finds_its_results(model_dir, own_dir, tmp_path, capsys):
+    """Result files name a user's files by content and name, not place: the same command from a moved folder (and
+    --aux-file) takes its finished run, and one whose file changed is refused."""
+    out, flags = str(tmp_path / "out"), ["--mode", "mt", "--seeds", "0", "--aux", "tapt", "--limit", "1000"]
+    extra = os.path.join(os.path.dirname(own_dir), "reviews.txt")
+    assert reproduce.main(["--task-dir", own_dir, "--aux-file", extra, *flags, *own_flags(model_dir, out)]) == 0
+    path = os.path.join(out, "my_task", "mt__tapt+file-reviews__seed0.json")
+    made = open(path).read()
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(own_dir, moved / "my_task")
+    shutil.copy(extra, moved / "reviews.txt")
+    capsys.readouterr()
+    argv = ["--task-dir", str(moved / "my_task"), "--aux-file", str(moved / "reviews.txt"), *flags,
+            *own_flags(model_dir, out)]
+    assert reproduce.main(argv) == 0
+    assert open(path).read() == made and "seed 0: dev" not in capsys.readouterr().out  # taken, not trained again
+    with open(moved / "reviews.txt", "a") as f:
+        f.write("one more line of text\n")
+    assert reproduce.main(argv) == 1
+    assert "was made from another file-reviews: reviews.txt" in capsys.readouterr().err
 
 
 def test_saved_model_loads_back_and_reproduces_the_test_score(model_dir, own_dir, tmp_path):
