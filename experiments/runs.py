@@ -458,6 +458,9 @@ class Workspace:
         plan = self.settings.warm_head_plan(run)
         name = self.settings.released(run) or self.settings.model
         if plan is None or not self.models.load(name)[3]:  # no plan, or the checkpoint has its own LM head
+            if plan is not None and self.settings.budget.warm_head_steps:
+                raise ReproduceError(f"--warm-head-steps: {self.models.identity(name)} has its own LM head, so no "
+                                     f"head is warmed; drop the flag")
             return None
         corpus = self.data.file(plan["corpus"])
         return self.models.warm_head(name, plan, corpus, self.data.sha256(plan["corpus"]), self.settings.budget.length,

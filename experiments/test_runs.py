@@ -468,9 +468,10 @@ def test_one_warmed_lm_head_for_every_arm(tmp_path, data_dir, monkeypatch):
     tok.save_pretrained(headless)
     monkeypatch.setenv("TARTAN_CACHE", str(tmp_path / "cache"))
 
-    def workspace(model, steps=40):
+    def workspace(model, steps=40, budget=None):
+        budget = budget or runs.Budget(quick=True, warm_head_steps=steps)
         return runs.Workspace(runs.Settings(model=model, data_dir=data_dir, out=str(tmp_path / "out"),
-                                            budget=runs.Budget(quick=True, warm_head_steps=steps), progress=False),
+                                            budget=budget, progress=False),
                               torch.device("cpu"))
     ws = workspace(headless)
     arms = [runs.make_run("aclarc", mode, None, seed, "10x") for mode in ("tapt", "mt", "meta") for seed in (0, 1)]
@@ -501,4 +502,7 @@ def test_one_warmed_lm_head_for_every_arm(tmp_path, data_dir, monkeypatch):
     torch.manual_seed(0)
     transformers.BertForMaskedLM(transformers.BertConfig(**small)).save_pretrained(with_head)
     tok.save_pretrained(with_head)
-    assert workspace(with_head).warm_head(arms[0]) is None
+    assert runs.Budget(name="cpu-es").warm_head and \
+        workspace(with_head, budget=runs.Budget(name="cpu-es")).warm_head(arms[0]) is None
+    with pytest.raises(common.ReproduceError, match="--warm-head-steps: .* has its own LM head, so no head is warmed"):
+        workspace(with_head).warm_head(arms[0])  # the flag given for a checkpoint it does not apply to
