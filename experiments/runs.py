@@ -148,6 +148,10 @@ class Settings:
     download_only: bool = False  # fetch and check what the runs need, train nothing
     command: list | None = None  # the command line as given (None: sys.argv), recorded without local paths
 
+    def __post_init__(self):
+        if self.checkpoint_dir is not None and not os.path.isdir(self.checkpoint_dir):  # else the Hub, unasked
+            raise ReproduceError(f"--checkpoint-dir {self.checkpoint_dir}: no such folder")
+
     # What the settings decide for one run, before anything is fetched or loaded.
 
     def task_folder(self, task: str) -> str:
@@ -249,6 +253,10 @@ def check_configs(budget: Budget, runs: list[Run]) -> None:
             if c is not None and c.max_steps and epochs:  # tartan.train counts max_steps, not epochs, once it is set
                 raise ReproduceError(f"{option(epochs[0])} does not apply to the {STAGES[stage]} of {run}: its steps "
                                      f"are set ({c.max_steps}, by --quick, --budget or a --steps flag)")
+            patience = [d for d in given if CONFIG_FLAGS[d].field == "patience"]
+            if c is not None and c.eval_every < 0 and patience:  # early stopping counts evaluations
+                raise ReproduceError(f"{option(patience[0])} does not apply to the {STAGES[stage]} of {run}: it "
+                                     f"never evaluates (--eval-every -1)")
             final = [d for d in given if CONFIG_FLAGS[d].stages == ("final",)]
             if c is None and final and run.mode in TARTAN_MODES and budget.no_final_finetune:
                 raise ReproduceError(f"{option(final[0])} does not apply beside --no-final-finetune")

@@ -171,19 +171,23 @@ def test_tartans_config_check_refuses_in_the_words_of_the_command_line(mode, ove
 def test_an_epochs_flag_where_the_stage_counts_steps_is_refused():
     """--epochs beside --quick, a budget or --steps did nothing (tartan.train counts max_steps once it is set), yet
     went into the config, so a rerun without it was refused as another config; --final-* beside --no-final-finetune
-    did nothing either. Where no step count is set, --epochs applies."""
+    did nothing either, and so did --patience where the stage never evaluates. Where no step count is set, --epochs
+    applies."""
     run, mt = runs.make_run("aclarc", "finetune", None, 0, "10x"), runs.make_run("aclarc", "mt", None, 0, "10x")
     for budget, what in [(runs.Budget(quick=True, overrides={"epochs": 7.0}), "--epochs does not apply to the "
                           "end-task stage of aclarc finetune seed 0: its steps are set (4, by --quick"),
                          (runs.Budget(overrides={"epochs": 3.0, "steps": 9}), "its steps are set (9, by"),
                          (runs.Budget(name="cpu-es", overrides={"final_epochs": 2.0}), "--final-epochs does not "
-                          "apply to the final Eq. 2 stage of aclarc mt")]:
+                          "apply to the final Eq. 2 stage of aclarc mt"),
+                         (runs.Budget(overrides={"eval_every": -1, "patience": 3}), "--patience does not apply to the "
+                          "end-task stage of aclarc finetune seed 0: it never evaluates")]:
         with pytest.raises(reproduce.ReproduceError, match=what.replace("(", "\\(")):
             runs.check_configs(budget, [run, mt])
     runs.check_configs(runs.Budget(overrides={"epochs": 3.0, "final_epochs": 2.0}), [run, mt])
     with pytest.raises(reproduce.ReproduceError, match="--final-lr does not apply beside --no-final-finetune"):
         runs.check_configs(runs.Budget(overrides={"final_lr": 0.5}, no_final_finetune=True), [run, mt])
     runs.check_configs(runs.Budget(overrides={"batch_size": 8}, no_final_finetune=True), [run, mt])  # train's too
+    runs.check_configs(runs.Budget(overrides={"eval_every": 5, "patience": 3}), [run, mt])  # evaluated: it applies
 
 
 def test_the_papers_settings_and_every_budget_pass_tartans_config_check():

@@ -238,6 +238,9 @@ def test_bad_input_gives_one_clear_message_and_no_result(model_dir, data_dir, tm
     assert reproduce.main(["--task", "aclarc", "--mode", "mt", "--seeds", "0",
                            *cli_flags(str(tmp_path / "no-model"), data_dir, out)]) == 1
     assert "no such local directory" in capsys.readouterr().err
+    assert reproduce.main(["--task", "aclarc", "--mode", "mt", "--seeds", "0", "--checkpoint-dir",
+                           str(tmp_path / "no-hub"), *cli_flags(model_dir, data_dir, out)]) == 1
+    assert f"error: --checkpoint-dir {tmp_path / 'no-hub'}: no such folder" in capsys.readouterr().err  # not the Hub
 
     # phi*'s rows cannot outnumber the end-task batch they are taken from: refused before the finetune run trains
     assert reproduce.main(["--task", "aclarc", "--mode", "finetune", "meta", "--seeds", "0", "--batch-size", "4",
