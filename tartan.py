@@ -40,7 +40,7 @@ class HFBody(nn.Module):
         return self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
 
 class ClassificationHead(nn.Module):
-    """phi' and phi* on the first-token feature (Devlin et al. 2018, Sec. 4): Dropout, Linear, Tanh, Dropout, Linear."""
+    """phi', phi*: Sec. 4's MLP on the first-token feature, as the release: Dropout, Linear, Tanh, Dropout, Linear."""
 
     def __init__(self, hidden_size: int, num_labels: int, dropout: float = 0.1):
         super().__init__()
@@ -138,8 +138,8 @@ def batches(task: Task, batch_size: int, generator: torch.Generator):
 @dataclass
 class TrainConfig:
     """MT-TARTAN (Eq. 3). Also the base of the other configs."""
-    lr: float = 1e-4                  # beta_1, body learning rate (AdamW; release)
-    head_lr: float = 1e-3             # beta_2, head learning rate (Sec. 4 grid {1e-3, 1e-4, 1e-5})
+    lr: float = 1e-4                  # beta_1, body learning rate (release's AdamW; Sec. 4 says "Adam")
+    head_lr: float = 1e-3             # beta_2, head learning rate (release; in Sec. 4's grid {1e-3, 1e-4, 1e-5})
     weight_decay: float = 0.01        # body AdamW decay, none on biases and norm weights (release)
     head_weight_decay: float = 0.1    # heads (release)
     betas: tuple[float, float] = (0.9, 0.98)  # AdamW (release)
@@ -148,13 +148,13 @@ class TrainConfig:
     grad_clip: float = 1.0            # max global gradient norm, 0 = off (release)
     batch_size: int = 64              # |B*_tr|, end-task micro-batch (release)
     aux_batch_size: int = 64          # |B_i|, auxiliary micro-batch (release)
-    grad_accum: int = 2               # micro-batches per optimizer step (64 x 2 = the paper's end-task batch 128)
+    grad_accum: int = 2               # micro-batches per step (64 x 2 = 128: the release's pick of Sec. 4's 128-512)
     epochs: float = 150               # passes over the largest training set (release; early stopping ends sooner)
     max_steps: int = 0                # optimizer steps; 0 = derived from epochs
     eval_every: int = 30              # steps between end-task dev evaluations (release); 0 = once per epoch; -1 = never
     patience: int = 20                # stop after this many evaluations without a strictly better dev score (release)
     eval_batch_size: int = 64
-    weights: tuple[float, ...] | None = None  # w = (w*, w_1..w_n) of Eq. 3; None = uniform 1/(n+1) (Sec. 4)
+    weights: tuple[float, ...] | None = None  # Eq. 3's (w*, w_1..w_n), used as given; None = uniform 1/(n+1) (Sec. 4)
     seed: int = 0                     # data order and masking
     bf16: bool | None = None          # bf16 autocast: None = on CUDA only; True = also on a CPU with native bf16
     progress: bool = False            # tqdm progress bar
@@ -198,7 +198,7 @@ class MetaConfig(TrainConfig):
     meta_lr: float = 1e-2             # eta, task-weight step size (Sec. 4 grid {1e-1, 5e-2, 3e-2, 1e-2}; release 1e-2)
     meta_head_steps: int = 10         # phi*'s full-batch steps (Sec. 4), from a new init at every step (Sec. 3.3)
     meta_head_lr: float = 1e-3        # phi* AdamW learning rate (Sec. 4)
-    meta_head_wd: float = 0.1         # phi* l2 weight decay (Sec. 4)
+    meta_head_wd: float = 0.1         # phi* decay 0.1 (Sec. 4 "l2 weight decay"), decoupled as in AdamW (release)
     meta_batch_size: int = 32         # rows that fit phi* (Sec. 4: {16, 32}); at most batch_size with "train" rows
     meta_val_batch_size: int = 0      # |B*_val|; 0 = meta_batch_size (the paper gives no size for B*_val)
     meta_head_data: str = "train"     # phi*'s rows: "train" = the first rows of B*_tr (Sec. 3.3, A.1); "dev" = a dev
@@ -215,8 +215,8 @@ class MetaConfig(TrainConfig):
 # 5. The training loop, one for every mode: Eq. 1 (no end-task), Eq. 2 (no auxiliary task), Eq. 3 and Algorithm 1.
 
 def train(body: nn.Module, end: Task | None, aux: list[Task], cfg: TrainConfig, step_fn=None, hook=None) -> dict:
-    """Evaluates dev every cfg.eval_every steps, keeps the best-dev body and head (end.metric, as the release), stops
-    after cfg.patience evaluations without a new best, restores the best. A NaN or infinite loss raises DivergedError.
+    """Evaluates dev every cfg.eval_every steps; keeps the best-dev body and head by end.metric (release; Sec. 3.1: dev
+    loss); stops after cfg.patience evaluations without a new best; restores the best; NaN/inf loss: DivergedError.
     hook(event, loop): called with "start" before the first step (it may restore a saved Loop), "step" before each."""
     check_tasks(end, aux, cfg, meta=True if step_fn is meta_step else None, body=body)
     tasks = ([end] if end is not None else []) + list(aux)
@@ -369,9 +369,9 @@ def multitask_step(body, tasks, streams, weighting: MTWeighting, cfg, amp, token
 #      g_meta     = grad_theta_body L_T*(theta_body, phi*, B*_val)                                    (Eq. 7)
 #      w_k       += eta * cos(g_meta, g_k)
 #      alpha      = softmax(w);   theta_body -= beta_1 * sum_k alpha_k g_k;   phi_k -= beta_2 * grad phi_k L_Tk
-#    Unlike the released code: step t's weights include step t's cosines (Alg. 1's order); the cosine is over the body
-#    only, in numerator and norms alike, with an epsilon; phi* is fitted on end-task *training* features (Sec. 3.3,
-#    A.1), computed once, not by re-running the body 10 times.
+#    Unlike the released code: step t's weights include step t's cosines (Alg. 1's order and cosine ascent; Sec. 3.2's
+#    prose and Eq. 6-7's dot products read otherwise); the cosine is over the body only, numerator and norms, with an
+#    epsilon; phi* is fitted on end-task *training* features (Sec. 3.3, A.1), computed once, not by re-running the body.
 
 class MetaWeighting(TaskWeighting):
     """Algorithm 1 as an object: w (logits, equal at first), G (K, P) the step's body gradients. step(head_data, val)
@@ -543,11 +543,11 @@ def finetune(body, end: Task, cfg: FinetuneConfig | None = None, hook=None) -> d
     return train(body, end, [], _mt_config(cfg or FinetuneConfig()), multitask_step, hook)
 
 def train_multitask(body, end: Task, aux: list[Task], cfg: TrainConfig | None = None, hook=None) -> dict:
-    """MT-TARTAN (Eq. 3) with static weights (default uniform); a MetaConfig's META fields are unused."""
+    """MT-TARTAN (Eq. 3), static weights (default uniform); META fields and final_finetune (run_end_task's) unused."""
     return train(body, end, aux, _mt_config(cfg or TrainConfig()), multitask_step, hook)
 
 def train_meta(body, end: Task, aux: list[Task], cfg: MetaConfig | None = None, hook=None) -> dict:
-    """META-TARTAN (Algorithm 1); cfg.same_head=True gives the Eq. 6 ablation."""
+    """META-TARTAN (Algorithm 1); cfg.same_head=True gives the Eq. 6 ablation; final_finetune is run_end_task's."""
     return train(body, end, aux, cfg or MetaConfig(), meta_step, hook)
 
 def run_end_task(body, end: Task, aux: list[Task], mode: str, cfg: TrainConfig | None = None,
@@ -620,7 +620,7 @@ def evaluate(body, head, data, batch_size: int = 64, bf16: bool | None = False, 
             **({"predictions": in_order.tolist()} if predictions else {})}
 
 # ----------------------------------------------------------------------------------------------------------------------
-# 10. Significance (A.2): unpaired two-sample permutation test of per-seed scores.
+# 10. Significance (A.2's permutation test; unpaired and two-sample is this code's reading): per-seed scores.
 
 def permutation_test(a, b, n_permutations: int = 10_000, seed: int = 0) -> dict:
     """H0: a's and b's scores share one distribution; statistic mean(a) - mean(b), over every split of the pooled
@@ -915,9 +915,8 @@ def _check_task_backward(weighting, k: int, loss):
     _check_grads_kept(weighting)
     held = [p.grad for p in weighting.params if p.grad is not None] if not any(micro) else []
     _require(not held or not torch.stack([g.ne(0).any() for g in held]).any(), f"the body's .grad already holds a "
-             f"gradient that this {name} did not put there (step {step}): clear gradients after each optimizer step "
-             f"(zero_grad() over all the body's parameters) and give the weighting every loss, unscaled (grad_accum=N "
-             f"to accumulate)")
+             f"gradient that this {name} did not put there (step {step}): clear gradients after each optimizer step, "
+             f"and give the weighting every loss, unscaled (grad_accum=N to accumulate)")
 
 def _check_grads_kept(weighting):
     """Within a step, the body's parameters and .grad must be as the weighting left them: not written since."""
