@@ -447,7 +447,8 @@ def demo_plot_weights(records: list[dict], path: str) -> str | None:
 def run_demo(seeds=DEMO_SEEDS, out_dir: str = "results", quick: bool = False, progress: bool = True,
          settings: DemoSettings | None = None) -> dict:
     """Runs the four methods over `seeds`, prints the table, META's weights and the claims, writes
-    out_dir/demo_summary.json (and demo_weights.png with matplotlib). Returns the JSON summary."""
+    out_dir/demo_summary.json (and demo_weights.png with matplotlib; --quick: demo_quick_*, beside the full demo's).
+    Returns the JSON summary."""
     import transformers
 
     seeds = list(seeds)
@@ -478,7 +479,8 @@ def run_demo(seeds=DEMO_SEEDS, out_dir: str = "results", quick: bool = False, pr
         print(f"Note: {len(seeds)} seed(s); the paper-style comparison wants at least 3.")
     print(demo_report(summary, weights, claims, seeds, seconds))
     os.makedirs(out_dir, exist_ok=True)
-    figure = demo_plot_weights(records, os.path.join(out_dir, "demo_weights.png"))
+    name = "demo_quick" if quick else "demo"
+    figure = demo_plot_weights(records, os.path.join(out_dir, f"{name}_weights.png"))
     result = {"task": "demo", "quick": quick, "seeds": seeds, "settings": dataclasses.asdict(s),
               "metric": "test macro-F1", "std_ddof": 1,
               "methods": {m: {"label": DEMO_LABELS[m], **summary[m]} for m in DEMO_METHODS},
@@ -491,7 +493,7 @@ def run_demo(seeds=DEMO_SEEDS, out_dir: str = "results", quick: bool = False, pr
               "claims": claims, "runs": [{k: v for k, v in r.items() if k != "trajectory"} for r in records],
               "figure": figure, "seconds": seconds, "threads": s.threads,
               "versions": {"torch": torch.__version__, "transformers": transformers.__version__}}
-    path = os.path.join(out_dir, "demo_summary.json")
+    path = os.path.join(out_dir, f"{name}_summary.json")
     atomic_write_json(path, result)
     print(f"Summary: {path}" + (f"; figure: {figure}" if figure else ""))
     return result

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import os
 import pickle
+import warnings
 
 import numpy as np
 import torch
@@ -15,11 +16,13 @@ from tartan import MLMHead, Task, batches, head_parameters, split_masked_lm, to_
 
 def from_pretrained(name_or_path: str):
     """(body, MLM head, tokenizer) from a hub id or a local directory, with fp32 weights whatever dtype it was saved in
-    (mixed precision is autocast's). The MLM head is the checkpoint's pretrained LM head when it has one; when it has none (e.g. a sentence-embedding checkpoint) transformers initialises it
-    newly, with the decoder tied to the input embeddings, from torch's global generator: seed it first so that the
-    new head is the same in every run. Returns also the names of newly initialised weights."""
+    (mixed precision is autocast's). The MLM head is the checkpoint's pretrained LM head when it has one; when it has
+    none (e.g. a sentence-embedding checkpoint) transformers initialises it newly, with the decoder tied to the input
+    embeddings, from torch's global generator: seed it first so that the new head is the same in every run. Returns
+    also the names of newly initialised weights, which one warning names (transformers' load report is not shown)."""
     from safetensors import SafetensorError
     from transformers import AutoModelForMaskedLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     name_or_path = os.path.expanduser(name_or_path)
     local = os.path.isdir(name_or_path)
@@ -32,6 +35,8 @@ def from_pretrained(name_or_path: str):
         raise FileNotFoundError(f"model '{name_or_path}': the directory has no config.json (not a model saved by "
                                 f"transformers' save_pretrained)")
     offline = None if local else hub_unreachable()  # a Hub id with no network: the local cache only, at once
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its load report of missing weights: one warning below says it
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, local_files_only=bool(offline))
         model, info = AutoModelForMaskedLM.from_pretrained(name_or_path, output_loading_info=True,
@@ -43,6 +48,8 @@ def from_pretrained(name_or_path: str):
                  "from the Hugging Face Hub (it is not a local directory)")
         raise FileNotFoundError(f"model '{name_or_path}' could not be loaded {where}"
                                 + ("" if offline else f": {e}")) from None  # offline: the library's own text repeats it
+    finally:
+        hf_logging.set_verbosity(verbosity)
     # a folder without its tokenizer files loads an empty tokenizer (its special tokens alone), which would turn
     # every word into [UNK] without a word said
     if len(tokenizer) < getattr(model.config, "vocab_size", 0) // 2:
@@ -51,7 +58,11 @@ def from_pretrained(name_or_path: str):
     if any(p.dtype in (torch.float16, torch.bfloat16) for p in model.parameters()):
         model.float()  # a checkpoint saved in half precision trains with fp32 weights; bf16 comes from autocast
     body, mlm_head = split_masked_lm(model)
-    return body, mlm_head, tokenizer, sorted(info["missing_keys"])
+    missing = sorted(info["missing_keys"])
+    if missing:
+        warnings.warn(f"model '{name_or_path}' has no weights for {len(missing)} tensors (e.g. {missing[0]}): they are "
+                      f"newly initialised, from torch's global generator")
+    return body, mlm_head, tokenizer, missing
 
 
 def hub_unreachable(timeout: float = 10.0) -> str | None:

@@ -506,8 +506,9 @@ class Workspace:
         diff = config_diff(self.config(run), rec["config"]) if rec is not None else []
         if diff:
             raise ReproduceError(f"{path} was made with a different config (" + "; ".join(diff[:4])
-                                 + ("; ..." if len(diff) > 4 else "")
-                                 + "). Use another --out, the same flags, or --rerun to replace it.")
+                                 + ("; ..." if len(diff) > 4 else "") + ("). --report-only: give the flags it was run "
+                                 "with" if self.settings.report_only else "). Use another --out, the same flags, or "
+                                 "--rerun to replace it") + ".")
         # --report-only re-prints what was measured, whatever data sits here; a command that trains takes the file
         # as its own run, so each data file it recorded and that is here must be the one it trained on
         if rec is not None and not self.settings.report_only:

@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import pickle
+import warnings
 
 import numpy as np
 import torch
@@ -136,8 +137,10 @@ class Checkpoints:
         if name not in self._loaded:
             local = os.path.join(self.checkpoint_dir or "", name)
             set_seed(0)  # newly initialised checkpoint weights (e.g. a missing MLM head) are the same for every run
-            body, mlm, tokenizer, missing = models.from_pretrained(
-                local if self.checkpoint_dir and os.path.isdir(local) else name)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # its warning of new weights: the note below says how they are drawn
+                body, mlm, tokenizer, missing = models.from_pretrained(
+                    local if self.checkpoint_dir and os.path.isdir(local) else name)
             if missing:
                 print(f"note: {name} has no weights for {len(missing)} tensors (e.g. {missing[0]}); "
                       f"they are newly initialised, the same for every seed")

@@ -117,7 +117,8 @@ def test_reduced_demo_world_behaves(demo):
 
 def test_reduced_demo_json(demo):
     result, out = demo
-    path = out / "demo_summary.json"
+    path = out / "demo_quick_summary.json"  # --quick never replaces the full demo's files
+    assert not (out / "demo_summary.json").exists() and not (out / "demo_weights.png").exists()
     on_disk = json.loads(path.read_text())
     assert on_disk["seeds"] == [0] and on_disk["quick"] is True
     for m in ("finetune", "pretrain", "mt", "meta"):
@@ -134,9 +135,9 @@ def test_reduced_demo_json(demo):
 def test_reduced_demo_figure_when_matplotlib(demo):
     result, out = demo
     if importlib.util.find_spec("matplotlib") is None:
-        assert result["figure"] is None and not (out / "demo_weights.png").exists()
+        assert result["figure"] is None and not (out / "demo_quick_weights.png").exists()
     else:
-        assert (out / "demo_weights.png").read_bytes()[:4] == b"\x89PNG"
+        assert (out / "demo_quick_weights.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_reduced_demo_prints_table(demo, capsys):

@@ -99,7 +99,11 @@ def test_resume_reruns_only_the_missing_seeds(model_dir, data_dir, tmp_path, mon
 
     # a result made with another budget is never mixed in silently
     assert reproduce.main(argv + ["--steps", "3"]) == 1
-    assert "was made with a different config (train.max_steps: 3 here, 4 in the file)" in capsys.readouterr().err
+    assert "was made with a different config (train.max_steps: 3 here, 4 in the file). Use another --out, the same " \
+        "flags, or --rerun to replace it." in capsys.readouterr().err
+    assert reproduce.main(argv + ["--steps", "3", "--report-only"]) == 1  # which trains nothing: no --rerun offered
+    assert "(train.max_steps: 3 here, 4 in the file). --report-only: give the flags it was run with." in \
+        capsys.readouterr().err
     assert reproduce.main(argv + ["--steps", "3", "--rerun"]) == 0 and ran == [0, 1, 2]
 
 

@@ -1,6 +1,7 @@
 """experiments/tasks.py and models.py: tasks from files and from memory, models from a folder or the Hub; bad input
 gets one message naming the file and line, or the fix."""
 import json
+import logging
 import os
 
 import numpy as np
@@ -140,7 +141,18 @@ def test_from_pretrained_local_directory_ties_new_mlm_head(tmp_path, tok):
                                   intermediate_size=64)
     transformers.BertModel(cfg).save_pretrained(tmp_path)  # a checkpoint without MLM-head weights
     tok.save_pretrained(tmp_path)
-    body, mlm, tok2, missing = models.from_pretrained(str(tmp_path))
+    records, seen = [], logging.Handler()
+    seen.emit = records.append  # every record transformers logs during the load
+    level, logged = transformers.logging.get_verbosity(), logging.getLogger("transformers")
+    transformers.logging.set_verbosity_warning()  # as in a fresh process (another test may have quieted it)
+    logged.addHandler(seen)
+    try:
+        with pytest.warns(UserWarning, match=r"has no weights for \d+ tensors \(e.g. cls.predictions"):
+            body, mlm, tok2, missing = models.from_pretrained(str(tmp_path))
+    finally:
+        transformers.logging.set_verbosity(level)
+        logged.removeHandler(seen)
+    assert not [r.getMessage() for r in records if r.levelno >= logging.WARNING]  # one warning, not its load report
     assert any("predictions" in k for k in missing)  # the head was newly initialised ...
     emb = body.encoder.get_input_embeddings().weight
     assert mlm.lm_head.predictions.decoder.weight is emb  # ... with the decoder tied to the input embeddings

@@ -213,7 +213,7 @@ def test_a_val_that_does_not_reach_the_body_is_refused(cut):
             features = body(xv).detach()
         return head(features, yv)[1]
     with pytest.raises(ValueError, match="val's loss does not reach the body: g_meta needs the body's forward with a "
-                                         "graph \(no torch.no_grad or detach around body"):
+                                         r"graph \(no torch.no_grad or detach around body"):
         weighting.backward([heads[0](body(x), y)[1], heads[1](body(x), y_aux)[1]], head_data=(body(x), y), val=val)
 
 
@@ -237,7 +237,7 @@ def test_an_optimizer_step_before_the_weighting_returns_is_refused(meta):
     assert micro_batch(weighting, body, heads, 0, 0, meta) is None
     opt.step(), opt.zero_grad()
     with pytest.raises(ValueError, match="the body's parameters changed within step 1: step the optimizer only when "
-                                         "the (MT|Meta)Weighting returns the step's info \(its grad_accum=2-th call"):
+                                         r"the (MT|Meta)Weighting returns the step's info \(its grad_accum=2-th call"):
         micro_batch(weighting, body, heads, 0, 1, meta)
 
 
@@ -280,7 +280,7 @@ def test_a_sparse_embedding_and_a_positional_grad_accum_are_named():
     for build in (lambda: tartan.MTWeighting(body, 2), lambda: tartan.MetaWeighting(body, 2, 2)):
         with pytest.raises(TypeError, match="an embedding with sparse=True: the weighting needs dense gradients"):
             build()
-    with pytest.raises(TypeError, match="weights=2: one number per task \(grad_accum is given by name"):
+    with pytest.raises(TypeError, match=r"weights=2: one number per task \(grad_accum is given by name"):
         tartan.MTWeighting(setup(False)[0], 2, 2)
 
 
