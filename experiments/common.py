@@ -180,9 +180,9 @@ def mean_std(x, ddof: int = 1) -> tuple[float, float]:
     return float(x.mean()), float(x.std(ddof=ddof)) if len(x) > ddof else 0.0
 
 
-def fmt(mean_std) -> str:
-    """(mean, std) as a table cell."""
-    return f"{mean_std[0]:.2f} ± {mean_std[1]:.2f}"
+def fmt(mean_std, n: int | None = None) -> str:
+    """(mean, std) of n scores as a table cell; one score has no spread to show."""
+    return f"{mean_std[0]:.2f} (n=1)" if n == 1 else f"{mean_std[0]:.2f} ± {mean_std[1]:.2f}"
 
 
 def seeds_str(seeds) -> str:

@@ -30,7 +30,7 @@ def score_cell(x: list[float], planned: int, base: list[float] | None = None) ->
     """A cell of every table, from its per-seed scores x: "mean ± std" (sample std), with "(n=k)" when fewer than
     the `planned` runs have a result ("not run" when none has); and, given the baseline's scores, the one-sided
     permutation test of x against them (None without both)."""
-    text = "not run" if not x else fmt(mean_std(x)) + (f" (n={len(x)})" if len(x) != planned else "")
+    text = "not run" if not x else fmt(mean_std(x), len(x)) + (f" (n={len(x)})" if len(x) not in (1, planned) else "")
     return text, compare(x, base, N_PERMUTATIONS) if x and base else None
 
 
@@ -202,13 +202,15 @@ def meta_trace(record: dict) -> dict | None:
                  and alpha_of(s["trace"])), None)
 
 
-def alpha_step_line(traces: list[dict]) -> str:
+def alpha_step_line(traces: list[dict], runs: int) -> str:
     """The largest change of a task weight in one step, max over the traces' runs, tasks and steps of
-    |alpha_t - alpha_(t-1)|, as a sentence; alpha_0 is Algorithm 1's start, 1/K for K tasks."""
+    |alpha_t - alpha_(t-1)|, as a sentence; alpha_0 is Algorithm 1's start, 1/K for K tasks. runs: of the cell, which
+    older result files (without a per-step trace) make more than the traces."""
     largest = max(float(np.abs(np.diff([1 / len(alpha), *x])).max())
                   for alpha in map(alpha_of, traces) for x in alpha.values())
+    which = "" if runs == len(traces) else f" of its {runs} that kept them"
     return (f"Largest per-step change of a task weight: {largest:.4f} (max over steps, tasks and the {len(traces)} "
-            f"run(s) of |alpha_t - alpha_(t-1)|, from the per-step traces).")
+            f"run(s){which} of |alpha_t - alpha_(t-1)|, from the per-step traces).")
 
 
 def meta_summary(label: str, title: str, task: str, runs: list, results: dict) -> str | None:
@@ -225,7 +227,7 @@ def meta_summary(label: str, title: str, task: str, runs: list, results: dict) -
     traces = [t for r in runs if r in results and (t := meta_trace(results[r]))]
     return (f"{title} {label} ({len(learned)} run(s)), final weight and mean cosine with the meta gradient, mean "
             f"[min, max] over runs: " + "; ".join(parts) + (f"; {fit_line(fits)}" if fits else "")
-            + (f". {alpha_step_line(traces)}" if traces else ""))
+            + (f". {alpha_step_line(traces, len(learned))}" if traces else ""))
 
 
 def meta_report(task: str, cells: dict, results: dict) -> list[str]:
@@ -247,7 +249,7 @@ def meta_report(task: str, cells: dict, results: dict) -> list[str]:
             "gains weight):", "",
             *markdown_table(["Mode", "Seed", "Task", "Final weight", "Mean weight", "Mean cosine with meta gradient"],
                             rows), "", *([fit[0].upper() + fit[1:] + ".", ""] if fit else []),
-            *([alpha_step_line(traces), ""] if traces else [])]
+            *([alpha_step_line(traces, len({(mode, seed) for mode, seed, *_ in rows})), ""] if traces else [])]
 
 
 # A user's own end-task (--task-dir): its table ------------------------------------------------------------------------
@@ -273,7 +275,7 @@ def own_table(task: str, folder: str, metric: str, cells: dict, results: dict, b
             continue
         p = "—" if test is None else f"{test['p_greater']:.3f} ({test['p_two_sided']:.3f})"
         wall = [results[r]["wall_seconds"] for r in done]
-        rows.append([mode, done[0].aux_label, ours, fmt(mean_std(cell_scores(results, done, "dev"))), p,
+        rows.append([mode, done[0].aux_label, ours, fmt(mean_std(cell_scores(results, done, "dev")), len(done)), p,
                      f"{np.mean(wall):.1f} s"])
     report = meta_report(task, {m: runs for m, runs in cells.items() if m in META_MODES}, results)
     return "\n".join(lines + markdown_table(columns, rows) + [""] + report) + "\n"
@@ -418,8 +420,8 @@ def print_family(out: str, own: dict, metric: str, tasks, modes, runs: list, res
             x = [r for r in runs if r.task == task and r.mode == mode and r in results]
             if x:
                 print(f"{task} {mode} ({x[0].aux_label}): test {TASKS[task]['metric']} x100 = "
-                      f"{fmt(mean_std(cell_scores(results, x)))} over {len(x)} seed(s) (ddof=1); "
-                      f"dev {fmt(mean_std(cell_scores(results, x, 'dev')))}")
+                      f"{fmt(mean_std(cell_scores(results, x)), len(x))} over {len(x)} seed(s) (ddof=1); "
+                      f"dev {fmt(mean_std(cell_scores(results, x, 'dev')), len(x))}")
                 learned = meta_summary(mode, TASKS[task]["title"], task, x, results) if mode in META_MODES else None
                 if learned:
                     print(f"  {learned}")

@@ -46,6 +46,8 @@ def test_table_cells_p_values_and_warnings():
     assert "| CS | ACL-ARC | 70.00 ± 1.00 [69.27 ± 0.96] | 73.00 ± 1.00 [71.19 ± 4.88] | 0.050 (two-sided 0.100) |" in text
     assert "with 3 and 3 seeds the smallest one-sided p-value this test can give is 0.050" in text
     assert "that needs at least 4 seeds a side" in text
+    # a cell of one seed has no spread: it said "± 0.00", as if the seeds had agreed
+    assert report.score_cell([57.09], 3)[0] == "57.09 (n=1)" and common.fmt((57.09, 0.0)) == "57.09 ± 0.00"
 
 
 @pytest.mark.parametrize("dapt, best", [(70.0, "DAPT+TAPT"), (80.0, "DAPT")])
@@ -110,6 +112,10 @@ def test_meta_weights_figure_and_the_largest_per_step_change_of_alpha(tmp_path, 
     text = report.render_table(1, cells, results, [0, 1], "roberta-base", runs.Budget(), "10x")
     assert text.count(line) == 1  # the META cell's line, not MT's
     assert line in report.meta_report("scierc", {"meta": cells["scierc", "META-TARTAN"]}, results)
+    older = dict(results[cells["scierc", "META-TARTAN"][0]], stages=[])  # a result file from before the traces
+    mixed = {**results, cells["scierc", "META-TARTAN"][0]: older}
+    assert "Largest per-step change of a task weight: 0.0533 (max over steps, tasks and the 1 run(s) of its 2 that " \
+        "kept them of |alpha_t" in report.render_table(1, cells, mixed, [0, 1], "roberta-base", runs.Budget(), "10x")
     with monkeypatch.context() as m:
         m.setitem(sys.modules, "matplotlib", None)  # as if not installed: the table says so, and draws nothing
         assert "(no figure of META-TARTAN's task weights: it needs matplotlib" in \
