@@ -41,7 +41,7 @@ class ProgressFile:
         try:
             with atomic_path(self.path) as tmp:
                 torch.save({**state, **more, "what": what, "spent": spent}, tmp)
-        except OSError as e:  # a full disk must not end a run that can finish without its progress file
+        except (OSError, RuntimeError) as e:  # a full disk (torch's zip writer: a RuntimeError) must not end a run
             warnings.warn(f"could not save the progress file {self.path} ({e}); the run goes on without saving")
             self.every = math.inf
         self.last = time.perf_counter()

@@ -173,7 +173,7 @@ class Checkpoints:
                 try:
                     with atomic_path(cache) as tmp:
                         torch.save(self._warm[key], tmp)
-                except OSError as e:
+                except (OSError, RuntimeError) as e:  # a full disk (torch's zip writer: a RuntimeError)
                     warn(f"could not cache the warmed LM head in {cache} ({e}); it is fitted again next time")
         return self._warm[key]
 
