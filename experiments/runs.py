@@ -553,6 +553,13 @@ class Workspace:
             when = time.strftime("%Y-%m-%d %H:%M", time.localtime(max(map(os.path.getmtime, saved))))
             print(f"{run}: resuming from its progress file {progress} (last saved {when})", flush=True)
         out = resume.run_end_task(body, end, aux, mode, cfg, pre, progress, keep=True)
+        if (theirs := load_result(path, run)) is not None:  # an overlapping command finished it while this one trained
+            if diff := config_diff(config, theirs["config"]):
+                raise ReproduceError(f"{path} was written by another process while {run} trained here, with another "
+                                     f"config ({'; '.join(diff[:2])}): it is kept, this result is not (another --out)")
+            print(f"{run}: finished meanwhile by another process; its result {path} is kept", flush=True)
+            resume.remove(progress)
+            return theirs
         metric = self.settings.task_metric(run.task)
         command = [self.models.identity() if a == self.settings.model else _placeless(a)
                    for a in self.settings.command or sys.argv]

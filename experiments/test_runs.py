@@ -132,6 +132,35 @@ def test_a_result_another_process_wrote_meanwhile_is_kept(model_dir, data_dir, t
     assert "aclarc finetune seed 1: finished meanwhile by another process" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("same", [True, False])
+def test_a_result_another_process_wrote_while_this_one_trained_is_not_overwritten(model_dir, data_dir, tmp_path,
+                                                                                 monkeypatch, capsys, same):
+    """Two overlapping commands into one --out, the other's result written while this run trained: the last writer
+    won, silently, with another config too (a table printed from one config, files of the other)."""
+    out, other = str(tmp_path / "out"), str(tmp_path / "other")
+    flags = [] if same else ["--steps", "3"]
+    assert reproduce.main(["--task", "aclarc", "--mode", "finetune", "--seeds", "0", *flags,
+                           *cli_flags(model_dir, data_dir, other)]) == 0
+    theirs = os.path.join(other, "aclarc", "finetune__none__seed0.json")
+
+    def meanwhile(*args, _real=runs.resume.run_end_task, **kwargs):  # theirs lands as this run trains
+        result = _real(*args, **kwargs)
+        os.makedirs(os.path.join(out, "aclarc"), exist_ok=True)
+        shutil.copy(theirs, os.path.join(out, "aclarc"))
+        return result
+    monkeypatch.setattr(runs.resume, "run_end_task", meanwhile)
+    capsys.readouterr()
+    assert reproduce.main(["--task", "aclarc", "--mode", "finetune", "--seeds", "0",
+                           *cli_flags(model_dir, data_dir, out)]) == (0 if same else 1)
+    assert open(os.path.join(out, "aclarc", "finetune__none__seed0.json")).read() == open(theirs).read()
+    text = capsys.readouterr()
+    if same:
+        assert "aclarc finetune seed 0: finished meanwhile by another process; its result" in text.out
+    else:
+        assert "was written by another process while aclarc finetune seed 0 trained here, with another config " \
+               "(train.max_steps: 4 here, 3 in the file): it is kept, this result is not" in text.err
+
+
 def test_a_run_killed_while_writing_its_files_keeps_its_progress_file(model_dir, data_dir, tmp_path, monkeypatch,
                                                                     capsys):
     """Killed after training, while its predictions are written (a time limit, say): the progress file is still there,
