@@ -43,18 +43,19 @@ def _int(environ, name: str) -> int:
 
 
 def parse_shard(spec: str | None, environ=None) -> Shard:
-    """--shard K/N (0 <= K < N) if given; else torchrun's RANK / WORLD_SIZE / LOCAL_RANK; else a SLURM array's
-    SLURM_ARRAY_TASK_ID / _COUNT (with _MIN and _STEP for arrays such as 1-8 or 0-14:2); torchrun inside every task of
-    a SLURM array splits each array task's share again. Nothing set: the whole list (0/1)."""
+    """--shard K/N (0 <= K < N) if given, else a SLURM array's SLURM_ARRAY_TASK_ID / _COUNT (with _MIN and _STEP for
+    arrays such as 1-8 or 0-14:2); torchrun's RANK / WORLD_SIZE / LOCAL_RANK alone, or inside either of them, splits
+    that share again among the ranks. Nothing set: the whole list (0/1)."""
     environ = os.environ if environ is None else environ
     local_rank = _int(environ, "LOCAL_RANK") if "LOCAL_RANK" in environ else None
+    index, count, source = 0, 1, []
     if spec is not None:
         k, sep, n = spec.partition("/")
         if not sep or not k.strip().isdigit() or not n.strip().isdigit() or not 0 <= int(k) < int(n):
             raise ShardError(f"--shard {spec}: expected K/N with 0 <= K < N, e.g. 0/4")
-        return Shard(int(k), int(n), local_rank, "--shard")
-    index, count, source = 0, 1, []
-    if "SLURM_ARRAY_TASK_ID" in environ and "SLURM_ARRAY_TASK_COUNT" in environ:
+        index, count = int(k), int(n)
+        source.append("--shard")
+    elif "SLURM_ARRAY_TASK_ID" in environ and "SLURM_ARRAY_TASK_COUNT" in environ:
         task, n = _int(environ, "SLURM_ARRAY_TASK_ID"), _int(environ, "SLURM_ARRAY_TASK_COUNT")
         first = _int(environ, "SLURM_ARRAY_TASK_MIN") if "SLURM_ARRAY_TASK_MIN" in environ else 0
         step = _int(environ, "SLURM_ARRAY_TASK_STEP") if "SLURM_ARRAY_TASK_STEP" in environ else 1
@@ -67,7 +68,7 @@ def parse_shard(spec: str | None, environ=None) -> Shard:
         rank, world = _int(environ, "RANK"), _int(environ, "WORLD_SIZE")
         if not 0 <= rank < world:
             raise ShardError(f"RANK={rank} is not in 0..WORLD_SIZE-1 (WORLD_SIZE={world})")
-        index, count = index * world + rank, count * world
+        index, count = index + rank * count, count * world  # rank r of share k takes runs[k::n][r::world]
         source.append("torchrun")
     return Shard(index, count, local_rank, "+".join(source) or "none")
 

@@ -22,8 +22,14 @@ def test_shards_are_disjoint_and_cover_the_list(n):
     assert max(map(len, parts)) - min(map(len, parts)) <= 1  # balanced
 
 
-def test_shard_flag_beats_the_environment_and_is_checked():
-    assert parse_shard("2/5", {"RANK": "1", "WORLD_SIZE": "4"}) == Shard(2, 5, None, "--shard")
+def test_shard_flag_beats_slurm_is_split_by_torchrun_and_is_checked():
+    assert parse_shard("2/5", {"SLURM_ARRAY_TASK_ID": "1", "SLURM_ARRAY_TASK_COUNT": "4"}) == \
+        Shard(2, 5, None, "--shard")
+    # under torchrun every rank sees the same --shard: taken alone, each rank trained that one share again
+    ranks = [parse_shard("1/2", {"RANK": str(r), "WORLD_SIZE": "2", "LOCAL_RANK": str(r)}) for r in (0, 1)]
+    assert ranks == [Shard(1, 4, 0, "--shard+torchrun"), Shard(3, 4, 1, "--shard+torchrun")]
+    runs = list(range(10))
+    assert sorted(x for s in ranks for x in s.take(runs)) == Shard(1, 2).take(runs)  # the share, split, once each
     for bad in ("5/5", "-1/4", "a/b", "3", "1/0"):
         with pytest.raises(ShardError, match="--shard"):
             parse_shard(bad, {})
@@ -50,7 +56,10 @@ def test_slurm_array_environment():
     # torchrun inside every array task splits that task's share again: 2 array tasks x 4 ranks = 8 shards
     s = parse_shard(None, {"SLURM_ARRAY_TASK_ID": "1", "SLURM_ARRAY_TASK_COUNT": "2", "RANK": "2", "WORLD_SIZE": "4",
                            "LOCAL_RANK": "2"})
-    assert (s.index, s.count, s.local_rank, s.source) == (6, 8, 2, "slurm+torchrun")
+    assert (s.index, s.count, s.local_rank, s.source) == (5, 8, 2, "slurm+torchrun")
+    runs = list(range(20))  # the array task's share is what it would be without torchrun, whatever the world size
+    assert sorted(x for r in range(4) for x in parse_shard(None, {"SLURM_ARRAY_TASK_ID": "1", "SLURM_ARRAY_TASK_COUNT":
+                  "2", "RANK": str(r), "WORLD_SIZE": "4"}).take(runs)) == runs[1::2]
 
 
 def test_no_launcher_means_the_whole_list():
