@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import gc
 import glob
+import hashlib
 import json
 import os
 import platform
@@ -349,12 +350,20 @@ def config_diff(a, b, prefix="") -> list[str]:
 
 # the tartan.py this process imported, read now: the file may change on disk while a long run trains
 TARTAN_SHA256 = file_digest(tartan.__file__)
+# and the runner's modules that build and run a run (how data is read, subset, tokenised): a run resumes only under
+# the code it began with; the modules that only print, plot or time are left out
+_NOT_TRAINING = ("report.py", "analysis.py", "bench.py", "demo.py", "diagnose.py", "hf_trainer.py", "tables.py")
+RUNNER_SHA256 = hashlib.sha256(" ".join(
+    file_digest(f) for f in sorted(glob.glob(os.path.join(os.path.dirname(os.path.abspath(__file__)), "*.py")))
+    if not os.path.basename(f).startswith(("test_", "conftest")) and os.path.basename(f) not in _NOT_TRAINING
+).encode()).hexdigest()
 
 
 def versions() -> dict:
     import transformers
     return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-            "numpy": np.__version__, "platform": platform.platform(), "tartan.py_sha256": TARTAN_SHA256}
+            "numpy": np.__version__, "platform": platform.platform(), "tartan.py_sha256": TARTAN_SHA256,
+            "experiments_sha256": RUNNER_SHA256}
 
 
 def run_config(settings: Settings, models: Checkpoints, run: Run) -> dict:
@@ -545,8 +554,8 @@ class Workspace:
         files = {self.settings.shown(rel): {"sha256": h} for rel, (_, h) in self.data.files.items()
                  if rel in self.settings.run_files(run)}
         # an interrupted run continues from its last save (every 10 minutes, and each stage's end), if its config,
-        # its data files' contents and tartan.py are the same
-        progress = progress_path({**config, "files": files}, TARTAN_SHA256)
+        # its data files' contents and its code (tartan.py, the runner's modules) are the same
+        progress = progress_path({**config, "files": files}, [TARTAN_SHA256, RUNNER_SHA256])
         # its record and stage files; a .tmp is a save that was cut off, which is never loaded
         saved = [f for f in glob.glob(glob.escape(progress) + "*") if not f.endswith(".tmp")]
         if saved:

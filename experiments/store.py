@@ -27,9 +27,9 @@ def cache_path(*parts: str) -> str:
     return os.path.join(os.environ.get("TARTAN_CACHE", os.path.expanduser("~/.cache/tartan")), *parts)
 
 
-def progress_path(config: dict, code_sha256: str) -> str:
-    """Where a run saves its progress (resume.run_end_task's progress file): named by its config and tartan.py's
-    digest, so that only the same run, by the same code, ever continues from it."""
+def progress_path(config: dict, code_sha256) -> str:
+    """Where a run saves its progress (resume.run_end_task's progress file): named by its config and the digests of
+    its code (tartan.py's and the runner's), so that only the same run, by the same code, ever continues from it."""
     key = hashlib.sha256(json.dumps([config, code_sha256], sort_keys=True).encode()).hexdigest()[:24]
     os.makedirs(cache_path("runs"), exist_ok=True)
     return cache_path("runs", f"{key}.pt")

@@ -433,6 +433,27 @@ def test_a_diverged_run_stops_with_one_message_and_writes_no_result(model_dir, d
     assert "Traceback" not in err and results_in(out) == [] and not leftovers(out)
 
 
+def test_a_run_does_not_resume_under_other_runner_code(model_dir, data_dir, tmp_path, monkeypatch, capsys):
+    """The progress file was named by tartan.py's digest alone: a run interrupted, then resumed after an edit to how
+    the runner reads or subsets its data, mixed the two codes' work into one clean-looking result."""
+    monkeypatch.setenv("TARTAN_CACHE", str(tmp_path / "cache"))
+    argv = ["--task", "aclarc", "--mode", "mt", "--seeds", "0", *cli_flags(model_dir, data_dir, str(tmp_path / "o"))]
+    real_write = runs.write_predictions
+
+    def killed(*args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(runs, "write_predictions", killed)
+    assert reproduce.main(argv) == 130 and len(os.listdir(tmp_path / "cache" / "runs")) == 1
+    monkeypatch.setattr(runs, "write_predictions", real_write)
+    monkeypatch.setattr(runs, "RUNNER_SHA256", "the runner's modules, edited")
+    capsys.readouterr()
+    assert reproduce.main(argv) == 0
+    assert "resuming" not in capsys.readouterr().out  # trained again from the start, under this code
+    rec = json.load(open(tmp_path / "o" / "aclarc" / "mt__tapt__seed0.json"))
+    assert rec["versions"]["experiments_sha256"] == "the runner's modules, edited" and len(rec["history"]) > 0
+    assert len(os.listdir(tmp_path / "cache" / "runs")) == 1  # the other code's file, left for its own code
+
+
 def test_result_files_record_the_tartan_py_that_was_imported(monkeypatch):
     assert runs.versions()["tartan.py_sha256"] == hashlib.sha256(open(tartan.__file__, "rb").read()).hexdigest()
     monkeypatch.setattr(runs, "file_digest", lambda *a, **k: "edited while the run trained")
