@@ -125,7 +125,7 @@ def corpus_file(task: str, label: str, extra: dict) -> str:
 def model_identity(name: str) -> str:
     """How a result file names its model, so that it travels between machines: a Hub id as it is; a local folder by
     the installed package that ships it ("package==version/subfolder") where there is one, else by a SHA-256 over
-    its weight files; never by the path where it happens to sit."""
+    its weight, config and tokenizer files; never by the path where it happens to sit."""
     path = os.path.realpath(os.path.expanduser(name))  # a symlink to the package's folder is that folder
     if not os.path.isdir(path):
         return name
@@ -141,7 +141,7 @@ def model_identity(name: str) -> str:
     weights = sorted(f for f in os.listdir(path) if f.endswith((".safetensors", ".bin", ".pt", ".h5", ".msgpack")))
     if not weights:
         return f"local folder without weight files: {os.path.basename(path)}"
-    h = hashlib.sha256()
-    for f in weights:
+    h = hashlib.sha256()  # the weights, and the config and tokenizer files beside them (a dropout edited in place)
+    for f in weights + sorted(f for f in os.listdir(path) if f.endswith((".json", ".txt", ".model"))):
         h.update(f.encode() + b"\0" + file_digest(os.path.join(path, f)).encode())
     return f"local weights sha256:{h.hexdigest()}"

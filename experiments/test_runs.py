@@ -496,6 +496,9 @@ def test_model_identity_does_not_depend_on_where_the_model_sits(tmp_path, monkey
             f.write(weights)
     ids = [data.model_identity(f) for f in loose]
     assert ids[0] == ids[1] != ids[2] and ids[0].startswith("local weights sha256:")
+    with open(os.path.join(loose[1], "config.json"), "w") as f:  # its config edited in place: another model
+        f.write('{"hidden_dropout_prob": 0.5}')
+    assert data.model_identity(loose[1]) != ids[0]
 
 
 def test_a_committed_table_re_prints_with_the_model_at_another_path(tmp_path, monkeypatch, capsys):
