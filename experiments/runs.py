@@ -16,6 +16,7 @@ import json
 import os
 import platform
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 
@@ -621,6 +622,13 @@ def execute_all(ws: Workspace, runs: list[Run]) -> dict[Run, dict]:
             check_save_dir(ws.save_dirs[run])
     for run in todo:
         ws.prepare(run)
+    for folder in sorted({os.path.dirname(run.path(out)) for run in todo}):  # and where results go, before training
+        try:
+            os.makedirs(folder, exist_ok=True)
+            with tempfile.TemporaryFile(dir=folder):
+                pass
+        except OSError as e:
+            raise ReproduceError(f"--out {out}: results cannot be written there ({e})") from None
     if results:
         print(f"{len(results)} of {len(runs)} runs already complete in {out}: skipped")
     bar = progress_bar(len(todo), ws.settings.progress and len(todo) > 1, "runs")

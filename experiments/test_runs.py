@@ -266,11 +266,16 @@ def test_a_run_killed_inside_a_stage_resumes_from_its_progress_file(model_dir, d
     assert got["resumed"]["wall_seconds"] > 0 and got["wall_seconds"] > got["resumed"]["wall_seconds"]
 
 
-def test_bad_input_gives_one_clear_message_and_no_result(model_dir, data_dir, tmp_path, capsys):
+def test_bad_input_gives_one_clear_message_and_no_result(model_dir, data_dir, tmp_path, capsys, monkeypatch):
     out = str(tmp_path / "out")
     assert reproduce.main(["--task", "aclarc", "--mode", "mt", "--seeds", "0",
                            *cli_flags(str(tmp_path / "no-model"), data_dir, out)]) == 1
     assert "no such local directory" in capsys.readouterr().err
+    (tmp_path / "a-file").write_text("x")  # an --out that cannot hold results: said before any run trains
+    monkeypatch.setattr(tartan, "run_end_task", lambda *a, **k: pytest.fail("trained before --out was checked"))
+    assert reproduce.main(["--task", "aclarc", "--mode", "mt", "--seeds", "0",
+                           *cli_flags(model_dir, data_dir, str(tmp_path / "a-file" / "out"))]) == 1
+    assert f"error: --out {tmp_path / 'a-file' / 'out'}: results cannot be written there (" in capsys.readouterr().err
     assert reproduce.main(["--task", "aclarc", "--mode", "mt", "--seeds", "0", "--checkpoint-dir",
                            str(tmp_path / "no-hub"), *cli_flags(model_dir, data_dir, out)]) == 1
     assert f"error: --checkpoint-dir {tmp_path / 'no-hub'}: no such folder" in capsys.readouterr().err  # not the Hub
