@@ -51,7 +51,7 @@ def parse_shard(spec: str | None, environ=None) -> Shard:
     index, count, source = 0, 1, []
     if spec is not None:
         k, sep, n = spec.partition("/")
-        if not sep or not k.strip().isdigit() or not n.strip().isdigit() or not 0 <= int(k) < int(n):
+        if not sep or not k.strip().isdecimal() or not n.strip().isdecimal() or not 0 <= int(k) < int(n):
             raise ShardError(f"--shard {spec}: expected K/N with 0 <= K < N, e.g. 0/4")
         index, count = int(k), int(n)
         source.append("--shard")
@@ -61,9 +61,11 @@ def parse_shard(spec: str | None, environ=None) -> Shard:
         step = _int(environ, "SLURM_ARRAY_TASK_STEP") if "SLURM_ARRAY_TASK_STEP" in environ else 1
         if step < 1 or (task - first) % step or not 0 <= (task - first) // step < n:
             raise ShardError(f"SLURM array task {task} (min {first}, step {step}, count {n}) is not one of an evenly "
-                             f"spaced range such as --array=0-{n - 1}: give --shard K/N instead")
+                             f"spaced range such as --array=0-{max(n - 1, 0)}: give --shard K/N instead")
         index, count = (task - first) // step, n
         source.append("slurm")
+    if ("WORLD_SIZE" in environ) != ("RANK" in environ):  # half a launcher's environment: which share is unknown
+        raise ShardError("RANK and WORLD_SIZE must be set together (torchrun sets both), or neither")
     if "WORLD_SIZE" in environ and "RANK" in environ:
         rank, world = _int(environ, "RANK"), _int(environ, "WORLD_SIZE")
         if not 0 <= rank < world:

@@ -30,7 +30,7 @@ def test_shard_flag_beats_slurm_is_split_by_torchrun_and_is_checked():
     assert ranks == [Shard(1, 4, 0, "--shard+torchrun"), Shard(3, 4, 1, "--shard+torchrun")]
     runs = list(range(10))
     assert sorted(x for s in ranks for x in s.take(runs)) == Shard(1, 2).take(runs)  # the share, split, once each
-    for bad in ("5/5", "-1/4", "a/b", "3", "1/0"):
+    for bad in ("5/5", "-1/4", "a/b", "3", "1/0", "\u00b2/3"):  # a superscript two passed isdigit(), then int() failed
         with pytest.raises(ShardError, match="--shard"):
             parse_shard(bad, {})
 
@@ -60,6 +60,14 @@ def test_slurm_array_environment():
     runs = list(range(20))  # the array task's share is what it would be without torchrun, whatever the world size
     assert sorted(x for r in range(4) for x in parse_shard(None, {"SLURM_ARRAY_TASK_ID": "1", "SLURM_ARRAY_TASK_COUNT":
                   "2", "RANK": str(r), "WORLD_SIZE": "4"}).take(runs)) == runs[1::2]
+
+
+def test_half_a_launchers_environment_is_refused():
+    for env in ({"RANK": "1"}, {"WORLD_SIZE": "4"}):  # the whole list ran, on every such process
+        with pytest.raises(ShardError, match="RANK and WORLD_SIZE must be set together"):
+            parse_shard(None, env)
+    with pytest.raises(ShardError, match=r"--array=0-0:"):
+        parse_shard(None, {"SLURM_ARRAY_TASK_ID": "0", "SLURM_ARRAY_TASK_COUNT": "0"})
 
 
 def test_no_launcher_means_the_whole_list():
