@@ -56,8 +56,11 @@ class ProgressFile:
                           f"run starts again, and its next save replaces the file")
             return None
         if saved.get("what") != what:
-            raise ValueError(f"{self.path} holds the progress of another run (other arguments or tasks): delete it, "
-                             f"or give this run another progress file")
+            other = saved.get("what") if isinstance(saved.get("what"), dict) else {}
+            diff = [f"{k}: {other.get(k)} there" if k == "device" else k for k in sorted(set(other) | set(what))
+                    if other.get(k) != what.get(k)]
+            raise ValueError(f"{self.path} holds the progress of another run ({', '.join(diff)}): delete it, or give "
+                             f"this run another progress file")
         wall, cpu = saved["spent"]
         self.clock.update(wall=time.perf_counter() - wall, cpu=time.process_time() - cpu,
                           before={"wall_seconds": wall, "cpu_seconds": cpu})

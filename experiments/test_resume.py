@@ -129,8 +129,12 @@ def test_a_progress_file_of_another_run_is_refused(tok, task_dir, tmp_path):
     other = {"mode": "finetune", "config": resume.settings(dataclasses.replace(cfg, lr=0.5)), "tasks": ["toy"],
              "pretrain": None}
     resume.ProgressFile(path).save({}, other)
-    with pytest.raises(ValueError, match="holds the progress of another run"):
+    with pytest.raises(ValueError, match=r"holds the progress of another run \(config\): delete it"):
         resume.run_end_task(body, end, [], "finetune", cfg, path=path)
+    stage = tartan.Loop(cfg, ["toy"], [body], [], None, [])  # a stage saved on a GPU, resumed on this CPU
+    resume.ProgressFile(path).save({}, {"config": resume.settings(cfg), "tasks": ["toy"], "device": "cuda"})
+    with pytest.raises(ValueError, match=r"another run \(device: cuda there\)"):
+        resume.LoopProgress(resume.ProgressFile(path))("start", stage)
 
 
 def _killed_at(monkeypatch, step):
