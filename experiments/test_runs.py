@@ -161,10 +161,8 @@ def test_a_result_another_process_wrote_while_this_one_trained_is_not_overwritte
                "(train.max_steps: 4 here, 3 in the file): it is kept, this result is not" in text.err
 
 
-def test_a_run_killed_while_writing_its_files_keeps_its_progress_file(model_dir, data_dir, tmp_path, monkeypatch,
-                                                                    capsys):
-    """Killed after training, while its predictions are written (a time limit, say): the progress file is still there,
-    and the next call takes the trained run from it, trains no step, and then removes it."""
+def _killed_after_training(model_dir, data_dir, tmp_path, monkeypatch) -> list[str]:
+    """An MT run killed after training, while its predictions are written (a time limit, say); returns its argv."""
     monkeypatch.setenv("TARTAN_CACHE", str(tmp_path / "cache"))
     argv = ["--task", "aclarc", "--mode", "mt", "--seeds", "0", *cli_flags(model_dir, data_dir, str(tmp_path / "o"))]
     real_write = runs.write_predictions
@@ -172,9 +170,16 @@ def test_a_run_killed_while_writing_its_files_keeps_its_progress_file(model_dir,
     def killed(*args):
         raise KeyboardInterrupt
     monkeypatch.setattr(runs, "write_predictions", killed)
-    assert reproduce.main(argv) == 130
-    assert os.listdir(tmp_path / "cache" / "runs")
+    assert reproduce.main(argv) == 130 and len(os.listdir(tmp_path / "cache" / "runs")) == 1
     monkeypatch.setattr(runs, "write_predictions", real_write)
+    return argv
+
+
+def test_a_run_killed_while_writing_its_files_keeps_its_progress_file(model_dir, data_dir, tmp_path, monkeypatch,
+                                                                    capsys):
+    """The progress file of a run killed after training is still there, and the next call takes the trained run from
+    it, trains no step, and then removes it."""
+    argv = _killed_after_training(model_dir, data_dir, tmp_path, monkeypatch)
     monkeypatch.setattr(tartan, "clip_grad_norm", lambda *a: pytest.fail("a training step ran again"))
     capsys.readouterr()
     assert reproduce.main(argv) == 0
@@ -441,15 +446,7 @@ def test_a_diverged_run_stops_with_one_message_and_writes_no_result(model_dir, d
 def test_a_run_does_not_resume_under_other_runner_code(model_dir, data_dir, tmp_path, monkeypatch, capsys):
     """The progress file was named by tartan.py's digest alone: a run interrupted, then resumed after an edit to how
     the runner reads or subsets its data, mixed the two codes' work into one clean-looking result."""
-    monkeypatch.setenv("TARTAN_CACHE", str(tmp_path / "cache"))
-    argv = ["--task", "aclarc", "--mode", "mt", "--seeds", "0", *cli_flags(model_dir, data_dir, str(tmp_path / "o"))]
-    real_write = runs.write_predictions
-
-    def killed(*args):
-        raise KeyboardInterrupt
-    monkeypatch.setattr(runs, "write_predictions", killed)
-    assert reproduce.main(argv) == 130 and len(os.listdir(tmp_path / "cache" / "runs")) == 1
-    monkeypatch.setattr(runs, "write_predictions", real_write)
+    argv = _killed_after_training(model_dir, data_dir, tmp_path, monkeypatch)
     monkeypatch.setattr(runs, "RUNNER_SHA256", "the runner's modules, edited")
     capsys.readouterr()
     assert reproduce.main(argv) == 0
