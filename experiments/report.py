@@ -99,6 +99,7 @@ def render_table(number: int, cells: dict, results: dict, seeds, model: str, bud
                 cells.items() for r in runs if results.get(r, {}).get("config", {}).get("released_checkpoint")}
     text += [f"- {title} {label}: Eq. 2 on Gururangan et al.'s released checkpoint {ckpt} (Sec. 4), not re-trained"
              for title, label, ckpt in sorted(released)]
+    text += code_versions({f"{TASKS[t]['title']} {label}": runs for (t, label), runs in cells.items()}, results)
     text += [f"- {line}" for t in tasks for c in cols if c.mode in META_MODES
              if (line := meta_summary(c.label, TASKS[t]["title"], t, cells.get((t, c.label), []), results))]
     for t in tasks:  # per task: their sizes differ
@@ -278,7 +279,18 @@ def own_table(task: str, folder: str, metric: str, cells: dict, results: dict, b
         rows.append([mode, done[0].aux_label, ours, fmt(mean_std(cell_scores(results, done, "dev")), len(done)), p,
                      f"{np.mean(wall):.1f} s"])
     report = meta_report(task, {m: runs for m, runs in cells.items() if m in META_MODES}, results)
-    return "\n".join(lines + markdown_table(columns, rows) + [""] + report) + "\n"
+    code = code_versions(cells, results)
+    return "\n".join(lines + markdown_table(columns, rows) + [""] + code + ([""] if code else []) + report) + "\n"
+
+
+def code_versions(cells: dict, results: dict) -> list[str]:
+    """A note naming the cells (name -> runs) whose result files were made by more than one tartan.py (their
+    versions.tartan.py_sha256): one arm of them holds only where those versions give the same numbers."""
+    mixed = {name: len(shas) for name, runs in cells.items()
+             if len(shas := {results[r].get("versions", {}).get("tartan.py_sha256") for r in runs if r in results}) > 1}
+    return [f"- Result files made by more than one version of tartan.py are pooled in: "
+            + ", ".join(f"{name} ({n})" for name, n in mixed.items()) + ". One arm holds only where those versions give "
+            "the same numbers (test_a_short_run_gives_the_pinned_numbers checks that; else rerun them)."] if mixed else []
 
 
 def print_own_tables(out: str, own: dict, metric: str, runs: list, results: dict, modes, baseline, seeds) -> dict:

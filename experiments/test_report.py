@@ -46,6 +46,11 @@ def test_table_cells_p_values_and_warnings():
     assert "| CS | ACL-ARC | 70.00 ± 1.00 [69.27 ± 0.96] | 73.00 ± 1.00 [71.19 ± 4.88] | 0.050 (two-sided 0.100) |" in text
     assert "with 3 and 3 seeds the smallest one-sided p-value this test can give is 0.050" in text
     assert "that needs at least 4 seeds a side" in text
+    assert "more than one version of tartan.py" not in text  # results without versions: nothing to say
+    for run, sha in zip(cells["aclarc", "META"], ("a", "a", "b")):  # one run made by other code
+        results[run]["versions"] = {"tartan.py_sha256": sha}
+    assert "- Result files made by more than one version of tartan.py are pooled in: ACL-ARC META (2). One arm " \
+        "holds only where" in report.render_table(4, cells, results, [0, 1, 2], *paper_settings, "10x")
     # a cell of one seed has no spread: it said "± 0.00", as if the seeds had agreed
     assert report.score_cell([57.09], 3)[0] == "57.09 (n=1)" and common.fmt((57.09, 0.0)) == "57.09 ± 0.00"
 
