@@ -177,10 +177,16 @@ def run_end_task(body, end: tartan.Task, aux: list[tartan.Task], mode: str, cfg=
     return {**out, "resumed": stages.record.clock["before"]}
 
 
-def remove(path: str) -> None:
-    """Removes a run's progress files at `path`: the record of finished stages and each stage's own."""
+def remove(path: str, stale: float = 3600.0) -> None:
+    """Removes a run's progress files at `path`: the record of finished stages and each stage's own, and the
+    temporary files of saves cut off (a killed process) over `stale` seconds ago."""
     for stage in sorted(glob.glob(glob.escape(path) + ".stage*")):
         if not stage.endswith(".tmp"):  # a save in progress (another process's) is its own
             with contextlib.suppress(FileNotFoundError):  # removed by another process meanwhile
                 os.remove(stage)
+    folder, name = os.path.split(path)
+    for tmp in glob.glob(os.path.join(glob.escape(folder), glob.escape(f".{name}") + "*.tmp")):
+        with contextlib.suppress(FileNotFoundError):  # a save takes seconds: one this old was cut off
+            if time.time() - os.path.getmtime(tmp) > stale:
+                os.remove(tmp)
     ProgressFile(path).remove()

@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -180,12 +181,17 @@ def test_a_run_killed_while_writing_its_files_keeps_its_progress_file(model_dir,
     """The progress file of a run killed after training is still there, and the next call takes the trained run from
     it, trains no step, and then removes it."""
     argv = _killed_after_training(model_dir, data_dir, tmp_path, monkeypatch)
+    record = os.listdir(tmp_path / "cache" / "runs")[0]
+    cut = [tmp_path / "cache" / "runs" / f".{record}.stage0.{n}.tmp" for n in ("old", "new")]  # saves killed midway
+    for f in cut:
+        f.write_bytes(b"half a save")
+    os.utime(cut[0], (time.time() - 7200,) * 2)  # two hours ago: no save takes that long
     monkeypatch.setattr(tartan, "clip_grad_norm", lambda *a: pytest.fail("a training step ran again"))
     capsys.readouterr()
     assert reproduce.main(argv) == 0
     assert "resuming from its progress file" in capsys.readouterr().out
     assert results_in(str(tmp_path / "o")) == ["aclarc/mt__tapt__seed0.json"]
-    assert os.listdir(tmp_path / "cache" / "runs") == []
+    assert os.listdir(tmp_path / "cache" / "runs") == [cut[1].name]  # the recent one may be another process's save
 
 
 def test_a_progress_file_is_not_resumed_once_its_data_changed(model_dir, data_dir, tmp_path, monkeypatch, capsys):
