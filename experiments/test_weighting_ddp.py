@@ -1,5 +1,6 @@
 """The weightings under DistributedDataParallel (issue 30 item 2): two gloo processes on the CPU, each with its half of
 every batch, body and heads wrapped in DDP, the wrapped body handed to the weighting."""
+import gc
 import os
 import warnings
 
@@ -38,11 +39,20 @@ def train(meta, rank=0, world=1):
     return {"params": params, "w": weighting.w.clone(), "alpha": info["alpha"], "losses": info["losses"]}
 
 
+def teardown():
+    """Collects what is left of the DDP wrappers (their reducers use the process group) while the group is alive, and
+    waits for the other rank before the group goes: once in a CI run a rank aborted at exit ("terminate called
+    without an active exception"), the kind of abort a group torn down under a live reducer or peer gives."""
+    gc.collect()
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def worker(rank, init, out):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=WORLD)
     torch.save({meta: train(meta, rank, WORLD) for meta in (False, True)}, os.path.join(out, f"{rank}.pt"))
-    dist.destroy_process_group()
+    teardown()
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch without torch.distributed")
@@ -151,7 +161,7 @@ def worker_more(rank, init, out):
     results = {mode: one_step(rank, WORLD, mode) for mode in ("DDP", "MT", "META")}
     results.update({wrap: compiled_or_inner(rank, WORLD, wrap) for wrap in ("compiled", "inner")})
     torch.save(results, os.path.join(out, f"{rank}.pt"))
-    dist.destroy_process_group()
+    teardown()
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch without torch.distributed")
