@@ -786,6 +786,7 @@ def check_tasks(end: Task | None, aux: list[Task], cfg: TrainConfig, meta: bool 
     for t in tasks:
         _check_tied_head(body, t)
         _check_head_body(body, t)
+        _check_lengths(body, t)
 
 def check_classes(name: str, C: int) -> None:
     """An end-task with one class has a loss of 0 and an F1 of 1 whatever the body does: a DataError."""
@@ -817,6 +818,18 @@ def _check_tied_head(body: nn.Module | None, t: Task) -> None:
         _require(any(p is embedding for p in params) or not any(p.shape == embedding.shape for p in params),
                  f"task '{t.name}': its MLM head's decoder is not tied to this body's input embedding, as the "
                  f"checkpoint's config says: it was built for another body (build it again with this body)")
+
+def _check_lengths(body: nn.Module | None, t: Task) -> None:
+    """A ValueError for TextData rows longer than an HFBody's learned position embeddings take (an obscure failure
+    inside the model otherwise)."""
+    table = getattr(getattr(getattr(body, "encoder", None), "embeddings", None), "position_embeddings", None)
+    if isinstance(body, HFBody) and isinstance(table, nn.Embedding):
+        pad = getattr(body.encoder.embeddings, "padding_idx", None)  # RoBERTa: positions padding_idx + 1 on
+        limit = table.num_embeddings - (0 if pad is None else pad + 1)
+        for split, data in {"train": t.train, "dev": t.dev, "test": t.test}.items():
+            longest = max(map(len, data.ids), default=0) if isinstance(data, TextData) else 0
+            _require(longest <= limit, f"task '{t.name}': its {split} split has a row of {longest} tokens, more than "
+                     f"the body's {limit} positions: truncate the rows (tokenizer truncation=True, max_length={limit})")
 
 class _TrainedWith:
     """A head's mark: the body it trained with, weakly (a pickled or copied head forgets it)."""

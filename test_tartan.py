@@ -381,6 +381,27 @@ def test_each_aux_task_has_its_own_head_but_the_tied_decoder_stays_the_body_embe
     assert id(emb) not in head_ids and len(head_ids) > 0
 
 
+@pytest.mark.parametrize("kind, limit", [("bert", 16), ("roberta", 14)])  # RoBERTa's positions start at pad + 1
+def test_rows_longer_than_the_position_embeddings_are_refused_before_the_model_fails(kind, limit):
+    config, model = {"bert": (transformers.BertConfig, transformers.BertModel),
+                     "roberta": (transformers.RobertaConfig, transformers.RobertaModel)}[kind]
+    body = tartan.HFBody(model(config(vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                      intermediate_size=16, max_position_embeddings=16, pad_token_id=1)))
+    data = [tartan.TextData([[0] + [5] * (n - 2) + [2]] * 4, [0, 1, 0, 1], pad_id=1) for n in (limit, limit + 1)]
+    cfg = tartan.FinetuneConfig(max_steps=1, batch_size=2)
+    fits = tartan.Task("end", tartan.ClassificationHead(16, 2), train=data[0], dev=data[0], num_labels=2)
+    tartan.check_tasks(fits, [], cfg, body=body)
+    body(**data[0].batch([0, 1])[0])  # the longest allowed row does go through the model
+    for split in ("train", "dev", "test"):
+        parts = {"train": data[0], "dev": data[0], "test": data[0], split: data[1]}
+        task = tartan.Task("end", tartan.ClassificationHead(16, 2), **parts, num_labels=2)
+        with pytest.raises(ValueError, match=rf"task 'end': its {split} split has a row of {limit + 1} tokens, more "
+                                             rf"than the body's {limit} positions: truncate"):
+            tartan.check_tasks(task, [], cfg, body=body)
+    with pytest.raises((IndexError, RuntimeError)):  # what the check saves a user from
+        body(**data[1].batch([0, 1])[0])
+
+
 @pytest.mark.parametrize("head_init", ["checkpoint", "random"])
 def test_mlm_head_starts_from_the_checkpoint_or_at_random(tok, task_dir, head_init):
     body, mlm = make_model(tok)
