@@ -190,3 +190,19 @@ def remove(path: str, stale: float = 3600.0) -> None:
             if time.time() - os.path.getmtime(tmp) > stale:
                 os.remove(tmp)
     ProgressFile(path).remove()
+
+
+def untouched(folder: str, days: float = 7.0) -> str | None:
+    """A note on the progress files in `folder` not saved to for `days`: runs stopped and never resumed, or whose
+    flags, data or code have changed since (no command will continue them). They are never removed unasked."""
+    runs = {}  # a run's files: its record (KEY.pt) and its stages' (KEY.pt.stageI)
+    for f in glob.glob(os.path.join(glob.escape(folder), "*.pt*")):
+        with contextlib.suppress(FileNotFoundError):  # removed by a run finishing meanwhile
+            runs.setdefault(os.path.basename(f).split(".pt")[0], []).append((os.path.getmtime(f), os.path.getsize(f)))
+    old = [files for files in runs.values() if time.time() - max(t for t, _ in files) > days * 86400]
+    if not old:
+        return None
+    size = sum(n for files in old for _, n in files) / 2**30
+    return (f"note: {folder} holds the progress files of {len(old)} run(s), {size:.1f} GiB, not saved to for over "
+            f"{days:g} days: runs never resumed, or whose flags, data or code changed; delete them unless you will "
+            f"resume them")

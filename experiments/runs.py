@@ -34,7 +34,7 @@ from .own import own_corpus_file
 from . import resume, tasks
 from .paper import (BUDGETS, PAPER_MAX_LENGTH, PAPER_WARM_HEAD, PRETRAIN_MODES, PRETRAIN_TEXT_MODES, QUICK, RELEASED,
                     TARTAN_MODES, TASKS, VISION, VISION_META, metric_field, tartan_mode)
-from .store import Checkpoints, DataFiles, corpus_texts, progress_path
+from .store import Checkpoints, DataFiles, cache_path, corpus_texts, progress_path
 from .vision import MAMMALS, WideResNet, mammals_tasks
 
 @dataclass(frozen=True)
@@ -631,6 +631,8 @@ def execute_all(ws: Workspace, runs: list[Run]) -> dict[Run, dict]:
             raise ReproduceError(f"--out {out}: results cannot be written there ({e})") from None
     if results:
         print(f"{len(results)} of {len(runs)} runs already complete in {out}: skipped")
+    if todo and (note := resume.untouched(cache_path("runs"))):
+        print(note, flush=True)
     bar = progress_bar(len(todo), ws.settings.progress and len(todo) > 1, "runs")
     for i, run in enumerate(todo, 1):
         bar.set_description(str(run))

@@ -4,6 +4,7 @@ import functools
 import math
 import os
 import tempfile
+import time
 import warnings
 
 import pytest
@@ -203,3 +204,21 @@ def test_two_processes_saving_one_progress_file_do_not_tear_it(tmp_path, monkeyp
         first.save({"by": "first"}, "run")
     assert first.every != math.inf and resume.ProgressFile(path).load("run")["by"] == "first"
     assert os.listdir(tmp_path) == ["run.pt"]
+
+
+def test_progress_files_left_for_a_week_are_noted_by_run_never_removed(tmp_path):
+    """A run counts as untouched when none of its files (record, stages) has been saved to for the period; a save
+    cut off (.tmp) is not a run's; nothing is removed."""
+    def file(name, days_ago, size=1024):
+        with open(tmp_path / name, "wb") as f:
+            f.truncate(size)  # sparse: the size without the writes
+        os.utime(tmp_path / name, (time.time() - days_ago * 86400,) * 2)
+    file("a.pt", 9), file("a.pt.stage1", 1)  # a long stage that still saves: a live run
+    file(".b.pt.stage0.123.tmp", 30)
+    assert resume.untouched(str(tmp_path)) is None
+    file("c.pt", 9, 2**29), file("c.pt.stage0", 8, 2**29)
+    file("d.pt.stage0", 10, 2**29)
+    note = resume.untouched(str(tmp_path))
+    assert note.startswith(f"note: {tmp_path} holds the progress files of 2 run(s), 1.5 GiB, not saved to for over "
+                           f"7 days")
+    assert len(list(tmp_path.iterdir())) == 6

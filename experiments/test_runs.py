@@ -214,7 +214,18 @@ def test_a_progress_file_is_not_resumed_once_its_data_changed(model_dir, data_di
     open(train, "w").write("\n".join(lines[1:] + lines[:1]) + "\n")  # the same examples, in another order
     capsys.readouterr()
     assert reproduce.main(argv) == 0
-    assert "resuming" not in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "resuming" not in out and "progress files of" not in out
+    runs = tmp_path / "cache" / "runs"
+    left = list(runs.iterdir())  # the first data's run, which no command will continue: noted once a week old
+    assert left
+    week_ago = time.time() - 8 * 86400
+    for f in left:
+        os.utime(f, (week_ago, week_ago))
+    assert reproduce.main([("1" if a == "0" else a) for a in argv]) == 0  # another run (seed 1) to train
+    assert (f"note: {runs} holds the progress files of 1 run(s), 0.0 GiB, not saved to for over 7 days: runs never "
+            f"resumed, or whose flags, data or code changed; delete them") in capsys.readouterr().out
+    assert sorted(runs.iterdir()) == sorted(left)  # never removed unasked
 
 
 def test_a_result_made_from_other_data_is_refused_not_reused(model_dir, data_dir, tmp_path, capsys):
