@@ -466,6 +466,7 @@ class Workspace:
         self.data = DataFiles(settings.data_dir, settings.data_url, settings.progress)
         self.models = Checkpoints(settings.model, settings.checkpoint_dir, device)
         self.save_dirs = {}  # run -> folder of its saved model (--save-model), set by execute_all
+        self.meanwhile = set()  # runs whose result another process wrote while this command ran (not trained here)
 
     def config(self, run: Run) -> dict:
         return run_config(self.settings, self.models, run)
@@ -539,6 +540,7 @@ class Workspace:
         path = run.path(self.settings.out)
         if (done := self.finished(run)) is not None:
             print(f"{run}: finished meanwhile by another process; its result {path} is kept", flush=True)
+            self.meanwhile.add(run)
             return done
         for old in (path, predictions_path(path)):  # --rerun, or a file cut off: it goes first, its predictions
             if os.path.exists(old):                 # with it, so that no new predictions or model ever sit beside it
@@ -568,6 +570,7 @@ class Workspace:
                 raise ReproduceError(f"{path} was written by another process while {run} trained here, with another "
                                      f"config ({'; '.join(diff[:2])}): it is kept, this result is not (another --out)")
             print(f"{run}: finished meanwhile by another process; its result {path} is kept", flush=True)
+            self.meanwhile.add(run)
             resume.remove(progress)
             return theirs
         metric = self.settings.task_metric(run.task)
@@ -639,15 +642,16 @@ def execute_all(ws: Workspace, runs: list[Run]) -> dict[Run, dict]:
         rec = ws.execute(run)
         results[run] = rec
         h = rec["headline"]
-        print(f"[{i}/{len(todo)}] {run}: dev {h['metric']} {h['dev']:.4f}, test {h['metric']} {h['test']:.4f}, "
-              f"{rec['steps']} steps, {rec['wall_seconds']:.1f} s -> {run.path(out)}", flush=True)
+        if run not in ws.meanwhile:  # which said so itself
+            print(f"[{i}/{len(todo)}] {run}: dev {h['metric']} {h['dev']:.4f}, test {h['metric']} {h['test']:.4f}, "
+                  f"{rec['steps']} steps, {rec['wall_seconds']:.1f} s -> {run.path(out)}", flush=True)
         bar.update(1)
     bar.close()
-    if results and len(results) > len(todo) and ws.settings.save_model:
-        warn(f"{len(results) - len(todo)} run(s) were complete already and were not trained again: --save-model saved "
+    if results and (skipped := len(results) - len(todo) + len(ws.meanwhile)) and ws.settings.save_model:
+        warn(f"{skipped} run(s) were complete already and were not trained again: --save-model saved "
              f"no model for them (--rerun trains them again)")
     if shard.count > 1:
-        raise Finished(shard_summary(shard, runs, results, todo))
+        raise Finished(shard_summary(shard, runs, results, [r for r in todo if r not in ws.meanwhile]))
     return results
 
 

@@ -130,7 +130,27 @@ def test_a_result_another_process_wrote_meanwhile_is_kept(model_dir, data_dir, t
                            *cli_flags(model_dir, data_dir, out)]) == 0
     assert trained == [0, "trained", 1]
     assert open(os.path.join(out, "aclarc", "finetune__none__seed1.json")).read() == open(theirs).read()
-    assert "aclarc finetune seed 1: finished meanwhile by another process" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert "aclarc finetune seed 1: finished meanwhile by another process" in text
+    assert "[1/2] aclarc finetune seed 0: dev" in text and "[2/2]" not in text  # not reported as trained here
+
+
+def test_a_shard_counts_a_run_finished_meanwhile_as_complete_not_trained(model_dir, data_dir, tmp_path, monkeypatch,
+                                                                         capsys):
+    out, other = str(tmp_path / "out"), str(tmp_path / "other")
+    assert reproduce.main(["--task", "aclarc", "--mode", "finetune", "--seeds", "2",
+                           *cli_flags(model_dir, data_dir, other)]) == 0
+    real = runs.Workspace.execute
+
+    def meanwhile(self, run):  # seed 2's result, from another process, lands as this shard reaches it
+        if run.seed == 2:
+            shutil.copy(os.path.join(other, "aclarc", "finetune__none__seed2.json"), os.path.join(out, "aclarc"))
+        return real(self, run)
+    monkeypatch.setattr(runs.Workspace, "execute", meanwhile)
+    capsys.readouterr()
+    assert reproduce.main(["--task", "aclarc", "--mode", "finetune", "--seeds", "0-3", "--shard", "0/2",
+                           *cli_flags(model_dir, data_dir, out)]) == 0
+    assert "2 run(s) of the command are this shard's; 1 trained now, 1 complete already" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("same", [True, False])
