@@ -58,8 +58,8 @@ def parse_seeds(text: str) -> list[int]:
 
 
 def _paper(field: str, **configs) -> str:
-    """The paper's value of a config field in each named config, e.g. 'MT/META 0.0001, Eq. 2 2e-05'."""
-    labels = {"mt": "MT/META", "eq2": "Eq. 2", "eq1": "Eq. 1", "final": "final", "meta": "paper"}
+    """A config field's default (the paper's, else the release's) per named config: 'MT/META 0.0001, Eq. 2 2e-05'."""
+    labels = {"mt": "MT/META", "eq2": "Eq. 2", "eq1": "Eq. 1", "final": "final", "meta": "default"}
     return ", ".join(f"{labels[k]} {getattr(cfg, field):g}" if isinstance(getattr(cfg, field), float) else
                      f"{labels[k]} {getattr(cfg, field)}" for k, cfg in configs.items())
 
@@ -187,7 +187,7 @@ def _budget_flags(budget, add) -> None:
         help="a named reduced budget (printed under the table and stored in each result file): "
              + "; ".join(f"{name} = {describe_budget(name)}" for name in sorted(BUDGETS)))
     add(budget, "--max-length", type=int, metavar="T",
-        help=f"tokens per example, all data (paper {PAPER_MAX_LENGTH}; bench: see below)")
+        help=f"tokens per example, all data (release {PAPER_MAX_LENGTH}; bench: see below)")
     add(budget, "--limit", type=int, metavar="N",
         help="use a fixed random N examples of each split and N lines of each corpus (smoke runs)")
     add(budget, "--batch-size", type=int,

@@ -6,8 +6,9 @@ from cos(g_meta, g_i), g_meta the end-task validation gradient through a fitted 
 1 body and heads, 2 masking, 3 tasks, 4 configs, 5 the loop, 6 MT-TARTAN, 7 META-TARTAN, 8 entry points, 9 evaluation,
 10 the permutation test (A.2); appendix: A data, B contracts, C plumbing. Shapes: B batch, T tokens, H hidden,
 C classes, V vocabulary, M masked positions, P body parameters, K = n + 1 tasks (end-task first). Where the paper and
-the authors' released code disagree, this file follows the paper and says so. Data order and masking use generators
-seeded by the config; initialisation and dropout use torch's global generator, which the caller seeds.
+the authors' released code disagree, this file follows the paper except where it says otherwise (the README lists each
+departure). Data order and masking use generators seeded by the config; initialisation and dropout use torch's global
+generator, which the caller seeds.
 """
 from __future__ import annotations
 
@@ -114,7 +115,7 @@ class Task:
     train: TextData | TensorData
     masking: Masking | None = None             # set for MLM tasks: batches are corrupted by mask_tokens
     dev: TextData | TensorData | None = None   # end-task only
-    test: TextData | TensorData | None = None  # end-task only; touched once, for the selected model
+    test: TextData | TensorData | None = None  # end-task only; scored for the selected model (eval_test: curves)
     num_labels: int = 0                        # classes C; META's phi* needs it
     metric: str = "macro_f1"                   # headline metric: "macro_f1" or "micro_f1" (Table 1)
 
@@ -725,7 +726,7 @@ def new_mlm_head(template: MLMHead, body: nn.Module, init: str = "checkpoint") -
 # B. Contracts and divergence: checked before the first step, and at every step.
 
 class DataError(ValueError):
-    """Bad input data. The message names the file and, where there is one, the line."""
+    """Bad input data: the message names where (the file and line, or the task)."""
 
 class DivergedError(RuntimeError):
     """A training loss turned NaN or infinite: the run stops, and no result of it should be reported."""

@@ -126,13 +126,14 @@ def test_the_default_data_folder_is_under_tartan_cache(monkeypatch):
     assert reproduce.build_parser()[0].get_default("data_dir") == os.path.join("/scratch/me/tartan", "data")
 
 
-def test_help_shows_the_paper_defaults_read_from_tartans_configs(capsys):
+def test_help_shows_the_defaults_read_from_tartans_configs(capsys):
     with pytest.raises(SystemExit):
         reproduce.main(["--help"])
     text = " ".join(capsys.readouterr().out.split())
     mt, eq2, meta = tartan.TrainConfig(), tartan.FinetuneConfig(), tartan.MetaConfig()
     assert f"(MT/META {mt.lr:g}, Eq. 2 {eq2.lr:g})" in text
-    assert f"(paper {meta.meta_lr:g}; vision" in text
+    assert f"(default {meta.meta_lr:g}; vision" in text
+    assert f"(release {paper.PAPER_MAX_LENGTH}; bench" in text  # the paper gives no length
     assert f"final Eq. 2 after MT/META: body learning rate (final {tartan.tartan_finetune().lr:g})" in text
     assert f"Eq. 1: MLM head learning rate (Eq. 1 {tartan.PretrainConfig().head_lr:g})" in text
     assert "benchmark (--bench;" in text and "--bench-steps" in text and "--default-malloc" in text
