@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 
 import torch
 
@@ -35,6 +36,13 @@ def check_save_dir(folder: str) -> None:
     if os.path.exists(folder) and not os.path.isfile(os.path.join(folder, INFO_FILE)):
         raise ReproduceError(f"--save-model {folder}: the folder exists and is not a model saved by --save-model; "
                              f"choose a new folder")
+    try:  # the model is written beside the folder, then renamed: where it goes must take a file
+        os.makedirs(os.path.dirname(os.path.abspath(folder)), exist_ok=True)
+        with tempfile.TemporaryFile(dir=os.path.dirname(os.path.abspath(folder))):
+            pass
+    except OSError as e:
+        raise ReproduceError(f"--save-model {folder}: a model cannot be written there ({e}); choose another "
+                             f"folder") from None
 
 
 def save_model_atomic(folder: str, body, head, tokenizer, info: dict) -> None:

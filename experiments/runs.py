@@ -313,6 +313,15 @@ def make_run(task: str, mode: str, aux: str | None, seed: int, dapt: str, aux_fi
         names += list(aux_files)
     return Run(task, mode, tuple(names), seed)
 
+def _file_identity(path: str) -> tuple | None:
+    """What tells a file from one written over it since: its inode, size and modification time (None: no file)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
 def load_result(path: str, run: Run | None = None) -> dict | None:
     """A complete result file (for `run`), or None when there is none or it is incomplete or unreadable."""
     try:
@@ -542,9 +551,7 @@ class Workspace:
             print(f"{run}: finished meanwhile by another process; its result {path} is kept", flush=True)
             self.meanwhile.add(run)
             return done
-        for old in (path, predictions_path(path)):  # --rerun, or a file cut off: it goes first, its predictions
-            if os.path.exists(old):                 # with it, so that no new predictions or model ever sit beside it
-                os.remove(old)
+        replaced = _file_identity(path)  # --rerun's old result (or a file cut off): kept until this run has trained
         mode, corpora = self.settings.stages(run)
         cfg, pre = make_configs(self.settings.budget, run.task, run.mode, run.seed, len(corpora),
                                 self.settings.progress)
@@ -565,7 +572,8 @@ class Workspace:
             when = time.strftime("%Y-%m-%d %H:%M", time.localtime(max(map(os.path.getmtime, saved))))
             print(f"{run}: resuming from its progress file {progress} (last saved {when})", flush=True)
         out = resume.run_end_task(body, end, aux, mode, cfg, pre, progress, keep=True)
-        if (theirs := load_result(path, run)) is not None:  # an overlapping command finished it while this one trained
+        theirs = load_result(path, run) if _file_identity(path) != replaced else None
+        if theirs is not None:  # an overlapping command finished it while this one trained
             if diff := config_diff(config, theirs["config"]):
                 raise ReproduceError(f"{path} was written by another process while {run} trained here, with another "
                                      f"config ({'; '.join(diff[:2])}): it is kept, this result is not (another --out)")
@@ -584,11 +592,14 @@ class Workspace:
         else:
             folder = self.settings.task_folder(run.task)
             labels, lines = self.data.labels(folder), self.data.test_lines(folder, self.settings.budget.examples)
-        write_predictions(predictions_path(path), end, out["test_predictions"], lines, labels)
-        if self.save_dirs.get(run):
+        for old in (path, predictions_path(path)):  # the old result goes first, its predictions with it, so that
+            if os.path.exists(old):                 # no new predictions or model ever sit beside it
+                os.remove(old)
+        if self.save_dirs.get(run):  # before the predictions: a model that cannot be saved leaves nothing behind
             tokenizer = self.models.load(self.settings.released(run))[2] if run.task != "mammals" else None
             save_model_atomic(self.save_dirs[run], body, end.head, tokenizer,
                               {"task": run.task, "labels": labels, "metric": metric, "key": run.key})
+        write_predictions(predictions_path(path), end, out["test_predictions"], lines, labels)
         atomic_write_json(path, record)
         resume.remove(progress)  # only now: had anything above failed, a new call takes the result from it
         del body, end, aux

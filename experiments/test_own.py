@@ -189,6 +189,18 @@ def test_save_model_into_a_folder_that_is_not_a_saved_model_fails_before_trainin
     assert os.listdir(folder) == ["notes.txt"]
 
 
+def test_save_model_where_no_folder_can_be_made_fails_before_training(model_dir, own_dir, tmp_path, monkeypatch,
+                                                                     capsys):
+    (tmp_path / "a_file").write_text("mine")
+    folder = str(tmp_path / "a_file" / "model")
+    monkeypatch.setattr(tartan, "run_end_task", lambda *a, **k: pytest.fail("trained before the folder was checked"))
+    assert reproduce.main(["--task-dir", own_dir, "--mode", "finetune", "--seeds", "0", "--save-model", folder,
+                           *own_flags(model_dir, str(tmp_path / "out"))]) == 1
+    err = capsys.readouterr().err
+    assert f"--save-model {folder}: a model cannot be written there (" in err and err.count("\n") == 1
+    assert not results_in(str(tmp_path / "out"))
+
+
 def test_save_model_inside_or_above_out_is_refused(capsys):
     for save, out in (("res", "res"), ("res", "res/sub"), ("res/m", "res")):
         with pytest.raises(SystemExit) as e:

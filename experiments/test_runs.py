@@ -350,7 +350,7 @@ def test_max_length_beyond_the_model_repeated_modes_and_an_interrupted_rerun(mod
     """Found by a review of the command line: --max-length above the model's position embeddings died in the body
     with a torch traceback; --task aclarc aclarc --mode finetune finetune ran each seed twice and counted it twice in
     the mean ± std; --rerun with --report-only hid the result files there; a --rerun stopped part-way left the old
-    run's predictions file beside no result."""
+    run's predictions file beside no result, then (a later review) lost the old result: it now keeps both."""
     out = str(tmp_path / "out")
     run = ["--task", "aclarc", "--mode", "finetune", "--seeds", "0", *cli_flags(model_dir, data_dir, out)]
     positions = transformers.AutoConfig.from_pretrained(model_dir).max_position_embeddings
@@ -367,11 +367,15 @@ def test_max_length_beyond_the_model_repeated_modes_and_an_interrupted_rerun(mod
         reproduce.main(run + ["--report-only", "--rerun"])
     assert "--rerun does not apply to --report-only (it trains nothing)" in capsys.readouterr().err
 
+    files = [os.path.join(out, "aclarc", f"finetune__none__seed0{end}") for end in (".json", ".predictions.jsonl")]
+    before = [open(f).read() for f in files]
+
     def stopped(*args, **kwargs):
         raise KeyboardInterrupt
     monkeypatch.setattr(runs.resume, "run_end_task", stopped)
     assert reproduce.main(run + ["--rerun"]) == 130
-    assert not [f for _, _, fs in os.walk(out) for f in fs if f.startswith("finetune__none__seed0")]
+    assert [open(f).read() for f in files] == before  # the finished run stays until its replacement has trained
+    assert sorted(f for _, _, fs in os.walk(out) for f in fs if "seed0" in f) == sorted(map(os.path.basename, files))
 
 
 def test_no_arguments_prints_usage_pointing_to_the_demo(capsys):
