@@ -38,7 +38,7 @@ def progress_path(config: dict, code_sha256) -> str:
 def corpus_texts(path: str) -> list[str] | str:
     """What tasks.mlm_task takes for an auxiliary corpus file: the texts of a JSONL split (a task of your own with
     no train.txt, or a .jsonl --aux-file: one {"text", "label"} object a line), else the path of a line file."""
-    return tasks.read_jsonl(path)[0] if path.endswith(".jsonl") else path
+    return tasks.read_jsonl(path)[0] if path.lower().endswith(".jsonl") else path
 
 
 class DataFiles:

@@ -18,7 +18,7 @@ from tartan import _describe as describe
 
 def read_jsonl(path: str) -> tuple[list[str], list[str], list[int]]:
     """Texts, labels and line numbers of a JSONL split. Blank lines are skipped; anything else malformed is an error."""
-    texts, labels, lines, empty = [], [], [], []
+    texts, labels, lines, empty, kinds = [], [], [], [], {}  # kinds: is a string -> the first line of that kind
     for lineno, line in _numbered_lines(path):
         if not line.strip():
             continue
@@ -26,7 +26,8 @@ def read_jsonl(path: str) -> tuple[list[str], list[str], list[int]]:
             obj = json.loads(line, object_pairs_hook=_unique_keys)
         except json.JSONDecodeError as e:
             where = f"{e.msg.removesuffix(' at')} at character {e.pos + 1}"  # json's msg may end in a bare "at"
-            raise DataError(f"{path}, line {lineno}: malformed JSON ({where})") from None
+            cr = "; its lines end in CR alone: convert them to LF" if "\r" in line.rstrip("\r\n") else ""
+            raise DataError(f"{path}, line {lineno}: malformed JSON ({where}){cr}") from None
         except (ValueError, RecursionError) as e:  # a key given twice; arrays nested past Python's stack
             raise DataError(f"{path}, line {lineno}: {e if isinstance(e, ValueError) else 'JSON nested too deep'}") \
                 from None
@@ -45,6 +46,11 @@ def read_jsonl(path: str) -> tuple[list[str], list[str], list[int]]:
         if not _is_label(obj["label"]):
             raise DataError(f"{path}, line {lineno}: 'label' must be a non-empty string or an integer, not "
                             f"{obj['label']!r}")
+        kinds.setdefault(isinstance(obj["label"], str), lineno)
+        if len(kinds) > 1:  # 1 and "1" would be one class
+            here, there = ("a string", "an integer") if isinstance(obj["label"], str) else ("an integer", "a string")
+            raise DataError(f"{path}, line {lineno}: label {obj['label']!r} is {here}, line "
+                            f"{kinds[not isinstance(obj['label'], str)]}'s {there}: write every label one way")
         texts.append(obj["text"])
         labels.append(str(obj["label"]))
         lines.append(lineno)
@@ -81,15 +87,14 @@ def _numbered_lines(path: str):
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
             try:
-                yield lineno, raw.decode("utf-8")
+                yield lineno, raw.decode("utf-8").removeprefix("\ufeff" if lineno == 1 else "")  # a BOM is no text
             except UnicodeDecodeError as e:
                 raise DataError(f"{path}, line {lineno}: not UTF-8 text ({e.reason})") from None
 
 
 def read_lines(path: str) -> list[str]:
     """One auxiliary MLM example per non-blank line (the TAPT/DAPT corpora)."""
-    lines = [line.removeprefix("\ufeff").strip() for _, line in _numbered_lines(path)  # a BOM is no text
-             if line.removeprefix("\ufeff").strip()]
+    lines = [line.strip() for _, line in _numbered_lines(path) if line.strip()]
     if not lines:
         raise DataError(f"{path}: empty file (no lines of text)")
     return lines

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import tartan
-from experiments import models, tasks
+from experiments import models, store, tasks
 from test_tartan import Lin, build, small_config, task_dir, tok, transformers  # noqa: F401 (fixtures)
 
 
@@ -73,6 +73,23 @@ def test_missing_and_empty_files(tmp_path):
     (tmp_path / "bom-only.txt").write_text("\ufeff\n", encoding="utf-8")
     with pytest.raises(tartan.DataError, match="bom-only.txt: empty file"):
         tasks.read_lines(str(tmp_path / "bom-only.txt"))
+
+
+def test_a_jsonl_split_with_a_bom_mixed_label_kinds_or_cr_line_ends(tmp_path):
+    rows = [{"text": "w1 w2", "label": 1}, {"text": "w3", "label": 2}]
+    bom = tmp_path / "bom.jsonl"
+    bom.write_text("\ufeff" + "\n".join(map(json.dumps, rows)) + "\n", encoding="utf-8")  # an editor's BOM
+    assert tasks.read_jsonl(str(bom))[:2] == (["w1 w2", "w3"], ["1", "2"])
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text("\n".join(map(json.dumps, rows + [{"text": "w4", "label": "1"}])) + "\n")
+    with pytest.raises(tartan.DataError, match=r"mixed.jsonl, line 3: label '1' is a string, line 1's an integer: "
+                                               r"write every label one way"):
+        tasks.read_jsonl(str(mixed))
+    cr = tmp_path / "cr.jsonl"
+    cr.write_bytes("\r".join(map(json.dumps, rows)).encode() + b"\r")
+    with pytest.raises(tartan.DataError, match=r"cr.jsonl, line 1: malformed JSON \(Extra data at character 31\); its "
+                                               r"lines end in CR alone: convert them to LF"):
+        tasks.read_jsonl(str(cr))
 
 
 def test_missing_model_path_is_a_clear_error(tmp_path):
@@ -233,3 +250,10 @@ def test_the_readme_own_code_example_runs_as_printed(model_dir, task_dir, capsys
     printed = capsys.readouterr().out.strip()
     macro_f1, final_alpha = printed.split(" ", 1)[0], printed.split(" ", 1)[1]
     assert 0 <= float(macro_f1) <= 1 and "'aclarc'" in final_alpha and "'tapt'" in final_alpha
+
+
+def test_a_jsonl_corpus_is_read_as_jsonl_whatever_the_case_of_its_extension(tmp_path):
+    upper = tmp_path / "corpus.JSONL"
+    upper.write_text(json.dumps({"text": "w1 w2", "label": "a"}) + "\n")  # not one MLM example of raw JSON
+    assert store.corpus_texts(str(upper)) == ["w1 w2"]
+    assert store.corpus_texts(str(tmp_path / "corpus.txt")) == str(tmp_path / "corpus.txt")  # a line file: its path
