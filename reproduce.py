@@ -38,23 +38,11 @@ from experiments.launch import Finished, parse_shard, shard_device
 from experiments.own import default_baseline, own_tasks
 from experiments.paper import (BUDGETS, DAPT_FILES, FIGURES, PAPER_BODY, PAPER_MAX_LENGTH, PAPER_WARM_HEAD, QUICK,
                                TABLES, TARTAN_MODES, TASKS, TEXT_MODES, VISION_META, VISION_MODES)
-from experiments.flags import BENCH, CONFIG_FLAGS, DEMO, DIAGNOSE, FIGURE, FLAGS, RUNS, TABLE, TRAINING
+from experiments.flags import (BENCH, CONFIG_FLAGS, DEMO, DIAGNOSE, FIGURE, FLAGS, RUNS, TABLE, TRAINING, parse_seeds,
+                               repeated)
 from experiments.runs import Budget, Settings, Workspace, describe_budget
 from experiments.store import cache_path
 from experiments.tables import figure_modes, reads_dapt, run_family, run_figure, run_table, table_columns
-
-
-def parse_seeds(text: str) -> list[int]:
-    seeds = []
-    try:
-        for part in text.split(","):
-            a, _, b = part.partition("-")
-            seeds += list(range(int(a), int(b) + 1)) if b else [int(a)]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a seed list such as 0-9, 3 or 0,2,5") from None
-    if not seeds or min(seeds) < 0:
-        raise argparse.ArgumentTypeError(f"'{text}' gives no non-negative seeds")
-    return list(dict.fromkeys(seeds))
 
 
 def _paper(field: str, **configs) -> str:
@@ -366,6 +354,10 @@ def _check_combinations(parser, args, command: str, modes: tuple[str, ...]) -> N
                      "--data-dir holds the paper's tasks)")
     if command in TRAINING + (DEMO, BENCH) and os.path.exists(args.out) and not os.path.isdir(args.out):
         parser.error(f"--out {args.out}: a file, not a folder")
+    for flag, value in (("--out", args.out), ("--save-model", args.save_model), ("--model", args.model),
+                        ("--data-dir", args.data_dir)):
+        if value is not None and not value.strip():
+            parser.error(f"{flag} is empty: give a folder{' or a Hub id' if flag == '--model' else ''}")
     if args.report_only and args.download_only:
         parser.error("choose one of --report-only and --download-only")
     if args.save_model:
@@ -436,6 +428,8 @@ def _main(argv) -> int:
         print(USAGE)
         return 0
     args = parser.parse_args(argv, argparse.Namespace(argv=["reproduce.py", *argv]))  # argv: what results record
+    if flag := repeated(parser, argv):
+        parser.error(f"{flag} is given twice: give it once (with every value it takes)")
     args.task, args.mode = (list(dict.fromkeys(v)) if v else v for v in (args.task, args.mode))  # each named once
     command, named, modes = _command(parser, args)
     _check_flags(parser, args, scope, command, named, modes, _given(argv))

@@ -98,3 +98,33 @@ def check_flag_config(cfg: tartan.TrainConfig, stage: str, where: str, command: 
         pattern = r"\b(?:[A-Za-z]+Config\.)?(" + "|".join(names) + r")\b(?:=(?:'([^']*)'|([^\s:,;)]+)))?"
         text = re.sub(pattern, lambda m: " ".join(filter(None, (option(names[m[1]]), m[2] or m[3]))), str(e))
         raise ReproduceError(f"{text} ({where})") from None
+
+
+MAX_SEEDS = 10_000  # a list longer than any sweep is a typo (0-999999999), not a request
+
+
+def parse_seeds(text: str) -> list[int]:
+    """--seeds: '0-9', '3' or '0,2,5' (ASCII digits) -> the seeds in order, each once; else argparse's error."""
+    import argparse
+    seeds = []
+    for part in text.split(","):
+        m = re.fullmatch(r"([0-9]+)(?:-([0-9]+))?", part.strip())
+        if m is None:
+            raise argparse.ArgumentTypeError(f"'{text}' is not a seed list such as 0-9, 3 or 0,2,5")
+        a, b = int(m[1]), int(m[2] or m[1])
+        if b < a or b > 2**32 - 1 or b - a + len(seeds) >= MAX_SEEDS:
+            raise argparse.ArgumentTypeError(f"'{part}': " + ("a range from high to low" if b < a else
+                                             f"seeds run from 0 to 2**32 - 1, at most {MAX_SEEDS} of them"))
+        seeds += range(a, b + 1)
+    return list(dict.fromkeys(seeds))
+
+
+def repeated(parser, argv: list[str]) -> str | None:
+    """The first flag written twice in argv (argparse keeps the last value without a word), unless it is one that
+    collects (--task-dir, --aux-file)."""
+    for action in parser._actions:
+        if action.option_strings and type(action).__name__ not in ("_AppendAction", "_CountAction"):
+            uses = [a for a in argv if a in action.option_strings or a.split("=")[0] in action.option_strings]
+            if len(uses) > 1:
+                return action.option_strings[-1]
+    return None

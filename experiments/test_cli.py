@@ -77,6 +77,18 @@ def test_every_committed_result_is_the_config_its_recorded_command_builds(name):
     (["--task", "aclarc", "--mode", "mt", "--default-malloc"], "--default-malloc does not apply to --mode mt"),
     (["--task", "aclarc", "--mode", "mt", "--steps", "0"], "--steps must be at least 1"),
     (["--bench", "--table", "1"], "choose one of"),
+    (["--task", "aclarc", "--mode", "finetune", "--mode", "tapt"], "--mode is given twice: give it once"),
+    (["--task", "aclarc", "--mode", "mt", "--shard", "0/2", "--shard=1/2"], "--shard is given twice"),
+    (["--task", "aclarc", "--mode", "mt", "--no-progress", "--no-progress"], "--no-progress is given twice"),
+    (["--task", "aclarc", "--mode", "mt", "--out", ""], "--out is empty: give a folder"),
+    (["--task", "aclarc", "--mode", "mt", "--model", " "], "--model is empty: give a folder or a Hub id"),
+    (["--task-dir", "d", "--mode", "mt", "--save-model", ""], "--save-model is empty: give a folder"),
+    (["--task", "aclarc", "--mode", "mt", "--seeds", "3-1"], "'3-1': a range from high to low"),
+    (["--task", "aclarc", "--mode", "mt", "--seeds", "4294967296"], "seeds run from 0 to 2**32 - 1, at most 10000"),
+    (["--task", "aclarc", "--mode", "mt", "--seeds", "0-999999999"], "seeds run from 0 to 2**32 - 1, at most 10000"),
+    (["--task", "aclarc", "--mode", "mt", "--seeds", "0-4999,5000-10000"], "at most 10000 of them"),
+    (["--task", "aclarc", "--mode", "mt", "--seeds", "1_0"], "'1_0' is not a seed list"),
+    (["--task", "aclarc", "--mode", "mt", "--seeds", "\u0661"], "is not a seed list"),  # an Arabic-Indic one
 ])
 def test_a_flag_that_does_not_apply_is_an_error_naming_flag_and_mode(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
