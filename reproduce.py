@@ -24,17 +24,20 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import traceback
 import warnings
 
+if __name__ == "__main__":  # Ctrl-C while torch and transformers load (seconds): one line, not a traceback
+    signal.signal(signal.SIGINT, lambda *_: (print("\ninterrupted", file=sys.stderr), os._exit(130)))
 import tartan
 from experiments import diagnose
 from experiments.bench import BENCH_COUNTS, BENCH_SHAPES, BENCH_SIZES, run_bench, tune_malloc
 from experiments.common import ReproduceError, atomic_write_text, resolve_device, seeds_str
 from experiments.data import DATA_URL
 from experiments.demo import DEMO_SEEDS, run_demo
-from experiments.launch import Finished, parse_shard, shard_device
+from experiments.launch import Finished, ctrl_c_raises, parse_shard, shard_device
 from experiments.own import default_baseline, own_tasks
 from experiments.paper import (BUDGETS, DAPT_FILES, FIGURES, PAPER_BODY, PAPER_MAX_LENGTH, PAPER_WARM_HEAD, QUICK,
                                TABLES, TARTAN_MODES, TASKS, TEXT_MODES, VISION_META, VISION_MODES)
@@ -352,8 +355,9 @@ def _check_combinations(parser, args, command: str, modes: tuple[str, ...]) -> N
     if args.task_dir and not args.task and args.data_dir != parser.get_default("data_dir"):
         parser.error("--data-dir does not apply to --task-dir alone (a task of your own is read from its folder; "
                      "--data-dir holds the paper's tasks)")
-    if command in TRAINING + (DEMO, BENCH) and os.path.exists(args.out) and not os.path.isdir(args.out):
-        parser.error(f"--out {args.out}: a file, not a folder")
+    for flag, path, used in (("--out", args.out, TRAINING + (DEMO, BENCH)), ("--data-dir", args.data_dir, TRAINING)):
+        if command in used and os.path.exists(path) and not os.path.isdir(path):
+            parser.error(f"{flag} {path}: a file, not a folder")
     for flag, value in (("--out", args.out), ("--save-model", args.save_model), ("--model", args.model),
                         ("--data-dir", args.data_dir)):
         if value is not None and not value.strip():
@@ -374,7 +378,8 @@ def _corpora(parser, aux_files: list[str], dapt_corpus: str | None) -> tuple[dic
         if name in extra:
             parser.error(f"two --aux-file corpora are both named '{name}'")
         if not os.path.isfile(path):
-            parser.error(f"--aux-file {path}: {'a folder, not a' if os.path.isdir(path) else 'no such'} file")
+            parser.error(f"--aux-file {path}: " + ("no such file" if not os.path.exists(path) else "a folder, not a "
+                         "file" if os.path.isdir(path) else "not a regular file (a device or a pipe)"))
         extra[name] = path
     names = tuple(extra)
     if dapt_corpus and dapt_corpus not in DAPT_FILES:
@@ -435,6 +440,7 @@ def _main(argv) -> int:
     _check_flags(parser, args, scope, command, named, modes, _given(argv))
     _check_combinations(parser, args, command, modes)
     try:
+        ctrl_c_raises()
         if command == BENCH:
             device = resolve_device(args.device)
             malloc = tune_malloc(not args.default_malloc) if device.type == "cpu" else "not changed (CUDA device)"

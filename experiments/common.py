@@ -57,10 +57,13 @@ def atomic_path(path: str, suffix: str = ".tmp", folder: bool = False):
 def _beside(path: str, suffix: str, folder: bool = False) -> str:
     """A new, hidden temporary file (or folder) in path's folder, named after path."""
     parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    if folder:
-        return tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(path)}.", suffix=suffix)
-    fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{os.path.basename(path)}.", suffix=suffix)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        if folder:
+            return tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(path)}.", suffix=suffix)
+        fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{os.path.basename(path)}.", suffix=suffix)
+    except OSError as e:  # named by the file meant, not by a temporary name (same type: callers tell them apart)
+        raise type(e)(e.errno, f"cannot write {path} ({e.strerror})") from None
     os.close(fd)
     return tmp
 

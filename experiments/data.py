@@ -53,8 +53,7 @@ def download(url: str, dest: str, sha256: str | None = None, md5: str | None = N
              progress: bool = False) -> str:
     """Fetch url to dest through a temporary file in the same folder, check its digest, then rename: an interrupted
     or bad download leaves nothing at dest. Errors name the URL and say how to place the file by hand."""
-    by_hand = (f"Download it by hand (e.g. `curl -L -o {dest} {url}`) or copy it there from elsewhere; files "
-               f"already in the data folder are used as they are.")
+    by_hand = f"Place it by hand as {dest} (curl -L -o FILE URL, or a copy): files there are used as they are."
     digests = {"sha256": hashlib.sha256(), "md5": hashlib.md5()}
     try:
         with atomic_path(dest, ".part") as tmp:

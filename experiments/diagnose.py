@@ -37,6 +37,8 @@ def variant_row(variant: str, rec: dict) -> dict:
 
 def collect(root: str) -> list[dict]:
     """Every META result file under root/<variant>/<task>/, as rows (variant = the folder's name)."""
+    if not os.path.isdir(root):
+        raise ReproduceError(f"--diagnostics {root}: no such folder (give the folder that holds <variant>/<task>/)")
     rows = []
     for path in sorted(glob.glob(os.path.join(root, "*", "*", "meta*__*.json"))):
         with open(path) as f:

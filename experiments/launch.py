@@ -7,6 +7,8 @@ its result files into the shared --out. Runs are independent: no process group, 
 from __future__ import annotations
 
 import os
+import signal
+import threading
 from dataclasses import dataclass
 
 from .common import ReproduceError
@@ -81,3 +83,10 @@ def shard_device(requested: str, shard: Shard, cuda_count: int) -> str:
     if shard.local_rank is None or requested == "cpu" or cuda_count == 0:
         return requested
     return f"cuda:{shard.local_rank % cuda_count}"
+
+
+def ctrl_c_raises() -> None:
+    """Ctrl-C raises KeyboardInterrupt again (which reproduce.main handles: runs kept, exit 130), after reproduce.py's
+    own handler, which ends the process with one line while the imports load."""
+    if threading.current_thread() is threading.main_thread():  # only the main thread may set a handler
+        signal.signal(signal.SIGINT, signal.default_int_handler)

@@ -25,6 +25,8 @@ def own_tasks(folders: list[str]) -> dict:
         if name in TASKS or name == "demo":
             raise ReproduceError(f"--task-dir {folder}: the folder's name '{name}' is a task of the paper; rename "
                                  f"the folder (results are stored under its name)")
+        if name in out and out[name] == path:
+            raise ReproduceError(f"--task-dir {folder} is given twice: give each folder once")
         if name in out:
             raise ReproduceError(f"--task-dir: two folders are named '{name}' ({out[name]} and {path}); results are "
                                  f"stored under the folder's name, so rename one")

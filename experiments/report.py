@@ -150,8 +150,9 @@ def print_table(number: int, cells: dict, results: dict, seeds, model: str, budg
     text += protocol_analysis(number, cells, results, out)
     text += weights_figures(number, cells, results, out)
     path = os.path.join(out, f"table{number}.md")
+    print("\n" + text, flush=True)  # first: a folder that takes no file (read-only results) still shows it
     atomic_write_text(path, text)
-    print("\n" + text + f"\n(written to {path})")
+    print(f"\n(written to {path})")
     return text
 
 
@@ -300,8 +301,9 @@ def print_own_tables(out: str, own: dict, metric: str, runs: list, results: dict
         cells = {m: [r for r in runs if r.task == task and r.mode == m] for m in modes}
         text = own_table(task, folder, metric, cells, results, baseline or default_baseline(modes), seeds)
         path = os.path.join(out, task, "table.md")
+        print("\n" + text, flush=True)  # first: a folder that takes no file (read-only results) still shows it
         atomic_write_text(path, text)
-        print("\n" + text + f"\n(written to {path})")
+        print(f"\n(written to {path})")
         texts[task] = text
     return texts
 

@@ -89,6 +89,7 @@ def test_every_committed_result_is_the_config_its_recorded_command_builds(name):
     (["--task", "aclarc", "--mode", "mt", "--seeds", "0-4999,5000-10000"], "at most 10000 of them"),
     (["--task", "aclarc", "--mode", "mt", "--seeds", "1_0"], "'1_0' is not a seed list"),
     (["--task", "aclarc", "--mode", "mt", "--seeds", "\u0661"], "is not a seed list"),  # an Arabic-Indic one
+    (["--task", "aclarc", "--mode", "mt", "--aux-file", "/dev/null"], "--aux-file /dev/null: not a regular file"),
 ])
 def test_a_flag_that_does_not_apply_is_an_error_naming_flag_and_mode(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
@@ -105,6 +106,21 @@ def test_out_that_is_a_file_is_refused_before_anything_runs(argv, tmp_path, caps
     with pytest.raises(SystemExit) as e:
         reproduce.main(argv + ["--out", str(tmp_path / "results")])
     assert e.value.code == 2 and f"--out {tmp_path / 'results'}: a file, not a folder" in capsys.readouterr().err
+
+
+def test_data_dir_that_is_a_file_a_task_dir_given_twice_and_a_missing_diagnostics_folder(tmp_path, capsys):
+    (tmp_path / "data").write_text("")
+    with pytest.raises(SystemExit) as e:
+        reproduce.main(["--task", "aclarc", "--mode", "finetune", "--data-dir", str(tmp_path / "data")])
+    assert e.value.code == 2 and f"--data-dir {tmp_path / 'data'}: a file, not a folder" in capsys.readouterr().err
+    mine = tmp_path / "my_task"
+    mine.mkdir()
+    for split in ("train", "dev", "test"):
+        (mine / f"{split}.jsonl").write_text('{"text": "a", "label": "x"}\n')
+    assert reproduce.main(["--task-dir", str(mine), "--task-dir", str(mine), "--mode", "finetune"]) == 1
+    assert f"error: --task-dir {mine} is given twice: give each folder once" in capsys.readouterr().err
+    assert reproduce.main(["--diagnostics", str(tmp_path / "none")]) == 1
+    assert f"--diagnostics {tmp_path / 'none'}: no such folder" in capsys.readouterr().err
 
 
 def test_a_flag_written_with_its_default_value_is_checked_too(capsys):
@@ -236,3 +252,19 @@ def test_an_eq1_flag_where_a_released_checkpoint_stands_for_eq1_is_refused():
         runs.check_released(released, [tapt])
     runs.check_released(dataclasses.replace(released, baselines="retrain"), [tapt])
     runs.check_released(released, [tapt, dapt])  # the 1x DAPT corpus has no released checkpoint: trained here
+
+
+def test_ctrl_c_while_the_command_line_starts_is_one_line_not_a_traceback(tmp_path):
+    """SIGINT half a second in, while torch and transformers are still being imported (a second or more here); later,
+    main handles it the same way."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "reproduce.py")
+    p = subprocess.Popen([sys.executable, script, "--task", "demo", "--out", str(tmp_path)], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    time.sleep(0.5)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130 and err.strip() == "interrupted" and "Traceback" not in err

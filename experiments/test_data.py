@@ -54,6 +54,7 @@ def test_download_checks_sha256_and_leaves_nothing_behind_on_failure(server, tmp
         data.download(f"{url}/citation_intent/train.jsonl", dest, sha256="0" * 64)
     msg = str(e.value)
     assert f"{url}/citation_intent/train.jsonl" in msg and "checksum mismatch" in msg and "by hand" in msg
+    assert msg.count(url) == 1 and f"Place it by hand as {dest} (" in msg  # the URL once: a message of two lines
     assert os.listdir(tmp_path / "bad") == []
 
     # unreachable URL and a missing file (404): the same, nothing left

@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+import tempfile
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from experiments import keep, own, tasks
 from experiments.conftest import leftovers, own_flags, results_in
 
 
-def test_own_task_runs_every_mode_and_prints_its_table(model_dir, own_dir, tmp_path, capsys):
+def test_own_task_runs_every_mode_and_prints_its_table(model_dir, own_dir, tmp_path, capsys, monkeypatch):
     out = str(tmp_path / "out")
     extra = os.path.join(os.path.dirname(own_dir), "reviews.txt")
     assert reproduce.main(["--task-dir", own_dir, "--mode", "finetune", "tapt", "mt", "meta", "--seeds", "0-1",
@@ -42,6 +43,17 @@ def test_own_task_runs_every_mode_and_prints_its_table(model_dir, own_dir, tmp_p
                            "--aux-file", extra, "--metric", "micro_f1", "--report-only",
                            *own_flags(model_dir, out)]) == 0
     assert table in capsys.readouterr().out
+
+    def read_only(*args, **kwargs):  # results on a read-only mount: no file can be made there
+        raise PermissionError(13, "Permission denied")
+    with monkeypatch.context() as m:
+        m.setattr(tempfile, "mkstemp", read_only)
+        assert reproduce.main(["--task-dir", own_dir, "--mode", "finetune", "tapt", "mt", "meta", "--seeds", "0-1",
+                               "--aux-file", extra, "--metric", "micro_f1", "--report-only",
+                               *own_flags(model_dir, out)]) == 1
+    printed = capsys.readouterr()
+    assert table in printed.out  # shown all the same, and the error names the file
+    assert printed.err == f"error: [Errno 13] cannot write {out}/my_task/table.md (Permission denied)\n"
     # seeds without result files are said to be left out; a --report-only that finds none at all is an error
     assert reproduce.main(["--task-dir", own_dir, "--mode", "mt", "meta", "--seeds", "0-2", "--aux-file", extra,
                            "--metric", "micro_f1", "--report-only", *own_flags(model_dir, out)]) == 0
