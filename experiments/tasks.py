@@ -108,9 +108,10 @@ def read_end_task(folder: str) -> dict:
 
 
 def _is_label(x) -> bool:
-    """A class label as tartan takes it, from a file or in memory: a non-empty string or an integer (a bool is
-    neither)."""
-    return isinstance(x, (str, int, np.integer)) and not isinstance(x, bool) and x != ""
+    """A class label as tartan takes it, from a file or in memory: a string with a character other than white space,
+    or an integer (a bool is neither)."""
+    return isinstance(x, (str, int, np.integer)) and not isinstance(x, bool) and not (isinstance(x, str) and
+                                                                                     not x.strip())
 
 
 def _numbered(splits: dict, train: str = "train", where=None) -> dict:

@@ -108,6 +108,7 @@ def test_saved_model_loads_back_and_reproduces_the_test_score(model_dir, own_dir
     ('{"text": "w1 w2"}\n', "test.jsonl, line 2: missing field 'label'"),
     ('{"text": "w1", "label": "c9"}\n', "test.jsonl, line 2: label 'c9' never appears in train.jsonl"),
     ("not json\n", "test.jsonl, line 2: malformed JSON"),
+    ('{"text": "w1", "label": " "}\n', "test.jsonl, line 2: 'label' must be a non-empty string or an integer"),
 ])
 def test_bad_input_in_a_users_folder_is_one_message_naming_file_and_line(model_dir, own_dir, tmp_path, capsys,
                                                                           line, message):
