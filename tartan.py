@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import itertools
 import math
 import time
@@ -788,6 +789,7 @@ def check_tasks(end: Task | None, aux: list[Task], cfg: TrainConfig, meta: bool 
         _check_tied_head(body, t)
         _check_head_body(body, t)
         _check_lengths(body, t)
+        _check_takes_x(body, t)
 
 def check_classes(name: str, C: int) -> None:
     """An end-task with one class has a loss of 0 and an F1 of 1 whatever the body does: a DataError."""
@@ -831,6 +833,17 @@ def _check_lengths(body: nn.Module | None, t: Task) -> None:
             longest = max(map(len, data.ids), default=0) if isinstance(data, TextData) else 0
             _require(longest <= limit, f"task '{t.name}': its {split} split has a row of {longest} tokens, more than "
                      f"the body's {limit} positions: truncate the rows (tokenizer truncation=True, max_length={limit})")
+
+def _check_takes_x(body: nn.Module | None, t: Task) -> None:
+    """A TypeError for a body whose forward has no argument x, which a TensorData batch is passed as (body(x=...))."""
+    if body is not None and isinstance(t.train, TensorData):
+        try:
+            inspect.signature(body.forward).bind(x=None)
+        except TypeError:
+            raise TypeError(f"task '{t.name}': its TensorData batches call body(x=...), but {type(body).__name__}."
+                            f"forward takes no x: wrap the body in a module whose forward(self, x) calls it") from None
+        except ValueError:  # a forward without a signature to read: left to the first call
+            pass
 
 class _TrainedWith:
     """A head's mark: the body it trained with, weakly (a pickled or copied head forgets it)."""

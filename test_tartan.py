@@ -381,6 +381,26 @@ def test_each_aux_task_has_its_own_head_but_the_tied_decoder_stays_the_body_embe
     assert id(emb) not in head_ids and len(head_ids) > 0
 
 
+def test_a_body_whose_forward_takes_no_x_is_refused_for_tensor_data():
+    x, y = torch.randn(32, 4), torch.arange(32) % 2
+    data = tartan.TensorData(x, y)
+    end = tartan.Task("end", tartan.ClassificationHead(8, 2), train=data, dev=data, test=data, num_labels=2)
+    cfg = tartan.FinetuneConfig(max_steps=1, batch_size=8)
+    with pytest.raises(TypeError, match=r"task 'end': its TensorData batches call body\(x=...\), but Sequential.forward "
+                                        r"takes no x: wrap the body in a module whose forward\(self, x\) calls it"):
+        tartan.run_end_task(nn.Sequential(nn.Linear(4, 8), nn.ReLU()), end, [], "finetune", cfg)
+
+    class Wrapped(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(4, 8), nn.ReLU())
+
+        def forward(self, x):
+            return self.net(x)
+    end = tartan.Task("end", tartan.ClassificationHead(8, 2), train=data, dev=data, test=data, num_labels=2)
+    assert tartan.run_end_task(Wrapped(), end, [], "finetune", cfg)["stages"][0]["steps"] == 1
+
+
 @pytest.mark.parametrize("kind, limit", [("bert", 16), ("roberta", 14)])  # RoBERTa's positions start at pad + 1
 def test_rows_longer_than_the_position_embeddings_are_refused_before_the_model_fails(kind, limit):
     config, model = {"bert": (transformers.BertConfig, transformers.BertModel),
