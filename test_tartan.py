@@ -225,7 +225,10 @@ def _misuse(case, tok, task_dir):
     elif case == "aux head narrower than num_labels":
         _train_plain(Lin(), end(), [tartan.Task("aux", tartan.ClassificationHead(4, 3), data, num_labels=5)])
     elif case == "body without parameters":
-        _train_plain(nn.Identity(), end())
+        class Empty(nn.Module):
+            def forward(self, x):
+                return x
+        _train_plain(Empty(), end())
     elif case == "no test split for run_end_task":
         tartan.run_end_task(Lin(), end(), [], "finetune", tartan.FinetuneConfig(batch_size=4, max_steps=1))
     elif case == "evaluate on unlabelled text":
@@ -297,7 +300,7 @@ def _misuse(case, tok, task_dir):
     ("empty train", ValueError, r"task 'end': its train split is empty"),
     ("unknown metric", ValueError, r"end-task 'end': metric must be 'macro_f1' or 'micro_f1', not 'acc'"),
     ("aux head narrower than num_labels", ValueError, r"task 'aux': its head predicts 3 classes but num_labels=5"),
-    ("body without parameters", ValueError, r"the body \(Identity\) has no parameters"),
+    ("body without parameters", ValueError, r"the body \(Empty\) has no parameters"),
     ("no test split for run_end_task", ValueError, r"end-task 'end' has no test split: run_end_task scores"),
     ("evaluate on unlabelled text", ValueError, r"evaluate scores a labelled split; this one has no labels"),
     ("4-D features", ValueError, r"takes body features \(B, H\) or token features \(B, T, H\), not \(2, 3, 4, 4\): "
@@ -386,8 +389,9 @@ def test_a_body_whose_forward_takes_no_x_is_refused_for_tensor_data():
     data = tartan.TensorData(x, y)
     end = tartan.Task("end", tartan.ClassificationHead(8, 2), train=data, dev=data, test=data, num_labels=2)
     cfg = tartan.FinetuneConfig(max_steps=1, batch_size=8)
-    with pytest.raises(TypeError, match=r"task 'end': its TensorData batches call body\(x=...\), but Sequential.forward "
-                                        r"takes no x: wrap the body in a module whose forward\(self, x\) calls it"):
+    with pytest.raises(TypeError, match=r"task 'end': its TensorData batches call body\(x=...\), but Sequential."
+                                        r"forward takes no x: wrap the body in a module whose forward\(self, x\) "
+                                        r"calls it"):
         tartan.run_end_task(nn.Sequential(nn.Linear(4, 8), nn.ReLU()), end, [], "finetune", cfg)
 
     class Wrapped(nn.Module):
@@ -1619,7 +1623,7 @@ def test_tartan_py_keeps_the_method_first_and_imports_only_torch_and_numpy():
     tree = ast.parse(source)
     imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom))
                 for alias in (node.names if isinstance(node, ast.Import) else [ast.alias(node.module or "")])}
-    assert imported <= {"__future__", "contextlib", "copy", "itertools", "math", "time", "warnings", "weakref",
-                        "dataclasses", "numpy", "torch", "tqdm"}, imported
+    assert imported <= {"__future__", "contextlib", "copy", "inspect", "itertools", "math", "time", "warnings",
+                        "weakref", "dataclasses", "numpy", "torch", "tqdm"}, imported
     assert not [node.lineno for node in ast.walk(tree) if isinstance(node, ast.Assign)
                 and isinstance(node.value, ast.Lambda)], "a lambda bound to a name"
