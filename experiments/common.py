@@ -63,7 +63,7 @@ def _beside(path: str, suffix: str, folder: bool = False) -> str:
             return tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(path)}.", suffix=suffix)
         fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{os.path.basename(path)}.", suffix=suffix)
     except OSError as e:  # named by the file meant, not by a temporary name (same type: callers tell them apart)
-        raise type(e)(e.errno, f"cannot write {path} ({e.strerror})") from None
+        raise type(e)(e.errno, e.strerror, path) from None
     os.close(fd)
     return tmp
 

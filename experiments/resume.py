@@ -42,7 +42,8 @@ class ProgressFile:
             with atomic_path(self.path) as tmp:
                 torch.save({**state, **more, "what": what, "spent": spent}, tmp)
         except (OSError, RuntimeError) as e:  # a full disk (torch's zip writer: a RuntimeError) must not end a run
-            warnings.warn(f"could not save the progress file {self.path} ({e}); the run goes on without saving")
+            why = e.strerror if isinstance(e, OSError) and e.strerror else e  # the path is said once
+            warnings.warn(f"could not save the progress file {self.path} ({why}); the run goes on without saving")
             self.every = math.inf
         self.last = time.perf_counter()
 

@@ -53,7 +53,7 @@ def test_own_task_runs_every_mode_and_prints_its_table(model_dir, own_dir, tmp_p
                                *own_flags(model_dir, out)]) == 1
     printed = capsys.readouterr()
     assert table in printed.out  # shown all the same, and the error names the file
-    assert printed.err == f"error: [Errno 13] cannot write {out}/my_task/table.md (Permission denied)\n"
+    assert printed.err == f"error: [Errno 13] Permission denied: '{out}/my_task/table.md'\n"
     # seeds without result files are said to be left out; a --report-only that finds none at all is an error
     assert reproduce.main(["--task-dir", own_dir, "--mode", "mt", "meta", "--seeds", "0-2", "--aux-file", extra,
                            "--metric", "micro_f1", "--report-only", *own_flags(model_dir, out)]) == 0
