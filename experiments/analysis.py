@@ -13,17 +13,18 @@ import numpy as np
 
 import tartan
 
-from .common import atomic_path, compare
+from .common import atomic_path, compare, seeds_str
 from .keep import predictions_path
 from .paper import metric_field
 
 N_BOOTSTRAP = 10_000
 LEVEL = 0.90      # the intervals: 5th to 95th percentile
 Z_ALPHA, Z_POWER = 1.6449, 0.8416  # normal quantiles: one-sided alpha 0.05, power 0.8
-# the protocol's looks at the data, by planned seeds per arm: one-sided alpha, its normal quantile and the permutations
-# of the unpaired test (None: compare's default). 5: PROTOCOL.md; 10: AMENDMENT.md's second look (overall error 0.075,
+# the protocol's looks at the data, by planned seeds per arm: one-sided alpha, its normal quantile, the permutations
+# of the unpaired test (None: compare's default) and the design's overall one-sided error. 5: PROTOCOL.md; 10: AMENDMENT.md's second look (overall error 0.075,
 # look 2 at p < 0.043, the exact p over all C(20, 10) splits)
-LOOKS = {5: (0.05, Z_ALPHA, None), 10: (0.043, 1.717, math.comb(20, 10))}
+LOOKS = {5: (0.05, Z_ALPHA, None, 0.05), 10: (0.043, 1.717, math.comb(20, 10), 0.075)}
+NOMINAL = 0.05  # the paper's level, and the first look's
 
 
 def paired_p(a, b) -> float:
@@ -157,38 +158,37 @@ def detectable_difference(a, b, z_alpha: float = Z_ALPHA) -> float:
 
 
 def verdict(p: float, diff_ci, micro_d: float, nll_d: float, detectable: float, alpha: float = 0.05) -> str:
-    """The protocol's decision rule at one-sided `alpha`; `detectable` is detectable_difference of the two columns."""
+    """The protocol's decision rule at one-sided `alpha`; `detectable` is detectable_difference of the two columns.
+    At a stricter look (alpha < NOMINAL) a p between them is said to pass a single test at the paper's level."""
     if p < alpha and diff_ci[0] > 0:
         return "shown"
     if diff_ci[1] < 0 and micro_d < 0 and nll_d > 0:
         return "refuted at this scale"
-    return (f"inconclusive (smallest detectable difference {detectable:.2f} points; 90% interval width "
+    near = (f"p in [{alpha}, {NOMINAL}): a single test at the paper's {NOMINAL} would have passed, this design's "
+            f"threshold did not; " if alpha <= p < NOMINAL else "")
+    return (f"inconclusive ({near}smallest detectable difference {detectable:.2f} points; 90% interval width "
             f"{diff_ci[1] - diff_ci[0]:.2f})")
 
 
-def sweep_report(title: str, columns: dict, baseline: str, png: str | None = None, planned: dict | None = None) -> str:
-    """The protocol's tables for one task. columns: label -> list of (result path, record), one per seed; planned:
-    label -> the number of seeds the design has (default: as many as there are), every column the design has. The
-    rule gives a verdict only once both columns have all their planned seeds."""
-    planned = planned or {label: len(runs) for label, runs in columns.items()}
-    alpha, z_alpha, n_perm = LOOKS.get(planned[baseline], LOOKS[5])
+def look_of(seeds) -> tuple | None:
+    """The protocol's look at these seeds (0-4: PROTOCOL.md's, 0-9: AMENDMENT.md's second), else None: any other
+    set of seeds (5-9 alone, 0-7) is a look the design never registered, and gets no verdict."""
+    s = sorted(seeds)
+    return LOOKS.get(len(s)) if s == list(range(len(s))) else None
+
+
+def rule_table(columns: dict, baseline: str, planned: dict, design: list, preds: dict) -> list[str]:
+    """The decision rule's table (one row per column) at the look of the design's seeds; preds: path -> (gold, pred)."""
+    look = look_of(design)
+    alpha, z_alpha, n_perm, _ = look or LOOKS[5]
     seeds = {label: [rec["key"]["seed"] for _, rec in runs] for label, runs in columns.items()}
     field = metric_field(columns[baseline][0][1]["headline"]["metric"])
     main = {label: np.array([100 * rec["test"][field] for _, rec in runs]) for label, runs in columns.items()}
     micro = {label: np.array([100 * rec["test"]["micro_f1"] for _, rec in runs]) for label, runs in columns.items()}
     nll = {label: np.array([rec["test"]["loss"] for _, rec in runs]) for label, runs in columns.items()}
-    paths = [path for runs in columns.values() for path, _ in runs]
-    preds = read_predictions(paths)
-    for path, (gold, pred), rec in zip(paths, preds, [rec for runs in columns.values() for _, rec in runs]):
-        mine = tartan.f1_scores(gold, pred)[field]
-        if abs(mine - rec["test"][field]) > 1e-6:  # the interval and d must describe the same predictions
-            raise ValueError(f"{predictions_path(path)}: its predictions give test {field} {mine:.6f}, the result "
-                             f"file {rec['test'][field]:.6f}")
-    preds = iter(preds)
-    boot = bootstrap({label: [next(preds) for _ in runs] for label, runs in columns.items()}, baseline, metric=field)
-    base_dev = {rec["key"]["seed"]: rec["headline"]["dev"] for _, rec in columns[baseline]}
-    lines = [f"#### {title}: the protocol's analysis (experiments/results/cpu-es/PROTOCOL.md)", "",
-             f"| method | seeds | test {field} | 90% interval | d vs {baseline} [90% interval] | p unpaired | p paired "
+    boot = bootstrap({label: [preds[path] for path, _ in runs] for label, runs in columns.items()}, baseline,
+                     metric=field)
+    lines = [f"| method | seeds | test {field} | 90% interval | d vs {baseline} [90% interval] | p unpaired | p paired "
              f"| micro-F1 | test NLL | verdict |", "|" + "---|" * 10]
     for label, runs in columns.items():
         x, b = main[label], main[baseline]
@@ -202,10 +202,13 @@ def sweep_report(title: str, columns: dict, baseline: str, png: str | None = Non
             pa = [x[seeds[label].index(s)] for s in common_seeds]
             pb = [b[seeds[baseline].index(s)] for s in common_seeds]
             row += [f"{x.mean() - b.mean():+.2f} [{boot[label]['diff'][0]:+.2f}, {boot[label]['diff'][1]:+.2f}]",
-                    f"{p:.3f}", f"{paired_p(pa, pb):.3f}" if common_seeds else "—"]
+                    f"{p:.6f}" if n_perm else f"{p:.3f}",  # exact: 6 digits tell a p from the threshold
+                    f"{paired_p(pa, pb):.3f}" if common_seeds else "—"]
         row += [f"{micro[label].mean():.2f}", f"{nll[label].mean():.3f}"]
         if label == baseline or label not in ("MT-TARTAN", "META-TARTAN"):
             row.append("—")
+        elif look is None:
+            row.append(f"no verdict (seeds {seeds_str(design)}: the protocol's looks are seeds 0-4, then 0-9)")
         elif len(x) < planned[label] or len(b) < planned[baseline]:  # the design's seeds are not all in
             row.append(f"no verdict yet ({len(x)} v {len(b)} seeds of the {planned[label]} v {planned[baseline]} "
                        f"planned)")
@@ -214,6 +217,37 @@ def sweep_report(title: str, columns: dict, baseline: str, png: str | None = Non
                                micro[label].mean() - micro[baseline].mean(), nll[label].mean() - nll[baseline].mean(),
                                detectable_difference(x, b, z_alpha), alpha))
         lines.append("| " + " | ".join(row) + " |")
+    return lines
+
+
+def sweep_report(title: str, columns: dict, baseline: str, png: str | None = None, planned: dict | None = None,
+                 design: list | None = None) -> str:
+    """The protocol's tables for one task. columns: label -> list of (result path, record), one per seed; planned:
+    label -> the number of seeds the design has (default: as many as there are), every column the design has; design:
+    its seeds (default: the baseline's). The rule gives a verdict only at a registered look (look_of), once both
+    columns have all their planned seeds; at the second look, the first look's table follows, as it was reported."""
+    planned = planned or {label: len(runs) for label, runs in columns.items()}
+    design = sorted(design if design is not None else (rec["key"]["seed"] for _, rec in columns[baseline]))
+    look = look_of(design)
+    alpha, z_alpha, n_perm, overall = look or LOOKS[5]
+    field = metric_field(columns[baseline][0][1]["headline"]["metric"])
+    paths = [path for runs in columns.values() for path, _ in runs]
+    preds = dict(zip(paths, read_predictions(paths)))
+    for path, rec in [run for runs in columns.values() for run in runs]:
+        mine = tartan.f1_scores(*preds[path])[field]
+        if abs(mine - rec["test"][field]) > 1e-6:  # the interval and d must describe the same predictions
+            raise ValueError(f"{predictions_path(path)}: its predictions give test {field} {mine:.6f}, the result "
+                             f"file {rec['test'][field]:.6f}")
+    base_dev = {rec["key"]["seed"]: rec["headline"]["dev"] for _, rec in columns[baseline]}
+    second = f" look 2 (AMENDMENT.md: p < {alpha}, overall one-sided error {overall})" if n_perm else ""
+    lines = [f"#### {title}: the protocol's analysis (experiments/results/cpu-es/PROTOCOL.md){second}", ""]
+    lines += rule_table(columns, baseline, planned, design, preds)
+    if n_perm:  # AMENDMENT.md 5: the first look's verdict stays beside the second's
+        first = {label: [run for run in runs if run[1]["key"]["seed"] < 5] for label, runs in columns.items()}
+        first = {label: runs for label, runs in first.items() if runs}
+        if first.get(baseline):
+            lines += ["", "Look 1, as reported before seeds 5-9 existed (seeds 0-4, p < 0.05):", ""]
+            lines += rule_table(first, baseline, {label: 5 for label in planned}, list(range(5)), preds)
     absent = [label for label in planned if label not in columns]
     lines += ([""] + [f"Not run yet: {', '.join(absent)}."] if absent else []) + [
               "", f"Intervals: bootstrap, {N_BOOTSTRAP} replicates, {LEVEL:.0%} percentile interval; each replicate "
@@ -222,8 +256,9 @@ def sweep_report(title: str, columns: dict, baseline: str, png: str | None = Non
               f"of the per-seed differences (seeds present in both columns; the same seed gives every arm the same "
               f"end-task data order). Smallest detectable difference: (z_0.95 + z_0.80) x pooled seed std x "
               f"sqrt(1/n_a + 1/n_b), 1.57 pooled stds at 5 v 5 seeds."
-              + (f" This is the second look (AMENDMENT.md): shown needs p < {alpha}, p is exact over all {n_perm} "
-                 f"splits, and z_{1 - alpha:.3f} = {z_alpha} replaces z_0.95." if n_perm else ""), "",
+              + (f" This is the second look (AMENDMENT.md; overall one-sided error {overall} over both looks): shown "
+                 f"needs p < {alpha}, p is exact over all {n_perm} splits, and z_{1 - alpha:.3f} = {z_alpha} "
+                 f"replaces z_0.95." if n_perm else ""), "",
               f"| method | wall-clock min/run | CPU min/run | steps (end-task stages) | final fine-tune kept | "
               f"minutes to reach {baseline}'s dev score (same seed) | stopped at a cap |", "|" + "---|" * 7]
     for label, runs in columns.items():

@@ -73,10 +73,15 @@ def test_verdicts_follow_the_pre_registered_rule():
 def test_the_second_look_uses_the_amendments_threshold_and_the_exact_p():
     """AMENDMENT.md: at 10 v 10 seeds (the second look) "shown" needs p < 0.043, z_alpha 1.717 for the detectable
     difference, and the p exact over all C(20, 10) splits; the 5-seed look keeps PROTOCOL.md's 0.05."""
-    assert analysis.LOOKS[5] == (0.05, analysis.Z_ALPHA, None)
-    assert analysis.LOOKS[10] == (0.043, 1.717, 184756)
+    assert analysis.LOOKS[5] == (0.05, analysis.Z_ALPHA, None, 0.05)
+    assert analysis.LOOKS[10] == (0.043, 1.717, 184756, 0.075)
+    assert analysis.look_of(range(5)) == analysis.LOOKS[5] and analysis.look_of([9, *range(9)]) == analysis.LOOKS[10]
+    assert [analysis.look_of(s) for s in (range(5, 10), range(8), range(3), [0, 1, 2, 3, 5])] == [None] * 4
     assert analysis.verdict(0.045, (0.5, 3.0), 1.0, -0.1, 1.0) == "shown"  # the first look's 0.05
-    assert analysis.verdict(0.045, (0.5, 3.0), 1.0, -0.1, 1.0, alpha=0.043).startswith("inconclusive")
+    v = analysis.verdict(0.045, (0.5, 3.0), 1.0, -0.1, 1.0, alpha=0.043)
+    assert v.startswith("inconclusive (p in [0.043, 0.05): a single test at the paper's 0.05 would have passed, this "
+                        "design's threshold did not; smallest detectable difference 1.00 points")
+    assert "would have passed" not in analysis.verdict(0.05, (0.5, 3.0), 1.0, -0.1, 1.0, alpha=0.043)
     a = np.arange(10.0)
     assert analysis.detectable_difference(a, a + 1, 1.717) == pytest.approx(
         (1.717 + 0.8416) * np.sqrt(a.var(ddof=1)) * np.sqrt(2 / 10), rel=1e-6)
@@ -146,11 +151,9 @@ def test_a_stage_is_capped_only_if_early_stopping_did_not_end_it_at_the_cap():
     assert analysis.checks(rec) == []
 
 
-def test_protocol_analysis_of_a_table_from_result_files(tmp_path):
-    """Fabricated result files and predictions of Table 1's four columns, 3 seeds: the printed analysis carries the
-    means, the tests, the intervals, the cost, the time to TAPT's dev score, the cap check, and draws the figure."""
-    out = str(tmp_path / "out")
-    cells = tables.table_runs(1, ["scierc"], None, [0, 1, 2], "10x")
+def _fabricated_table(out: str, seeds) -> tuple:
+    """Result files and predictions of Table 1's four columns on SCIERC (MT-TARTAN far above TAPT)."""
+    cells = tables.table_runs(1, ["scierc"], None, list(seeds), "10x")
     rng = np.random.default_rng(0)
     gold = rng.integers(0, 3, 120)
     labels = ["A", "B", "C"]
@@ -175,21 +178,33 @@ def test_protocol_analysis_of_a_table_from_result_files(tmp_path):
             with open(predictions_path(r.path(out)), "w") as f:
                 for i, (g, p) in enumerate(zip(gold, pred)):
                     f.write(json.dumps({"line": i + 1, "gold": labels[g], "predicted": labels[p]}) + "\n")
+    return cells, results, labels
+
+
+def test_protocol_analysis_of_a_table_from_result_files(tmp_path):
+    """Fabricated result files and predictions of Table 1's four columns, 5 seeds (the first look): the printed
+    analysis carries the means, the tests, the intervals, the cost, the time to TAPT's dev score, the cap check, and
+    draws the figure."""
+    out = str(tmp_path / "out")
+    cells, results, labels = _fabricated_table(out, range(5))
     text = report.protocol_analysis(1, cells, results, out)
     mt = [results[r]["test"]["macro_f1"] * 100 for r in cells[("scierc", "MT-TARTAN")]]
     tapt = [results[r]["test"]["macro_f1"] * 100 for r in cells[("scierc", "TAPT")]]
-    row = next(line for line in text.splitlines() if line.startswith("| MT-TARTAN | 0,1,2 |"))
+    row = next(line for line in text.splitlines() if line.startswith("| MT-TARTAN | 0,1,2,3,4 |"))
     assert f"{np.mean(mt):.2f} ± {np.std(mt, ddof=1):.2f}" in row
-    assert f"{np.mean(mt) - np.mean(tapt):+.2f} [" in row and "| 0.050 | 0.125 |" in row  # 3 v 3 minima
+    assert f"{np.mean(mt) - np.mean(tapt):+.2f} [" in row and "| 0.004 | 0.031 |" in row  # 5 v 5 minima
+    assert row.endswith("| shown |") and "look 2" not in text and "Look 1" not in text
+    meta = [results[r]["test"]["macro_f1"] * 100 for r in cells[("scierc", "META-TARTAN")]]
+    row = next(line for line in text.splitlines() if line.startswith("| META-TARTAN | 0,1,2,3,4 |"))
     assert row.endswith("| inconclusive (smallest detectable difference "
-                        f"{2.4865 * np.sqrt(2 / 3) * np.sqrt((np.var(mt, ddof=1) + np.var(tapt, ddof=1)) / 2):.2f} "
+                        f"{2.4865 * np.sqrt(2 / 5) * np.sqrt((np.var(meta, ddof=1) + np.var(tapt, ddof=1)) / 2):.2f} "
                         f"points; 90% interval width " + row.split("interval width ")[1])
     cost = next(line for line in text.splitlines() if line.startswith("| MT-TARTAN | 10.0 | 9.8 |"))
     roberta = next(line for line in text.splitlines() if line.startswith("| RoBERTa | 10.0 |"))
-    assert "| 1 of 3 (seeds kept: 0) |" in cost and "(3 of 3 seeds reach it)" in cost and cost.endswith("| none |")
+    assert "| 1 of 5 (seeds kept: 0) |" in cost and "(5 of 5 seeds reach it)" in cost and cost.endswith("| none |")
     # MT reaches TAPT's dev score 0.6 at its second evaluation, after 300 * 2 / 3 = 200 s of training
-    assert f"| {200 / 60:.1f} (3 of 3 seeds reach it)" in cost
-    assert "| never (0 of 3 seeds reach it) |" in roberta
+    assert f"| {200 / 60:.1f} (5 of 5 seeds reach it)" in cost
+    assert "| never (0 of 5 seeds reach it) |" in roberta
     assert "seed 2: finetune stopped at its cap (1000 steps)" in roberta
     assert "TAPT's Eq. 1 stage: 800 MLM steps; MT runs: at most 600 steps (TAPT saw at least as many" in text
     png = os.path.join(out, "figure_table1_scierc.png")
@@ -200,11 +215,11 @@ def test_protocol_analysis_of_a_table_from_result_files(tmp_path):
     fewer = {r: rec for r, rec in results.items() if r.mode != "finetune" and not (r.mode == "meta" and r.seed)}
     text = report.protocol_analysis(1, cells, fewer, out)
     meta = next(line for line in text.splitlines() if line.startswith("| META-TARTAN | 0 |"))
-    assert meta.endswith("| no verdict yet (1 v 3 seeds of the 3 v 3 planned) |") and "Not run yet: RoBERTa." in text
-    assert "| inconclusive (smallest detectable" in text  # MT's 3 v 3 seeds are all in
+    assert meta.endswith("| no verdict yet (1 v 5 seeds of the 5 v 5 planned) |") and "Not run yet: RoBERTa." in text
+    assert "| shown |" in text  # MT's 5 v 5 seeds are all in
     text = report.protocol_analysis(1, cells, {r: rec for r, rec in results.items() if r.mode != "tapt"}, out)
     assert "SCIERC: the protocol's analysis waits for its baseline column (TAPT) and one to test against it; " \
-           "results so far: RoBERTa 3 of 3, MT-TARTAN 3 of 3, META-TARTAN 3 of 3" in text
+           "results so far: RoBERTa 5 of 5, MT-TARTAN 5 of 5, META-TARTAN 5 of 5" in text
     # predictions that are not the scored ones, or not the same test rows, stop the analysis with the file named
     mt0 = predictions_path(cells[("scierc", "MT-TARTAN")][0].path(out))
     rows = open(mt0).read().splitlines()
@@ -216,6 +231,33 @@ def test_protocol_analysis_of_a_table_from_result_files(tmp_path):
     open(mt0, "w").write("\n".join([json.dumps(first)] + rows[1:]) + "\n")
     with pytest.raises(ValueError, match="mt__tapt__seed0.predictions.jsonl: its predictions give test macro_f1 "):
         report.protocol_analysis(1, cells, results, out)
+
+
+def test_the_second_look_prints_the_exact_p_keeps_the_first_look_and_refuses_other_seeds(tmp_path):
+    """AMENDMENT.md at 10 v 10 seeds: the exact p over all C(20, 10) splits (six digits, so a p is told from 0.043),
+    the first look's table (seeds 0-4) beside it as a 5-seed report gives it, and no verdict at seeds it never
+    registered (5-9 alone)."""
+    out = str(tmp_path / "out")
+    cells, results, _ = _fabricated_table(out, range(10))
+    text = report.protocol_analysis(1, cells, results, out)
+    assert ("#### SCIERC: the protocol's analysis (experiments/results/cpu-es/PROTOCOL.md) look 2 (AMENDMENT.md: "
+            "p < 0.043, overall one-sided error 0.075)") in text
+    second, first = text.split("Look 1, as reported before seeds 5-9 existed (seeds 0-4, p < 0.05):")
+    meta, tapt = ([100 * results[r]["test"]["macro_f1"] for r in cells[("scierc", label)]]
+                  for label in ("META-TARTAN", "TAPT"))
+    pooled, observed = np.array(meta + tapt), np.mean(meta) - np.mean(tapt)
+    sums = np.array([pooled[list(c)].sum() for c in itertools.combinations(range(20), 10)])  # every split, by hand
+    p = np.mean(sums / 10 - (pooled.sum() - sums) / 10 >= observed - 1e-9)
+    row = next(line for line in second.splitlines() if line.startswith("| META-TARTAN | 0,1,2,3,4,5,6,7,8,9 |"))
+    assert f"| {p:.6f} |" in row
+    assert next(line for line in second.splitlines() if line.startswith("| MT-TARTAN |")).endswith("| shown |")
+    five = {key: [r for r in runs if r.seed < 5] for key, runs in cells.items()}
+    alone = report.protocol_analysis(1, five, {r: results[r] for runs in five.values() for r in runs}, out)
+    rows = [[line for line in t.split("Intervals:")[0].splitlines() if line.startswith("| ")] for t in (first, alone)]
+    assert rows[0] == rows[1] and len(rows[0]) == 5  # the header and the four columns
+    late = {key: [r for r in runs if r.seed >= 5] for key, runs in cells.items()}
+    text = report.protocol_analysis(1, late, {r: results[r] for runs in late.values() for r in runs}, out)
+    assert text.count("| no verdict (seeds 5-9: the protocol's looks are seeds 0-4, then 0-9) |") == 2
 
 
 def test_meta_diagnostics_table(tmp_path):
