@@ -29,8 +29,8 @@ import sys
 import traceback
 import warnings
 
-if __name__ == "__main__":  # Ctrl-C while torch and transformers load (seconds): one line, not a traceback
-    signal.signal(signal.SIGINT, lambda *_: (print("\ninterrupted", file=sys.stderr), os._exit(130)))
+if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not if ignored (&)
+    signal.signal(signal.SIGINT, lambda *_: (print("\ninterrupted", file=sys.stderr), os._exit(130)))  # while imports
 import tartan
 from experiments import diagnose
 from experiments.bench import BENCH_COUNTS, BENCH_SHAPES, BENCH_SIZES, run_bench, tune_malloc
@@ -66,7 +66,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     experiments.flags.FLAGS."""
     scope = {}
     p = Parser(
-        prog="reproduce.py", formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="reproduce.py", formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False,  # no repeats
         description="Run the experiments of 'Should We Be Pre-training?' (TARTAN, ICLR 2022) with tartan.py. "
                     "Defaults are the paper's settings; the budget flags cut them down. A flag that does not apply "
                     "to what is run is an error.",

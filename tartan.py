@@ -561,7 +561,7 @@ def run_end_task(body, end: Task, aux: list[Task], mode: str, cfg: TrainConfig |
     _require(mode in ("finetune", "pretrain", "mt", "meta"), f"unknown mode '{mode}' (finetune, pretrain, mt, meta)")
     cfg = cfg or {"meta": MetaConfig, "mt": TrainConfig}.get(mode, FinetuneConfig)()
     cfg = _mt_config(cfg) if mode == "mt" else cfg
-    check_tasks(end, aux if mode in ("mt", "meta") else [], cfg, meta=True if mode == "meta" else None)
+    check_tasks(end, aux if mode in ("mt", "meta") else [], cfg, meta=True if mode == "meta" else None, body=body)
     _check_run(end, cfg if mode in ("mt", "meta") else None)
     pretrain_cfgs = pretrain_cfgs or [PretrainConfig()] * len(aux)
     if mode == "pretrain":
@@ -838,12 +838,12 @@ def _check_takes_x(body: nn.Module | None, t: Task) -> None:
     """A TypeError for a body whose forward has no argument x, which a TensorData batch is passed as (body(x=...))."""
     if body is not None and isinstance(t.train, TensorData):
         try:
-            inspect.signature(body.forward).bind(x=None)
-        except TypeError:
-            raise TypeError(f"task '{t.name}': its TensorData batches call body(x=...), but {type(body).__name__}."
-                            f"forward takes no x: wrap the body in a module whose forward(self, x) calls it") from None
+            takes = inspect.signature(body.forward).parameters.values()
         except ValueError:  # a forward without a signature to read: left to the first call
-            pass
+            return
+        _require(any(p.name == "x" or p.kind is p.VAR_KEYWORD for p in takes), f"task '{t.name}': its TensorData "
+                 f"batches call body(x=...), but {type(body).__name__}.forward takes no x: wrap the body in a module "
+                 f"whose forward(self, x) calls it", TypeError)
 
 class _TrainedWith:
     """A head's mark: the body it trained with, weakly (a pickled or copied head forgets it)."""

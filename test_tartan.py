@@ -404,6 +404,13 @@ def test_a_body_whose_forward_takes_no_x_is_refused_for_tensor_data():
     end = tartan.Task("end", tartan.ClassificationHead(8, 2), train=data, dev=data, test=data, num_labels=2)
     assert tartan.run_end_task(Wrapped(), end, [], "finetune", cfg)["stages"][0]["steps"] == 1
 
+    class TakesMore(Wrapped):  # x and more: not "takes no x" (the call itself says what is missing)
+        def forward(self, x, mask):
+            return self.net(x * mask)
+    end = tartan.Task("end", tartan.ClassificationHead(8, 2), train=data, dev=data, test=data, num_labels=2)
+    with pytest.raises(TypeError, match="missing 1 required positional argument: 'mask'"):
+        tartan.run_end_task(TakesMore(), end, [], "finetune", cfg)
+
 
 @pytest.mark.parametrize("kind, limit", [("bert", 16), ("roberta", 14)])  # RoBERTa's positions start at pad + 1
 def test_rows_longer_than_the_position_embeddings_are_refused_before_the_model_fails(kind, limit):

@@ -86,7 +86,10 @@ def shard_device(requested: str, shard: Shard, cuda_count: int) -> str:
 
 
 def ctrl_c_raises() -> None:
-    """Ctrl-C raises KeyboardInterrupt again (which reproduce.main handles: runs kept, exit 130), after reproduce.py's
-    own handler, which ends the process with one line while the imports load."""
-    if threading.current_thread() is threading.main_thread():  # only the main thread may set a handler
+    """Ctrl-C raises KeyboardInterrupt again (which reproduce.main handles: runs kept, exit 130) where reproduce.py,
+    run as a script, had its own handler (a lambda of __main__) end the process while the imports loaded; any other
+    handler (SIGINT ignored in a background job, a caller's own) stays."""
+    handler = signal.getsignal(signal.SIGINT)
+    if getattr(handler, "__module__", None) == "__main__" and getattr(handler, "__name__", "") == "<lambda>" and \
+            threading.current_thread() is threading.main_thread():  # only the main thread may set a handler
         signal.signal(signal.SIGINT, signal.default_int_handler)

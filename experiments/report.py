@@ -377,6 +377,8 @@ def weights_figures(number: int, cells: dict, results: dict, out: str) -> str:
                      f"run's last step).\n")
         except ImportError:
             text += f"\n(no figure of {label}'s task weights: it needs matplotlib, pip install matplotlib)\n"
+        except OSError as e:  # a folder that takes no file (read-only results): the table still prints
+            text += f"\n(figure of {label}'s task weights not written: {e})\n"
     return text
 
 

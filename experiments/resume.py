@@ -200,10 +200,11 @@ def untouched(folder: str, days: float = 7.0) -> str | None:
     for f in glob.glob(os.path.join(glob.escape(folder), "*.pt*")):
         with contextlib.suppress(FileNotFoundError):  # removed by a run finishing meanwhile
             runs.setdefault(os.path.basename(f).split(".pt")[0], []).append((os.path.getmtime(f), os.path.getsize(f)))
-    old = [files for files in runs.values() if time.time() - max(t for t, _ in files) > days * 86400]
+    old = sorted(key for key, files in runs.items() if time.time() - max(t for t, _ in files) > days * 86400)
     if not old:
         return None
-    size = sum(n for files in old for _, n in files) / 2**30
+    size = sum(n for key in old for _, n in runs[key]) / 2**30
+    names = ", ".join(f"{key}.pt*" for key in old[:3]) + (f" and {len(old) - 3} more" if len(old) > 3 else "")
     return (f"note: {folder} holds the progress files of {len(old)} run(s), {size:.1f} GiB, not saved to for over "
-            f"{days:g} days: runs never resumed, or whose flags, data or code changed; delete them unless you will "
-            f"resume them")
+            f"{days:g} days ({names}): runs never resumed, or whose flags, data or code changed; delete them unless "
+            f"you will resume them")

@@ -3,6 +3,7 @@ made here."""
 import itertools
 import json
 import os
+import tempfile
 
 import numpy as np
 import pytest
@@ -82,6 +83,7 @@ def test_the_second_look_uses_the_amendments_threshold_and_the_exact_p():
     assert v.startswith("inconclusive (p in [0.043, 0.05): a single test at the paper's 0.05 would have passed, this "
                         "design's threshold did not; smallest detectable difference 1.00 points")
     assert "would have passed" not in analysis.verdict(0.05, (0.5, 3.0), 1.0, -0.1, 1.0, alpha=0.043)
+    assert "would have passed" not in analysis.verdict(0.045, (-0.5, 3.0), 1.0, -0.1, 1.0, alpha=0.043)  # 0 in it
     a = np.arange(10.0)
     assert analysis.detectable_difference(a, a + 1, 1.717) == pytest.approx(
         (1.717 + 0.8416) * np.sqrt(a.var(ddof=1)) * np.sqrt(2 / 10), rel=1e-6)
@@ -255,6 +257,13 @@ def test_the_second_look_prints_the_exact_p_keeps_the_first_look_and_refuses_oth
     alone = report.protocol_analysis(1, five, {r: results[r] for runs in five.values() for r in runs}, out)
     rows = [[line for line in t.split("Intervals:")[0].splitlines() if line.startswith("| ")] for t in (first, alone)]
     assert rows[0] == rows[1] and len(rows[0]) == 5  # the header and the four columns
+    def read_only(*args, **kwargs):  # results on a read-only mount: the figures are not written, the tables print
+        raise PermissionError(13, "Permission denied")
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(tempfile, "mkstemp", read_only)
+        text = report.protocol_analysis(1, cells, results, out)
+    assert f"(figure not written: [Errno 13] Permission denied: '{out}/figure_table1_scierc.png')" in text
+    assert "Look 1, as reported" in text
     late = {key: [r for r in runs if r.seed >= 5] for key, runs in cells.items()}
     text = report.protocol_analysis(1, late, {r: results[r] for runs in late.values() for r in runs}, out)
     assert text.count("| no verdict (seeds 5-9: the protocol's looks are seeds 0-4, then 0-9) |") == 2

@@ -78,6 +78,7 @@ def test_every_committed_result_is_the_config_its_recorded_command_builds(name):
     (["--task", "aclarc", "--mode", "mt", "--steps", "0"], "--steps must be at least 1"),
     (["--bench", "--table", "1"], "choose one of"),
     (["--task", "aclarc", "--mode", "finetune", "--mode", "tapt"], "--mode is given twice: give it once"),
+    (["--task", "aclarc", "--mode", "mt", "--seed", "1", "--seeds", "2"], "unrecognized arguments: --seed 1"),
     (["--task", "aclarc", "--mode", "mt", "--shard", "0/2", "--shard=1/2"], "--shard is given twice"),
     (["--task", "aclarc", "--mode", "mt", "--no-progress", "--no-progress"], "--no-progress is given twice"),
     (["--task", "aclarc", "--mode", "mt", "--out", ""], "--out is empty: give a folder"),
@@ -268,3 +269,10 @@ def test_ctrl_c_while_the_command_line_starts_is_one_line_not_a_traceback(tmp_pa
     p.send_signal(signal.SIGINT)
     _, err = p.communicate(timeout=120)
     assert p.returncode == 130 and err.strip() == "interrupted" and "Traceback" not in err
+    # a job started with SIGINT ignored (a shell's background job: `... &`) keeps ignoring it
+    p = subprocess.Popen([sys.executable, script, "--help"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    time.sleep(0.5)
+    p.send_signal(signal.SIGINT)
+    out, _ = p.communicate(timeout=120)
+    assert p.returncode == 0 and "usage: reproduce.py" in out

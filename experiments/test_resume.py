@@ -220,5 +220,5 @@ def test_progress_files_left_for_a_week_are_noted_by_run_never_removed(tmp_path)
     file("d.pt.stage0", 10, 2**29)
     note = resume.untouched(str(tmp_path))
     assert note.startswith(f"note: {tmp_path} holds the progress files of 2 run(s), 1.5 GiB, not saved to for over "
-                           f"7 days")
+                           f"7 days (c.pt*, d.pt*): ")  # by run: a.pt, old beside a fresh stage file, is not named
     assert len(list(tmp_path.iterdir())) == 6

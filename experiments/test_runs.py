@@ -135,6 +135,28 @@ def test_a_result_another_process_wrote_meanwhile_is_kept(model_dir, data_dir, t
     assert "[1/2] aclarc finetune seed 0: dev" in text and "[2/2]" not in text  # not reported as trained here
 
 
+def test_a_rerun_keeps_a_result_another_process_wrote_over_the_old_one_while_it_trained(model_dir, data_dir, tmp_path,
+                                                                                      monkeypatch, capsys):
+    """--rerun keeps the old result until it has trained; a result that lands over it meanwhile (another process's,
+    same config) is told from the old one and kept, not overwritten."""
+    out, other = str(tmp_path / "out"), str(tmp_path / "other")
+    argv = ["--task", "aclarc", "--mode", "finetune", "--seeds", "0"]
+    assert reproduce.main(argv + cli_flags(model_dir, data_dir, out)) == 0
+    assert reproduce.main(argv + cli_flags(model_dir, data_dir, other)) == 0
+    mine, theirs = (os.path.join(d, "aclarc", "finetune__none__seed0.json") for d in (out, other))
+
+    def meanwhile(*args, _real=runs.resume.run_end_task, **kwargs):
+        result = _real(*args, **kwargs)
+        time.sleep(0.01)  # a later modification time, as another process's write would have
+        shutil.copy(theirs, mine)
+        return result
+    monkeypatch.setattr(runs.resume, "run_end_task", meanwhile)
+    capsys.readouterr()
+    assert reproduce.main(argv + ["--rerun"] + cli_flags(model_dir, data_dir, out)) == 0
+    assert open(mine).read() == open(theirs).read()
+    assert "aclarc finetune seed 0: finished meanwhile by another process; its result" in capsys.readouterr().out
+
+
 def test_a_shard_counts_a_run_finished_meanwhile_as_complete_not_trained(model_dir, data_dir, tmp_path, monkeypatch,
                                                                          capsys):
     out, other = str(tmp_path / "out"), str(tmp_path / "other")
@@ -243,8 +265,9 @@ def test_a_progress_file_is_not_resumed_once_its_data_changed(model_dir, data_di
     for f in left:
         os.utime(f, (week_ago, week_ago))
     assert reproduce.main([("1" if a == "0" else a) for a in argv]) == 0  # another run (seed 1) to train
-    assert (f"note: {runs} holds the progress files of 1 run(s), 0.0 GiB, not saved to for over 7 days: runs never "
-            f"resumed, or whose flags, data or code changed; delete them") in capsys.readouterr().out
+    key = os.path.basename(str(left[0])).split(".pt")[0]
+    assert (f"note: {runs} holds the progress files of 1 run(s), 0.0 GiB, not saved to for over 7 days ({key}.pt*): "
+            f"runs never resumed, or whose flags, data or code changed; delete them") in capsys.readouterr().out
     assert sorted(runs.iterdir()) == sorted(left)  # never removed unasked
 
 
