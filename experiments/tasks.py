@@ -16,7 +16,7 @@ from tartan import (ClassificationHead, DataError, Masking, MLMHead, Task, Tenso
 from tartan import _describe as describe
 
 
-def read_jsonl(path: str) -> tuple[list[str], list[str], list[int]]:
+def read_jsonl(path: str) -> tuple[list[str], list[str | int], list[int]]:
     """Texts, labels and line numbers of a JSONL split. Blank lines are skipped; anything else malformed is an error."""
     texts, labels, lines, empty, kinds = [], [], [], [], {}  # kinds: is a string -> the first line of that kind
     for lineno, line in _numbered_lines(path):
@@ -52,7 +52,7 @@ def read_jsonl(path: str) -> tuple[list[str], list[str], list[int]]:
             raise DataError(f"{path}, line {lineno}: label {obj['label']!r} is {here}, line "
                             f"{kinds[not isinstance(obj['label'], str)]}'s {there}: write every label one way")
         texts.append(obj["text"])
-        labels.append(str(obj["label"]))
+        labels.append(obj["label"])  # as written: integer labels stay integers (in predictions too)
         lines.append(lineno)
     if not texts:
         raise DataError(f"{path}: empty file (no examples)")
@@ -124,8 +124,10 @@ def _numbered(splits: dict, train: str = "train", where=None) -> dict:
     for split, (_, labels, *_) in splits.items():
         for i, label in enumerate(labels):
             if label not in index:
+                kind = (" as a string" if isinstance(label, str) else " as an integer") \
+                    if str(label) in map(str, vocab) else ""  # 1 here, "1" there: write every label one way
                 raise DataError(f"{where(split, i) if where else f'{split} split, example {i}'}: label {label!r} "
-                                f"never appears in {train} (train labels: {', '.join(map(str, vocab))})")
+                                f"never appears{kind} in {train} (train labels: {', '.join(map(str, vocab))})")
     return {"labels": vocab, **{s: (v[0], [index[label] for label in v[1]]) for s, v in splits.items()}}
 
 

@@ -79,12 +79,19 @@ def test_a_jsonl_split_with_a_bom_mixed_label_kinds_or_cr_line_ends(tmp_path):
     rows = [{"text": "w1 w2", "label": 1}, {"text": "w3", "label": 2}]
     bom = tmp_path / "bom.jsonl"
     bom.write_text("\ufeff" + "\n".join(map(json.dumps, rows)) + "\n", encoding="utf-8")  # an editor's BOM
-    assert tasks.read_jsonl(str(bom))[:2] == (["w1 w2", "w3"], ["1", "2"])
+    assert tasks.read_jsonl(str(bom))[:2] == (["w1 w2", "w3"], [1, 2])  # integer labels stay integers
     mixed = tmp_path / "mixed.jsonl"
     mixed.write_text("\n".join(map(json.dumps, rows + [{"text": "w4", "label": "1"}])) + "\n")
     with pytest.raises(tartan.DataError, match=r"mixed.jsonl, line 3: label '1' is a string, line 1's an integer: "
                                                r"write every label one way"):
         tasks.read_jsonl(str(mixed))
+    folder = tmp_path / "task"  # across a task's files: 1 in train, "1" in dev
+    folder.mkdir()
+    for split, labels in (("train", (1, 2)), ("dev", ("1", "2")), ("test", (2, 1))):
+        (folder / f"{split}.jsonl").write_text("\n".join(json.dumps({"text": "w", "label": x}) for x in labels))
+    with pytest.raises(tartan.DataError, match=r"dev.jsonl, line 1: label '1' never appears as a string in "
+                                               r"train.jsonl \(train labels: 1, 2\)"):
+        tasks.read_end_task(str(folder))
     cr = tmp_path / "cr.jsonl"
     cr.write_bytes("\r".join(map(json.dumps, rows)).encode() + b"\r")
     with pytest.raises(tartan.DataError, match=r"cr.jsonl, line 1: malformed JSON \(Extra data at character 31\); its "
