@@ -326,6 +326,8 @@ def figure(title: str, columns: dict, baseline: str, png: str) -> None:
         ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    with atomic_path(png) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
+    try:
+        with atomic_path(png) as tmp:
+            fig.savefig(tmp, dpi=110, format="png")
+    finally:  # closed also when the file cannot be written (a read-only --out)
+        plt.close(fig)

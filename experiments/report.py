@@ -356,9 +356,11 @@ def weights_figure(title: str, end: str, traces: list[dict], png: str, window: i
     fig.suptitle(f"{title}: META's task weights and cosines, {len(traces)} seeds (mean and band to step {n}, the "
                  f"shortest run; thin lines: each seed's weights)", fontsize=9)
     fig.tight_layout()
-    with atomic_path(png) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
+    try:
+        with atomic_path(png) as tmp:
+            fig.savefig(tmp, dpi=110, format="png")
+    finally:  # closed also when the file cannot be written (a read-only --out)
+        plt.close(fig)
 
 
 def weights_figures(number: int, cells: dict, results: dict, out: str) -> str:

@@ -259,10 +259,12 @@ def test_the_second_look_prints_the_exact_p_keeps_the_first_look_and_refuses_oth
     assert rows[0] == rows[1] and len(rows[0]) == 5  # the header and the four columns
     def read_only(*args, **kwargs):  # results on a read-only mount: the figures are not written, the tables print
         raise PermissionError(13, "Permission denied")
+    plt = pytest.importorskip("matplotlib.pyplot")
     with pytest.MonkeyPatch.context() as m:
         m.setattr(tempfile, "mkstemp", read_only)
         text = report.protocol_analysis(1, cells, results, out)
     assert f"(figure not written: [Errno 13] Permission denied: '{out}/figure_table1_scierc.png')" in text
+    assert not plt.get_fignums()  # closed although its file could not be written
     assert "Look 1, as reported" in text
     late = {key: [r for r in runs if r.seed >= 5] for key, runs in cells.items()}
     text = report.protocol_analysis(1, late, {r: results[r] for runs in late.values() for r in runs}, out)

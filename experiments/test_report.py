@@ -1,6 +1,7 @@
 """Tables and figures, from hand-made results."""
 import os
 import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -127,7 +128,15 @@ def test_meta_weights_figure_and_the_largest_per_step_change_of_alpha(tmp_path, 
         assert "(no figure of META-TARTAN's task weights: it needs matplotlib" in \
             report.weights_figures(1, cells, results, str(tmp_path))
     assert os.listdir(tmp_path) == []
-    pytest.importorskip("matplotlib")
+    plt = pytest.importorskip("matplotlib.pyplot")
+
+    def read_only(*args, **kwargs):  # results on a read-only mount: said, the figure closed, the table goes on
+        raise PermissionError(13, "Permission denied")
+    with monkeypatch.context() as m:
+        m.setattr(tempfile, "mkstemp", read_only)
+        assert "(figure of META-TARTAN's task weights not written: [Errno 13] Permission denied: " in \
+            report.weights_figures(1, cells, results, str(tmp_path))
+    assert not plt.get_fignums() and os.listdir(tmp_path) == []
     text = report.weights_figures(1, cells, results, str(tmp_path))
     png = tmp_path / "figure_table1_scierc_weights.png"
     assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n" and os.path.getsize(png) > 10_000
