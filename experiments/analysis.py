@@ -21,10 +21,11 @@ N_BOOTSTRAP = 10_000
 LEVEL = 0.90      # the intervals: 5th to 95th percentile
 Z_ALPHA, Z_POWER = 1.6449, 0.8416  # normal quantiles: one-sided alpha 0.05, power 0.8
 # the protocol's looks at the data, by planned seeds per arm: one-sided alpha, its normal quantile, the permutations
-# of the unpaired test (None: compare's default) and the design's overall one-sided error. 5: PROTOCOL.md; 10: AMENDMENT.md's second look (overall error 0.075,
-# look 2 at p < 0.043, the exact p over all C(20, 10) splits)
+# of the unpaired test (None: compare's default) and the design's overall one-sided error. 5: PROTOCOL.md; 10:
+# AMENDMENT.md's second look (overall error 0.075, look 2 at p < 0.043, the exact p over all C(20, 10) splits)
 LOOKS = {5: (0.05, Z_ALPHA, None, 0.05), 10: (0.043, 1.717, math.comb(20, 10), 0.075)}
 NOMINAL = 0.05  # the paper's level, and the first look's
+SECOND_LOOK_TASKS = ("scierc",)  # AMENDMENT.md registers look 2 for SCIERC alone (section 6: ACL-ARC keeps one look)
 
 
 def paired_p(a, b) -> float:
@@ -171,16 +172,18 @@ def verdict(p: float, diff_ci, micro_d: float, nll_d: float, detectable: float, 
             f"{diff_ci[1] - diff_ci[0]:.2f})")
 
 
-def look_of(seeds) -> tuple | None:
-    """The protocol's look at these seeds (0-4: PROTOCOL.md's, 0-9: AMENDMENT.md's second), else None: any other
-    set of seeds (5-9 alone, 0-7) is a look the design never registered, and gets no verdict."""
+def look_of(seeds, second: bool = True) -> tuple | None:
+    """The protocol's look at these seeds (0-4: PROTOCOL.md's, 0-9: AMENDMENT.md's second, where the task has one),
+    else None: any other set of seeds (5-9 alone, 0-7) is a look the design never registered, and gets no verdict."""
     s = sorted(seeds)
-    return LOOKS.get(len(s)) if s == list(range(len(s))) else None
+    return LOOKS.get(len(s)) if s == list(range(len(s))) and (second or len(s) == 5) else None
 
 
-def rule_table(columns: dict, baseline: str, planned: dict, design: list, preds: dict) -> list[str]:
-    """The decision rule's table (one row per column) at the look of the design's seeds; preds: path -> (gold, pred)."""
-    look = look_of(design)
+def rule_table(columns: dict, baseline: str, planned: dict, design: list, preds: dict,
+               second: bool = True) -> list[str]:
+    """The decision rule's table (one row per column) at the look of the design's seeds; preds: path -> (gold, pred);
+    second: whether the task has a second look."""
+    look = look_of(design, second)
     alpha, z_alpha, n_perm, _ = look or LOOKS[5]
     seeds = {label: [rec["key"]["seed"] for _, rec in runs] for label, runs in columns.items()}
     field = metric_field(columns[baseline][0][1]["headline"]["metric"])
@@ -209,7 +212,8 @@ def rule_table(columns: dict, baseline: str, planned: dict, design: list, preds:
         if label == baseline or label not in ("MT-TARTAN", "META-TARTAN"):
             row.append("—")
         elif look is None:
-            row.append(f"no verdict (seeds {seeds_str(design)}: the protocol's looks are seeds 0-4, then 0-9)")
+            row.append(f"no verdict (seeds {seeds_str(design)}: the protocol's looks are seeds 0-4"
+                       + (", then 0-9)" if second else " for this task)"))
         elif len(x) < planned[label] or len(b) < planned[baseline]:  # the design's seeds are not all in
             row.append(f"no verdict yet ({len(x)} v {len(b)} seeds of the {planned[label]} v {planned[baseline]} "
                        f"planned)")
@@ -222,15 +226,14 @@ def rule_table(columns: dict, baseline: str, planned: dict, design: list, preds:
 
 
 def sweep_report(title: str, columns: dict, baseline: str, png: str | None = None, planned: dict | None = None,
-                 design: list | None = None) -> str:
+                 design: list | None = None, second_look: bool = True) -> str:
     """The protocol's tables for one task. columns: label -> list of (result path, record), one per seed; planned:
     label -> the number of seeds the design has (default: as many as there are), every column the design has; design:
     its seeds (default: the baseline's). The rule gives a verdict only at a registered look (look_of), once both
     columns have all their planned seeds; at the second look, the first look's table follows, as it was reported."""
     planned = planned or {label: len(runs) for label, runs in columns.items()}
     design = sorted(design if design is not None else (rec["key"]["seed"] for _, rec in columns[baseline]))
-    look = look_of(design)
-    alpha, z_alpha, n_perm, overall = look or LOOKS[5]
+    alpha, z_alpha, n_perm, overall = look_of(design, second_look) or LOOKS[5]
     field = metric_field(columns[baseline][0][1]["headline"]["metric"])
     paths = [path for runs in columns.values() for path, _ in runs]
     preds = dict(zip(paths, read_predictions(paths)))
@@ -242,7 +245,7 @@ def sweep_report(title: str, columns: dict, baseline: str, png: str | None = Non
     base_dev = {rec["key"]["seed"]: rec["headline"]["dev"] for _, rec in columns[baseline]}
     second = f" look 2 (AMENDMENT.md: p < {alpha}, overall one-sided error {overall})" if n_perm else ""
     lines = [f"#### {title}: the protocol's analysis (experiments/results/cpu-es/PROTOCOL.md){second}", ""]
-    lines += rule_table(columns, baseline, planned, design, preds)
+    lines += rule_table(columns, baseline, planned, design, preds, second_look)
     if n_perm:  # AMENDMENT.md 5: the first look's verdict stays beside the second's
         first = {label: [run for run in runs if run[1]["key"]["seed"] < 5] for label, runs in columns.items()}
         first = {label: runs for label, runs in first.items() if runs}

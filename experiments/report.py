@@ -136,7 +136,8 @@ def protocol_analysis(number: int, cells: dict, results: dict, out: str) -> str:
         if base and len(columns) > 1:  # against the column the table's p-values test against
             design = sorted({r.seed for (t, _), runs in cells.items() if t == task for r in runs})
             text += "\n" + analysis.sweep_report(TASKS[task]["title"], columns, base,
-                                                 os.path.join(out, f"figure_table{number}_{task}.png"), planned, design)
+                                                 os.path.join(out, f"figure_table{number}_{task}.png"), planned, design,
+                                                 task in analysis.SECOND_LOOK_TASKS)
         elif columns:  # said, not left out without a word
             text += (f"\n#### {TASKS[task]['title']}: the protocol's analysis waits for its baseline column "
                      f"({' or '.join(table.baseline)}) and one to test against it; results so far: "

@@ -78,6 +78,7 @@ def test_the_second_look_uses_the_amendments_threshold_and_the_exact_p():
     assert analysis.LOOKS[10] == (0.043, 1.717, 184756, 0.075)
     assert analysis.look_of(range(5)) == analysis.LOOKS[5] and analysis.look_of([9, *range(9)]) == analysis.LOOKS[10]
     assert [analysis.look_of(s) for s in (range(5, 10), range(8), range(3), [0, 1, 2, 3, 5])] == [None] * 4
+    assert analysis.look_of(range(10), second=False) is None and analysis.look_of(range(5), False) == analysis.LOOKS[5]
     assert analysis.verdict(0.045, (0.5, 3.0), 1.0, -0.1, 1.0) == "shown"  # the first look's 0.05
     v = analysis.verdict(0.045, (0.5, 3.0), 1.0, -0.1, 1.0, alpha=0.043)
     assert v.startswith("inconclusive (p in [0.043, 0.05): a single test at the paper's 0.05 would have passed, this "
@@ -269,6 +270,11 @@ def test_the_second_look_prints_the_exact_p_keeps_the_first_look_and_refuses_oth
     late = {key: [r for r in runs if r.seed >= 5] for key, runs in cells.items()}
     text = report.protocol_analysis(1, late, {r: results[r] for runs in late.values() for r in runs}, out)
     assert text.count("| no verdict (seeds 5-9: the protocol's looks are seeds 0-4, then 0-9) |") == 2
+    with pytest.MonkeyPatch.context() as m:  # a task the amendment gives no second look (ACL-ARC: one look at 0-4)
+        m.setattr(analysis, "SECOND_LOOK_TASKS", ())
+        text = report.protocol_analysis(1, cells, results, out)
+    assert text.count("| no verdict (seeds 0-9: the protocol's looks are seeds 0-4 for this task) |") == 2
+    assert "look 2" not in text and "Look 1, as reported" not in text
 
 
 def test_meta_diagnostics_table(tmp_path):

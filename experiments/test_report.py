@@ -64,8 +64,8 @@ def test_the_protocol_analysis_of_table_8_tests_against_the_better_baseline(tmp_
         rec["config"] = {"train": {"eval_test": True}}  # runs of a budget that scores test at every evaluation
     seen = []
     monkeypatch.setattr(report.analysis, "sweep_report",
-                        lambda title, columns, baseline, png, planned, design: seen.append((baseline, sorted(columns)))
-                        or "")
+                        lambda title, columns, baseline, png, planned, design, second: seen.append(
+                            (baseline, sorted(columns))) or "")
     report.protocol_analysis(2, cells, results, str(tmp_path))
     assert seen == [(best, ["DAPT", "DAPT+TAPT", "MT-TARTAN"])]  # the column Table 8's p-values use
 
