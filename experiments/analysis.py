@@ -13,7 +13,7 @@ import numpy as np
 
 import tartan
 
-from .common import atomic_path, compare, seeds_str
+from .common import compare, save_figure, seeds_str
 from .keep import predictions_path
 from .paper import metric_field
 
@@ -329,8 +329,4 @@ def figure(title: str, columns: dict, baseline: str, png: str) -> None:
         ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    try:
-        with atomic_path(png) as tmp:
-            fig.savefig(tmp, dpi=110, format="png")
-    finally:  # closed also when the file cannot be written (a read-only --out)
-        plt.close(fig)
+    save_figure(fig, png)

@@ -68,6 +68,25 @@ def _beside(path: str, suffix: str, folder: bool = False) -> str:
     return tmp
 
 
+def probe_writable(folder: str) -> None:
+    """Makes `folder` (and its parents) and a file in it, removed at once: an OSError where nothing can be written,
+    found before hours of training rather than after them."""
+    os.makedirs(folder, exist_ok=True)
+    with tempfile.TemporaryFile(dir=folder):
+        pass
+
+
+def save_figure(fig, path: str, dpi: int = 110) -> None:
+    """A matplotlib figure to `path` as PNG, atomically; the figure is closed whether or not the file could be
+    written (an open figure keeps its memory for the rest of the command)."""
+    import matplotlib.pyplot as plt
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=dpi, format="png")
+    finally:
+        plt.close(fig)
+
+
 def atomic_write_json(path: str, obj) -> None:
     with atomic_path(path) as tmp, open(tmp, "w") as f:
         json.dump(obj, f, indent=1, default=lambda o: o.item() if hasattr(o, "item") else str(o))

@@ -42,7 +42,7 @@ import torch
 import tartan
 
 from . import tasks
-from .common import atomic_path, atomic_write_json, compare, markdown_table, mean_std, min_seeds, progress_bar, set_seed
+from .common import atomic_write_json, compare, markdown_table, mean_std, min_seeds, progress_bar, save_figure, set_seed
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -435,8 +435,7 @@ def demo_plot_weights(records: list[dict], path: str) -> str | None:
               title="> 0: harmful corpus down-weighted vs helpful")
     left.legend()
     right.legend()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
+    save_figure(fig, path)
     return path
 
 

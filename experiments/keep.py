@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 
 import torch
 
 import tartan
 
 from . import models
-from .common import ReproduceError, atomic_path
+from .common import ReproduceError, atomic_path, probe_writable
 
 HEAD_FILE, INFO_FILE, BODY_FILE = "end_task_head.pt", "end_task.json", "body.pt"
 
@@ -37,9 +36,7 @@ def check_save_dir(folder: str) -> None:
         raise ReproduceError(f"--save-model {folder}: the folder exists and is not a model saved by --save-model; "
                              f"choose a new folder")
     try:  # the model is written beside the folder, then renamed: where it goes must take a file
-        os.makedirs(os.path.dirname(os.path.abspath(folder)), exist_ok=True)
-        with tempfile.TemporaryFile(dir=os.path.dirname(os.path.abspath(folder))):
-            pass
+        probe_writable(os.path.dirname(os.path.abspath(folder)))
     except OSError as e:
         raise ReproduceError(f"--save-model {folder}: a model cannot be written there ({e}); choose another "
                              f"folder") from None

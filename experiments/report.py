@@ -9,8 +9,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from . import analysis
-from .common import (ReproduceError, alpha_of, atomic_path, atomic_write_text, compare, fmt, markdown_table, mean_std,
-                     min_seeds, seeds_str)
+from .common import (ReproduceError, alpha_of, atomic_write_text, compare, fmt, markdown_table, mean_std, min_seeds,
+                     save_figure, seeds_str)
 from .own import default_baseline
 from .paper import FIGURES, META_MODES, N_PERMUTATIONS, PAPER, TABLES, TASKS
 
@@ -291,7 +291,7 @@ def code_versions(cells: dict, results: dict) -> list[str]:
     versions.tartan.py_sha256): one arm of them holds only where those versions give the same numbers."""
     mixed = {name: len(shas) for name, runs in cells.items()
              if len(shas := {results[r].get("versions", {}).get("tartan.py_sha256") for r in runs if r in results}) > 1}
-    return [f"- Result files made by more than one version of tartan.py are pooled in: "
+    return ["- Result files made by more than one version of tartan.py are pooled in: "
             + ", ".join(f"{name} ({n})" for name, n in mixed.items()) + ". One arm holds only where those versions give "
             "the same numbers (test_a_short_run_gives_the_pinned_numbers checks that; else rerun them)."] if mixed else []
 
@@ -357,11 +357,7 @@ def weights_figure(title: str, end: str, traces: list[dict], png: str, window: i
     fig.suptitle(f"{title}: META's task weights and cosines, {len(traces)} seeds (mean and band to step {n}, the "
                  f"shortest run; thin lines: each seed's weights)", fontsize=9)
     fig.tight_layout()
-    try:
-        with atomic_path(png) as tmp:
-            fig.savefig(tmp, dpi=110, format="png")
-    finally:  # closed also when the file cannot be written (a read-only --out)
-        plt.close(fig)
+    save_figure(fig, png)
 
 
 def weights_figures(number: int, cells: dict, results: dict, out: str) -> str:
@@ -424,9 +420,7 @@ def draw_figure(number: int, cells: dict, results: dict, seeds, out: str) -> str
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     path = os.path.join(out, f"figure{number}.png")
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
     print(f"{title}: seeds {seeds_str(seeds)}, from {len(results)} result files -> {path}")
     return path
 

@@ -16,7 +16,6 @@ import json
 import os
 import platform
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 
@@ -25,7 +24,8 @@ import torch
 
 import tartan
 
-from .common import PeakMemory, ReproduceError, atomic_write_json, describe_device, progress_bar, set_seed, warn
+from .common import (PeakMemory, ReproduceError, atomic_write_json, describe_device, probe_writable, progress_bar,
+                     set_seed, warn)
 from .data import DATA_URL, corpus_file, file_digest
 from .flags import CONFIG_FLAGS, STAGES, check_flag_config, option
 from .keep import check_save_dir, predictions_path, save_model_atomic, write_predictions
@@ -540,6 +540,13 @@ class Workspace:
                                          f"{now[:12]}... here). Use another --out, or --rerun to replace it.")
         return rec
 
+    def _kept(self, run: Run, rec: dict) -> dict:
+        """Another process's result for `run`, kept and said to be so; the run counts as not trained here."""
+        print(f"{run}: finished meanwhile by another process; its result {run.path(self.settings.out)} is kept",
+              flush=True)
+        self.meanwhile.add(run)
+        return rec
+
     def execute(self, run: Run) -> dict:
         """Train and evaluate one run and write its result file, its test predictions beside it and (--save-model,
         into self.save_dirs[run]) its selected model; nothing is written unless it completes, the result file last.
@@ -548,9 +555,7 @@ class Workspace:
         started = time.perf_counter(), time.process_time()
         path = run.path(self.settings.out)
         if (done := self.finished(run)) is not None:
-            print(f"{run}: finished meanwhile by another process; its result {path} is kept", flush=True)
-            self.meanwhile.add(run)
-            return done
+            return self._kept(run, done)
         replaced = _file_identity(path)  # --rerun's old result (or a file cut off): kept until this run has trained
         mode, corpora = self.settings.stages(run)
         cfg, pre = make_configs(self.settings.budget, run.task, run.mode, run.seed, len(corpora),
@@ -577,10 +582,8 @@ class Workspace:
             if diff := config_diff(config, theirs["config"]):
                 raise ReproduceError(f"{path} was written by another process while {run} trained here, with another "
                                      f"config ({'; '.join(diff[:2])}): it is kept, this result is not (another --out)")
-            print(f"{run}: finished meanwhile by another process; its result {path} is kept", flush=True)
-            self.meanwhile.add(run)
             resume.remove(progress)
-            return theirs
+            return self._kept(run, theirs)
         metric = self.settings.task_metric(run.task)
         command = [self.models.identity() if a == self.settings.model else _placeless(a)
                    for a in self.settings.command or sys.argv]
@@ -638,9 +641,7 @@ def execute_all(ws: Workspace, runs: list[Run]) -> dict[Run, dict]:
         ws.prepare(run)
     for folder in sorted({os.path.dirname(run.path(out)) for run in todo}):  # and where results go, before training
         try:
-            os.makedirs(folder, exist_ok=True)
-            with tempfile.TemporaryFile(dir=folder):
-                pass
+            probe_writable(folder)
         except OSError as e:
             raise ReproduceError(f"--out {out}: results cannot be written there ({e})") from None
     if results:
@@ -653,16 +654,17 @@ def execute_all(ws: Workspace, runs: list[Run]) -> dict[Run, dict]:
         rec = ws.execute(run)
         results[run] = rec
         h = rec["headline"]
-        if run not in ws.meanwhile:  # which said so itself
+        if run not in ws.meanwhile:  # which said so itself (Workspace._kept)
             print(f"[{i}/{len(todo)}] {run}: dev {h['metric']} {h['dev']:.4f}, test {h['metric']} {h['test']:.4f}, "
                   f"{rec['steps']} steps, {rec['wall_seconds']:.1f} s -> {run.path(out)}", flush=True)
         bar.update(1)
     bar.close()
-    if results and (skipped := len(results) - len(todo) + len(ws.meanwhile)) and ws.settings.save_model:
+    trained = [r for r in todo if r not in ws.meanwhile]
+    if results and (skipped := len(results) - len(trained)) and ws.settings.save_model:
         warn(f"{skipped} run(s) were complete already and were not trained again: --save-model saved "
              f"no model for them (--rerun trains them again)")
     if shard.count > 1:
-        raise Finished(shard_summary(shard, runs, results, [r for r in todo if r not in ws.meanwhile]))
+        raise Finished(shard_summary(shard, runs, results, trained))
     return results
 
 
