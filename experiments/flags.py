@@ -5,6 +5,7 @@ fields from it. The configs that the flags make are checked by tartan.check_conf
 refusal in the words of the command line."""
 from __future__ import annotations
 
+import argparse
 import re
 from dataclasses import dataclass
 
@@ -105,7 +106,6 @@ MAX_SEEDS = 10_000  # a list longer than any sweep is a typo (0-999999999), not 
 
 def parse_seeds(text: str) -> list[int]:
     """--seeds: '0-9', '3' or '0,2,5' (ASCII digits) -> the seeds in order, each once; else argparse's error."""
-    import argparse
     seeds = []
     for part in text.split(","):
         m = re.fullmatch(r"([0-9]+)(?:-([0-9]+))?", part.strip())
