@@ -28,8 +28,9 @@ def read_jsonl(path: str) -> tuple[list[str], list[str | int], list[int]]:
             where = f"{e.msg.removesuffix(' at')} at character {e.pos + 1}"  # json's msg may end in a bare "at"
             cr = "; its lines end in CR alone: convert them to LF" if "\r" in line.rstrip("\r\n") else ""
             raise DataError(f"{path}, line {lineno}: malformed JSON ({where}){cr}") from None
-        except (ValueError, RecursionError) as e:  # a key given twice; arrays nested past Python's stack
-            raise DataError(f"{path}, line {lineno}: {e if isinstance(e, ValueError) else 'JSON nested too deep'}") \
+        except (ValueError, RecursionError) as e:  # a key given twice; a number past Python's 4,300 digits; nesting
+            why = "a number of more than 4,300 digits" if "integer string conversion" in str(e) else e
+            raise DataError(f"{path}, line {lineno}: {why if isinstance(e, ValueError) else 'JSON nested too deep'}") \
                 from None
         if not isinstance(obj, dict):
             raise DataError(f"{path}, line {lineno}: expected a JSON object with 'text' and 'label'")

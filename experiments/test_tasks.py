@@ -36,6 +36,8 @@ def test_read_end_task_label_vocabulary_from_train(task_dir):
     ('{"text": "a", "label": "x", "metadata": ' + "[" * 100000 + "]" * 100000 + '}\n',
      "line 1: JSON nested too deep"),
     ('{"text": "a", "label": "x"}\n{"text": "\xff", "label": "x"}\n', "line 2: not UTF-8"),
+    pytest.param('{"text": "a", "label": ' + "9" * 5000 + '}\n', "line 1: a number of more than 4,300 digits",
+                 id="5000-digit label"),
 ])
 def test_bad_jsonl_names_file_and_line(tmp_path, content, message):
     path = tmp_path / "train.jsonl"
