@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import warnings
 
 import numpy as np
@@ -23,14 +24,13 @@ def read_jsonl(path: str) -> tuple[list[str], list[str | int], list[int]]:
         if not line.strip():
             continue
         try:
-            obj = json.loads(line, object_pairs_hook=_unique_keys)
+            obj = json.loads(line, object_pairs_hook=_unique_keys, parse_int=_integer)
         except json.JSONDecodeError as e:
             where = f"{e.msg.removesuffix(' at')} at character {e.pos + 1}"  # json's msg may end in a bare "at"
             cr = "; its lines end in CR alone: convert them to LF" if "\r" in line.rstrip("\r\n") else ""
             raise DataError(f"{path}, line {lineno}: malformed JSON ({where}){cr}") from None
-        except (ValueError, RecursionError) as e:  # a key given twice; a number past Python's 4,300 digits; nesting
-            why = "a number of more than 4,300 digits" if "integer string conversion" in str(e) else e
-            raise DataError(f"{path}, line {lineno}: {why if isinstance(e, ValueError) else 'JSON nested too deep'}") \
+        except (ValueError, RecursionError) as e:  # a key given twice, a number too long; arrays past Python's stack
+            raise DataError(f"{path}, line {lineno}: {e if isinstance(e, ValueError) else 'JSON nested too deep'}") \
                 from None
         if not isinstance(obj, dict):
             raise DataError(f"{path}, line {lineno}: expected a JSON object with 'text' and 'label'")
@@ -70,6 +70,15 @@ def _unique_keys(pairs: list) -> dict:
     if len(set(keys)) < len(keys):
         raise ValueError(f"the key {next(k for k in keys if keys.count(k) > 1)!r} appears twice in one object")
     return dict(pairs)
+
+
+def _integer(digits: str) -> int:
+    """A JSON integer, for json.loads; one longer than Python converts (sys.get_int_max_str_digits) is an error that
+    says so, not Python's advice to raise the limit."""
+    limit = sys.get_int_max_str_digits()
+    if limit and len(digits.lstrip("-")) > limit:
+        raise ValueError(f"a number of more than {limit:,} digits")
+    return int(digits)
 
 
 def _encodes(text: str) -> bool:
